@@ -1,0 +1,42 @@
+"""graphopt: a computation-graph optimizer and rewriter for PyTorch models.
+
+>>> import torch, graphopt
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+>>> result = graphopt.optimize(model, (torch.randn(2, 8),))
+>>> out = result.module(torch.randn(2, 8))     # called like the original
+>>> print(result.report)                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from graphopt.capture import CaptureError, Captured, capture
+from graphopt.optimize import OptimizeResult, optimize
+from graphopt.pass_infra import (
+    FunctionPass,
+    Instrument,
+    OptimizeContext,
+    Pass,
+    PassManager,
+    PassResult,
+)
+from graphopt.report import Declined, Report
+from graphopt.verify import ErrorBudget
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "Captured",
+    "Declined",
+    "ErrorBudget",
+    "FunctionPass",
+    "Instrument",
+    "OptimizeContext",
+    "OptimizeResult",
+    "Pass",
+    "PassManager",
+    "PassResult",
+    "Report",
+    "capture",
+    "optimize",
+]

@@ -1,0 +1,198 @@
+"""Capture a PyTorch model into graphopt's canonical IR.
+
+The ladder, in order (DESIGN.md):
+
+1. ``torch.export.export(strict=False)`` -- works for Hugging Face models;
+2. ``torch.export.export(strict=True)`` -- TorchDynamo, for code non-strict
+   tracing trips on;
+3. ``torch.fx.symbolic_trace`` then ``torch.export`` of the traced module,
+   so the result is lowered to the same ATen-level graph.
+
+Whatever the route, the result is ``ExportedProgram.module()``: one canonical
+ATen-level ``GraphModule`` (see :mod:`graphopt.ir`). When every route fails,
+:class:`CaptureError` lists each attempt with the construct that stopped it
+(the user's source line) and a hint.
+
+The model is captured in eval mode (graphopt optimizes for inference); its
+``training`` flags are restored afterwards, so the user's model is left as it
+was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger(__name__)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_GRAPHOPT_DIR = os.path.dirname(__file__)
+
+
+@dataclass
+class CaptureAttempt:
+    """One rung of the capture ladder and what stopped it."""
+
+    route: str
+    error_type: str
+    message: str
+    source: str = ""  # 'file:line: code' of the user construct, when found
+
+    def __str__(self) -> str:
+        where = f" at {self.source}" if self.source else ""
+        return f"{self.route}: {self.error_type}{where}: {self.message}"
+
+
+@dataclass
+class Captured:
+    """The canonical graph and what produced it."""
+
+    module: fx.GraphModule
+    exported_program: torch.export.ExportedProgram | None
+    route: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    attempts: list[CaptureAttempt] = field(default_factory=list)
+
+
+class CaptureError(RuntimeError):
+    """No capture route could turn the model into a graph.
+
+    ``attempts`` lists each route tried and what stopped it.
+    """
+
+    def __init__(self, attempts: Sequence[CaptureAttempt], hint: str) -> None:
+        self.attempts = list(attempts)
+        self.hint = hint
+        lines = ["could not capture the model into a graph; every route failed:"]
+        lines += [f"  - {a}" for a in self.attempts]
+        lines.append(f"hint: {hint}")
+        super().__init__("\n".join(lines))
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame in user code (outside torch and graphopt)."""
+    best = ""
+    tb_frames: list[traceback.FrameSummary] = []
+    e: BaseException | None = exc
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb_frames += traceback.extract_tb(e.__traceback__)
+        e = e.__cause__ or e.__context__
+    for fr in tb_frames:
+        fn = fr.filename or ""
+        if fn.startswith(_TORCH_DIR) or fn.startswith(_GRAPHOPT_DIR) or "site-packages" in fn or "<" in fn:
+            continue
+        best = f"{os.path.basename(fn)}:{fr.lineno}: {(fr.line or '').strip()}"
+    if not best:
+        # strict export reports user code inside its message
+        text = str(exc)
+        for ln in text.splitlines():
+            s = ln.strip()
+            if s.startswith("File ") and "site-packages" not in s and _TORCH_DIR not in s:
+                parts = s[5:].split(",")
+                best = f"{os.path.basename(parts[0].strip(chr(34)))}:{parts[1].replace('line', '').strip()}"
+    return best
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for ln in text.splitlines():
+        if ln.strip():
+            return ln.strip()[:300]
+    return type(exc).__name__
+
+
+_DATA_DEPENDENT_MARKERS = (
+    "data-dependent",
+    "data dependent",
+    "symbolically traced variables cannot be used as inputs to control flow",
+    "GuardOnDataDependentSymNode",
+    "generic_jump",
+    "Dynamic control flow",
+)
+
+
+def _hint(attempts: Sequence[CaptureAttempt]) -> str:
+    text = " ".join(a.message + a.error_type for a in attempts)
+    if any(m.lower() in text.lower() for m in _DATA_DEPENDENT_MARKERS):
+        src = next((a.source for a in attempts if a.source), "")
+        where = f" ({src})" if src else ""
+        return (
+            f"the forward branches on a tensor's value{where}; a graph cannot follow it. "
+            "Make the branch depend on shapes or Python values, or use torch.cond."
+        )
+    return (
+        "check that the model runs eagerly on these example inputs; run with --debug (CLI) "
+        "or inspect .attempts for each route's full error"
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every submodule's flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        if any(flags.values()):
+            log.info("capturing in eval mode (graphopt optimizes for inference)")
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, strict: bool):
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+
+
+def capture(
+    model: torch.nn.Module,
+    args: Sequence[Any] | Any,
+    kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> Captured:
+    """Capture ``model`` called as ``model(*args, **kwargs)`` into the canonical IR.
+
+    Returns a :class:`Captured` whose ``module`` is an ATen-level GraphModule
+    called exactly like ``model``. Raises :class:`CaptureError` when every
+    route fails.
+
+    >>> import torch, graphopt
+    >>> cap = graphopt.capture(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+    >>> cap.route
+    'export(strict=False)'
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"capture expects a torch.nn.Module, got {type(model).__name__}; wrap functions in a Module")
+    if not isinstance(args, (tuple, list)):
+        args = (args,)
+    args, kwargs = tuple(args), dict(kwargs or {})
+    attempts: list[CaptureAttempt] = []
+    routes = [
+        ("export(strict=False)", lambda: _export(model, args, kwargs, dynamic_shapes, strict=False)),
+        ("export(strict=True)", lambda: _export(model, args, kwargs, dynamic_shapes, strict=True)),
+        ("symbolic_trace", lambda: _export(fx.symbolic_trace(model), args, kwargs, dynamic_shapes, strict=False)),
+    ]
+    with eval_mode(model), torch.no_grad():
+        for route, run in routes:
+            try:
+                ep = run()
+            except Exception as exc:  # each route's failure is recorded, not raised
+                attempt = CaptureAttempt(route, type(exc).__name__, _first_line(exc), _user_frame(exc))
+                log.info("capture route %s failed: %s", route, attempt)
+                attempts.append(attempt)
+                continue
+            gm = ep.module()
+            log.info("captured with %s: %d nodes", route, len(gm.graph.nodes))
+            return Captured(gm, ep, route, args, kwargs, attempts)
+    raise CaptureError(attempts, _hint(attempts))

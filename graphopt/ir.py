@@ -1,0 +1,246 @@
+"""The canonical IR and small helpers every pass uses.
+
+graphopt's IR is the unlifted ``torch.fx.GraphModule`` that ``torch.export``
+produces (``ExportedProgram.module()``): ATen-level ops, parameters and buffers
+as ``get_attr`` nodes, every node carrying ``meta["val"]`` (a fake tensor),
+``nn_module_stack`` and ``stack_trace``, and pytree in/out specs so the module
+is called exactly like the user's model.
+
+Helpers here:
+
+* :func:`copy_graph_module` -- a new GraphModule over a copied Graph that shares
+  the parameters (cheap; used for rollback snapshots).
+* :func:`refresh_meta` -- recompute ``meta["val"]`` after a rewrite with fake
+  tensors (``torch.fx.passes.fake_tensor_prop.FakeTensorProp``).
+* :func:`to_networkx` -- a ``networkx.DiGraph`` view for graph algorithms.
+* small predicates and accessors (:func:`tensor_meta`, :func:`module_path`, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+#: ops that only reinterpret memory: they cost nothing and move no bytes.
+VIEW_OPS = frozenset(
+    {
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.expand.default,
+        aten.permute.default,
+        aten.transpose.int,
+        aten.t.default,
+        aten.unsqueeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.squeeze.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.alias.default,
+        aten.detach.default,
+        aten.split.Tensor,
+        aten.split_with_sizes.default,
+        aten.unbind.int,
+        aten.chunk.default,
+        aten.narrow.default,
+        aten.flatten.using_ints,
+        aten.unflatten.int,
+        aten.view_as.default,
+        aten.expand_as.default,
+    }
+)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Return a new GraphModule with a copy of ``gm``'s graph.
+
+    Parameters, buffers and submodules are shared with ``gm`` (no tensor is
+    copied), so a pass may mutate the copy's graph freely and ``gm`` stays as
+    it was. Passes must never change a tensor in place.
+    """
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    # attributes that fx does not carry over but export's modules rely on
+    for attr in ("meta",):
+        if hasattr(gm, attr):
+            setattr(new, attr, copy.copy(getattr(gm, attr)))
+    return new
+
+
+def fake_inputs_for(example_inputs: Sequence[Any], mode: Any) -> list[Any]:
+    return [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+
+
+def refresh_meta(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> None:
+    """Recompute ``meta["val"]`` of every node by fake-tensor propagation.
+
+    ``flat_inputs`` are the flattened example inputs (one per placeholder).
+    Parameters are real tensors; they are converted to fake ones on access.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fakes = fake_inputs_for(flat_inputs, mode)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            node.meta["tensor_meta"] = fx.passes.shape_prop._extract_tensor_metadata(val)
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def tensor_meta(node: Any) -> torch.Tensor | None:
+    """The fake tensor describing ``node``'s value, or None for non-tensors."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    val = tensor_meta(node)
+    if val is None:
+        return None
+    try:
+        return tuple(int(s) for s in val.shape)
+    except Exception:  # symbolic sizes
+        return None
+
+
+def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The real tensor (or module) a ``get_attr`` node refers to."""
+    assert node.op == "get_attr", node
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_constant(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def register_constant(gm: fx.GraphModule, name_hint: str, value: torch.Tensor) -> str:
+    """Register ``value`` as a non-persistent buffer with a fresh name; return it."""
+    base = "_graphopt_" + "".join(c if c.isalnum() else "_" for c in name_hint)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value, persistent=False)
+    return name
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost nn.Module that produced ``node`` ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return _clean_path(path)
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """[(path, class name)] from outermost to innermost module."""
+    out = []
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+        out.append((_clean_path(path), name.rsplit(".", 1)[-1]))
+    return out
+
+
+def _clean_path(path: str) -> str:
+    # export writes paths like "L['self'].transformer.h[0]" or "transformer.h.0"
+    p = path.replace("L['self'].", "").replace("L['self']", "")
+    p = p.replace("[", ".").replace("]", "").replace("'", "")
+    return p.strip(".")
+
+
+def source_line(node: fx.Node) -> str:
+    """The user source line that produced ``node`` ('file:line: code'), if known."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    # the last 'File ..., line N' entry and the code after it
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            loc = lines[i][5:].split(",")
+            fname = loc[0].strip('"').rsplit("/", 1)[-1]
+            lineno = loc[1].replace("line", "").strip() if len(loc) > 1 else "?"
+            return f"{fname}:{lineno}: {code}".rstrip(": ")
+    return ""
+
+
+def op_name(node: fx.Node) -> str:
+    """Short readable op name: 'aten.mm', 'graphopt.blocked_attention', 'placeholder', ..."""
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return f"{t.namespace}.{t._opname}"
+        return getattr(t, "__name__", str(t))
+    if node.op == "call_module":
+        return f"module:{node.target}"
+    return node.op
+
+
+def users_in_order(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """A ``networkx.DiGraph`` over node names, edges producer -> consumer.
+
+    Each graph node carries ``node`` (the fx.Node), ``op`` and ``target``.
+    """
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, node=node, op=node.op, target=op_name(node))
+    for node in gm.graph.nodes:
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def flat_inputs(args: Sequence[Any], kwargs: dict[str, Any] | None, gm: fx.GraphModule | None = None) -> list[Any]:
+    """Flatten ``(args, kwargs)`` the way the module's in_spec does."""
+    kwargs = kwargs or {}
+    spec = getattr(gm, "_in_spec", None) if gm is not None else None
+    if spec is not None:
+        from torch.fx._pytree import tree_flatten_spec
+
+        return list(tree_flatten_spec((tuple(args), kwargs), spec))
+    leaves, _ = pytree.tree_flatten((tuple(args), kwargs))
+    return leaves
+
+
+def nodes_by_target(gm: fx.GraphModule, targets: Iterable[Any]) -> list[fx.Node]:
+    ts = set(targets)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ts]
+
+
+def erase_dead(gm: fx.GraphModule) -> int:
+    """Remove nodes without users and without side effects; returns how many."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return before - len(gm.graph.nodes)

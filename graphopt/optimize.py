@@ -1,0 +1,194 @@
+"""``graphopt.optimize``: capture, run a pipeline of verified passes, return the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.capture import Captured, capture, eval_mode
+from graphopt.pass_infra import (
+    Instrument,
+    OptimizeContext,
+    Pass,
+    PassManager,
+    ProgressInstrument,
+    VerifyInstrument,
+)
+from graphopt.report import Report
+from graphopt.verify import ErrorBudget, Verifier
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """Parse a memory size: ``2GiB``, ``512MB``, ``1.5g``, or a number of bytes."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {value!r}; write it like '2GiB', '512MB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`graphopt.optimize` returns.
+
+    ``module`` is called exactly like the original model (same arguments, same
+    output structure). ``report`` says what each pass did. ``save(dir)``
+    writes ``model.pt2`` and ``report.json``.
+    """
+
+    module: fx.GraphModule
+    report: Report
+    captured: Captured
+    context: OptimizeContext
+
+    @property
+    def example_args(self) -> tuple[Any, ...]:
+        return self.captured.args
+
+    @property
+    def example_kwargs(self) -> dict[str, Any]:
+        return self.captured.kwargs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def exported_program(self) -> torch.export.ExportedProgram:
+        """The optimized module as an ``ExportedProgram`` (re-exported from the graph)."""
+        with torch.no_grad():
+            return torch.export.export(self.module, self.example_args, self.example_kwargs, strict=False)
+
+    def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
+        """Write ``model.pt2`` (reload with ``torch.export.load``) and ``report.json`` into ``directory``.
+
+        Files are written to temporary names and renamed, so a failure leaves no partial file.
+        Returns the paths written.
+        """
+        os.makedirs(directory, exist_ok=True)
+        paths = {"pt2": os.path.join(directory, "model.pt2"), "report": os.path.join(directory, "report.json")}
+        ep = self.exported_program()
+        tmp = paths["pt2"] + ".tmp"
+        torch.export.save(ep, tmp)
+        os.replace(tmp, paths["pt2"])
+        tmp = paths["report"] + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.report.to_json())
+        os.replace(tmp, paths["report"])
+        return paths
+
+
+def _check_options(pipeline: Sequence[Pass], options: dict[str, Any]) -> None:
+    known: dict[str, str] = {}
+    for p in pipeline:
+        known.update(getattr(p, "options", {}) or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(
+            f"optimize() got unknown option(s) {unknown}; options the passes understand: {sorted(known) or 'none'}"
+        )
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    passes: Sequence[Pass] | None = None,
+    verify: bool = True,
+    dynamic_shapes: Any = None,
+    memory_budget: int | str | None = None,
+    error_budget: ErrorBudget | float | None = None,
+    n_random_inputs: int = 2,
+    instruments: Sequence[Instrument] = (),
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> OptimizeResult:
+    """Optimize ``model`` for inference on inputs like ``example_inputs``.
+
+    Captures the model (:func:`graphopt.capture`), runs ``passes`` (default:
+    :func:`graphopt.passes.default_pipeline` for the given options), checks each
+    rewrite numerically against the original model on the example inputs and
+    ``n_random_inputs`` fresh random inputs of the same spec, rolls back what
+    breaks numerics, and returns an :class:`OptimizeResult`. The user's model
+    is not modified.
+
+    Pass options are keyword arguments (see ``graphopt passes``); an unknown
+    one is an error.
+
+    >>> import torch, graphopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1), torch.nn.ReLU())
+    >>> result = graphopt.optimize(model, (torch.randn(2, 8),))
+    >>> torch.allclose(result.module(torch.ones(2, 8)), model.eval()(torch.ones(2, 8)))
+    True
+    """
+    from graphopt import passes as pipelines
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    if isinstance(error_budget, (int, float)):
+        error_budget = ErrorBudget(rel_l2=float(error_budget))
+    start = time.perf_counter()
+    report = Report(model=type(model).__name__)
+
+    t0 = time.perf_counter()
+    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic_shapes=dynamic_shapes)
+    report.capture_seconds = time.perf_counter() - t0
+    report.capture_route = captured.route
+    gm = captured.module
+    report.nodes_before = len(gm.graph.nodes)
+
+    ctx = OptimizeContext(
+        args=captured.args,
+        kwargs=captured.kwargs,
+        flat_inputs=ir.flat_inputs(captured.args, captured.kwargs, gm),
+        device=_device_of(model, captured.args, captured.kwargs),
+        memory_budget=parse_bytes(memory_budget),
+        error_budget=error_budget,
+        report=report,
+        options=dict(options),
+    )
+    pipeline = list(passes) if passes is not None else pipelines.default_pipeline(ctx)
+    _check_options(pipeline, options)
+    if verify:
+        with eval_mode(model):
+            ctx.verifier = Verifier(model, captured.args, captured.kwargs, gm, n_random=n_random_inputs)
+    all_instruments: list[Instrument] = [VerifyInstrument()] if verify else []
+    if progress is not None:
+        all_instruments.append(ProgressInstrument(progress))
+    all_instruments += list(instruments)
+
+    gm = PassManager(pipeline, all_instruments).run(gm, ctx)
+    report.nodes_after = len(gm.graph.nodes)
+    if ctx.verifier is not None:
+        applied_budget = any(p.uses_error_budget for p in pipeline
+                             if (r := report.record(p.name)) is not None and r.status == "applied")
+        report.final_numerics = ctx.verifier.check(gm, ctx.error_budget if applied_budget else None)
+    report.total_seconds = time.perf_counter() - start
+    log.info("optimized %s: %d -> %d nodes in %.2f s", report.model, report.nodes_before, report.nodes_after,
+             report.total_seconds)
+    return OptimizeResult(gm, report, captured, ctx)
+
+
+def _device_of(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for x in list(args) + list(kwargs.values()):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")

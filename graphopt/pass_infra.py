@@ -1,0 +1,252 @@
+"""Pass machinery: :class:`Pass`, :class:`PassResult`, :class:`PassManager` and instruments.
+
+The contract follows onnx_ir's pass infrastructure
+(``onnx_ir/passes/_pass_infra.py``) and fixes torch.fx's two warts: here
+``ensures`` runs on the *result*, and ``modified`` is what the pass reports.
+
+A pass is called as ``pass_(gm, ctx) -> PassResult``:
+``requires(gm, ctx)`` -> ``call(gm, ctx)`` -> lint, recompile and refresh
+``meta["val"]`` when modified -> ``ensures(result, ctx)``.
+
+The :class:`PassManager` hands every rewrite pass its own copy of the graph
+(:func:`graphopt.ir.copy_graph_module`; parameters are shared), so rolling a
+pass back is keeping the module from before it. Instruments hook before and
+after each pass (timing, verification, dumping, progress) so passes stay free
+of them; the verification instrument can reject a pass's result.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.report import Declined, PassRecord, Report
+from graphopt.verify import ErrorBudget, Numerics, Verifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeContext:
+    """What every pass may read: target, example inputs, budgets, the report.
+
+    ``flat_inputs`` are the example inputs flattened in placeholder order.
+    ``options`` holds pass options given to :func:`graphopt.optimize` as
+    keyword arguments (e.g. ``precision="int8"``, ``memory_budget="2GiB"``).
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    flat_inputs: list[Any] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    target: Any = None  # graphopt.cost.Target, filled lazily by analysis passes
+    memory_budget: int | None = None  # bytes
+    error_budget: ErrorBudget | None = None
+    verifier: Verifier | None = None
+    report: Report = field(default_factory=Report)
+    options: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # analyses shared between passes
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return self.options.get(name, default)
+
+    def check_numerics(self, gm: fx.GraphModule, budget: ErrorBudget | None = None) -> Numerics | None:
+        """Compare ``gm`` against the original model (None when verification is off).
+
+        Passes that verify site by site (and roll back a single site) call this.
+        """
+        if self.verifier is None:
+            return None
+        return self.verifier.check(gm, budget)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns.
+
+    ``notes``: what changed, for the report. ``declined``: sites looked at and
+    left alone, each with its reason. ``nodes_involved``: names of the nodes the
+    pass created or rewrote (for the report and the viewer).
+    """
+
+    module: fx.GraphModule
+    modified: bool
+    notes: list[str] = field(default_factory=list)
+    declined: list[Declined] = field(default_factory=list)
+    nodes_involved: list[str] = field(default_factory=list)
+
+
+class Pass(abc.ABC):
+    """Base class of every graphopt pass.
+
+    Subclasses set ``name`` and ``summary`` (one line, shown by
+    ``graphopt passes``), and implement :meth:`call`. Analysis passes set
+    ``kind = "analysis"``: they write ``node.meta`` / ``ctx.cache`` and return
+    ``modified=False``. Passes that trade accuracy for speed set
+    ``uses_error_budget = True`` and are verified against ``ctx.error_budget``.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    kind: ClassVar[str] = "rewrite"
+    uses_error_budget: ClassVar[bool] = False
+
+    def requires(self, gm: fx.GraphModule, ctx: OptimizeContext) -> None:
+        """Raise if ``gm`` is not something this pass can work on."""
+
+    def ensures(self, result: PassResult, ctx: OptimizeContext) -> None:
+        """Raise if the result breaks an invariant this pass promises."""
+
+    @abc.abstractmethod
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        """Run the pass on ``gm`` (which the pass may mutate) and say what it did."""
+
+    def __call__(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        self.requires(gm, ctx)
+        result = self.call(gm, ctx)
+        if not isinstance(result, PassResult):
+            raise TypeError(f"pass {self.name!r} returned {type(result).__name__}, expected PassResult")
+        if result.modified:
+            result.module.graph.lint()
+            result.module.recompile()
+            if ctx.flat_inputs:
+                ir.refresh_meta(result.module, ctx.flat_inputs)
+        self.ensures(result, ctx)
+        return result
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class FunctionPass(Pass):
+    """Wrap a plain function ``fn(gm, ctx) -> bool | PassResult`` as a pass."""
+
+    def __init__(self, fn: Callable[[fx.GraphModule, OptimizeContext], Any], name: str | None = None,
+                 summary: str = "") -> None:
+        self.fn = fn
+        self.name = name or fn.__name__  # type: ignore[misc]
+        self.summary = summary or (fn.__doc__ or "").strip().split("\n")[0]  # type: ignore[misc]
+
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        out = self.fn(gm, ctx)
+        if isinstance(out, PassResult):
+            return out
+        return PassResult(gm, bool(out))
+
+
+class Instrument:
+    """Hooks around each pass. ``after_pass`` may return a reason to reject the result."""
+
+    def before_pass(self, pass_: Pass, gm: fx.GraphModule, ctx: OptimizeContext) -> None:
+        pass
+
+    def after_pass(self, pass_: Pass, result: PassResult, record: PassRecord, ctx: OptimizeContext) -> str | None:
+        return None
+
+
+class VerifyInstrument(Instrument):
+    """Check each modifying rewrite pass numerically; reject it when the check fails."""
+
+    def after_pass(self, pass_: Pass, result: PassResult, record: PassRecord, ctx: OptimizeContext) -> str | None:
+        if not result.modified or pass_.kind == "analysis" or ctx.verifier is None:
+            return None
+        budget = ctx.error_budget if pass_.uses_error_budget else None
+        numerics = ctx.verifier.check(result.module, budget)
+        record.numerics = numerics
+        return None if numerics.ok else numerics.reason
+
+
+class DumpInstrument(Instrument):
+    """Write the graph's code after each modifying pass to ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        import os
+
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.count = 0
+
+    def after_pass(self, pass_: Pass, result: PassResult, record: PassRecord, ctx: OptimizeContext) -> str | None:
+        import os
+
+        if result.modified:
+            self.count += 1
+            path = os.path.join(self.directory, f"{self.count:02d}_{pass_.name}.py")
+            with open(path, "w") as f:
+                f.write(result.module.code)
+        return None
+
+
+class ProgressInstrument(Instrument):
+    """Report each pass to a callback (the CLI shows it as a progress line)."""
+
+    def __init__(self, callback: Callable[[str], None]) -> None:
+        self.callback = callback
+
+    def before_pass(self, pass_: Pass, gm: fx.GraphModule, ctx: OptimizeContext) -> None:
+        self.callback(pass_.name)
+
+
+class PassManager:
+    """Run an explicit list of passes with instruments.
+
+    Timing is built in. Each rewrite pass works on its own copy of the graph;
+    a pass that raises, or whose result an instrument rejects, is rolled back
+    (the module from before it is kept) and the pipeline goes on.
+    """
+
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = ()) -> None:
+        for p in passes:
+            if not isinstance(p, Pass):
+                raise TypeError(
+                    f"{p!r} is not a graphopt Pass; subclass graphopt.Pass or wrap a function with FunctionPass"
+                )
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+
+    def run(self, gm: fx.GraphModule, ctx: OptimizeContext) -> fx.GraphModule:
+        for pass_ in self.passes:
+            gm = self.run_one(pass_, gm, ctx)
+        return gm
+
+    def run_one(self, pass_: Pass, gm: fx.GraphModule, ctx: OptimizeContext) -> fx.GraphModule:
+        n_before = len(gm.graph.nodes)
+        record = PassRecord(pass_.name, "analysis" if pass_.kind == "analysis" else "unchanged",
+                            nodes_before=n_before, nodes_after=n_before)
+        ctx.report.passes.append(record)
+        for inst in self.instruments:
+            inst.before_pass(pass_, gm, ctx)
+        work = gm if pass_.kind == "analysis" else ir.copy_graph_module(gm)
+        start = time.perf_counter()
+        try:
+            result = pass_(work, ctx)
+        except Exception as exc:
+            record.seconds = time.perf_counter() - start
+            record.status = "error"
+            record.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log.warning("pass %s raised and was rolled back: %s", pass_.name, record.error)
+            log.debug("pass %s traceback", pass_.name, exc_info=True)
+            return gm
+        record.seconds = time.perf_counter() - start
+        record.notes, record.declined = list(result.notes), list(result.declined)
+        record.nodes_involved = list(result.nodes_involved)
+        reasons = [r for inst in self.instruments if (r := inst.after_pass(pass_, result, record, ctx))]
+        if pass_.kind == "analysis":
+            return gm
+        if reasons:
+            record.status = "rolled back"
+            log.warning("pass %s rolled back: %s", pass_.name, reasons[0])
+            return gm
+        if result.modified:
+            record.status = "applied"
+            record.nodes_after = len(result.module.graph.nodes)
+            return result.module
+        return gm

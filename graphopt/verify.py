@@ -1,0 +1,289 @@
+"""Numeric verification: run the model before and after a rewrite and compare.
+
+Inputs are the user's example inputs plus fresh random inputs of the same
+spec (:class:`InputSpec`): same dtype and shape, integer inputs drawn in their
+valid range (token ids inside the vocabulary found from the embedding they
+index, 0/1 masks kept 0/1), floats with the example's mean and spread.
+
+Tolerances by dtype (relative L2 of each output against the reference):
+fp32/fp64 1e-5, bf16/fp16 1e-2; integer and bool outputs must be equal.
+Passes that trade accuracy for speed (reduced precision) are verified against
+the user's :class:`ErrorBudget` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+REL_L2_TOLERANCE = {
+    torch.float64: 1e-7,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+_PASS_THROUGH = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.to.dtype,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+}
+
+
+@dataclass(frozen=True)
+class ErrorBudget:
+    """How much output error a reduced-precision rewrite may introduce.
+
+    ``rel_l2``: relative L2 error of each floating output against fp32.
+    ``top1``: minimum top-1 agreement (fraction) over the last axis of
+    classifier/LM outputs, or None to skip that check.
+    """
+
+    rel_l2: float = 1e-2
+    top1: float | None = None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How to draw fresh values for one flattened input."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str  # "float", "index", "mask", "bool", "constant"
+    low: float = 0.0
+    high: float = 1.0  # exclusive for index
+    mean: float = 0.0
+    std: float = 1.0
+
+    def sample(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        if self.kind == "float":
+            t = torch.randn(self.shape, generator=generator, dtype=torch.float32)
+            return (t * self.std + self.mean).to(self.dtype).to(like.device)
+        if self.kind == "index":
+            t = torch.randint(int(self.low), int(self.high), self.shape, generator=generator)
+            return t.to(self.dtype).to(like.device)
+        if self.kind == "mask":
+            t = (torch.rand(self.shape, generator=generator) < 0.8).to(self.dtype)
+            if t.ndim >= 1:  # keep the first position attended so no row is empty
+                t[..., 0] = 1
+            return t.to(like.device)
+        if self.kind == "bool":
+            return (torch.rand(self.shape, generator=generator) < 0.5).to(like.device)
+        return like.clone()
+
+
+def _embedding_vocab(placeholder: fx.Node) -> int | None:
+    """Follow view-like users of an index input to an embedding; its row count."""
+    frontier, seen = [placeholder], set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user.op != "call_function":
+                continue
+            if user.target in (torch.ops.aten.embedding.default,) and user.args[1] is n:
+                w = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
+                if isinstance(w, torch.Tensor):
+                    return int(w.shape[0])
+            if user.target in _PASS_THROUGH:
+                frontier.append(user)
+    return None
+
+
+def input_specs(gm: fx.GraphModule | None, flat_inputs: Sequence[Any]) -> list[InputSpec | None]:
+    """Infer an :class:`InputSpec` for each flattened input (None: not a tensor)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"] if gm is not None else []
+    specs: list[InputSpec | None] = []
+    for i, x in enumerate(flat_inputs):
+        if not isinstance(x, torch.Tensor):
+            specs.append(None)
+            continue
+        shape, dtype = tuple(x.shape), x.dtype
+        if dtype.is_floating_point or dtype.is_complex:
+            xf = x.detach().float()
+            std = float(xf.std()) if xf.numel() > 1 else 1.0
+            specs.append(InputSpec(shape, dtype, "float", mean=float(xf.mean()) if xf.numel() else 0.0,
+                                   std=std if math.isfinite(std) and std > 0 else 1.0))
+        elif dtype == torch.bool:
+            specs.append(InputSpec(shape, dtype, "bool"))
+        else:
+            vocab = _embedding_vocab(phs[i]) if i < len(phs) else None
+            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+            if vocab is not None:
+                specs.append(InputSpec(shape, dtype, "index", 0, vocab))
+            elif x.numel() and lo >= 0 and hi <= 1:
+                specs.append(InputSpec(shape, dtype, "mask"))
+            elif x.numel():
+                specs.append(InputSpec(shape, dtype, "index", max(lo, 0) if lo >= 0 else lo, hi + 1))
+            else:
+                specs.append(InputSpec(shape, dtype, "constant"))
+    return specs
+
+
+def random_inputs(specs: Sequence[InputSpec | None], like: Sequence[Any], seed: int) -> list[Any]:
+    g = torch.Generator().manual_seed(seed)
+    return [s.sample(g, x) if s is not None else x for s, x in zip(specs, like)]
+
+
+@dataclass
+class OutputError:
+    index: int
+    dtype: str
+    max_abs: float
+    rel_l2: float
+    top1: float | None = None
+    ok: bool = True
+    reason: str = ""
+
+
+@dataclass
+class Numerics:
+    """Comparison of a candidate against the reference over all input sets."""
+
+    ok: bool
+    max_abs: float = 0.0
+    rel_l2: float = 0.0
+    top1: float | None = None
+    inputs_checked: int = 0
+    reason: str = ""
+    outputs: list[OutputError] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outputs"] = d["outputs"][:16]
+        return d
+
+    def summary(self) -> str:
+        s = f"max_abs={self.max_abs:.2e} rel_l2={self.rel_l2:.2e}"
+        if self.top1 is not None:
+            s += f" top1={self.top1:.4f}"
+        return s
+
+
+def _leaves(out: Any) -> list[Any]:
+    return pytree.tree_leaves(out)
+
+
+def compare_outputs(
+    reference: Any, candidate: Any, budget: ErrorBudget | None = None
+) -> list[OutputError]:
+    """Compare two output structures leaf by leaf."""
+    ref_leaves, cand_leaves = _leaves(reference), _leaves(candidate)
+    if len(ref_leaves) != len(cand_leaves):
+        return [OutputError(-1, "", math.inf, math.inf, ok=False,
+                            reason=f"output structure changed: {len(ref_leaves)} leaves -> {len(cand_leaves)}")]
+    errors = []
+    for i, (r, c) in enumerate(zip(ref_leaves, cand_leaves)):
+        if not isinstance(r, torch.Tensor):
+            ok = r == c
+            errors.append(OutputError(i, type(r).__name__, 0.0 if ok else math.inf, 0.0 if ok else math.inf,
+                                      ok=bool(ok), reason="" if ok else f"value {r!r} -> {c!r}"))
+            continue
+        if not isinstance(c, torch.Tensor) or tuple(r.shape) != tuple(c.shape):
+            errors.append(OutputError(i, str(r.dtype), math.inf, math.inf, ok=False,
+                                      reason=f"output {i} shape {tuple(r.shape)} -> "
+                                      f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}"))
+            continue
+        if not (r.dtype.is_floating_point or r.dtype.is_complex):
+            equal = bool(torch.equal(r, c.to(r.dtype)))
+            errors.append(OutputError(i, str(r.dtype), 0.0 if equal else math.inf, 0.0 if equal else math.inf,
+                                      ok=equal, reason="" if equal else f"integer output {i} differs"))
+            continue
+        rf, cf = r.detach().double(), c.detach().double().to(r.device)
+        diff = (rf - cf)
+        finite_ref = torch.isfinite(rf)
+        if bool((finite_ref & ~torch.isfinite(cf)).any()):
+            errors.append(OutputError(i, str(r.dtype), math.inf, math.inf, ok=False,
+                                      reason=f"output {i} has NaN/inf where the reference is finite"))
+            continue
+        diff = torch.where(finite_ref, diff, torch.zeros_like(diff))
+        max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+        denom = float(torch.where(finite_ref, rf, torch.zeros_like(rf)).norm())
+        rel = float(diff.norm()) / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
+        top1 = None
+        if r.ndim >= 2 and r.shape[-1] > 1:
+            top1 = float((r.argmax(-1) == c.argmax(-1).to(r.device)).float().mean())
+        if budget is not None:
+            tol = budget.rel_l2
+        else:
+            tol = REL_L2_TOLERANCE.get(r.dtype, 1e-2)
+        ok = rel <= tol
+        reason = "" if ok else f"output {i} relative L2 {rel:.2e} > {tol:.0e}"
+        if ok and budget is not None and budget.top1 is not None and top1 is not None and top1 < budget.top1:
+            ok, reason = False, f"output {i} top-1 agreement {top1:.4f} < {budget.top1}"
+        errors.append(OutputError(i, str(r.dtype), max_abs, rel, top1, ok, reason))
+    return errors
+
+
+def summarize(per_input: Sequence[list[OutputError]]) -> Numerics:
+    flat = [e for errs in per_input for e in errs]
+    bad = [e for e in flat if not e.ok]
+    top1s = [e.top1 for e in flat if e.top1 is not None]
+    return Numerics(
+        ok=not bad,
+        max_abs=max((e.max_abs for e in flat), default=0.0),
+        rel_l2=max((e.rel_l2 for e in flat), default=0.0),
+        top1=min(top1s) if top1s else None,
+        inputs_checked=len(per_input),
+        reason=bad[0].reason if bad else "",
+        outputs=flat,
+    )
+
+
+class Verifier:
+    """Holds the reference outputs for a fixed set of inputs and checks candidates.
+
+    The reference is computed once from ``reference_fn`` (the user's model) on
+    the example inputs and ``n_random`` fresh random input sets.
+    """
+
+    def __init__(
+        self,
+        reference_fn: Any,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        gm: fx.GraphModule | None = None,
+        n_random: int = 2,
+        seed: int = 0,
+    ) -> None:
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+        leaves, self._spec = pytree.tree_flatten((self.args, self.kwargs))
+        # the module's placeholders follow the flattened inputs, one per leaf
+        specs = input_specs(gm, leaves)
+        self.input_sets: list[tuple[tuple, dict]] = [(self.args, self.kwargs)]
+        for k in range(n_random):
+            fresh = random_inputs(specs, leaves, seed + 1 + k)
+            a, kw = pytree.tree_unflatten(fresh, self._spec)
+            self.input_sets.append((tuple(a), dict(kw)))
+        with torch.no_grad():
+            self.references = [reference_fn(*a, **kw) for a, kw in self.input_sets]
+
+    def check(self, candidate_fn: Any, budget: ErrorBudget | None = None) -> Numerics:
+        per_input = []
+        try:
+            with torch.no_grad():
+                for (a, kw), ref in zip(self.input_sets, self.references):
+                    per_input.append(compare_outputs(ref, candidate_fn(*a, **kw), budget))
+        except Exception as exc:  # a rewritten graph that does not even run
+            return Numerics(ok=False, max_abs=math.inf, rel_l2=math.inf, inputs_checked=len(per_input),
+                            reason=f"candidate failed to run: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+        return summarize(per_input)

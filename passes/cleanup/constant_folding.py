@@ -1,0 +1,148 @@
+"""Constant folding with a size cap.
+
+Rewrites:
+    op(constants...) -> get_attr of the precomputed value
+        e.g. a causal mask built from arange/tril/ones -> one constant tensor
+    shape-only op of an input with static shape -> constant
+        (new_ones(x, ...), zeros_like(x), ones_like(x), full_like(x, v))
+
+A chain is folded at its frontier (the last constant node before a
+non-constant user); interior nodes become dead and ``dead_code`` removes them.
+
+Declines: results larger than ``constant_fold_max_bytes`` (default 16 MiB; a
+folded tensor costs memory for as long as the module lives), views (folding
+``t(weight)`` would copy a weight that stays alive: the view is kept and its
+compute input folded instead), random ops, impure ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.report import Declined
+
+aten = torch.ops.aten
+
+DEFAULT_MAX_BYTES = 16 * 2**20
+
+#: ops whose result depends only on the input's shape, dtype and device
+SHAPE_ONLY_OPS = {
+    aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
+    aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,
+}
+
+
+def _static(node: fx.Node) -> bool:
+    return ir.shape_of(node) is not None
+
+
+def _foldable_op(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.is_impure():
+        return False
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return node.target.__name__ == "getitem" if hasattr(node.target, "__name__") else False
+    if torch.Tag.nondeterministic_seeded in node.target.tags:
+        return False
+    return not node.target._schema.is_mutable
+
+
+def constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value is fixed for every call (given static input shapes)."""
+    const: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const.add(node)
+        elif node.op == "call_function" and _foldable_op(node):
+            if node.target in SHAPE_ONLY_OPS and _static(node):
+                const.add(node)
+            elif all(inp in const for inp in node.all_input_nodes):
+                const.add(node)
+    return const
+
+
+def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], const: set[fx.Node]) -> dict[fx.Node, Any]:
+    """Evaluate ``nodes`` (constants) by running their constant upstream eagerly."""
+    env: dict[fx.Node, Any] = {}
+
+    def value(n: fx.Node) -> Any:
+        if n in env:
+            return env[n]
+        stack = [n]
+        while stack:
+            cur = stack[-1]
+            if cur in env:
+                stack.pop()
+                continue
+            if cur.op == "get_attr":
+                env[cur] = ir.get_attr_value(gm, cur)
+                stack.pop()
+                continue
+            if cur.target in SHAPE_ONLY_OPS:
+                proto = cur.args[0]
+                val = ir.tensor_meta(proto)
+                real = torch.empty(val.shape, dtype=val.dtype, device=val.device)
+                args = (real,) + tuple(cur.args[1:])
+                env[cur] = cur.target(*args, **cur.kwargs)
+                stack.pop()
+                continue
+            missing = [i for i in cur.all_input_nodes if i not in env]
+            if missing:
+                stack.extend(missing)
+                continue
+            args = fx.node.map_arg(cur.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(cur.kwargs, lambda a: env[a])
+            env[cur] = cur.target(*args, **kwargs)
+            stack.pop()
+        return env[n]
+
+    with torch.no_grad():
+        return {n: value(n) for n in nodes}
+
+
+class ConstantFolding(Pass):
+    name = "constant_folding"
+    summary = "precompute subgraphs that depend on no input (size-capped)"
+    options = {"constant_fold_max_bytes": "largest tensor constant folding may create (bytes, default 16 MiB)"}
+
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        max_bytes = int(ctx.option("constant_fold_max_bytes", DEFAULT_MAX_BYTES))
+        const = constant_nodes(gm)
+        frontier: list[fx.Node] = []
+        declined: list[Declined] = []
+        for node in gm.graph.nodes:
+            if node not in const or node.op == "get_attr":
+                continue
+            if not any(u not in const for u in node.users):
+                continue
+            # a view of a constant stays a view; fold the compute behind it
+            while node.op == "call_function" and node.target in ir.VIEW_OPS and isinstance(node.args[0], fx.Node):
+                node = node.args[0]
+            if node.op != "call_function" or node in frontier:
+                continue
+            val = ir.tensor_meta(node)
+            if val is None:
+                continue
+            nbytes = val.numel() * val.element_size()
+            if nbytes > max_bytes:
+                declined.append(Declined(node.name, f"result is {nbytes / 2**20:.1f} MiB > cap "
+                                         f"{max_bytes / 2**20:.1f} MiB (constant_fold_max_bytes)"))
+                continue
+            frontier.append(node)
+        if not frontier:
+            return PassResult(gm, False, declined=declined)
+        values = evaluate(gm, frontier, const)
+        folded = []
+        for node in frontier:
+            name = ir.register_constant(gm, node.name, values[node].detach().clone())
+            with gm.graph.inserting_before(node):
+                new = gm.graph.get_attr(name)
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            folded.append(new.name)
+        gm.graph.eliminate_dead_code()
+        return PassResult(gm, True, [f"folded {len(frontier)} constant subgraphs"], declined, folded)

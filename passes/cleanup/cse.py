@@ -1,0 +1,78 @@
+"""Common-subexpression elimination.
+
+Rewrites:
+    a = op(x, c); b = op(x, c)          -> b replaced by a
+    two get_attr nodes of the same attr -> one
+
+Declines: impure nodes (in-place ops, asserts), random ops (each call draws
+new values), placeholders and the output.
+
+torch ships ``torch.fx.passes.dialect.common.cse_pass.CSEPass``, but it
+rebuilds the module on a fresh ``Graph`` and drops the pytree codegen that
+keeps the module callable like the user's model; this pass works in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+
+
+def _key(value: Any, rep: dict[fx.Node, fx.Node]) -> Any:
+    if isinstance(value, fx.Node):
+        return ("node", rep.get(value, value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key(v, rep) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _key(v, rep)) for k, v in value.items())))
+    if isinstance(value, float) and value != value:  # NaN never equals itself
+        return ("nan",)
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(value)
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return (type(value).__name__, value)
+
+
+def _eligible(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function":
+        return False
+    if node.is_impure():
+        return False
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    return not (schema is not None and schema.is_mutable)
+
+
+class CommonSubexpressionElimination(Pass):
+    name = "cse"
+    summary = "merge nodes that compute the same value from the same inputs"
+
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        seen: dict[Any, fx.Node] = {}
+        rep: dict[fx.Node, fx.Node] = {}
+        merged = 0
+        for node in list(gm.graph.nodes):
+            if not _eligible(node):
+                continue
+            key = (node.op, _key(node.target, rep) if node.op != "call_function" else node.target,
+                   _key(node.args, rep), _key(node.kwargs, rep))
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            rep[node] = first
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            merged += 1
+        return PassResult(gm, merged > 0, [f"merged {merged} duplicate nodes"] if merged else [])

@@ -1,0 +1,105 @@
+"""Remove operations that return their input unchanged.
+
+Rewrites (each only when the result has the input's shape and dtype):
+    dropout(x, p, train=False) / dropout(x, 0.0, _)      -> x
+    alias(x) / detach(x) / clone(x)                      -> x
+    _to_copy(x) / to(x, dtype) with x's dtype and device -> x
+    view(x, shape) / reshape / expand to x's own shape    -> x
+    slice(x, dim, 0, >= size, 1)                          -> x
+    add(x, 0) / sub(x, 0) / mul(x, 1) / div(x, 1)         -> x
+
+Declines: a node whose input or result is mutated in place by a later op
+(removing the copy would let the mutation leak), a cast that changes dtype,
+device or memory format, dropout in training mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.report import Declined
+
+aten = torch.ops.aten
+
+_IDENTITY_OPS = {aten.alias.default, aten.detach.default, aten.clone.default}
+_CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device}
+_SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+_NEUTRAL = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1,
+            aten.add.Scalar: 0, aten.sub.Scalar: 0, aten.mul.Scalar: 1, aten.div.Scalar: 1}
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _mutated_later(node: fx.Node) -> bool:
+    return any(_mutates(u) for u in node.users)
+
+
+def _identity_input(node: fx.Node) -> fx.Node | None:
+    """The node ``node`` returns unchanged, or None."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    t, x = node.target, node.args[0]
+    if t == aten.dropout.default:
+        p, train = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return x if (train is False or p == 0) else None
+    if t in _IDENTITY_OPS:
+        return x if not node.kwargs.get("memory_format") else None
+    if t in _CAST_OPS:  # dtype, device and strides are compared by the caller
+        return x if node.kwargs.get("memory_format") in (None, torch.preserve_format) else None
+    if t in _SHAPE_OPS:
+        return x
+    if t == aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        start = node.args[2] if len(node.args) > 2 else None
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        shape = ir.shape_of(x)
+        if shape is None or not isinstance(dim, int):
+            return None
+        full_end = end is None or (isinstance(end, int) and end >= shape[dim])
+        return x if start in (None, 0) and full_end and step == 1 else None
+    if t in _NEUTRAL and len(node.args) >= 2 and not isinstance(node.args[1], fx.Node):
+        other = node.args[1]
+        alpha = node.kwargs.get("alpha", 1)
+        return x if isinstance(other, (int, float)) and other == _NEUTRAL[t] and alpha == 1 else None
+    return None
+
+
+def _same_value_type(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = ir.tensor_meta(a), ir.tensor_meta(b)
+    if va is None or vb is None:
+        return False
+    try:
+        return (tuple(va.shape) == tuple(vb.shape) and va.dtype == vb.dtype and va.device == vb.device
+                and (va.stride() == vb.stride() or va.numel() <= 1))
+    except Exception:
+        return False
+
+
+class RemoveNoOps(Pass):
+    name = "remove_noops"
+    summary = "remove eval-mode dropout, identities, no-op casts, views and slices"
+
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        removed: dict[str, int] = {}
+        declined: list[Declined] = []
+        for node in list(gm.graph.nodes):
+            x = _identity_input(node)
+            if x is None or not _same_value_type(node, x):
+                continue
+            if _mutated_later(node) or _mutated_later(x):
+                declined.append(Declined(node.name, "its input or result is mutated in place later"))
+                continue
+            node.replace_all_uses_with(x)
+            gm.graph.erase_node(node)
+            key = ir.op_name(node)
+            removed[key] = removed.get(key, 0) + 1
+        notes = [f"removed {n} x {op}" for op, n in sorted(removed.items())]
+        return PassResult(gm, bool(removed), notes, declined)
+
