@@ -1,0 +1,1 @@
+"""Analysis passes: they annotate ``node.meta`` and ``ctx.cache`` and never modify the graph."""
