@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.capture import CaptureError, Captured, capture
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (

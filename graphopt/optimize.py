@@ -81,7 +81,7 @@ class OptimizeResult:
         os.makedirs(directory, exist_ok=True)
         paths = {"pt2": os.path.join(directory, "model.pt2"), "report": os.path.join(directory, "report.json")}
         ep = self.exported_program()
-        tmp = paths["pt2"] + ".tmp"
+        tmp = os.path.join(directory, ".model.partial.pt2")
         torch.export.save(ep, tmp)
         os.replace(tmp, paths["pt2"])
         tmp = paths["report"] + ".tmp"

@@ -1,0 +1,76 @@
+"""The ``graphopt`` command line.
+
+Every subcommand lives in :mod:`graphopt.commands` and is listed in
+:data:`COMMANDS`. Exit codes: 0 success; 1 the work ran but a check failed
+(e.g. numerics); 2 bad input (missing file, malformed spec, unknown model
+type, uncapturable model) -- one line on stderr, a traceback only with
+``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from graphopt.commands import optimize as optimize_cmd
+from graphopt.commands import passes as passes_cmd
+from graphopt.commands.common import UsageError, err_console
+
+#: subcommand modules, each with ``register(subparsers)``
+COMMANDS = [optimize_cmd, passes_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graphopt",
+        description="graphopt: capture, analyse, rewrite and export PyTorch models.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show info logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from graphopt.capture import CaptureError
+
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
+    except CaptureError as exc:
+        if args.debug:
+            raise
+        first = exc.attempts[-1] if exc.attempts else None
+        where = next((a.source for a in exc.attempts if a.source), "")
+        err_console.print(f"[red]error:[/] could not capture the model{' at ' + where if where else ''}: "
+                          f"{exc.hint}", highlight=False)
+        if first is not None:
+            err_console.print("[dim](run with --debug to see each capture attempt)[/]")
+        return 2
+    except FileNotFoundError as exc:
+        if args.debug:
+            raise
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands, one module each; :mod:`graphopt.cli` lists them explicitly."""

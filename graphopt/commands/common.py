@@ -1,0 +1,69 @@
+"""What every CLI command shares: loading a spec with progress, errors that exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+
+#: messages and progress go to stderr, results (tables, JSON) to stdout
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def add_spec_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "spec",
+        help="the model: a .pt2 file, 'package.module:factory', 'file.py:factory', "
+        "'hf:<model_type>?key=value&seq=N' (random weights) or 'examples:<nanogpt|cnn|mlp>'",
+    )
+
+
+@contextlib.contextmanager
+def step(message: str) -> Iterator[Any]:
+    """Show a spinner with ``message`` on stderr while a long step runs."""
+    if err_console.is_terminal:
+        with err_console.status(message) as status:
+            yield status
+    else:
+        err_console.print(f"[dim]{message}[/]")
+        yield None
+
+
+def load_model(spec: str) -> Any:
+    from graphopt.specs import SpecError, load_spec
+
+    with step(f"building {spec}"):
+        try:
+            return load_spec(spec)
+        except SpecError as exc:
+            raise UsageError(str(exc)) from exc
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    from graphopt.specs import _parse_value
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {pair!r}: write it as key=value")
+        out[key.replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def fail(message: str) -> None:
+    raise UsageError(message)
+
+
+def exit_with(message: str, code: int = 2) -> None:
+    err_console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    sys.exit(code)

@@ -1,0 +1,95 @@
+"""``graphopt optimize SPEC -o DIR``: optimize a model, save it, print the report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from graphopt.commands.common import UsageError, add_spec_argument, err_console, load_model, out_console, \
+    parse_options, step
+
+
+def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``optimize`` and the commands that extend it."""
+    add_spec_argument(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for model.pt2 and report.json")
+    p.add_argument("--force", action="store_true", help="write into DIR even if it already exists")
+    p.add_argument("--passes", metavar="A,B,...", help="run these passes (see `graphopt passes`) instead of the default pipeline")
+    p.add_argument("--no-verify", action="store_true", help="skip the numeric check of each rewrite (not recommended)")
+    p.add_argument("--memory-budget", metavar="SIZE", help="peak activation memory to fit, e.g. 2GiB")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a pass option (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("optimize", help="optimize a model and save model.pt2 + report.json",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_optimize_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def select_passes(names: str | None) -> list | None:
+    if not names:
+        return None
+    from graphopt import passes
+
+    classes = {cls.name: cls for cls in passes.all_pass_classes()}
+    chosen = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name not in classes:
+            raise UsageError(f"unknown pass {name!r}; `graphopt passes` lists them: {', '.join(sorted(classes))}")
+        chosen.append(classes[name]())
+    return chosen
+
+
+def check_output_dir(path: str, force: bool) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{path} exists and is not a directory; choose another -o")
+    if os.path.isdir(path) and os.listdir(path) and not force:
+        raise UsageError(f"{path} already exists and is not empty; pass --force to write into it")
+
+
+def optimize_from_args(args: argparse.Namespace, **extra: Any) -> Any:
+    """Load the spec and run graphopt.optimize as the CLI options say."""
+    import graphopt
+
+    spec = load_model(args.spec)
+    options = parse_options(args.option)
+    options.update(extra)
+    passes = select_passes(args.passes)
+    label = {"text": "optimizing"}
+
+    with step("optimizing") as status:
+        def progress(name: str) -> None:
+            label["text"] = f"optimizing: {name}"
+            if status is not None:
+                status.update(label["text"])
+            else:
+                err_console.print(f"[dim]  pass {name}[/]")
+
+        try:
+            result = graphopt.optimize(
+                spec.model, spec.args, spec.kwargs, passes=passes, verify=not args.no_verify,
+                memory_budget=args.memory_budget, progress=progress, **options,
+            )
+        except TypeError as exc:
+            if "unknown option" in str(exc):
+                raise UsageError(str(exc)) from exc
+            raise
+    result.report.model = spec.name
+    return spec, result
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.output, args.force)
+    _spec, result = optimize_from_args(args)
+    with step(f"saving to {args.output}"):
+        paths = result.save(args.output)
+    if args.json:
+        out_console.print_json(result.report.to_json())
+    else:
+        result.report.render(out_console)
+    err_console.print(f"wrote {', '.join(paths.values())}")
+    final = result.report.final_numerics
+    return 0 if final is None or final.ok else 1

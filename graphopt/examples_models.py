@@ -1,0 +1,188 @@
+"""Built-in example models, used by the quick start, the examples and the tests.
+
+* ``nanogpt``: a nanoGPT-style decoder written by hand (causal self-attention
+  with a ``tril`` buffer and ``masked_fill``, GELU MLP, pre-LayerNorm).
+* ``cnn``: the classic CIFAR-10 network: (Conv-BN-ReLU-Pool) x 2, then
+  Linear-ReLU-Linear.
+* ``mlp``: Linear-GELU-Linear.
+
+``load("nanogpt?n_layer=2&seq=64")`` returns a :class:`graphopt.specs.ModelSpec`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class NanoGPTConfig:
+    vocab_size: int = 512
+    block_size: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: NanoGPTConfig) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
+        self.register_buffer(
+            "bias", torch.tril(torch.ones(cfg.block_size, cfg.block_size)).view(1, 1, cfg.block_size, cfg.block_size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, hidden)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: NanoGPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """A nanoGPT-style language model (Karpathy's nanoGPT, inference path)."""
+
+    def __init__(self, cfg: NanoGPTConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or NanoGPTConfig()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        _, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class CifarCNN(nn.Module):
+    """Conv-BN-ReLU-Pool twice, then Linear-ReLU-Linear (classic CIFAR-10 example)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(2 * width * 8 * 8, 64)
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = torch.flatten(x, 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics, as a trained model would have."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def nanogpt(n_layer: int = 2, n_head: int = 4, n_embd: int = 128, vocab_size: int = 512,
+            block_size: int = 256, batch: int = 1, seq: int = 64, seed: int = 0) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    cfg = NanoGPTConfig(vocab_size, max(block_size, seq), n_layer, n_head, n_embd)
+    model = NanoGPT(cfg).eval()
+    return model, (torch.randint(0, vocab_size, (batch, seq)),)
+
+
+def cnn(batch: int = 4, width: int = 16, seed: int = 0) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(CifarCNN(width=width), seed).eval()
+    return model, (torch.randn(batch, 3, 32, 32),)
+
+
+def mlp(batch: int = 8, d: int = 64, hidden: int = 256, seed: int = 0) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    return TinyMLP(d, hidden).eval(), (torch.randn(batch, d),)
+
+
+BUILDERS = {"nanogpt": nanogpt, "cnn": cnn, "mlp": mlp}
+
+
+def load(text: str) -> Any:
+    """Build ``name?key=value&...`` into a :class:`graphopt.specs.ModelSpec`."""
+    from graphopt.specs import ModelSpec, SpecError, _parse_value
+
+    name, _, query = text.partition("?")
+    if name not in BUILDERS:
+        raise SpecError(f"unknown built-in example {name!r}; choose one of {sorted(BUILDERS)}")
+    opts = {k: _parse_value(v) for k, v in parse_qsl(query)}
+    try:
+        model, args = BUILDERS[name](**opts)
+    except TypeError as exc:
+        raise SpecError(f"examples:{name}: {exc}") from exc
+    return ModelSpec(name, model, args, {})

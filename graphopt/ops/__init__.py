@@ -1,0 +1,28 @@
+"""graphopt's custom operators (``torch.ops.graphopt.*``).
+
+Each operator is a ``torch.library.custom_op`` in a module of its own with a
+reference implementation, a fake kernel (so graphs stay exportable and
+``.pt2`` files reload) and an ONNX translation. Each module defines
+``ONNX_TRANSLATIONS: dict[OpOverload, onnxscript function]``; they are listed
+here explicitly and gathered by :func:`onnx_translations`, which
+:mod:`graphopt.onnx_io` hands to ``torch.onnx.export(custom_translation_table=...)``.
+
+Importing :mod:`graphopt` imports this package, so a saved ``.pt2`` that uses
+graphopt operators loads after ``import graphopt``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+#: operator modules, imported for their registrations (add new ones here)
+OP_MODULES: list[ModuleType] = []
+
+
+def onnx_translations() -> dict[Any, Any]:
+    """{op overload: onnxscript translation} for every graphopt operator."""
+    table: dict[Any, Any] = {}
+    for module in OP_MODULES:
+        table.update(getattr(module, "ONNX_TRANSLATIONS", {}))
+    return table

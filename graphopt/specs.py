@@ -1,0 +1,223 @@
+"""Model specs: how every CLI command names the model to work on.
+
+Three forms:
+
+* ``path/to/model.pt2`` -- an ExportedProgram saved with ``torch.export.save``;
+  its example inputs are the ones saved with it.
+* ``package.module:factory`` (or ``path/to/file.py:factory``) -- a callable
+  returning ``(model, example_args)`` or ``(model, example_args, example_kwargs)``.
+* ``hf:<model_type>?key=value&...`` -- a Hugging Face transformers model built
+  from its config with random weights (never a download). Keys override the
+  config (``n_layer=2``); ``batch=`` and ``seq=`` size the example input
+  (default 1 x 64); ``task=`` picks the head (``causal-lm``, ``masked-lm``,
+  ``base``, default: causal-lm where the family has one and is not an
+  encoder, else base); ``mask=1`` adds an all-ones ``attention_mask``;
+  ``seed=`` the weight seed. Eager attention and no KV cache by default.
+
+Also built in: ``examples:<name>`` for graphopt's own example models
+(``nanogpt``, ``cnn``, ``mlp``) -- see :mod:`graphopt.examples_models`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class SpecError(ValueError):
+    """A model spec that cannot be read or built; the message says what to do."""
+
+
+@dataclass
+class ModelSpec:
+    """A model with its example inputs, built from a spec string."""
+
+    name: str
+    model: torch.nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    exported_program: torch.export.ExportedProgram | None = None
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _hf(spec: str) -> ModelSpec:
+    body = spec[3:]
+    model_type, _, query = body.partition("?")
+    if not model_type:
+        raise SpecError(f"{spec!r}: name a model type after 'hf:', e.g. 'hf:gpt2?n_layer=2'")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise SpecError(f"{spec!r}: malformed options after '?' ({exc}); write them as key=value&key=value") from exc
+    opts = {k: _parse_value(v) for k, v in pairs}
+    try:
+        import transformers
+    except ImportError as exc:
+        raise SpecError("hf: specs need transformers; install it with `pip install transformers`") from exc
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    batch, seq = int(opts.pop("batch", 1)), int(opts.pop("seq", 64))
+    task = str(opts.pop("task", "auto"))
+    with_mask = bool(opts.pop("mask", False))
+    seed = int(opts.pop("seed", 0))
+    opts.setdefault("use_cache", False)
+    attn = opts.pop("attn_implementation", "eager")
+    try:
+        config = AutoConfig.for_model(model_type, **opts)
+    except ValueError as exc:
+        if model_type in str(exc) and "Unrecognized" in str(exc):
+            known = ", ".join(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)[:12])
+            raise SpecError(f"unknown transformers model type {model_type!r}; try one of {known}, ...") from exc
+        raise SpecError(f"{spec!r}: invalid config ({exc})") from exc
+    _fit_head_count(config, opts)
+    if task == "auto":
+        task = ("causal-lm" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "base")
+    factories = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "base": AutoModel}
+    if task not in factories:
+        raise SpecError(f"{spec!r}: task={task!r} is not one of {sorted(factories)}")
+    torch.manual_seed(seed)
+    try:
+        model = factories[task].from_config(config, attn_implementation=attn)
+    except Exception as exc:
+        raise SpecError(f"could not build {model_type!r} ({task}) from its config: {exc}") from exc
+    model.eval()
+    vocab = int(getattr(config, "vocab_size", 1000) or 1000)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs: dict[str, Any] = {}
+    if with_mask:
+        kwargs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    args = (torch.randint(0, vocab, (batch, seq), generator=gen),)
+    _ = transformers
+    return ModelSpec(f"{type(model).__name__}({model_type})", model, args, kwargs)
+
+
+_HEAD_KEYS = (("n_embd", "n_head"), ("hidden_size", "num_attention_heads"), ("d_model", "num_heads"))
+
+
+def _fit_head_count(config: Any, opts: dict[str, Any]) -> None:
+    """When only the width was overridden, pick a head count that divides it.
+
+    ``hf:gpt2?n_embd=128`` keeps GPT-2's 12 heads otherwise, which 128 does
+    not divide; the largest divisor below the default is used and logged.
+    """
+    for width_key, heads_key in _HEAD_KEYS:
+        width, heads = getattr(config, width_key, None), getattr(config, heads_key, None)
+        if not isinstance(width, int) or not isinstance(heads, int) or heads_key in opts or width % heads == 0:
+            continue
+        new = max(h for h in range(1, heads + 1) if width % h == 0)
+        log.warning("%s=%d is not divisible by the default %s=%d; using %s=%d",
+                    width_key, width, heads_key, heads, heads_key, new)
+        setattr(config, heads_key, new)
+        kv = getattr(config, "num_key_value_heads", None)
+        if isinstance(kv, int) and "num_key_value_heads" not in opts and new % kv:
+            config.num_key_value_heads = new
+
+
+def _load_factory(spec: str) -> ModelSpec:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        if not os.path.exists(target):
+            raise SpecError(f"no such file: {target}")
+        mod_name = "_graphopt_spec_" + os.path.splitext(os.path.basename(target))[0]
+        module_spec = importlib.util.spec_from_file_location(mod_name, target)
+        module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise SpecError(f"cannot import {target!r} ({exc}); is it on PYTHONPATH?") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SpecError(f"{target!r} has no callable {attr!r}; a factory returns (model, example_args[, kwargs])")
+    out = fn()
+    if not isinstance(out, tuple) or len(out) not in (2, 3) or not isinstance(out[0], torch.nn.Module):
+        raise SpecError(f"{spec}: the factory must return (model, example_args[, example_kwargs])")
+    model, args = out[0], out[1]
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(out[2]) if len(out) == 3 and out[2] else {}
+    return ModelSpec(f"{attr}", model, args, kwargs)
+
+
+def _load_pt2(path: str) -> ModelSpec:
+    if not os.path.exists(path):
+        raise SpecError(f"no such file: {path}")
+    try:
+        ep = load_exported_program(path)
+    except Exception as exc:
+        raise SpecError(f"{path} is not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
+    example = getattr(ep, "example_inputs", None)
+    if not example:
+        raise SpecError(f"{path} was saved without example inputs; re-export it with example inputs")
+    args, kwargs = example
+    return ModelSpec(os.path.basename(path), ep.module(), tuple(args), dict(kwargs or {}), ep)
+
+
+def load_exported_program(path: str) -> torch.export.ExportedProgram:
+    """``torch.export.load``, first importing the modules whose output types the file names.
+
+    A program saved from a transformers model returns its ``ModelOutput``
+    classes; they are registered with pytree only once their module is imported.
+    """
+    import re
+    import zipfile
+
+    with contextlib.suppress(Exception), zipfile.ZipFile(path) as zf:
+        text = " ".join(zf.read(n).decode("utf-8", "ignore") for n in zf.namelist() if n.endswith(".json"))
+        for mod in sorted(set(re.findall(r"(transformers\.[A-Za-z0-9_.]+)\.[A-Z][A-Za-z0-9_]*", text))):
+            with contextlib.suppress(Exception):
+                importlib.import_module(mod)
+    return torch.export.load(path)
+
+
+def load_spec(spec: str) -> ModelSpec:
+    """Build the model a spec names; raises :class:`SpecError` with what to do on bad input."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError("empty model spec; give a .pt2 file, 'package.module:factory' or 'hf:<model_type>'")
+    spec = spec.strip()
+    if spec.startswith("hf:"):
+        return _hf(spec)
+    if spec.startswith("examples:"):
+        from graphopt import examples_models
+
+        return examples_models.load(spec.split(":", 1)[1])
+    if spec.endswith(".pt2"):
+        return _load_pt2(spec)
+    if ":" in spec:
+        return _load_factory(spec)
+    if os.path.exists(spec):
+        raise SpecError(f"{spec}: unsupported file type; give a .pt2 file or 'file.py:factory'")
+    raise SpecError(
+        f"cannot read model spec {spec!r}; give a .pt2 file, 'package.module:factory', "
+        "'hf:<model_type>?key=value' or 'examples:<name>'"
+    )
