@@ -98,7 +98,8 @@ class BlockCostModel:
     def candidates(self, site: BlockableSite) -> list[BlockConfig]:
         """Configurations worth trying, cheapest predicted first (Pareto-pruned on working memory)."""
         if isinstance(site, AttentionSite):
-            qs = [0] + _pow2_below(site.tq, 16)
+            # at most 32 query blocks: a bias recomputed per block unrolls that many copies into the graph
+            qs = [0] + _pow2_below(site.tq, max(16, site.tq // 32))
             kvs = [0] + _pow2_below(site.tk, 128)
             configs = [BlockConfig("attention", (q, kv)) for q in qs for kv in kvs if (q, kv) != (0, 0)]
         elif isinstance(site, FFNSite):

@@ -69,7 +69,7 @@ def bias_plan(site: AttentionSite, slicer: RowSlicer) -> dict[fx.Node, str]:
         axis = _query_axis(term)
         if axis is None:
             plan[term] = "broadcast"
-        elif slicer.is_leaf(term):
+        elif slicer.is_leaf(term, axis):
             plan[term] = "view"
         elif not slicer.why_not(term, axis):
             plan[term] = "recompute"
@@ -187,13 +187,16 @@ def _rewrite_matmul(site: MatmulSite, cfg: BlockConfig, b: NodeBuilder) -> fx.No
 # ---------------------------------------------------------------- entry point
 
 def apply_block_config(gm: fx.GraphModule, site: BlockableSite, cfg: BlockConfig, fake_mode: Any = None,
-                       leaf_bytes: int = DEFAULT_LEAF_BYTES) -> list[fx.Node]:
+                       leaf_bytes: int = DEFAULT_LEAF_BYTES, val_cache: dict[Any, Any] | None = None) \
+        -> list[fx.Node]:
     """Rewrite ``site`` in ``gm`` as ``cfg`` says; return the nodes created.
 
     The site's output is replaced (casting or reshaping the new value to the
     old dtype/shape where they differ); its other nodes are left dead.
+    ``val_cache`` (shared between copies of one graph) skips recomputing the
+    fake values when the same rewrite is applied again.
     """
-    b = NodeBuilder(gm, site.output, fake_mode)
+    b = NodeBuilder(gm, site.output, fake_mode, val_cache, (site.name, cfg, leaf_bytes))
     if isinstance(site, AttentionSite):
         new = _rewrite_attention(gm, site, cfg, b, RowSlicer(gm, leaf_bytes))
     elif isinstance(site, FFNSite):

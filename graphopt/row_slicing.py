@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.node_builder import NodeBuilder
+from graphopt.node_builder import NodeBuilder, fake_mode_of, set_fake_val
 
 aten = torch.ops.aten
 
@@ -95,6 +95,33 @@ def _squeeze_map(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> dict[
     return dict(zip(out_dims, in_dims))
 
 
+def functionalize_inplace(gm: fx.GraphModule) -> int:
+    """Replace in-place ops whose mutated input nobody else reads by their out-of-place form.
+
+    ``add_(a, b)`` where ``a`` has no other user -> ``add(a, b)``: the same
+    values, and ``a`` (possibly a folded constant) is no longer mutated, so a
+    slice of it can be read at any point. Returns how many nodes were replaced.
+    """
+    count = 0
+    fake_mode = fake_mode_of(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or torch.Tag.inplace not in getattr(node.target, "tags", ()):
+            continue
+        mutated = node.args[0] if node.args else None
+        functional = _functional(node.target)
+        if functional is None or not isinstance(mutated, fx.Node) or len(mutated.users) != 1 \
+                or mutated.op == "placeholder":
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(functional, node.args, dict(node.kwargs))
+        new.meta.update(node.meta)
+        set_fake_val(new, fake_mode)  # its own storage now, not the mutated input's
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 class RowSlicer:
     """Emit slices of values by recomputing their large producers (see module docstring)."""
 
@@ -102,19 +129,37 @@ class RowSlicer:
         self.gm = gm
         self.leaf_bytes = leaf_bytes
         self._why: dict[tuple[fx.Node, int], str] = {}
+        self._cheap: dict[fx.Node, bool] = {}
 
     # ------------------------------------------------------------ analysis
-    def is_leaf(self, node: fx.Node) -> bool:
-        """Sliced by a view rather than recomputed: inputs, constants, creation ops, small values."""
-        return node.op != "call_function" or not node.all_input_nodes or _nbytes(node) <= self.leaf_bytes
+    def is_cheap(self, node: fx.Node) -> bool:
+        """An input, a constant, a creation op, or a small value computed only from cheap values."""
+        if node not in self._cheap:
+            self._cheap[node] = node.op != "call_function" or not node.all_input_nodes or (
+                _nbytes(node) <= self.leaf_bytes and all(self.is_cheap(i) for i in node.all_input_nodes))
+        return self._cheap[node]
+
+    def is_leaf(self, node: fx.Node, axis: int | None = None) -> bool:
+        """Sliced by a view rather than recomputed.
+
+        Cheap values are leaves. A small value computed from large ones is
+        recomputed (so the large ones can die) when it can be along ``axis``,
+        else it is a leaf too.
+        """
+        if self.is_cheap(node):
+            return True
+        if _nbytes(node) > self.leaf_bytes:
+            return False
+        return axis is None or bool(self._compute_reason(node, axis))
 
     def why_not(self, node: fx.Node, axis: int) -> str:
         """'' when ``node`` can be sliced along ``axis`` without materialising it, else the reason."""
-        key = (node, axis)
-        if key not in self._why:
-            self._why[key] = "(cycle)"
-            self._why[key] = self._check(node, axis)
-        return self._why[key]
+        shape = ir.shape_of(node)
+        if shape is None:
+            return f"{node.name} has no static shape"
+        if shape[axis] == 1 or self.is_leaf(node, axis):
+            return ""
+        return self._compute_reason(node, axis)
 
     def recomputed_nodes(self, node: fx.Node, axis: int) -> list[fx.Node]:
         """The large producers slicing ``node`` along ``axis`` recomputes (they may become dead)."""
@@ -122,7 +167,7 @@ class RowSlicer:
 
         def walk(n: fx.Node, ax: int) -> None:
             shape = ir.shape_of(n)
-            if shape is None or shape[ax] == 1 or self.is_leaf(n) or n in seen:
+            if shape is None or shape[ax] == 1 or self.is_leaf(n, ax) or n in seen:
                 return
             seen.append(n)
             for inp, in_ax in self._input_axes(n, ax):
@@ -132,12 +177,20 @@ class RowSlicer:
         walk(node, axis)
         return seen
 
+    def _compute_reason(self, node: fx.Node, axis: int) -> str:
+        """'' when ``node``'s rows can be computed from its inputs' rows (recursively), else why not."""
+        key = (node, axis)
+        if key not in self._why:
+            self._why[key] = "(cycle)"
+            self._why[key] = self._check(node, axis)
+        return self._why[key]
+
     def _check(self, node: fx.Node, axis: int) -> str:
         shape = ir.shape_of(node)
         if shape is None:
             return f"{node.name} has no static shape"
-        if shape[axis] == 1 or self.is_leaf(node):
-            return ""
+        if node.op != "call_function":
+            return f"{node.name} is an input"
         target = node.target
         if _functional(target) is None:
             return f"{node.name}: in-place {ir.op_name(node)} has no out-of-place form"
@@ -243,7 +296,7 @@ class RowSlicer:
             return node
         if start == 0 and stop >= shape[axis]:
             return node
-        if self.is_leaf(node):
+        if self.is_leaf(node, axis):
             return builder.call(aten.slice.Tensor, node, axis, start, stop)
         target, args = node.target, list(node.args)
         rank = len(shape)

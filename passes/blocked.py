@@ -58,10 +58,16 @@ from graphopt.blocked_rewrites import apply_block_config, bias_plan, remap_site
 from graphopt.node_builder import fake_mode_of
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.passes.analysis.activation_liveness import MemoryProfile, memory_profile
-from graphopt.passes.analysis.blockable_sites import AttentionSite, BlockableSite, find_blockable_sites
+from graphopt.passes.analysis.blockable_sites import (
+    AttentionSite,
+    BlockableSite,
+    FFNSite,
+    MatmulSite,
+    find_blockable_sites,
+)
 from graphopt.peak_memory import measure_peak
 from graphopt.report import Declined
-from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer
+from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +115,53 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
+def eliminate_dead(gm: fx.GraphModule) -> None:
+    """Dead-code elimination that also drops dead eval-mode dropouts and metadata asserts.
+
+    ``Graph.eliminate_dead_code`` keeps both (dropout counts as random, the
+    assert as a side effect); once a rewrite makes their value dead they
+    would keep the tensor the rewrite meant to remove alive.
+    """
+    asserts = torch.ops.aten._assert_tensor_metadata.default
+
+    def removable(n: fx.Node) -> bool:
+        if n.op != "call_function" or n.users:
+            return False
+        if n.target is torch.ops.aten.dropout.default:
+            return not n.args[2] or n.args[1] == 0
+        return n.target is asserts and isinstance(n.args[0], fx.Node) and all(
+            u.target is asserts for u in n.args[0].users)
+
+    while True:
+        gm.graph.eliminate_dead_code()
+        stale = [n for n in gm.graph.nodes if removable(n)]
+        if not stale:
+            return
+        for n in stale:
+            gm.graph.erase_node(n)
+
+
+def _signature(site: BlockableSite) -> tuple:
+    """Sites with the same signature (every layer's attention, say) are planned together."""
+    def shapes(*nodes: Any) -> tuple:
+        return tuple(ir.shape_of(n) if isinstance(n, fx.Node) else None for n in nodes)
+
+    if isinstance(site, AttentionSite):
+        return (site.kind, shapes(site.q, site.k_t, site.v, site.mask, *site.biases), site.scale, site.mask_value,
+                site.mask_invert)
+    if isinstance(site, MatmulSite):
+        return (site.kind, shapes(site.output, *site.output.args[:2]))
+    if isinstance(site, FFNSite):
+        return (site.kind, shapes(site.x), site.hidden, site.lin_gate is not None, site.activation)
+    return (site.kind, site.reduction, shapes(site.logits_view, site.head.x), site.normalize, site.upcast)
+
+
 class _Planner:
-    """Materialises plans on copies of the graph and searches for a cheap one under the budget."""
+    """Materialises plans on copies of the graph and searches for a cheap one under the budget.
+
+    The unit of planning is a group of sites with the same signature (the
+    same attention in every layer): a configuration applies to the whole group.
+    """
 
     def __init__(self, gm: fx.GraphModule, sites: list[BlockableSite], cost: BlockCostModel,
                  leaf_bytes: int = DEFAULT_LEAF_BYTES) -> None:
@@ -119,128 +170,148 @@ class _Planner:
         self.cost = cost
         self.leaf_bytes = leaf_bytes
         self.fake_mode = fake_mode_of(gm)
-        self.candidates = {s.name: cost.candidates(s) for s in sites}
+        by_signature: dict[tuple, list[str]] = {}
+        for s in sites:
+            by_signature.setdefault(_signature(s), []).append(s.name)
+        self.groups = {names[0]: names for names in by_signature.values()}
+        self.candidates = {g: cost.candidates(self.sites[g]) for g in self.groups}
         self.trials = 0
+        self.val_cache: dict[Any, Any] = {}
 
-    def apply(self, base: fx.GraphModule, configs: dict[str, BlockConfig]) -> fx.GraphModule:
-        """A copy of ``base`` with the sites in ``configs`` (found in ``self.gm``) blocked."""
+    def expand(self, configs: dict[str, BlockConfig]) -> dict[str, BlockConfig]:
+        """Group configurations -> site configurations."""
+        return {name: cfg for g, cfg in configs.items() for name in self.groups[g]}
+
+    def apply(self, base: fx.GraphModule, site_configs: dict[str, BlockConfig]) -> fx.GraphModule:
+        """A copy of ``base`` with the sites in ``site_configs`` (found in ``self.gm``) blocked."""
         gm = ir.copy_graph_module(base)
         by_name = {n.name: n for n in gm.graph.nodes}
-        for name, cfg in configs.items():
-            apply_block_config(gm, remap_site(self.sites[name], by_name), cfg, self.fake_mode, self.leaf_bytes)
-        gm.graph.eliminate_dead_code()
+        for name, cfg in site_configs.items():
+            apply_block_config(gm, remap_site(self.sites[name], by_name), cfg, self.fake_mode, self.leaf_bytes,
+                               self.val_cache)
+        eliminate_dead(gm)
         return gm
 
     def profile(self, configs: dict[str, BlockConfig], base: fx.GraphModule | None = None,
                 base_configs: dict[str, BlockConfig] | None = None) -> tuple[fx.GraphModule, MemoryProfile]:
+        """Materialise group ``configs`` (on ``base`` when it already has ``base_configs``) and profile it."""
         self.trials += 1
         if base is None:
-            gm = self.apply(self.gm, configs)
+            gm = self.apply(self.gm, self.expand(configs))
         else:
             extra = {k: v for k, v in configs.items() if k not in (base_configs or {})}
-            gm = self.apply(base, extra)
+            gm = self.apply(base, self.expand(extra))
         return gm, memory_profile(gm)
 
-    def slowdown(self, name: str, cfg: BlockConfig) -> float:
-        site = self.sites[name]
-        return self.cost.blocked_seconds(site, cfg) - self.cost.eager_seconds(site)
+    def slowdown(self, group: str, cfg: BlockConfig) -> float:
+        site = self.sites[group]
+        return len(self.groups[group]) * (self.cost.blocked_seconds(site, cfg) - self.cost.eager_seconds(site))
+
+    def _cheapest_meeting(self, group: str, configs: dict[str, BlockConfig], target: int,
+                          base: fx.GraphModule | None, upto: int | None = None) -> tuple[int, int]:
+        """(index, peak) of the cheapest candidate of ``group`` meeting ``target``, searched in [0, upto];
+        (upto, peak there) when even that one does not meet it."""
+        cands = self.candidates[group]
+        peaks: dict[int, int] = {}
+        others = {k: v for k, v in configs.items() if k != group}
+
+        def peak_at(i: int) -> int:
+            if i not in peaks:
+                trial = {**others, group: cands[i]}
+                peaks[i] = (self.profile(trial, base, others)[1] if base is not None
+                            else self.profile(trial)[1]).peak_bytes
+            return peaks[i]
+
+        last = len(cands) - 1 if upto is None else upto
+        lo, hi = 0, last
+        while lo < hi:  # peaks fall along the candidate list (Pareto order): binary search
+            mid = (lo + hi) // 2  # (the cheap end first: the smallest blocks unroll the most nodes)
+            if peak_at(mid) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo, peak_at(lo)
 
     def search(self, target: int, forced: dict[str, BlockConfig]) -> Plan:
         configs = dict(forced)
         cur, prof = self.profile(configs)
-        free = [n for n in self.sites if n not in configs and self.candidates[n]]
+        free = [g for g in self.groups if g not in configs and self.candidates[g]]
         while prof.peak_bytes > target and free:
-            options = []  # (meets, peak, slowdown, name, cfg)
-            for name in free:
-                cands = self.candidates[name]
-                peaks: dict[int, int] = {}
-
-                def peak_at(i: int) -> int:
-                    if i not in peaks:
-                        peaks[i] = self.profile({**configs, name: cands[i]}, cur, configs)[1].peak_bytes
-                    return peaks[i]
-
-                last = len(cands) - 1
-                if peak_at(last) <= target:
-                    lo, hi = 0, last
-                    while lo < hi:  # first (cheapest) configuration meeting the target
-                        mid = (lo + hi) // 2
-                        if peak_at(mid) <= target:
-                            hi = mid
-                        else:
-                            lo = mid + 1
-                    options.append((True, peak_at(lo), self.slowdown(name, cands[lo]), name, cands[lo]))
-                else:
-                    options.append((False, peak_at(last), self.slowdown(name, cands[last]), name, cands[last]))
+            options = []  # (meets, peak, slowdown, group, cfg)
+            for g in free:
+                i, peak = self._cheapest_meeting(g, configs, target, cur)
+                cfg = self.candidates[g][i]
+                options.append((peak <= target, peak, self.slowdown(g, cfg), g, cfg))
             meeting = [o for o in options if o[0]]
             if meeting:
-                _, _, _, name, cfg = min(meeting, key=lambda o: o[2])
-                configs[name] = cfg
+                _, _, _, g, cfg = min(meeting, key=lambda o: o[2])
+                configs[g] = cfg
             else:
                 best = min(options, key=lambda o: (o[1], o[2]))
                 if best[1] < prof.peak_bytes:
                     configs[best[3]] = best[4]
-                else:  # no single site lowers the peak: a value shared by several sites holds it
-                    together = {**configs, **{n: self.candidates[n][-1] for n in free}}
-                    _, together_prof = self.profile(together)
-                    if together_prof.peak_bytes >= prof.peak_bytes:
+                else:  # no single group lowers the peak: a value shared by several holds it
+                    together = {**configs, **{g: self.candidates[g][-1] for g in free}}
+                    if self.profile(together)[1].peak_bytes >= prof.peak_bytes:
                         break
                     configs = together
             cur, prof = self.profile(configs)
-            free = [n for n in free if n not in configs]
+            free = [g for g in free if g not in configs]
         if prof.peak_bytes <= target:
             configs = self.relax(configs, forced, target)
             cur, prof = self.profile(configs)
-        return Plan(configs, cur, prof)
+        return Plan(self.expand(configs), cur, prof)
 
     def relax(self, configs: dict[str, BlockConfig], forced: dict[str, BlockConfig], target: int) \
             -> dict[str, BlockConfig]:
-        """Give each chosen site the cheapest configuration that keeps the peak under ``target``."""
+        """Give each chosen group the cheapest configuration that keeps the peak under ``target``;
+        drop groups the rest of the plan made unnecessary."""
         configs = dict(configs)
-        for name in [n for n in configs if n not in forced]:
-            cands = self.candidates[name]
-            current = cands.index(configs[name]) if configs[name] in cands else len(cands) - 1
-            for i in range(current):
-                trial = {**configs, name: cands[i]}
-                if self.profile(trial)[1].peak_bytes <= target:
-                    configs = trial
-                    break
-        # a site the rest of the plan made unnecessary is dropped
-        for name in [n for n in configs if n not in forced]:
-            trial = {k: v for k, v in configs.items() if k != name}
+        for g in [g for g in configs if g not in forced]:
+            cands = self.candidates[g]
+            current = cands.index(configs[g]) if configs[g] in cands else len(cands) - 1
+            i, peak = self._cheapest_meeting(g, configs, target, None, current)
+            if peak <= target:
+                configs[g] = cands[i]
+        for g in [g for g in configs if g not in forced]:
+            trial = {k: v for k, v in configs.items() if k != g}
             if self.profile(trial)[1].peak_bytes <= target:
                 configs = trial
         return configs
 
-    def minimum(self, forced: dict[str, BlockConfig]) -> MemoryProfile:
-        """The profile with every site at its smallest configuration."""
-        configs = {**{n: c[-1] for n, c in self.candidates.items() if c}, **forced}
-        return self.profile(configs)[1]
+    def minimum(self, forced: dict[str, BlockConfig]) -> tuple[dict[str, BlockConfig], MemoryProfile]:
+        """Every group at its smallest configuration, and the profile that gives."""
+        configs = {**{g: c[-1] for g, c in self.candidates.items() if c}, **forced}
+        return configs, self.profile(configs)[1]
+
+
+def default_leaf_bytes(budget: int | None) -> int:
+    """Values up to this size are kept whole and read by views: 1 MiB, or 1/32 of a smaller budget."""
+    return DEFAULT_LEAF_BYTES if budget is None else max(1024, min(DEFAULT_LEAF_BYTES, budget // 32))
 
 
 def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device | None = None,
                   kinds: tuple[str, ...] = KINDS, forced_sizes: dict[str, tuple[int, ...]] | None = None,
-                  leaf_bytes: int = DEFAULT_LEAF_BYTES) -> tuple[Plan, list[Declined]]:
+                  leaf_bytes: int | None = None) -> tuple[Plan, list[Declined]]:
     """Choose the sites to block in ``gm`` (which must carry ``meta["val"]``) and their block sizes.
 
     ``budget`` in bytes (None: block only where predicted faster).
     ``forced_sizes`` {kind: sizes} blocks every site of that kind with those sizes.
+    ``leaf_bytes``: bias/mask producers larger than this are recomputed per
+    query block (default :func:`default_leaf_bytes`). Functionalizes in-place
+    ops of ``gm`` whose input nobody else reads (same values).
     Raises :class:`BudgetError` when no plan meets the budget.
     """
+    leaf_bytes = default_leaf_bytes(budget) if leaf_bytes is None else leaf_bytes
     cost = BlockCostModel(device)
-    sites, declined = find_blockable_sites(gm)
+    functionalize_inplace(gm)  # a recomputed slice must not read a value mutated in place
     forced_sizes = forced_sizes or {}
-    usable = []
-    for s in sites:
-        if s.kind not in kinds and s.kind not in forced_sizes:
-            if s.kind != "matmul":
-                declined.append(Declined(s.name, f"{s.kind} sites are not in blocked_kinds"))
-            continue
-        if s.kind == "matmul" and "matmul" not in forced_sizes:
-            continue  # plain matmuls: blocked on request (block_matmul) or by autotune
-        usable.append(s)
+    sites, declined = find_blockable_sites(gm, tuple(set(kinds) | set(forced_sizes)))
+    # plain matmuls: blocked on request (block_matmul) or when autotune measures it faster
+    usable = [s for s in sites if s.kind != "matmul" or "matmul" in forced_sizes]
     planner = _Planner(gm, usable, cost, leaf_bytes)
-    forced = {s.name: BlockConfig(s.kind, forced_sizes[s.kind]) for s in usable if s.kind in forced_sizes}
+    forced = {g: BlockConfig(planner.sites[g].kind, forced_sizes[planner.sites[g].kind])
+              for g in planner.groups if planner.sites[g].kind in forced_sizes}
     before = memory_profile(gm)
     notes = [f"predicted peak before: {_mib(before.peak_bytes)} at {before.peak_node.name if before.peak_node else '-'}"]
     for s in usable:
@@ -253,18 +324,23 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
                 notes.append(f"{s.name}: bias {', '.join(kept)} kept whole (not recomputable: {why})")
     if budget is None:
         configs = dict(forced)
-        for s in usable:
-            if s.name in configs or not planner.candidates[s.name]:
+        for g, names in planner.groups.items():
+            if g in configs:
                 continue
-            best = planner.candidates[s.name][0]
+            if not planner.candidates[g]:
+                declined.extend(Declined(n, f"{planner.sites[n].describe()}: too small to block") for n in names)
+                continue
+            s, best = planner.sites[g], planner.candidates[g][0]
             eager, blocked = cost.eager_seconds(s), cost.blocked_seconds(s, best)
             if blocked < 0.95 * eager:
-                configs[s.name] = best
+                configs[g] = best
             else:
-                declined.append(Declined(s.name, f"{s.describe()}: blocking not predicted faster "
-                                         f"({blocked * 1e3:.2f} ms vs {eager * 1e3:.2f} ms eager) and no memory budget"))
+                for name in names:
+                    declined.append(Declined(name, f"{planner.sites[name].describe()}: blocking not predicted "
+                                             f"faster ({blocked * 1e3:.2f} ms vs {eager * 1e3:.2f} ms eager) "
+                                             "and no memory budget"))
         result_gm, prof = planner.profile(configs)
-        result = Plan(configs, result_gm, prof, notes)
+        result = Plan(planner.expand(configs), result_gm, prof, notes)
     else:
         target = int(budget * BUDGET_MARGIN)
         if before.peak_bytes <= target and not forced:
@@ -272,12 +348,12 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
             return Plan({}, None, before, notes), declined
         result = planner.search(target, forced)
         if result.profile.peak_bytes > target:
-            low = planner.minimum(forced)
+            low_configs, low = planner.minimum(forced)
             if low.peak_bytes > target:
                 live = [(n.name, b) for n, b in low.live_at_peak]
                 raise BudgetError(budget, low.peak_bytes, low.peak_node.name if low.peak_node else "-", live)
-            result = Plan({n: c[-1] for n, c in planner.candidates.items() if c} | forced, None, low)
-            result.module, result.profile = planner.profile(result.configs)
+            module, prof = planner.profile(low_configs)
+            result = Plan(planner.expand(low_configs), module, prof)
         result.notes = notes
     for name in planner.sites:
         if name not in result.configs and budget is not None:
@@ -312,7 +388,7 @@ class BlockedOperators(Pass):
         "blocked_kinds": "site kinds the planner may block: comma list of attention,ffn,lm_head,matmul",
         "measure_peak": "measure the real peak memory before and after (default: when a budget is set)",
         "blocked_leaf_bytes": "attention biases/masks larger than this are recomputed per query block instead "
-                              "of kept whole, when their producers allow (bytes, default 1 MiB)",
+                              "of kept whole, when their producers allow (bytes, default 1 MiB or budget/32)",
     }
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
@@ -324,8 +400,9 @@ class BlockedOperators(Pass):
             raise ValueError(f"blocked_kinds: unknown kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
         forced = self._forced_sizes(ctx)
         budget = ctx.memory_budget
-        leaf_bytes = int(ctx.option("blocked_leaf_bytes", DEFAULT_LEAF_BYTES))
-        plan, declined = plan_blocking(gm, budget, ctx.device, kinds, forced, leaf_bytes)
+        leaf_bytes = ctx.option("blocked_leaf_bytes")
+        plan, declined = plan_blocking(gm, budget, ctx.device, kinds, forced,
+                                       None if leaf_bytes is None else int(leaf_bytes))
         notes = list(plan.notes)
         if ctx.option("autotune") and ctx.args is not None and plan.module is not None:
             plan = self._autotune(gm, plan, budget, ctx, notes)
@@ -342,6 +419,7 @@ class BlockedOperators(Pass):
             "sites": {n: c.describe() for n, c in plan.configs.items()},
         }
         if ctx.option("measure_peak", budget is not None) and ctx.args is not None:
+            gm.recompile()  # the planner functionalized in-place ops of gm's graph
             new.recompile()
             with torch.no_grad():
                 before = measure_peak(gm, *ctx.args, device=ctx.device, **ctx.kwargs)
@@ -372,53 +450,41 @@ class BlockedOperators(Pass):
 
     def _autotune(self, gm: fx.GraphModule, plan: Plan, budget: int | None, ctx: OptimizeContext,
                   notes: list[str]) -> Plan:
-        """Time variants of the plan per site kind; keep what is measured fastest (and under the budget)."""
-        sites, _ = find_blockable_sites(gm)
-        planner = _Planner(gm, sites, BlockCostModel(ctx.device),
-                           int(ctx.option("blocked_leaf_bytes", DEFAULT_LEAF_BYTES)))
-        target = int(budget * BUDGET_MARGIN) if budget is not None else None
-        best_configs = dict(plan.configs)
-        gm.recompile()
-        best_time = _time_module(self._apply_all(planner, best_configs), ctx)
-        eager_time = _time_module(gm, ctx)
-        if target is None and best_time > eager_time:
-            best_configs, best_time = {}, eager_time
+        """Time variants of the plan, group by group; keep what is measured fastest (and under the budget).
+
+        Variants of a group: its three cheapest predicted configurations, and
+        (without a budget) leaving it eager. Matmul sites are candidates here.
+        """
         kinds = tuple(k.strip() for k in str(ctx.option("blocked_kinds", ",".join(KINDS))).split(","))
-        for kind in kinds:
-            kind_sites = [s for s in sites if s.kind == kind]
-            if not kind_sites:
-                continue
-            variants = []
-            for rank in range(3):  # the k-th cheapest predicted configuration at every site of this kind
-                cfgs = {s.name: planner.candidates[s.name][min(rank, len(planner.candidates[s.name]) - 1)]
-                        for s in kind_sites if planner.candidates[s.name]}
-                variants.append(cfgs)
+        sites, _ = find_blockable_sites(gm, kinds)
+        planner = _Planner(gm, sites, BlockCostModel(ctx.device),
+                           int(ctx.option("blocked_leaf_bytes", default_leaf_bytes(budget))))
+        target = int(budget * BUDGET_MARGIN) if budget is not None else None
+        best = {g: plan.configs[g] for g in planner.groups if g in plan.configs}
+        gm.recompile()
+        eager_time = _time_module(gm, ctx)
+        module, prof = planner.profile(best)
+        module.recompile()
+        best_time = _time_module(module, ctx) if best else eager_time
+        if target is None and best_time > eager_time:
+            best, best_time = {}, eager_time
+        for g in planner.groups:
+            variants: list[BlockConfig | None] = list(planner.candidates[g][:3])
             if target is None:
-                variants.append({})  # this kind left eager
-            for variant in variants:
-                configs = {k: v for k, v in best_configs.items() if self._kind_of(planner, k) != kind} | variant
-                if configs == best_configs:
+                variants.append(None)
+            for cfg in variants:
+                trial = {k: v for k, v in best.items() if k != g} | ({g: cfg} if cfg is not None else {})
+                if trial == best:
                     continue
-                trial_gm, prof = planner.profile(configs)
+                module, prof = planner.profile(trial)
                 if target is not None and prof.peak_bytes > target:
                     continue
-                trial_gm.recompile()
-                seconds = _time_module(trial_gm, ctx)
+                module.recompile()
+                seconds = _time_module(module, ctx)
                 if seconds < best_time:
-                    best_configs, best_time = configs, seconds
+                    best, best_time = trial, seconds
         notes.append(f"autotune: {best_time * 1e3:.1f} ms blocked vs {eager_time * 1e3:.1f} ms eager (measured)")
-        if not best_configs:
+        if not best:
             return Plan({}, None, plan.profile, plan.notes)
-        module, prof = planner.profile(best_configs)
-        return Plan(best_configs, module, prof, plan.notes)
-
-    @staticmethod
-    def _kind_of(planner: _Planner, name: str) -> str:
-        site = planner.sites.get(name)
-        return site.kind if site is not None else ""
-
-    @staticmethod
-    def _apply_all(planner: _Planner, configs: dict[str, BlockConfig]) -> fx.GraphModule:
-        gm = planner.apply(planner.gm, configs)
-        gm.recompile()
-        return gm
+        module, prof = planner.profile(best)
+        return Plan(planner.expand(best), module, prof, plan.notes)

@@ -603,8 +603,13 @@ def _lm_head_site(reduction: fx.Node) -> LMHeadSite | str | None:
 
 # ---------------------------------------------------------------- entry point
 
-def find_blockable_sites(gm: fx.GraphModule) -> tuple[list[BlockableSite], list[Declined]]:
-    """Every site the planner can block, in graph order, and the candidates it cannot, with reasons."""
+def find_blockable_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("attention", "ffn", "lm_head", "matmul")) \
+        -> tuple[list[BlockableSite], list[Declined]]:
+    """Every site of ``kinds`` the planner can block, in graph order, and the candidates it cannot, with reasons.
+
+    Kinds are searched in the order lm_head, attention, ffn, matmul; a node
+    claimed by one site is not part of another.
+    """
     sites: list[BlockableSite] = []
     declined: list[Declined] = []
     taken: set[fx.Node] = set()
@@ -614,7 +619,7 @@ def find_blockable_sites(gm: fx.GraphModule) -> tuple[list[BlockableSite], list[
         taken.update(getattr(site, "nodes", []))
         taken.add(site.output)
 
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if "lm_head" in kinds else ():
         if node.op != "call_function":
             continue
         if node.target in (aten.gather.default, aten.argmax.default, aten.topk.default):
@@ -623,7 +628,7 @@ def find_blockable_sites(gm: fx.GraphModule) -> tuple[list[BlockableSite], list[
                 declined.append(Declined(node.name, found))
             elif found is not None:
                 add(found)
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if "attention" in kinds else ():
         if node.op == "call_function" and node.target in _SOFTMAX and node not in taken:
             found = _attention_site(gm, node)
             if isinstance(found, str):
@@ -632,7 +637,7 @@ def find_blockable_sites(gm: fx.GraphModule) -> tuple[list[BlockableSite], list[
                 declined.append(Declined(node.name, found))
             else:
                 add(found)
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if "ffn" in kinds else ():
         lin = as_linear(node)
         if lin is None or node in taken:
             continue
@@ -641,7 +646,7 @@ def find_blockable_sites(gm: fx.GraphModule) -> tuple[list[BlockableSite], list[
             declined.append(Declined(node.name, found))
         elif found is not None and not (set(found.nodes) & taken):
             add(found)
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if "matmul" in kinds else ():
         if node in taken or node.op != "call_function":
             continue
         lin = as_linear(node)
