@@ -99,11 +99,11 @@ class BlockCostModel:
         """Configurations worth trying, cheapest predicted first (Pareto-pruned on working memory)."""
         if isinstance(site, AttentionSite):
             # at most 32 query blocks: a bias recomputed per block unrolls that many copies into the graph
-            qs = [0] + _pow2_below(site.tq, max(16, site.tq // 32))
-            kvs = [0] + _pow2_below(site.tk, 128)
+            qs = [0] + _pow2_below(site.tq, max(min(16, site.tq // 2), site.tq // 32, 1))
+            kvs = [0] + _pow2_below(site.tk, max(min(128, site.tk // 2), 1))
             configs = [BlockConfig("attention", (q, kv)) for q in qs for kv in kvs if (q, kv) != (0, 0)]
         elif isinstance(site, FFNSite):
-            configs = [BlockConfig("ffn", (c,)) for c in _pow2_below(site.rows, 16)]
+            configs = [BlockConfig("ffn", (c,)) for c in _pow2_below(site.rows, max(min(16, site.rows // 2), 1))]
         elif isinstance(site, LMHeadSite):
             configs = [BlockConfig("lm_head", (c,)) for c in _pow2_below(site.rows, 1)]
         else:

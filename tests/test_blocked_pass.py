@@ -140,7 +140,7 @@ def test_declines_blocking_small_sites_without_budget():
     _, result, _ = run_pass(model, args)
     assert not result.modified
     assert any("not predicted faster" in d.reason for d in result.declined)
-    _, tiny, _ = run_pass(*nanogpt(n_layer=1, seq=8))
+    _, tiny, _ = run_pass(*nanogpt(n_layer=1, seq=1))
     assert any("too small to block" in d.reason for d in tiny.declined)
 
 
