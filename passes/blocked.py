@@ -20,7 +20,7 @@ views share storage, blocked operators' working memory included) -- must come
 under the budget (with a 10% margin for the allocator). Greedily, while the
 predicted peak is over: every site not yet blocked is tried with its
 configurations from least predicted slowdown to smallest memory
-(:class:`graphopt.blocked_cost.BlockCostModel`, Pareto-pruned; binary search
+(:class:`graphopt.passes.analysis.blocked_cost.BlockCostModel`, Pareto-pruned; binary search
 on the re-analysed graph); a site that alone meets the budget at the least
 slowdown wins, otherwise the one lowering the peak most (or, when no single
 site lowers it -- a bias shared by every layer -- all remaining sites at once).
@@ -53,8 +53,8 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.blocked_cost import BlockConfig, BlockCostModel
-from graphopt.blocked_rewrites import apply_block_config, bias_plan, remap_site
+from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
+from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
 from graphopt.node_builder import fake_mode_of
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.passes.analysis.activation_liveness import MemoryProfile, memory_profile
@@ -71,7 +71,7 @@ from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_in
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockedOperators", "BudgetError", "Plan", "plan_blocking"]
+__all__ = ["BlockedOperators", "BlockedOptionError", "BudgetError", "Plan", "plan_blocking"]
 
 #: plan to this fraction of the budget: the allocator and kernels' own temporaries need room
 BUDGET_MARGIN = 0.9
@@ -314,14 +314,14 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
               for g in planner.groups if planner.sites[g].kind in forced_sizes}
     before = memory_profile(gm)
     notes = [f"predicted peak before: {_mib(before.peak_bytes)} at {before.peak_node.name if before.peak_node else '-'}"]
+    slicer = RowSlicer(gm, leaf_bytes)
     for s in usable:
         if isinstance(s, AttentionSite):
-            plan = bias_plan(s, RowSlicer(gm, leaf_bytes))
-            kept = [t.name for t, how in plan.items() if how == "keep"]
+            kept = [t for t, how in bias_plan(s, slicer).items() if how == "keep"]
             if kept:
-                reason = RowSlicer(gm, leaf_bytes)
-                why = "; ".join(reason.why_not(t, len(ir.shape_of(t)) - 2) for t, how in plan.items() if how == "keep")
-                notes.append(f"{s.name}: bias {', '.join(kept)} kept whole (not recomputable: {why})")
+                why = "; ".join(slicer.why_not(t, len(ir.shape_of(t)) - 2) for t in kept)
+                notes.append(f"{s.name}: bias {', '.join(t.name for t in kept)} kept whole "
+                             f"(not recomputable per query block: {why})")
     if budget is None:
         configs = dict(forced)
         for g, names in planner.groups.items():
@@ -362,6 +362,20 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
     return result, declined
 
 
+class BlockedOptionError(ValueError):
+    """A ``blocked`` pass option graphopt cannot read (stops the pipeline: the user must fix it)."""
+
+    abort_pipeline = True
+
+
+def _kinds(ctx: OptimizeContext) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in str(ctx.option("blocked_kinds", ",".join(KINDS))).split(",") if k.strip())
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise BlockedOptionError(f"blocked_kinds: unknown kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
 def _time_module(gm: fx.GraphModule, ctx: OptimizeContext, repeats: int = 3) -> float:
     times = []
     with torch.no_grad():
@@ -394,10 +408,7 @@ class BlockedOperators(Pass):
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
         if ctx.flat_inputs:
             ir.refresh_meta(gm, ctx.flat_inputs)  # one fake mode for the whole graph
-        kinds = tuple(k.strip() for k in str(ctx.option("blocked_kinds", ",".join(KINDS))).split(",") if k.strip())
-        unknown = set(kinds) - set(KINDS)
-        if unknown:
-            raise ValueError(f"blocked_kinds: unknown kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        kinds = _kinds(ctx)
         forced = self._forced_sizes(ctx)
         budget = ctx.memory_budget
         leaf_bytes = ctx.option("blocked_leaf_bytes")
@@ -455,7 +466,7 @@ class BlockedOperators(Pass):
         Variants of a group: its three cheapest predicted configurations, and
         (without a budget) leaving it eager. Matmul sites are candidates here.
         """
-        kinds = tuple(k.strip() for k in str(ctx.option("blocked_kinds", ",".join(KINDS))).split(","))
+        kinds = _kinds(ctx)
         sites, _ = find_blockable_sites(gm, kinds)
         planner = _Planner(gm, sites, BlockCostModel(ctx.device),
                            int(ctx.option("blocked_leaf_bytes", default_leaf_bytes(budget))))

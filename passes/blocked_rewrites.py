@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.blocked_cost import BlockConfig
+from graphopt.passes.analysis.blocked_cost import BlockConfig
 from graphopt.node_builder import NodeBuilder
 from graphopt.ops._blocking import n_blocks, spans
 from graphopt.passes.analysis.blockable_sites import (
