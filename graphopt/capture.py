@@ -141,7 +141,8 @@ def _hint(attempts: Sequence[CaptureAttempt]) -> str:
 
 
 #: torch loggers that narrate a failing capture route (partial graphs, guard warnings)
-_NOISY_TORCH_LOGGERS = ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo")
+_NOISY_TORCH_LOGGERS = ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+                        "torch._subclasses.fake_tensor")
 
 
 @contextlib.contextmanager
