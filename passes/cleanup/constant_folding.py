@@ -37,6 +37,14 @@ SHAPE_ONLY_OPS = {
 }
 
 
+def _size(nbytes: int) -> str:
+    """``'12.0 MiB'``, ``'3.5 KiB'``, ``'64 B'`` (small caps read '0.0 MiB' otherwise)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
 def _static(node: fx.Node) -> bool:
     return ir.shape_of(node) is not None
 
@@ -129,8 +137,8 @@ class ConstantFolding(Pass):
                 continue
             nbytes = val.numel() * val.element_size()
             if nbytes > max_bytes:
-                declined.append(Declined(node.name, f"result is {nbytes / 2**20:.1f} MiB > cap "
-                                         f"{max_bytes / 2**20:.1f} MiB (constant_fold_max_bytes)"))
+                declined.append(Declined(node.name, f"result is {_size(nbytes)} > cap {_size(max_bytes)} "
+                                         "(constant_fold_max_bytes)"))
                 continue
             frontier.append(node)
         if not frontier:

@@ -29,8 +29,9 @@ def _key(value: Any, rep: dict[fx.Node, fx.Node]) -> Any:
         return (type(value).__name__, tuple(_key(v, rep) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple(sorted((k, _key(v, rep)) for k, v in value.items())))
-    if isinstance(value, float) and value != value:  # NaN never equals itself
-        return ("nan",)
+    if isinstance(value, float):
+        # by hex: 0.0 == -0.0 (x * -0.0 is not x * 0.0: 1/(x*-0.0) is -inf) and NaN != NaN
+        return ("float", value.hex())
     if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
         return str(value)
     try:

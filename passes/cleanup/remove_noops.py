@@ -91,6 +91,8 @@ class RemoveNoOps(Pass):
         declined: list[Declined] = []
         for node in list(gm.graph.nodes):
             x = _identity_input(node)
+            if x is None and node.op == "call_function" and node.target == aten.dropout.default:
+                declined.append(Declined(node.name, "dropout in training mode draws random values; kept"))
             if x is None or not _same_value_type(node, x):
                 continue
             if _mutated_later(node) or _mutated_later(x):
