@@ -177,7 +177,11 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     try:
         if any(flags.values()):
             log.info("capturing in eval mode (graphopt optimizes for inference)")
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:  # torch.export's unlifted modules (a loaded .pt2) refuse eval()
+            for m in flags:
+                m.training = False
         yield
     finally:
         for m, flag in flags.items():
