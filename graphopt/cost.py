@@ -576,8 +576,9 @@ def measure_target(device: str = "cpu", budget_s: float = 2.0) -> Target:
     """Micro-benchmark ``device``: matmul peak per dtype, copy bandwidth, per-op overhead.
 
     Takes about ``budget_s`` seconds. Peak FLOP/s is the best of a few square
-    matmuls (n=1024 on CPU, 4096 on CUDA); bandwidth is a 64 MiB copy
-    (read + write); the overhead is the time of an add on 1-element tensors.
+    matmuls (n=1024 on CPU, 4096 on CUDA); bandwidth is an out-of-place add on
+    a 16 MiB tensor (read + write of a freshly allocated output, as graph ops
+    do); the overhead is the time of an add on 1-element tensors.
     """
     dev = torch.device(device)
     per = budget_s / 6
@@ -593,10 +594,11 @@ def measure_target(device: str = "cpu", budget_s: float = 2.0) -> Target:
             peaks[str(dtype).replace("torch.", "")] = 2 * size**3 / t
         except RuntimeError as exc:  # dtype unsupported here
             log.info("no %s matmul on %s: %s", dtype, device, exc)
-    m = 64 * 2**20 // 4
+    # an out-of-place add on a 16 MiB tensor: what a graph's elementwise op does (read the
+    # input, allocate and write a fresh output -- on CPU that includes the page faults)
+    m = 16 * 2**20 // 4
     src = torch.empty(m, device=dev).fill_(1.0)
-    dst = torch.empty_like(src)
-    t = _best_time(lambda: dst.copy_(src), device, 10, per)
+    t = _best_time(lambda: torch.add(src, 1.0), device, 10, per)
     bandwidth = 2 * m * 4 / t
     x, y = torch.ones(1, device=dev), torch.ones(1, device=dev)
 
