@@ -52,9 +52,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out_console.print_json(analysis.to_json(top=args.top))
     else:
-        from rich.console import Console
-
-        # a pipe gets a wide table rather than rich's 80 columns
-        console = out_console if out_console.is_terminal else Console(highlight=False, width=180)
-        analysis.render(console, top=args.top)
+        analysis.render(out_console, top=args.top)
     return 0
