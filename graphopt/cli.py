@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from graphopt.commands import analyze as analyze_cmd
 from graphopt.commands import optimize as optimize_cmd
 from graphopt.commands import passes as passes_cmd
 from rich.markup import escape
@@ -21,7 +22,7 @@ from rich.markup import escape
 from graphopt.commands.common import UsageError, err_console
 
 #: subcommand modules, each with ``register(subparsers)``
-COMMANDS = [optimize_cmd, passes_cmd]
+COMMANDS = [optimize_cmd, passes_cmd, analyze_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
