@@ -589,7 +589,7 @@ PassesArg = Sequence[Pass] | Callable[[], Sequence[Pass]] | None
 
 
 def check_recipe(recipe: Recipe, passes: PassesArg = None, *, options: dict[str, Any] | None = None,
-                 tol: float = FP32_REL_L2, n_fresh: int = 2, allow_errors: bool = False) -> graphopt.OptimizeResult:
+                 tol: float = FP32_REL_L2, n_fresh: int = 1, allow_errors: bool = False) -> graphopt.OptimizeResult:
     """Optimize the recipe's model with ``passes`` *without* graphopt's own verification (so a
     wrong rewrite is not rolled back but caught here) and compare with the model on the example
     and ``n_fresh`` fresh inputs. ``passes``: a list, a factory returning one, or None for

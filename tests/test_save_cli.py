@@ -51,20 +51,35 @@ def test_saved_program_reloads_to_the_same_outputs(optimized, name, tmp_path):
 # --------------------------------------------------------------------------- packaging
 
 
-def test_passes_is_only_importable_as_graphopt_passes(tmp_path):
+def test_installed_package_passes_module_and_console_script(tmp_path):
+    """One interpreter, outside the repo root: `import passes` fails, `import graphopt.passes`
+    works, and the `graphopt` console script is installed, points at graphopt.cli:main and,
+    with --debug, lets the traceback through."""
     code = textwrap.dedent("""
-        import importlib.util, graphopt.passes
+        import importlib.util, traceback
+        from importlib.metadata import entry_points
+        import graphopt.passes
         assert importlib.util.find_spec("passes") is None, "a top-level 'passes' module is installed"
         try:
             import passes
         except ModuleNotFoundError as exc:
             print("import passes:", exc)
         print(graphopt.passes.__name__, len(graphopt.passes.available()))
+        (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "graphopt"]
+        print("console script:", script.value)
+        try:
+            script.load()(["--debug", "optimize", "missing.pt2", "-o", "out"])
+        except Exception:
+            traceback.print_exc()
     """)
-    proc = _run([sys.executable, "-c", code], cwd=str(tmp_path))  # outside the repo root
+    proc = _run([sys.executable, "-c", code], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == "import passes: No module named 'passes'"
-    assert proc.stdout.splitlines()[1].startswith("graphopt.passes ")
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "import passes: No module named 'passes'"
+    assert lines[1].startswith("graphopt.passes ")
+    assert lines[2] == "console script: graphopt.cli:main"
+    assert "Traceback (most recent call last)" in proc.stderr and "no such file: missing.pt2" in proc.stderr
+    assert os.path.exists(GRAPHOPT_SCRIPT)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -170,14 +185,6 @@ def test_uncapturable_model_error_names_the_branch(tmp_path, capfd):
         "error: could not capture the model: the forward branches on a tensor's value (branchy.py:12: "
         "if y.sum() > 0:); a graph cannot follow it. Make the branch depend on shapes or Python values, "
         "or use torch.cond."]
-
-
-def test_console_script_debug_shows_the_traceback(tmp_path):
-    """The installed `graphopt` command; with --debug the traceback is shown (without it,
-    the tests above run the same main() in-process)."""
-    proc = _run([GRAPHOPT_SCRIPT, "--debug", "optimize", "missing.pt2", "-o", "out"], cwd=str(tmp_path))
-    assert proc.returncode != 0
-    assert "Traceback (most recent call last)" in proc.stderr and "no such file: missing.pt2" in proc.stderr
 
 
 def test_help_everywhere(capsys):
