@@ -109,3 +109,31 @@ def assert_state_unchanged(model: torch.nn.Module, before: dict[str, Any]) -> No
                 f"{kind[:-1]} {name} changed value"
     assert after["training"] == before["training"], "training flags changed"
     assert all(after["modules"][k] is m for k, m in before["modules"].items()), "a submodule was replaced"
+
+
+def aliasing(outputs: Any, inputs: Sequence[Any], *modules: torch.nn.Module) -> set[tuple[str, str]]:
+    """Which output leaves share memory with an input, a parameter/buffer of ``modules`` or another output.
+
+    Returns pairs like ``("out0", "input0")``, ``("out1", "param:proj.weight")``, ``("out1", "out0")``.
+    A rewrite must not add any: a caller writing into an output would change its input, the model's
+    weights, or another output.
+    """
+    def storage(t: torch.Tensor) -> int | None:
+        return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) and t.numel() else None
+
+    owners: dict[int, list[str]] = {}
+    for i, x in enumerate(pytree.tree_leaves(list(inputs))):
+        if (p := storage(x)) is not None:
+            owners.setdefault(p, []).append(f"input{i}")
+    for module in modules:
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if (p := storage(t)) is not None and f"param:{name}" not in owners.get(p, []):
+                owners.setdefault(p, []).append(f"param:{name}")
+    pairs: set[tuple[str, str]] = set()
+    for j, out in enumerate(pytree.tree_leaves(outputs)):
+        p = storage(out)
+        if p is None:
+            continue
+        pairs.update((f"out{j}", owner) for owner in owners.get(p, []))
+        owners.setdefault(p, []).append(f"out{j}")
+    return pairs

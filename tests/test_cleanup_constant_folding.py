@@ -91,3 +91,19 @@ def test_views_of_weights_and_random_ops_are_not_folded():
     result = run_pass(ConstantFolding(), gm, ctx)
     assert not result.modified
     assert op_targets(result.module) == op_targets(gm)
+
+
+def test_declines_a_constant_the_model_returns():
+    """Folded, every call would return the same tensor object: a caller writing into it changes later calls."""
+    class ReturnsAConstant(nn.Module):
+        def forward(self, x):
+            return x + 1, torch.arange(4.0) * 2
+
+    gm, ctx = capture_for_pass(ReturnsAConstant(), (torch.zeros(4),))
+    result = run_pass(ConstantFolding(), gm, ctx)
+    assert not result.modified
+    assert [d.reason for d in result.declined] == [
+        "returned as an output: folded, every call would return the same tensor object"]
+    first = call(result.module, (torch.zeros(4),))[1]
+    first.add_(100)
+    assert torch.equal(call(result.module, (torch.zeros(4),))[1], torch.arange(4.0) * 2)

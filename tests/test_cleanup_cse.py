@@ -67,3 +67,20 @@ def test_negative_zero_is_not_zero():
     out = run_pass(CommonSubexpressionElimination(), gm, ctx).module
     pos, neg = call(out, (torch.randn(3),))
     assert torch.equal(pos, torch.full((3,), float("inf"))) and torch.equal(neg, torch.full((3,), float("-inf")))
+
+
+def test_declines_merging_two_returned_values():
+    """`return x + 1, x + 1` must give two tensors: merged, writing into one would change the other."""
+    class TwinOutputs(nn.Module):
+        def forward(self, x):
+            a, b, c = x + 1, x + 1, x + 1
+            return a, b.t(), c * 2   # c is internal: it may merge with a
+
+    gm, ctx = capture_for_pass(TwinOutputs(), (torch.zeros(2, 2),))
+    result = run_pass(CommonSubexpressionElimination(), gm, ctx)
+    assert result.modified and op_targets(result.module).count("aten.add") == 2
+    assert [d.reason for d in result.declined] == [
+        "same value as add, but both are returned: merged, the two outputs would be one tensor"]
+    a, bt, _ = call(result.module, (torch.zeros(2, 2),))
+    a.add_(5)
+    assert torch.equal(bt, torch.ones(2, 2))

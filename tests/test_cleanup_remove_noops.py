@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from graphopt import OptimizeContext, ir
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
-from helpers import assert_outputs_close, call, capture_for_pass, op_targets, run_pass
+from helpers import aliasing, assert_outputs_close, call, capture_for_pass, op_targets, run_pass
 
 aten = torch.ops.aten
 
@@ -86,3 +86,26 @@ def test_keeps_casts_and_views_that_change_something():
     gm, ctx = capture_for_pass(RealWork(), (torch.randn(2, 3),))
     result = run_pass(RemoveNoOps(), gm, ctx)
     assert not result.modified
+
+
+def test_declines_a_returned_copy_of_an_input_or_weight():
+    """`return x.clone()`: without the copy the caller would get its own tensor (or the weight) back."""
+    class ReturnsCopies(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            h = torch.relu(x)
+            return x.clone(), self.w.detach().clone(), h, h.clone(), torch.sin(x).clone()
+
+    model = ReturnsCopies()
+    gm, ctx = capture_for_pass(model, (torch.zeros(3),))
+    result = run_pass(RemoveNoOps(), gm, ctx)
+    reasons = {d.site: d.reason for d in result.declined}
+    assert len(reasons) == 3 and all("share memory" in r for r in reasons.values()), reasons
+    assert op_targets(result.module).count("aten.clone") == 3   # sin(x).clone() went: sin's result is private
+    x = torch.zeros(3)
+    outs = call(result.module, (x,))
+    assert_outputs_close(call(model, (x,)), outs)
+    assert aliasing(outs, (x,), model, result.module) == set()

@@ -14,7 +14,7 @@ import torch
 
 import graphopt
 from conftest import MODEL_NAMES, build_cnn
-from helpers import FP32_REL_L2, assert_outputs_close, assert_state_unchanged, call, op_targets, snapshot_state
+from helpers import FP32_REL_L2, aliasing, assert_outputs_close, assert_state_unchanged, call, op_targets, snapshot_state
 
 FRESH_SEEDS = (11, 12, 13)
 
@@ -31,7 +31,11 @@ def test_optimized_model_matches_original_on_fresh_inputs(optimized, name):
         args, kwargs = oc.case.fresh_inputs(seed)
         assert not torch.equal(args[0], oc.case.args[0]), "fresh inputs must differ from the example"
         reference = call(oc.case.model, args, kwargs)
-        assert_outputs_close(reference, call(oc.result.module, args, kwargs), FP32_REL_L2)
+        out = call(oc.result.module, args, kwargs)
+        assert_outputs_close(reference, out, FP32_REL_L2)
+        # no output shares memory with an input, a weight or another output unless it did before
+        assert aliasing(out, (args, kwargs), oc.case.model, oc.result.module) <= \
+            aliasing(reference, (args, kwargs), oc.case.model)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

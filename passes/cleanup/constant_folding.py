@@ -10,7 +10,9 @@ A chain is folded at its frontier (the last constant node before a
 non-constant user); interior nodes become dead and ``dead_code`` removes them.
 
 Declines: results larger than ``constant_fold_max_bytes`` (default 16 MiB; a
-folded tensor costs memory for as long as the module lives), views (folding
+folded tensor costs memory for as long as the module lives), values the model
+returns (every call would hand out the same tensor object, and a caller
+writing into it would change later results), views (folding
 ``t(weight)`` would copy a weight that stays alive: the view is kept and its
 compute input folded instead), random ops, impure ops.
 """
@@ -121,6 +123,7 @@ class ConstantFolding(Pass):
         max_bytes = int(ctx.option("constant_fold_max_bytes", DEFAULT_MAX_BYTES))
         const = constant_nodes(gm)
         frontier: list[fx.Node] = []
+        visited: set[fx.Node] = set()
         declined: list[Declined] = []
         for node in gm.graph.nodes:
             if node not in const or node.op == "get_attr":
@@ -130,7 +133,12 @@ class ConstantFolding(Pass):
             # a view of a constant stays a view; fold the compute behind it
             while node.op == "call_function" and node.target in ir.VIEW_OPS and isinstance(node.args[0], fx.Node):
                 node = node.args[0]
-            if node.op != "call_function" or node in frontier:
+            if node.op != "call_function" or node in visited:
+                continue
+            visited.add(node)
+            if ir.is_returned(node):
+                declined.append(Declined(node.name, "returned as an output: folded, every call would return "
+                                         "the same tensor object"))
                 continue
             val = ir.tensor_meta(node)
             if val is None:
