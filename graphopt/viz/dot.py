@@ -1,7 +1,8 @@
 """Render the viewer's data as Graphviz DOT: one cluster per module, nodes coloured by cost.
 
 ``dot -Tsvg graph.dot -o graph.svg`` draws it. Parameters and constants
-(``get_attr``) are left out (they would double the node count); each node's
+(``get_attr``) and export's guard/assert nodes are left out (they would double
+the node count); each node's
 label is its op, name and shape; the fill is its share of the ``metric``
 (``time``, ``bytes``, ``flops``) or its arithmetic intensity. Attention, FFN
 and hot-matmul sites get a coloured border; nodes added by the optimization a
@@ -48,7 +49,7 @@ def _shape(node: dict[str, Any]) -> str:
 def render_dot(data: dict[str, Any], *, metric: str = "time") -> str:
     """DOT source for the "after" view of the data from :func:`graphopt.viz.data.build_view_data`."""
     view = data["views"]["after"]
-    nodes = [n for n in view["nodes"] if n["kind"] != "get_attr"]
+    nodes = [n for n in view["nodes"] if n["kind"] != "get_attr" and not n.get("aux")]
     shown = {n["id"] for n in nodes}
     values = metric_values(view, metric)
     positive = [v for v in values.values() if v > 0]

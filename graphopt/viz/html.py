@@ -50,8 +50,8 @@ def embed_json(data: Any) -> str:
 def render_html(data: dict[str, Any]) -> str:
     """The complete HTML page for the viewer data of :func:`graphopt.viz.data.build_view_data`."""
     js, css = _asset("viewer.js"), _asset("viewer.css")
-    if "</script" in js.lower() or "</style" in css.lower():
-        raise RuntimeError("viewer assets must not contain closing script/style tags")
+    if any(tag in js.lower() for tag in ("</script", "<script", "<!--")) or "</style" in css.lower():
+        raise RuntimeError("viewer assets must not contain script/style tags or comment openers")
     parts = {
         "TITLE": html.escape(f"graphopt: {data.get('title', '')}"),
         "CSS": css,

@@ -1,6 +1,6 @@
 /* graphopt graph viewer: layered layout of a module-grouped fx graph, SVG rendering.
  *
- * Data comes from <script type="application/json" id="graph-data"> (see graphopt/viz/data.py).
+ * Data comes from the JSON script element with id "graph-data" (see graphopt/viz/data.py).
  * Every string from the model is put on the page with textContent / setAttribute, never as HTML.
  */
 (function () {
@@ -531,7 +531,11 @@
       name = n.name;
       if (n.diff) cls += ' ' + n.diff;
     } else {
-      name = M.groups[+key.slice(1)].path;
+      var grpd = M.groups[+key.slice(1)], vis = grpd.all.filter(function (id) { return nodeVisible(M.nodes[id]); });
+      name = grpd.path;
+      ['added', 'removed'].forEach(function (d) {
+        if (vis.length && vis.every(function (id) { return M.nodes[id].diff === d; })) cls += ' ' + d;
+      });
     }
     var gkey = isNode ? null : M.groups[+key.slice(1)].key;
     var g = svg('g', {'class': cls, transform: 'translate(' + b.x + ',' + b.y + ')', 'data-key': key, 'data-name': name, 'data-group': gkey});
@@ -578,7 +582,9 @@
   }
 
   /* ---------- interaction ---------- */
+  function expandAll() { M.groups.forEach(function (g) { if (g.id) state.expanded[g.key] = true; }); }
   function toggleGroup(gid) {
+    state.allExpanded = false;
     var key = M.groups[gid].key;
     if (state.expanded[key]) {
       // collapse descendants too, so re-expanding opens one level
@@ -645,8 +651,8 @@
     if (v instanceof Node) dd.appendChild(v); else dd.textContent = String(v);
     dl.appendChild(dd);
   }
-  function nodeLink(name, view) {
-    var a = el('a', {'data-node': name}, name);
+  function nodeLink(name, view, label) {
+    var a = el('a', {'data-node': name}, label || name);
     a.addEventListener('click', function () { goTo(name, view || state.view); });
     return a;
   }
@@ -707,7 +713,7 @@
     if (weights.length) {
       D.appendChild(el('h3', null, 'weights'));
       var wl = el('ul');
-      weights.forEach(function (w) { var li = el('li'); li.appendChild(nodeLink(w.name)); li.appendChild(document.createTextNode(' ' + shapeText(w.shape, w.dtype))); wl.appendChild(li); });
+      weights.forEach(function (w) { var li = el('li'); li.appendChild(nodeLink(w.name, null, w.target)); li.appendChild(document.createTextNode(' ' + shapeText(w.shape, w.dtype))); wl.appendChild(li); });
       D.appendChild(wl);
     }
     if (inputs.length) { D.appendChild(el('h3', null, 'inputs')); D.appendChild(linkList(inputs.map(function (p) { return p.name; }))); }
@@ -906,6 +912,7 @@
     state.view = name;
     $('view-select').value = name;
     M = buildModel(DATA.views[name]);
+    if (state.allExpanded) expandAll();
     state.selected = null;
     render();
     if (selName && M.byName[selName] !== undefined) select('n' + M.byName[selName]); else showDetails(null);
@@ -931,8 +938,8 @@
     ms.value = state.metric;
     ms.addEventListener('change', function () { state.metric = ms.value; render(); showDetails(state.selected); });
     $('show-weights').addEventListener('change', function (ev) { state.showWeights = ev.target.checked; render(); });
-    $('expand-all').addEventListener('click', function () { M.groups.forEach(function (g) { if (g.id) state.expanded[g.key] = true; }); render(); fit(); });
-    $('collapse-all').addEventListener('click', function () { state.expanded = {}; render(); fit(); });
+    $('expand-all').addEventListener('click', function () { state.allExpanded = true; expandAll(); render(); fit(); });
+    $('collapse-all').addEventListener('click', function () { state.allExpanded = false; state.expanded = {}; render(); fit(); });
     $('fit').addEventListener('click', function () { fit(true); });
     var si = $('search');
     si.addEventListener('input', function () { clearTimeout(searchTimer); searchTimer = setTimeout(onSearch, 80); });
