@@ -138,7 +138,7 @@ def test_sites_from_an_analysis_object(nano_result):
     class Analysis:  # what graphopt.analysis.analyze returns, read by attribute name
         attention_sites = [{"softmax": "softmax", "nodes": ["matmul", "softmax", "matmul_1"]}]
         ffn_chains = [SimpleNamespace(nodes=[n for n in gm.graph.nodes if n.name in ("linear_2", "gelu")])]
-        hotspots = [SimpleNamespace(name="linear_8", share=0.3)]
+        hot_matmuls = [SimpleNamespace(name="linear_8", share=0.3), SimpleNamespace(name="linear_7", share=0.001)]
 
     view = build_view_data(nano_result, analysis=Analysis())["views"]["after"]
     kinds = {s["kind"]: s for s in view["sites"]}
@@ -147,6 +147,25 @@ def test_sites_from_an_analysis_object(nano_result):
     assert kinds["attention"]["label"] == "attention: softmax"
     assert names(kinds["ffn"]) == {"linear_2", "gelu"}
     assert names(kinds["hot"]) == {"linear_8"} and kinds["hot"]["detail"]["share"] == 0.3
+
+
+def test_real_analysis_costs_and_sites(nano_result):
+    analysis = graphopt.analyze(nano_result)
+    data = build_view_data(nano_result, analysis=analysis)
+    assert data["cost_source"] == "graphopt.cost" and data["cost_target"] == analysis.target.name
+    view = data["views"]["after"]
+    by_name = {n["name"]: n for n in view["nodes"]}
+    cost = analysis.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)[0].meta["cost"]
+    linear = by_name[analysis.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)[0].name]
+    assert linear["cost"]["flops"] == cost.flops and linear["cost"]["bytes_read"] == cost.bytes_read
+    assert linear["cost"]["intensity"] == pytest.approx(cost.intensity)
+    kinds = [s["kind"] for s in view["sites"]]
+    assert kinds.count("ffn") == len(analysis.ffn_chains) == 2
+    hot = [s for s in view["sites"] if s["kind"] == "hot"]
+    assert hot and hot[0]["label"].startswith("hot: ") and "of the time" in hot[0]["label"]
+    # the before view gets its own analysis
+    assert data["views"]["before"]["nodes"][-1]["kind"] == "output"
+    assert any("cost" in n for n in data["views"]["before"]["nodes"])
 
 
 def test_before_after_match_and_pass_attribution(nano_result):

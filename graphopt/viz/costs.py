@@ -119,13 +119,20 @@ def estimate_cost(node: fx.Node) -> dict[str, Any] | None:
     }
 
 
-def node_costs(gm: fx.GraphModule) -> tuple[dict[str, dict[str, Any]], str]:
+def node_costs(gm: fx.GraphModule, annotated_gm: fx.GraphModule | None = None
+               ) -> tuple[dict[str, dict[str, Any]], str]:
     """``({node name: cost fields}, source)`` for every node that has a cost.
 
     ``source`` is ``"graphopt.cost"`` when the graph carries ``meta["cost"]``
-    annotations, else ``"estimate"`` (the fallback above).
+    annotations, else ``"estimate"`` (the fallback above). ``annotated_gm``: a
+    copy of the graph that an analysis annotated instead (same node names),
+    read when ``gm`` itself has no annotations.
     """
-    annotated = {n.name: c for n in gm.graph.nodes if (c := read_cost(n)) is not None}
-    if annotated:
-        return annotated, "graphopt.cost"
+    known = {n.name for n in gm.graph.nodes}
+    for source in (gm, annotated_gm):
+        if source is None:
+            continue
+        annotated = {n.name: c for n in source.graph.nodes if n.name in known and (c := read_cost(n)) is not None}
+        if annotated:
+            return annotated, "graphopt.cost"
     return {n.name: c for n in gm.graph.nodes if (c := estimate_cost(n)) is not None}, "estimate"

@@ -4,6 +4,7 @@
 starts from. Its shape (``version`` 1)::
 
     {"version": 1, "title": str, "cost_source": "graphopt.cost" | "estimate",
+     "cost_target": roofline name | None, "profiled": bool,
      "views": {"after": GRAPH, "before": GRAPH (only with diff)},
      "rewrites": [REWRITE], "summary": {...}}
 
@@ -197,7 +198,8 @@ def _short_cost(cost: Mapping[str, Any] | None) -> dict[str, Any] | None:
 def graph_view(gm: fx.GraphModule, *, analysis: Any = None) -> tuple[dict[str, Any], str]:
     """One graph's part of the view data (no diff or rewrite marks yet) and its cost source."""
     groups, group_of = assign_groups(gm)
-    costs, cost_source = node_costs(gm)
+    analysed = getattr(analysis, "gm", None)
+    costs, cost_source = node_costs(gm, analysed if isinstance(analysed, fx.GraphModule) else None)
     nodes = list(gm.graph.nodes)
     index = {n.name: i for i, n in enumerate(nodes)}
     out_nodes = []
@@ -321,16 +323,9 @@ def _subject_parts(subject: Any) -> tuple[fx.GraphModule, fx.GraphModule | None,
 
 
 def _auto_analysis(gm: fx.GraphModule, args: tuple[Any, ...] | None) -> Any:
-    """Run :func:`graphopt.analysis.analyze` when it is installed and inputs are known, else None."""
-    if args is None:
-        return None
-    try:
-        from graphopt import analysis as analysis_mod  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    analyze = getattr(analysis_mod, "analyze", None)
-    if analyze is None:
-        return None
+    """:func:`graphopt.analysis.analyze` of ``gm`` (annotates ``meta["cost"]``); None when it fails."""
+    from graphopt.analysis import analyze
+
     try:
         return analyze(gm, args)
     except Exception as exc:  # the viewer still works from estimates
@@ -359,6 +354,7 @@ def build_view_data(subject: Any, *, diff: bool | None = None, analysis: Any = N
     elif analysis is False:
         analysis = None
     after_view, cost_source = graph_view(gm, analysis=analysis)
+    target = getattr(analysis, "target", None)
     views: dict[str, Any] = {"after": after_view}
     match = None
     if diff and before_gm is not None:
@@ -383,6 +379,8 @@ def build_view_data(subject: Any, *, diff: bool | None = None, analysis: Any = N
         "version": VERSION,
         "title": title or model or after_view["groups"][0]["label"],
         "cost_source": cost_source,
+        "cost_target": getattr(target, "name", None),
+        "profiled": bool(getattr(analysis, "profiled", False)),
         "views": views,
         "rewrites": rw,
         "summary": summary,

@@ -1,9 +1,11 @@
 """The sites the viewer marks: attention, FFN chains and hot matmuls.
 
 They come from an analysis (:func:`graphopt.analysis.analyze`: its
-``attention_sites``, ``ffn_chains`` and ``hotspots``), read by attribute name
-so any object (or dict) with those lists works; each entry names its nodes
-(fx nodes, names, or objects with ``nodes`` / ``node`` / ``name``).
+``attention_sites``, ``ffn_chains`` and ``hot_matmuls``), read by attribute
+name so any object (or dict) with those lists works; each entry names its
+nodes (fx nodes, names, or objects with ``nodes`` / ``node`` / ``name``). Of
+the hot matmuls, the first ``analysis.top`` (10) with at least
+:data:`HOT_MIN_SHARE` of the time are marked.
 
 Without an analysis: attention sites from
 :func:`graphopt.passes.analysis.attention_sites.find_attention_sites`, hot
@@ -23,7 +25,9 @@ import torch.fx as fx
 log = logging.getLogger(__name__)
 
 #: (attribute of an analysis, site kind shown by the viewer)
-SITE_KINDS = (("attention_sites", "attention"), ("ffn_chains", "ffn"), ("hotspots", "hot"))
+SITE_KINDS = (("attention_sites", "attention"), ("ffn_chains", "ffn"), ("hot_matmuls", "hot"))
+#: a matmul is marked hot from this share of the graph's time
+HOT_MIN_SHARE = 0.01
 
 _MATMUL_NAMES = ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "conv", "convolution",
                  "scaled_dot_product_attention")
@@ -106,15 +110,27 @@ def _label(kind: str, names: list[str], detail: Mapping[str, Any]) -> str:
 def sites_from_analysis(analysis: Any, known: set[str]) -> list[Site]:
     """The sites an analysis object lists, restricted to nodes of this graph."""
     sites = []
+    top = analysis.get("top", 10) if isinstance(analysis, Mapping) else getattr(analysis, "top", 10)
     for attr, kind in SITE_KINDS:
         items = analysis.get(attr) if isinstance(analysis, Mapping) else getattr(analysis, attr, None)
-        for item in items or ():
+        items = list(items or ())
+        if kind == "hot":
+            items = [h for h in items[:top] if _share(h) is None or _share(h) >= HOT_MIN_SHARE]
+        for item in items:
             names = [n for n in node_names(item) if n in known]
             if not names:
                 continue
             detail = plain_detail(item)
-            sites.append(Site(kind, _label(kind, names, detail), names, detail))
+            label = _label(kind, names, detail)
+            if kind == "hot" and _share(item) is not None:
+                label += f" ({_share(item):.1%} of the time)"
+            sites.append(Site(kind, label, names, detail))
     return sites
+
+
+def _share(item: Any) -> float | None:
+    share = item.get("share") if isinstance(item, Mapping) else getattr(item, "share", None)
+    return float(share) if isinstance(share, (int, float)) else None
 
 
 def hot_matmuls(gm: fx.GraphModule, costs: Mapping[str, Mapping[str, Any]], *, top: int = 8,

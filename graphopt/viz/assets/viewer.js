@@ -375,7 +375,7 @@
   }
   function isDark(hex) {
     var v = parseInt(hex.slice(1), 16);
-    return 0.299 * ((v >> 16) & 255) + 0.587 * ((v >> 8) & 255) + 0.114 * (v & 255) < 120;
+    return 0.299 * ((v >> 16) & 255) + 0.587 * ((v >> 8) & 255) + 0.114 * (v & 255) < 150;
   }
   var scale = null;
   function computeScale(keys) {
@@ -448,10 +448,14 @@
   /* ---------- marks ---------- */
   function marksOf(key) {
     var out = {}, ids = key[0] === 'n' ? [+key.slice(1)] : M.groups[+key.slice(1)].all;
-    var diff = {added: 0, removed: 0};
+    var diff = {added: 0, removed: 0}, seen = {};
     ids.forEach(function (id) {
       var n = M.nodes[id];
-      (M.sitesOf[id] || []).forEach(function (si) { out[M.view.sites[si].kind] = (out[M.view.sites[si].kind] || 0) + 1; });
+      (M.sitesOf[id] || []).forEach(function (si) {
+        if (seen[si]) return;
+        seen[si] = 1;
+        out[M.view.sites[si].kind] = (out[M.view.sites[si].kind] || 0) + 1;
+      });
       if (n.rw && n.rw.length) out.rw = (out.rw || 0) + 1;
       if (n.diff && nodeVisible(n)) diff[n.diff]++;
     });
@@ -769,7 +773,7 @@
     row(dl, 'precision', groupValue(g, 'prec'));
     costRows(dl, c, M.totals);
     var mk = marksOf('g' + g.id);
-    Object.keys(mk.marks).forEach(function (k) { row(dl, {attention: 'attention nodes', ffn: 'FFN nodes', hot: 'hot matmuls', rw: 'rewritten nodes'}[k], String(mk.marks[k])); });
+    Object.keys(mk.marks).forEach(function (k) { row(dl, {attention: 'attention sites', ffn: 'FFN chains', hot: 'hot matmuls', rw: 'rewritten nodes'}[k], String(mk.marks[k])); });
     if (mk.diff.added) row(dl, 'added', String(mk.diff.added));
     if (mk.diff.removed) row(dl, 'removed', String(mk.diff.removed));
     D.appendChild(dl);
@@ -804,7 +808,8 @@
     row(dl, 'capture', S.capture_route);
     if (S.nodes_before !== undefined) row(dl, 'optimization', S.nodes_before + ' \u2192 ' + S.nodes_after + ' nodes in ' + (S.total_seconds || 0).toFixed(2) + ' s');
     if (S.final_numerics) row(dl, 'final check', el('span', {'class': S.final_ok ? 'ok' : 'bad'}, (S.final_ok ? 'ok ' : 'FAILED ') + S.final_numerics));
-    row(dl, 'costs', DATA.cost_source === 'estimate' ? 'estimated (no graphopt.cost annotations)' : 'graphopt.cost');
+    row(dl, 'costs', DATA.cost_source === 'estimate' ? 'rough estimate (graphopt.analyze did not run)' :
+      'graphopt.cost' + (DATA.cost_target ? ', roofline of ' + DATA.cost_target : '') + (DATA.profiled ? ', measured per node' : ''));
     if (M.totals.predicted_s) row(dl, 'predicted time', fmtTime(M.totals.predicted_s));
     if (M.totals.flops) row(dl, 'FLOPs', fmtNum(M.totals.flops) + 'FLOP');
     if (M.totals.bytes) row(dl, 'bytes moved', fmtBytes(M.totals.bytes));
