@@ -277,3 +277,6 @@ def test_cli_viz(tmp_path):
     assert main(["viz", "examples:mlp", "-o", str(tmp_path / "d.html"), "--diff", "--passes", "remove_noops"]) == 0
     assert '"before"' in (tmp_path / "d.html").read_text()
     assert main(["viz", "examples:mlp", "-o", str(tmp_path / "x.html"), "--passes", "remove_noops"]) == 2
+    assert main(["viz", "examples:mlp", "-o", str(tmp_path / "p.html"), "--profile"]) == 0
+    page = (tmp_path / "p.html").read_text()
+    assert '"profiled":true' in page and '"measured_s":' in page

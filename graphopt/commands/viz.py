@@ -5,7 +5,9 @@ optimized first (the same passes and options as ``graphopt optimize``) and the
 page shows the optimized graph with the captured one as its "before" view,
 each removed/added node marked and attributed to the pass that did it.
 
-Formats: ``html`` (interactive, self-contained), ``dot`` (Graphviz: ``dot
+``--profile`` runs the graph to measure each node's time
+(:func:`graphopt.analyze` with ``profile=True``); the page then colours by
+measured time. Formats: ``html`` (interactive, self-contained), ``dot`` (Graphviz: ``dot
 -Tsvg graph.dot``), ``model-explorer`` (node data JSON for Google's Model
 Explorer: ``model-explorer model.pt2 --node_data_paths=costs.json``).
 """
@@ -29,6 +31,8 @@ def register(sub: Any) -> None:
                    help="output format (default: html)")
     p.add_argument("--metric", choices=["time", "bytes", "flops", "intensity"], default="time",
                    help="what DOT and Model Explorer colour nodes by (default: time)")
+    p.add_argument("--profile", action="store_true",
+                   help="run the graph to measure each node's time (colour by measured time)")
     p.add_argument("--passes", metavar="A,B,...", help="with --diff: run these passes instead of the default pipeline")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="with --diff: a pass option (repeatable)")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
@@ -67,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
         with step("capturing"):
             subject = graphopt.capture(spec.model, spec.args, spec.kwargs)
         title = spec.name
+    analysis = None
+    if args.profile:
+        with step("profiling"):
+            graph = subject if args.diff else subject.module
+            analysis = graphopt.analyze(graph, spec.args, spec.kwargs, profile=True)
     with step(f"writing {args.output}"):
-        path = visualize(subject, args.output, format=args.format, diff=args.diff, title=title, metric=args.metric)
+        path = visualize(subject, args.output, format=args.format, diff=args.diff, title=title, metric=args.metric,
+                         analysis=analysis)
     err_console.print(f"wrote {path}")
     return 0

@@ -38,6 +38,8 @@ class PageLoad:
     script_done_ms: float
     items: int
     errors: list[str] = field(default_factory=list)
+    browser: str = ""  # the browser's version
+    expand_all_ms: float | None = None  # "expand all": layout and draw of every node
 
 
 @contextmanager
@@ -83,6 +85,17 @@ def open_viewer(page: Any, path: str, timeout_ms: float = 60_000) -> PageLoad:
     return PageLoad(float(info["f"]), float(info["s"]), int(info["i"]))
 
 
+def time_expand_all(page: Any) -> float:
+    """Milliseconds the page takes to lay out and draw with every group open (then collapse again)."""
+    ms = page.evaluate("""() => new Promise(done => {
+        const t0 = performance.now();
+        document.getElementById('expand-all').click();
+        requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now() - t0)));
+    })""")
+    page.click("#collapse-all")
+    return float(ms)
+
+
 def measure_first_render(path: str, repeats: int = 3) -> list[PageLoad]:
     """Open ``path`` ``repeats`` times, each in a fresh page; one :class:`PageLoad` per load."""
     loads = []
@@ -90,7 +103,8 @@ def measure_first_render(path: str, repeats: int = 3) -> list[PageLoad]:
         for _ in range(repeats):
             page, errors = new_page(browser)
             load = open_viewer(page, path)
-            load.errors = errors
+            load.expand_all_ms = time_expand_all(page)
+            load.errors, load.browser = errors, f"Chromium {browser.version}"
             loads.append(load)
             page.close()
     return loads
