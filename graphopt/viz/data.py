@@ -272,6 +272,8 @@ def rewrites(report: Any, before: fx.GraphModule | None, after: fx.GraphModule, 
     out = []
     by_pass = {c.name: c for c in changes}
     removed_left = set(match.removed) if match else set()
+    after_names = {n.name for n in after.graph.nodes}
+    before_names = {n.name for n in before.graph.nodes} if before is not None else set()
     for record in getattr(report, "passes", []) or []:
         if record.status == "analysis":
             continue
@@ -283,9 +285,7 @@ def rewrites(report: Any, before: fx.GraphModule | None, after: fx.GraphModule, 
             "declined_total": len(record.declined), "numerics": _numerics(record), "sites": [],
         }
         if record.status == "applied":
-            after_names = {n.name for n in after.graph.nodes}
             change = by_pass.get(record.name)
-            before_names = {n.name for n in before.graph.nodes} if before is not None else set()
             if change is not None:
                 added = [n for n in change.added + change.rewritten if n in after_names]
                 removed = [n for n in change.removed if match is not None and n in removed_left]

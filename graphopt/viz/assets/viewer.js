@@ -504,7 +504,7 @@
     var mk = marksOf(key), x = b.w - 2;
     Object.keys(MARKS).forEach(function (k) {
       if (!mk.marks[k]) return;
-      var txt = MARKS[k][0] + (key[0] === 'g' && mk.marks[k] > 1 && k !== 'rw' ? '' : '');
+      var txt = MARKS[k][0];
       var w = txt.length * 6 + 6;
       x -= w;
       var bg = svg('g', {'class': 'badge badge-' + k, transform: 'translate(' + x + ',' + (-7) + ')'});
