@@ -30,6 +30,7 @@ import socket
 import statistics
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -144,7 +145,15 @@ def _worker(rank: int, cfg: dict[str, Any], results: Any) -> None:
             spec = load_spec(cfg["spec"])
             model = spec.model.to(device)
             args, kwargs = _to(spec.args, device), _to(spec.kwargs, device)
-            sharded = parallel.shard(model, args, kwargs)
+            target: Any = model
+            if cfg["passes"] is not None:  # optimize first (e.g. merge_matmuls), then shard the result
+                import graphopt
+                from graphopt.passes import all_pass_classes
+
+                classes = {cls.name: cls for cls in all_pass_classes()}
+                target = graphopt.optimize(model, args, kwargs, passes=[classes[n]() for n in cfg["passes"]],
+                                           **cfg["options"])
+            sharded = parallel.shard(target, args, kwargs)
             del model, spec
             with torch.no_grad():
                 out = sharded(*args, **kwargs)
@@ -178,12 +187,18 @@ def run_sharded(
     timeout: float = 300.0,
     port: int | None = None,
     tolerance: float | None = None,
+    passes: Sequence[str] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run ``spec`` tensor-parallel on ``nproc`` local processes; see the module docstring.
 
     ``backend``: ``gloo`` (CPU) or ``nccl`` (one GPU per process); default:
     nccl when ``nproc`` GPUs are visible, else gloo. ``tolerance``: max abs
     difference allowed against one process (default by dtype: fp32 1e-5).
+    ``passes`` (names, see ``graphopt passes``) and ``options``: run
+    :func:`graphopt.optimize` with them on each rank before sharding, e.g.
+    ``passes=["merge_matmuls"], options={"merge_matmuls_policy": "always"}``
+    (``always`` keeps every rank's graph the same; measuring would decide per rank).
     Raises :class:`graphopt.parallel.ShardingError` when the model cannot be
     sharded over ``nproc`` (e.g. a head count not divisible by it) and
     :class:`LaunchError` when a rank fails or ``timeout`` seconds pass.
@@ -195,6 +210,12 @@ def run_sharded(
     from graphopt import parallel
     from graphopt.specs import load_spec
 
+    from graphopt.passes import all_pass_classes
+
+    known = {cls.name for cls in all_pass_classes()}
+    unknown = [p for p in passes or [] if p not in known]
+    if unknown:
+        raise ValueError(f"unknown pass(es) {unknown}; `graphopt passes` lists them: {', '.join(sorted(known))}")
     if nproc < 2:
         raise ValueError(f"--nproc {nproc}: tensor parallelism needs at least 2 processes")
     if backend is None:
@@ -221,7 +242,8 @@ def run_sharded(
 
     cfg = {"spec": spec, "nproc": nproc, "backend": backend, "port": port or free_port(), "iters": iters,
            "warmup": warmup, "timeout": timeout, "reference": reference,
-           "threads": max(1, (os.cpu_count() or 1) // nproc)}
+           "threads": max(1, (os.cpu_count() or 1) // nproc),
+           "passes": list(passes) if passes is not None else None, "options": dict(options or {})}
     method = "spawn" if backend == "nccl" else "fork"
     results = multiprocessing.get_context(method).SimpleQueue()
     context = tmp.start_processes(_worker, args=(cfg, results), nprocs=nproc, join=False, start_method=method)

@@ -232,6 +232,7 @@ def _merge(gm: fx.GraphModule, sites: list[LinearSite], label: str) -> fx.Node:
         pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(sites))]
     for node in (w_node, merged, split, *pieces):
         node.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    merged.meta["merged_from"] = label  # how the tensor-parallel plan and the report name it
     for site, piece in zip(sites, pieces):
         site.node.replace_all_uses_with(piece)
         graph.erase_node(site.node)

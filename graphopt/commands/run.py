@@ -13,7 +13,7 @@ import argparse
 import json
 from typing import Any
 
-from graphopt.commands.common import UsageError, add_spec_argument, err_console, out_console, step
+from graphopt.commands.common import UsageError, add_spec_argument, err_console, out_console, parse_options, step
 
 
 def register(sub: Any) -> None:
@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
                    help="kill the processes after this long (default 300)")
     p.add_argument("--port", type=int, help="rendezvous port on localhost (default: a free one)")
     p.add_argument("--atol", type=float, help="max abs difference allowed against one process (fp32: 1e-5)")
+    p.add_argument("--passes", metavar="A,B,...",
+                   help="optimize with these passes on each rank before sharding (e.g. merge_matmuls)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a pass option (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=run)
 
@@ -45,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with step(f"running {args.spec} on {args.nproc} processes"):
             result = run_sharded(args.spec, args.nproc, backend=args.backend, iters=args.iters,
-                                 timeout=args.timeout, port=args.port, tolerance=args.atol)
+                                 timeout=args.timeout, port=args.port, tolerance=args.atol,
+                                 passes=[n.strip() for n in args.passes.split(",") if n.strip()] if args.passes
+                                 else None, options=parse_options(args.option))
     except (ShardingError, SpecError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     except LaunchError as exc:

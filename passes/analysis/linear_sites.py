@@ -63,7 +63,8 @@ class LinearSite:
 
     @property
     def label(self) -> str:
-        return self.module_path or self.node.name
+        """The module path (``model.layers.0.self_attn.q_proj``), or the group a merged matmul came from."""
+        return self.node.meta.get("merged_from") or self.module_path or self.node.name
 
 
 def _constant_2d(node: object) -> tuple[fx.Node, bool] | None:
