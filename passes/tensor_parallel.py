@@ -151,12 +151,17 @@ class TensorParallelPlan:
     declined: list[Declined]
 
     def sharded_weight_bytes(self, gm: fx.GraphModule) -> int:
-        """Bytes of the weights and biases the plan shards (whole, before sharding)."""
+        """Bytes of the tensors the plan shards, whole: column weights and biases, row weights, feature constants.
+
+        (A row-parallel linear's bias stays whole: it is added once, after the all-reduce.)
+        """
         seen: set[str] = set()
         total = 0
         for region in self.regions:
-            for site, _ in region.columns + region.rows:
-                for node in (site.weight, site.bias):
+            tensors = [(s.weight, s.bias) for s, _ in region.columns] + [(s.weight, None) for s, _ in region.rows]
+            tensors += [(const, None) for _, _, const, _, _ in region.const_edits]
+            for pair in tensors:
+                for node in pair:
                     if node is not None and str(node.target) not in seen:
                         seen.add(str(node.target))
                         t = ir.get_attr_value(gm, node)
