@@ -11,6 +11,10 @@ from :func:`cleanup_pipeline` or :func:`default_pipeline` and add to the list.
 from __future__ import annotations
 
 from graphopt.pass_infra import OptimizeContext, Pass
+from graphopt.passes.analysis.cost_annotation import CostAnnotation
+from graphopt.passes.analysis.ffn_chains import FFNChains
+from graphopt.passes.analysis.hot_matmuls import HotMatmuls
+from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
 from graphopt.passes.cleanup.constant_folding import ConstantFolding
 from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
@@ -51,6 +55,10 @@ def all_pass_classes() -> list[type[Pass]]:
         DeadCodeElimination,
         MergeMatmuls,
         TensorParallel,
+        CostAnnotation,
+        HotMatmuls,
+        FFNChains,
+        RepeatedBlocks,
     ]
 
 
