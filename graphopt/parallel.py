@@ -36,7 +36,8 @@ from graphopt.passes.tensor_parallel import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardingError", "TensorParallelPlan", "plan", "shard", "sharded_weight_bytes", "weight_bytes"]
+__all__ = ["ShardingError", "TensorParallelPlan", "communication_table", "plan", "shard", "sharded_weight_bytes",
+           "weight_bytes"]
 
 
 def _graph_and_inputs(model_or_result: Any, example_inputs: Sequence[Any] | Any | None,
@@ -172,3 +173,20 @@ def sharded_weight_bytes(module: fx.GraphModule) -> int:
         if isinstance(t, torch.Tensor):
             total += t.numel() * t.element_size()
     return total
+
+
+def communication_table(the_plan: TensorParallelPlan, world_sizes: Sequence[int] = (2, 4, 8)) -> list[dict[str, Any]]:
+    """Per row-parallel linear: bytes all-reduced, and what each rank sends with a ring all-reduce.
+
+    The all-reduced tensor is the row linear's output (batch x seq x hidden),
+    the same whatever the world size; a ring all-reduce of ``S`` bytes over
+    ``W`` ranks sends (and receives) ``2 (W - 1) / W * S`` bytes per rank.
+    Sizes come from the graph the plan was made on (its example inputs).
+    """
+    rows = []
+    for name, size in the_plan.communication():
+        row: dict[str, Any] = {"row_linear": name, "allreduce_bytes": size}
+        for w in world_sizes:
+            row[f"ring_bytes_per_rank_w{w}"] = int(2 * (w - 1) / w * size)
+        rows.append(row)
+    return rows

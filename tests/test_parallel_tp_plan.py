@@ -141,3 +141,26 @@ def test_shard_without_process_group_says_what_to_do():
     model, args = nanogpt(n_layer=1, n_embd=64, seq=8)
     with pytest.raises(RuntimeError, match="init_process_group"):
         parallel.shard(model, args)
+
+
+def test_communication_table_scales_as_a_ring_all_reduce():
+    the_plan, _ = parallel.plan(*tiny_llama(layers=1), world_size=2)
+    rows = parallel.communication_table(the_plan, world_sizes=(2, 8))
+    assert [r["row_linear"] for r in rows] == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
+    size = 1 * 8 * 64 * 4
+    assert all(r["allreduce_bytes"] == size and r["ring_bytes_per_rank_w2"] == size
+               and r["ring_bytes_per_rank_w8"] == int(2 * 7 / 8 * size) for r in rows)
+
+
+def test_merged_qkv_is_sharded_block_by_block():
+    from graphopt.passes.parallel import MergeDecision, MergeMatmuls
+
+    model, args = tiny_llama(layers=1)
+    merged = graphopt.optimize(model, args, passes=[MergeMatmuls(decide=lambda c: MergeDecision(True, "test"))])
+    the_plan, _ = parallel.plan(merged, world_size=2)
+    attn, mlp = the_plan.regions
+    (site, blocks), = attn.columns
+    assert site.label == "model.layers.0.self_attn.q_proj+k_proj+v_proj" and blocks == (64, 32, 32)
+    assert mlp.columns[0][1] == (128, 128)
+    edits = {(n.target.__name__, k): v for n, k, v in attn.arg_edits}
+    assert edits[("split_with_sizes.default", 1)] == [32, 16, 16]
