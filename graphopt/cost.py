@@ -419,7 +419,7 @@ def node_cost(node: fx.Node) -> NodeCost:
             a, b = _arg_val(node, 1), _arg_val(node, 2)
         else:
             a, b = _arg_val(node, 0), _arg_val(node, 1)
-        if target is aten.linear.default:
+        if target is aten.linear.default and isinstance(b, torch.Tensor):
             return make(2 * n_out * shape(b)[-1], "matmul")
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             if a.dim() == 1 and b.dim() == 1:
