@@ -232,7 +232,7 @@ def write_results(flops: list[dict], mems: list[dict], hot: dict, cli_s: tuple[f
     mem = mems[0]
     lines += [
         "",
-        f"Parameters ({mem['parameters'] / mib:.1f} MiB) are not activations and are excluded from all three.",
+        f"Parameters ({mem['parameters'] / mib:.1f} MiB) are not activations and are excluded from every figure above.",
         "",
         f"### Hot spots with --profile, GPT-2 seq {seq}",
         "",

@@ -23,6 +23,7 @@ from graphopt.pass_infra import (
 )
 from graphopt.report import Declined, Report
 from graphopt.verify import ErrorBudget
+from graphopt.viz import visualize
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,5 @@ __all__ = [
     "Report",
     "capture",
     "optimize",
+    "visualize",
 ]

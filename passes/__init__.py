@@ -20,6 +20,8 @@ from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
 from graphopt.passes.cleanup.fold_conv_bn import FoldConvBatchNorm
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
+from graphopt.passes.parallel import MergeMatmuls
+from graphopt.passes.tensor_parallel import TensorParallel
 
 __all__ = ["available", "cleanup_pipeline", "default_pipeline", "all_pass_classes"]
 
@@ -40,7 +42,7 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    return cleanup_pipeline()
+    return cleanup_pipeline() + [MergeMatmuls()]
 
 
 def all_pass_classes() -> list[type[Pass]]:
@@ -51,6 +53,8 @@ def all_pass_classes() -> list[type[Pass]]:
         CommonSubexpressionElimination,
         FoldConvBatchNorm,
         DeadCodeElimination,
+        MergeMatmuls,
+        TensorParallel,
         CostAnnotation,
         HotMatmuls,
         FFNChains,
