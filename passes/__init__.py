@@ -16,6 +16,7 @@ from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
 from graphopt.passes.cleanup.fold_conv_bn import FoldConvBatchNorm
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
+from graphopt.passes.precision import ReducedPrecision
 
 __all__ = ["available", "cleanup_pipeline", "default_pipeline", "all_pass_classes"]
 
@@ -36,7 +37,10 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    return cleanup_pipeline()
+    pipeline = cleanup_pipeline()
+    if ctx is not None and ctx.options.get("precision"):
+        pipeline.append(ReducedPrecision())
+    return pipeline
 
 
 def all_pass_classes() -> list[type[Pass]]:
@@ -47,6 +51,7 @@ def all_pass_classes() -> list[type[Pass]]:
         CommonSubexpressionElimination,
         FoldConvBatchNorm,
         DeadCodeElimination,
+        ReducedPrecision,
     ]
 
 
