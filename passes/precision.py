@@ -143,6 +143,7 @@ class ReducedPrecision(Pass):
             run.choose_requested()
         plan = {n: p for n, p in run.choice.items() if p != "fp32"}
         if not plan:
+            ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
             return PassResult(gm, False, [budget_note, f"target: {target.describe()}"],
                               declined + run.declined_nodes())
 
@@ -173,6 +174,9 @@ class ReducedPrecision(Pass):
         if mode == "auto" or speed_check:
             verdict = run.whole_graph_speed(out)
             if verdict is not None:
+                for name in final_plan:
+                    run.keep(name, f"{verdict} (alone: {run.reasons.get(name, '')})")
+                ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
                 return PassResult(gm, False, notes + [verdict], declined + [Declined("graph", verdict)])
             notes.append(run.speed_note)
         counts: dict[str, int] = {}
@@ -341,9 +345,10 @@ class _Run:
     def build(self, plan: dict[str, str], final: bool = False) -> fx.GraphModule:
         """A copy of the graph with ``plan`` ({node: precision}) applied."""
         out = ir.copy_graph_module(self.gm)
+        by_name = {n.name: n for n in out.graph.nodes}
         for name, p in plan.items():
             if p in ("int8", "fp8"):
-                replace_site(out, self.sites[name], p, self.weights)
+                replace_site(out, self.sites[name], p, self.weights, by_name)
         floats = {n for n, p in plan.items() if p in FLOAT_DTYPES}
         if floats:
             dtype = FLOAT_DTYPES[next(plan[n] for n in floats)]

@@ -120,11 +120,17 @@ class QuantizedWeights:
         return torch.ops.graphopt.fp8_linear(x, q, s, bias)
 
 
-def replace_site(gm: fx.GraphModule, site: LinearSite, precision: str, weights: QuantizedWeights) -> fx.Node:
-    """Swap ``site.node`` (in ``gm``, a copy of the graph the site was found in) for the quantized op."""
-    node = next(n for n in gm.graph.nodes if n.name == site.node.name)
-    x = next(n for n in gm.graph.nodes if n.name == site.x.name)
-    bias = next(n for n in gm.graph.nodes if n.name == site.bias.name) if site.bias is not None else None
+def replace_site(gm: fx.GraphModule, site: LinearSite, precision: str, weights: QuantizedWeights,
+                 by_name: dict[str, fx.Node] | None = None) -> fx.Node:
+    """Swap ``site.node`` (in ``gm``, a copy of the graph the site was found in) for the quantized op.
+
+    ``by_name`` maps the original graph's node names to ``gm``'s nodes; it is
+    updated with the replacement, so consecutive sites can be replaced in turn.
+    """
+    if by_name is None:
+        by_name = {n.name: n for n in gm.graph.nodes}
+    node, x = by_name[site.node.name], by_name[site.x.name]
+    bias = by_name[site.bias.name] if site.bias is not None else None
     q, s = weights.get(site, precision)
     with gm.graph.inserting_before(node):
         qn = gm.graph.get_attr(ir.register_constant(gm, f"{node.name}_w_{precision}", q))
@@ -140,4 +146,5 @@ def replace_site(gm: fx.GraphModule, site: LinearSite, precision: str, weights: 
     new.meta["graphopt_precision"] = precision
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    by_name[site.node.name] = new
     return new
