@@ -258,3 +258,16 @@ def test_gpt2_int8_with_top1_budget_and_pt2_round_trip(tmp_path):
     paths = result.save(tmp_path)
     loaded = torch.export.load(paths["pt2"]).module()
     torch.testing.assert_close(loaded(fresh).logits, out)
+
+
+def test_cli_precision_and_error_budget(tmp_path, capsys):
+    from graphopt.cli import main
+
+    code = main(["optimize", "examples:mlp", "-o", str(tmp_path / "out"), "--precision", "int8",
+                 "--error-budget", "0.03", "--json"])
+    assert code == 0
+    report = __import__("json").loads(capsys.readouterr().out)
+    rec = next(p for p in report["passes"] if p["name"] == "precision")
+    assert rec["status"] == "applied"
+    assert any("rel_l2 <= 0.03" in n for n in rec["notes"])
+    assert (tmp_path / "out" / "model.pt2").exists()
