@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
+from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
@@ -26,6 +27,8 @@ from graphopt.verify import ErrorBudget
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
+    "analyze",
     "CaptureError",
     "Captured",
     "Declined",
