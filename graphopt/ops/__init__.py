@@ -16,10 +16,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from graphopt.ops import blocked_attention, blocked_matmul, chunked_ffn, chunked_lm_head
+from graphopt.ops import blocked_attention, blocked_matmul, chunked_ffn, chunked_lm_head, fp8_linear, int8_linear
 
 #: operator modules, imported for their registrations (add new ones here)
-OP_MODULES: list[ModuleType] = [blocked_matmul, blocked_attention, chunked_ffn, chunked_lm_head]
+OP_MODULES: list[ModuleType] = [int8_linear, fp8_linear, blocked_matmul, blocked_attention, chunked_ffn,
+                                chunked_lm_head]
 
 
 def onnx_translations() -> dict[Any, Any]:
