@@ -19,7 +19,7 @@ from transformers import T5Config, T5EncoderModel
 
 import graphopt
 from graphopt import ir
-from graphopt.passes.analysis.activation_liveness import activation_profile
+from graphopt.passes.analysis.blocked_liveness import memory_profile
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     # the predicted eager peak (liveness over the captured graph) sizes the budget
     captured = graphopt.capture(model, (input_ids,))
     ir.refresh_meta(captured.module, [input_ids])
-    eager_peak = activation_profile(captured.module).peak_bytes
+    eager_peak = memory_profile(captured.module).peak_bytes
     budget = int(eager_peak * args.fraction)
     print(f"predicted eager peak {eager_peak / 2**20:.1f} MiB; budget {budget / 2**20:.1f} MiB")
 

@@ -15,8 +15,9 @@ Rewrites (each site only where the planner chooses it):
 
 Planner. With a memory budget (``optimize(memory_budget="2GiB")``,
 ``ctx.memory_budget`` in bytes) the predicted peak activation memory -- a
-liveness analysis over node order (:mod:`..analysis.activation_liveness`,
-views share storage, blocked operators' working memory included) -- must come
+liveness analysis over node order (:func:`graphopt.memory.peak_memory`,
+views share storage; plus blocked operators' working memory,
+:mod:`graphopt.passes.analysis.blocked_liveness`) -- must come
 under the budget (with a 10% margin for the allocator). Greedily, while the
 predicted peak is over: every site not yet blocked is tried with its
 configurations from least predicted slowdown to smallest memory
@@ -57,7 +58,7 @@ from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
 from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
 from graphopt.node_builder import fake_mode_of
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
-from graphopt.passes.analysis.activation_liveness import MemoryProfile, memory_profile
+from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
 from graphopt.passes.analysis.blockable_sites import (
     AttentionSite,
     BlockableSite,
@@ -81,7 +82,11 @@ _SIZE_OPTIONS = {"attention": ("block_q", "block_kv"), "ffn": ("block_ffn",), "l
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    """Bytes for people: '3.2 GiB', '129.0 MiB', '14.1 KiB', '512 B'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 class BudgetError(ValueError):
@@ -111,7 +116,7 @@ class Plan:
 
     configs: dict[str, BlockConfig] = field(default_factory=dict)
     module: fx.GraphModule | None = None
-    profile: MemoryProfile | None = None
+    profile: PlannerProfile | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -193,7 +198,7 @@ class _Planner:
         return gm
 
     def profile(self, configs: dict[str, BlockConfig], base: fx.GraphModule | None = None,
-                base_configs: dict[str, BlockConfig] | None = None) -> tuple[fx.GraphModule, MemoryProfile]:
+                base_configs: dict[str, BlockConfig] | None = None) -> tuple[fx.GraphModule, PlannerProfile]:
         """Materialise group ``configs`` (on ``base`` when it already has ``base_configs``) and profile it."""
         self.trials += 1
         if base is None:
@@ -279,7 +284,7 @@ class _Planner:
                 configs = trial
         return configs
 
-    def minimum(self, forced: dict[str, BlockConfig]) -> tuple[dict[str, BlockConfig], MemoryProfile]:
+    def minimum(self, forced: dict[str, BlockConfig]) -> tuple[dict[str, BlockConfig], PlannerProfile]:
         """Every group at its smallest configuration, and the profile that gives."""
         configs = {**{g: c[-1] for g, c in self.candidates.items() if c}, **forced}
         return configs, self.profile(configs)[1]

@@ -143,16 +143,26 @@ def _rewrite_attention(gm: fx.GraphModule, site: AttentionSite, cfg: BlockConfig
 # ---------------------------------------------------------------- FFN / LM head / matmul
 
 def _weight_out_in(lin: LinearLike | None, b: NodeBuilder) -> fx.Node | None:
+    """The weight in ``(out, in)`` layout (views: a transpose, a slice of a merged weight)."""
     if lin is None:
         return None
-    return b.call(aten.t.default, lin.weight) if lin.weight_is_in_out else lin.weight
+    w = lin.weight
+    if lin.out_slice is not None:
+        w = b.call(aten.slice.Tensor, w, 1 if lin.weight_is_in_out else 0, *lin.out_slice)
+    return b.call(aten.t.default, w) if lin.weight_is_in_out else w
+
+
+def _bias(lin: LinearLike | None, b: NodeBuilder) -> fx.Node | None:
+    if lin is None or lin.bias is None:
+        return None
+    return b.call(aten.slice.Tensor, lin.bias, 0, *lin.out_slice) if lin.out_slice is not None else lin.bias
 
 
 def _rewrite_ffn(site: FFNSite, cfg: BlockConfig, b: NodeBuilder) -> fx.Node:
     gate = site.lin_gate
-    return b.call(graphopt_ops.chunked_ffn.default, site.x, _weight_out_in(site.lin_in, b), site.lin_in.bias,
-                  _weight_out_in(gate, b), gate.bias if gate is not None else None,
-                  _weight_out_in(site.lin_out, b), site.lin_out.bias, site.activation, cfg.sizes[0])
+    return b.call(graphopt_ops.chunked_ffn.default, site.x, _weight_out_in(site.lin_in, b), _bias(site.lin_in, b),
+                  _weight_out_in(gate, b), _bias(gate, b), _weight_out_in(site.lin_out, b), _bias(site.lin_out, b),
+                  site.activation, cfg.sizes[0])
 
 
 def _rewrite_lm_head(site: LMHeadSite, cfg: BlockConfig, b: NodeBuilder) -> fx.Node | None:

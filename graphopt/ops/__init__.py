@@ -22,6 +22,8 @@ from graphopt.ops import blocked_attention, blocked_matmul, chunked_ffn, chunked
 OP_MODULES: list[ModuleType] = [int8_linear, fp8_linear, blocked_matmul, blocked_attention, chunked_ffn,
                                 chunked_lm_head]
 
+from graphopt.ops import workspace  # noqa: E402,F401  (blocked operators' working memory and costs)
+
 
 def onnx_translations() -> dict[Any, Any]:
     """{op overload: onnxscript translation} for every graphopt operator."""

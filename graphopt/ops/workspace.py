@@ -1,9 +1,13 @@
-"""Working memory of graphopt's blocked operators, read from a graph node.
+"""Working memory and cost of graphopt's blocked operators, read from a graph node.
 
 Liveness analyses count a node's output; a blocked operator also allocates
 tiles while it runs (scores of one query x key block, one FFN chunk, one
 chunk of logits). :func:`workspace_bytes` estimates that transient memory from
 the node's argument shapes (``meta["val"]``), so a predicted peak includes it.
+
+Importing this module registers each operator's FLOPs and bytes with
+:func:`graphopt.cost.register_cost` (the unblocked formula's FLOPs; bytes are
+the inputs read and the output written once: the intermediates stay in tiles).
 """
 
 from __future__ import annotations
@@ -94,3 +98,60 @@ def workspace_bytes(node: fx.Node) -> int:
     """Transient bytes ``node`` allocates while it runs (0 for ops graphopt does not know)."""
     fn = _ESTIMATORS.get(node.target) if node.op == "call_function" else None
     return fn(node) if fn is not None else 0
+
+
+# ---------------------------------------------------------------- costs (graphopt.cost)
+
+def _io_bytes(node: fx.Node) -> tuple[int, int]:
+    read = sum(int(v.numel() * v.element_size()) for a in node.all_input_nodes if (v := _val(a)) is not None)
+    out = node.meta.get("val")
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    written = sum(int(t.numel() * t.element_size()) for t in outs if isinstance(t, torch.Tensor))
+    return read, written
+
+
+def _flops(node: fx.Node) -> int:
+    t, a = node.target, node.args
+    if t is torch.ops.graphopt.blocked_attention.default:
+        q, k, v, out = _val(a[0]), _val(a[1]), _val(a[2]), _val(node)
+        if q is None or k is None or v is None or out is None:
+            return 0
+        return 2 * _numel(out.shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    if t is torch.ops.graphopt.chunked_ffn.default:
+        x, w_in, w_gate, w_out = _val(a[0]), _val(a[1]), _val(a[3]), _val(a[5])
+        if x is None or w_in is None or w_out is None:
+            return 0
+        rows, n_in = _numel(x.shape[:-1]), 2 if w_gate is not None else 1
+        return 2 * rows * w_in.shape[0] * (x.shape[-1] * n_in + w_out.shape[0])
+    if t in (torch.ops.graphopt.chunked_lm_head_gather.default, torch.ops.graphopt.chunked_lm_head_argmax.default,
+             torch.ops.graphopt.chunked_lm_head_topk.default):
+        h, w = _val(a[0]), _val(a[1])
+        return 0 if h is None or w is None else 2 * _numel(h.shape) * w.shape[0]
+    if t is torch.ops.graphopt.blocked_matmul.default:
+        x, out = _val(a[0]), _val(node)
+        return 0 if x is None or out is None else 2 * out.numel() * x.shape[-1]
+    if t is torch.ops.graphopt.blocked_linear.default:
+        x, out = _val(a[0]), _val(node)
+        return 0 if x is None or out is None else 2 * out.numel() * x.shape[-1]
+    return 0
+
+
+def blocked_cost(node: fx.Node) -> Any:
+    """:class:`graphopt.cost.NodeCost` of a blocked operator node."""
+    from graphopt.cost import NodeCost
+
+    read, written = _io_bytes(node)
+    category = "attention" if node.target is torch.ops.graphopt.blocked_attention.default else "matmul"
+    return NodeCost(int(_flops(node)), read, written, category)
+
+
+def _register_costs() -> None:
+    try:
+        from graphopt.cost import register_cost
+    except ImportError:  # pragma: no cover - a graphopt without the cost model
+        return
+    for op in _ESTIMATORS:
+        register_cost(op, blocked_cost)
+
+
+_register_costs()

@@ -30,6 +30,7 @@ are also returned).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -123,24 +124,60 @@ def _scalar_value(gm: fx.GraphModule, arg: Any) -> float | None:
 
 @dataclass
 class LinearLike:
-    """A node computing ``x @ W^T + b``: ``weight`` is ``(out, in)`` unless ``weight_is_in_out``."""
+    """A node computing ``x @ W^T + b``: ``weight`` is ``(out, in)`` unless ``weight_is_in_out``.
+
+    ``out_slice`` = ``(start, stop)``: the node is that slice of the output features of a merged
+    linear (``getitem`` of its ``split``, as horizontal fusion leaves gate/up projections).
+    """
 
     node: fx.Node
     x: fx.Node
     weight: fx.Node
     weight_is_in_out: bool
     bias: fx.Node | None
+    out_slice: tuple[int, int] | None = None
 
     @property
     def out_features(self) -> int:
+        if self.out_slice is not None:
+            return self.out_slice[1] - self.out_slice[0]
         shape = ir.shape_of(self.weight)
         return shape[1] if self.weight_is_in_out else shape[0]
 
 
-def as_linear(node: Any) -> LinearLike | None:
-    """``node`` as a :class:`LinearLike` when it is ``linear``/``addmm``/``mm``/``matmul`` by a 2-D weight."""
+_SPLITS = {aten.split_with_sizes.default, aten.split.Tensor}
+
+
+def _split_output_slice(getitem: fx.Node) -> tuple[fx.Node, tuple[int, int]] | None:
+    """``(merged linear node, (start, stop))`` when ``getitem`` takes a last-dim split of a linear's output."""
+    split, index = getitem.args[0], getitem.args[1]
+    if not isinstance(split, fx.Node) or split.op != "call_function" or split.target not in _SPLITS:
+        return None
+    src = split.args[0]
+    shape = ir.shape_of(src)
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if shape is None or not isinstance(index, int) or dim not in (-1, len(shape) - 1):
+        return None
+    sizes = split.args[1]
+    if isinstance(sizes, int):
+        sizes = [min(sizes, shape[-1] - i) for i in range(0, shape[-1], sizes)]
+    start = sum(sizes[:index])
+    return src, (start, start + sizes[index])
+
+
+def as_linear(node: Any, allow_split: bool = False) -> LinearLike | None:
+    """``node`` as a :class:`LinearLike` when it is ``linear``/``addmm``/``mm``/``matmul`` by a 2-D weight.
+
+    ``allow_split``: also a ``getitem`` of a last-dim ``split`` of such a node (a merged projection).
+    """
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
+    if allow_split and node.target is operator.getitem:
+        found = _split_output_slice(node)
+        merged = as_linear(found[0]) if found is not None else None
+        if merged is None:
+            return None
+        return LinearLike(node, merged.x, merged.weight, merged.weight_is_in_out, merged.bias, found[1])
     t, a = node.target, node.args
     if t is aten.linear.default:
         if _rank(a[1]) != 2:
@@ -436,7 +473,7 @@ def _activation_region(top: fx.Node) -> tuple[LinearLike, list[fx.Node]] | None:
         n = stack.pop()
         if n in region:
             continue
-        lin = as_linear(n)
+        lin = as_linear(n, allow_split=True)
         if lin is not None:
             if base is not None and base.node is not n:
                 return None
@@ -511,7 +548,7 @@ def _ffn_site(gm: fx.GraphModule, out: LinearLike) -> FFNSite | str | None:
         a, b = top.args[0], top.args[1]
         for act_side, up_side in ((a, b), (b, a)):
             up_chain: list[fx.Node] = []
-            up = as_linear(_strip_row_views(up_side, up_chain))
+            up = as_linear(_strip_row_views(up_side, up_chain), allow_split=True)
             found = _activation_region(act_side)
             if up is None or found is None or len(_users(up.node)) != 1:
                 continue
