@@ -76,7 +76,8 @@ _CPU_DEFAULT = Machine(5e10, 1e10, 4e10, 2 << 20, 1e-5, 2.5e-10)
 @functools.lru_cache(maxsize=4)
 def calibrate_cpu(threads: int) -> Machine:
     """Measure this CPU in about half a second: matmul rate, copy bandwidth out of and in cache,
-    the cost of first-touching fresh memory (page faults) and of one small op call.
+    the cost of first-touching fresh memory (page faults) and the overhead of one op on a tile
+    (the median of five runs: contention is what it should see).
 
     A loaded machine gives slow figures, and that is the point: eager attention
     on a busy CPU is dominated by page faults and DRAM passes, which blocking avoids.
@@ -108,13 +109,16 @@ def calibrate_cpu(threads: int) -> Machine:
             warm = best(lambda: touched.fill_(1.0), 2)
             del touched
             fault = max(fresh - warm, 0.0) / fresh_bytes
-            tiny = torch.ones(4)
+            # per-op overhead on a tile-sized tensor (large enough for the intra-op thread pool: on a busy
+            # machine its synchronisation, not the arithmetic, dominates small ops)
+            tile, tile_out = torch.ones(64 << 10), torch.empty(64 << 10)
 
             def calls() -> None:
-                for _ in range(100):
-                    torch.add(tiny, tiny)
+                for _ in range(20):
+                    torch.add(tile, 1.0, out=tile_out)
 
-            launch = 3 * best(calls) / 100  # a blocked operator's Python loop costs more than one raw call
+            runs = sorted(best(calls, 1) / 20 for _ in range(5))
+            launch = runs[len(runs) // 2] - 2 * tile.numel() * 4 / cache
         return Machine(flops, dram, max(cache, dram), 2 << 20, max(launch, 2e-6), fault)
     except Exception:  # a calibration failure must not stop the optimizer
         return _CPU_DEFAULT
