@@ -28,7 +28,6 @@ off by default and not reusable on an inference ``GraphModule``, hence this.)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -160,22 +159,6 @@ class RowSlicer:
         if shape[axis] == 1 or self.is_leaf(node, axis):
             return ""
         return self._compute_reason(node, axis)
-
-    def recomputed_nodes(self, node: fx.Node, axis: int) -> list[fx.Node]:
-        """The large producers slicing ``node`` along ``axis`` recomputes (they may become dead)."""
-        seen: list[fx.Node] = []
-
-        def walk(n: fx.Node, ax: int) -> None:
-            shape = ir.shape_of(n)
-            if shape is None or shape[ax] == 1 or self.is_leaf(n, ax) or n in seen:
-                return
-            seen.append(n)
-            for inp, in_ax in self._input_axes(n, ax):
-                if in_ax is not None:
-                    walk(inp, in_ax)
-
-        walk(node, axis)
-        return seen
 
     def _compute_reason(self, node: fx.Node, axis: int) -> str:
         """'' when ``node``'s rows can be computed from its inputs' rows (recursively), else why not."""
@@ -351,12 +334,3 @@ class RowSlicer:
 
 class _Unsupported(Exception):
     pass
-
-
-def slice_bytes(node: fx.Node, axis: int, rows: int) -> int:
-    """Bytes of ``rows`` rows of ``node`` along ``axis``."""
-    shape = ir.shape_of(node) or ()
-    val = ir.tensor_meta(node)
-    if not shape or val is None:
-        return 0
-    return int(math.prod(shape) // max(shape[axis], 1) * rows * val.element_size())

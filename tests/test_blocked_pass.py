@@ -276,3 +276,15 @@ def test_gated_ffn_after_horizontal_fusion_reads_slices_of_the_merged_weight():
     assert len(ffns) == 2 and all(n.args[3] is not None for n in ffns)  # gated: w_gate given
     assert result.report.final_numerics.ok
     check_outputs(model, result.module, args)
+
+
+def test_example_script_runs(monkeypatch, capsys):
+    import os
+    import runpy
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "memory_budget.py")
+    monkeypatch.setattr("sys.argv", [path, "--seq", "512", "--fraction", "0.3"])
+    runpy.run_path(path, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "blocked softmax: q_block=" in out and "predicted peak after" in out
+    assert "max |blocked - eager| = " in out
