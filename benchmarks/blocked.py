@@ -147,8 +147,10 @@ def worker(case: str, mode: str, budget: int | None, device: str, repeats: int, 
 def run_worker(case: str, mode: str, budget: int | None, args: argparse.Namespace) -> dict[str, Any]:
     out = os.path.join(args.tmp, f"{case}_{mode}")
     cmd = [sys.executable, __file__, "--worker", "--case", case, "--mode", mode, "--device", args.device,
-           "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else []) + (["--budget", str(budget)] if budget else []) + \
-          (["--small"] if args.small else [])
+           "--repeats", str(args.repeats)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--budget", str(budget)] if budget else []
+    cmd += ["--small"] if args.small else []
     env = dict(os.environ, GRAPHOPT_BENCH_OUT=out)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -318,7 +318,8 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
     forced = {g: BlockConfig(planner.sites[g].kind, forced_sizes[planner.sites[g].kind])
               for g in planner.groups if planner.sites[g].kind in forced_sizes}
     before = memory_profile(gm)
-    notes = [f"predicted peak before: {_mib(before.peak_bytes)} at {before.peak_node.name if before.peak_node else '-'}"]
+    where = before.peak_node.name if before.peak_node else "-"
+    notes = [f"predicted peak before: {_mib(before.peak_bytes)} at {where}"]
     slicer = RowSlicer(gm, leaf_bytes)
     for s in usable:
         if isinstance(s, AttentionSite):

@@ -136,9 +136,10 @@ def random_models(draw):
     batch = draw(st.integers(1, 2))
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    with torch.no_grad():  # weights scaled like an initialised model: activations stay O(1), so fp32
+        for p in model.parameters():  # rounding of eager itself stays far below the 1e-5 tolerance
+            scale = p.shape[-1] ** -0.5 if p.ndim == 2 else 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
     args = (torch.randn(batch, t, d, generator=g), torch.randint(0, vocab, (batch, t), generator=g))
     return model, args
 
@@ -154,18 +155,20 @@ def _check(model, args, result) -> None:
             assert torch.equal(o, r)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
 @given(random_models(), st.integers(1, 33), st.integers(0, 33), st.integers(1, 33))
 def test_forced_block_sizes_keep_numerics(model_args, block_q, block_kv, chunk):
     model, args = model_args
     result = graphopt.optimize(model, args, block_q=block_q, block_kv=block_kv, block_ffn=chunk,
                                block_lm_head=chunk, n_random_inputs=1)
     rec = result.report.record("blocked")
-    assert rec.status in ("applied", "unchanged"), rec
+    assert rec.status in ("applied", "unchanged"), (rec.numerics.reason if rec.numerics else rec.error, rec.notes)
     _check(model, args, result)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
 @given(random_models(), st.floats(0.2, 0.9))
 def test_memory_budget_keeps_numerics(model_args, fraction):
     model, args = model_args

@@ -558,7 +558,8 @@ def _ffn_site(gm: fx.GraphModule, out: LinearLike) -> FFNSite | str | None:
             name = _identify_activation(gm, gate.node, region)
             if name is None:
                 return f"gated FFN at {out.node.name}: the activation is not one graphopt knows"
-            return FFNSite(out.node, up.x, up, gate, out, name, nodes + [top] + up_chain + region + [up.node, gate.node])
+            site_nodes = nodes + [top] + up_chain + region + [up.node, gate.node]
+            return FFNSite(out.node, up.x, up, gate, out, name, site_nodes)
     found = _activation_region(top)
     if found is None:
         return None
