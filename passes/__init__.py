@@ -11,6 +11,7 @@ from :func:`cleanup_pipeline` or :func:`default_pipeline` and add to the list.
 from __future__ import annotations
 
 from graphopt.pass_infra import OptimizeContext, Pass
+from graphopt.passes.attention import FuseAttention
 from graphopt.passes.cleanup.constant_folding import ConstantFolding
 from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
@@ -36,7 +37,7 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    return cleanup_pipeline()
+    return cleanup_pipeline() + [FuseAttention()] + cleanup_pipeline()
 
 
 def all_pass_classes() -> list[type[Pass]]:
@@ -47,6 +48,7 @@ def all_pass_classes() -> list[type[Pass]]:
         CommonSubexpressionElimination,
         FoldConvBatchNorm,
         DeadCodeElimination,
+        FuseAttention,
     ]
 
 
