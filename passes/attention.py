@@ -93,8 +93,25 @@ class _Builder:
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in self.meta_from.meta:
                 node.meta[key] = self.meta_from.meta[key]
+        val = _fake_value(node)
+        if val is not None:
+            node.meta["val"] = val
         self.created.append(node)
         return node
+
+
+def _fake_value(node: fx.Node) -> Any:
+    """``meta["val"]`` of a new node, computed from its inputs' fake tensors (None if unknown)."""
+    inputs = node.all_input_nodes
+    if any(not isinstance(i.meta.get("val"), torch.Tensor) for i in inputs):
+        return None
+    args = fx.node.map_arg(node.args, lambda n: n.meta["val"])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta["val"])
+    try:
+        return node.target(*args, **kwargs)
+    except Exception as exc:  # refreshed for the whole graph after the pass anyway
+        log.debug("no fake value for %s: %s", node.name, exc)
+        return None
 
 
 def _to_score_shape(b: _Builder, node: fx.Node, applied_shape: tuple[int, ...],
@@ -206,7 +223,7 @@ def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
         n = work.pop()
         if n in erased or n.op not in ("call_function", "get_attr") or n.target in _ASSERTS:
             continue
-        if n.op == "call_function" and n.is_impure():
+        if n.op == "call_function" and n.is_impure() and not _inactive_dropout(n):
             continue
         users = list(n.users)
         if any(u.op != "call_function" or u.target not in _ASSERTS for u in users):
@@ -219,6 +236,15 @@ def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
         erased.add(n)
         work.extend(inputs)
     return sum(1 for n in erased if n.target not in _ASSERTS)
+
+
+def _inactive_dropout(node: fx.Node) -> bool:
+    """dropout(x, p, train=False) or with p == 0: impure for fx (random), an identity here."""
+    if node.target != aten.dropout.default:
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.0)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return train is False or p == 0
 
 
 def _site_name(site: AttentionSite) -> str:

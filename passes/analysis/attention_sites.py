@@ -52,7 +52,8 @@ aten = torch.ops.aten
 SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
 _MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
 _PRODUCT_OPS = _MATMUL_OPS | {aten.baddbmm.default, aten.einsum.default}
-_CAST_OPS = frozenset({aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device})
+_CAST_OPS = frozenset({aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+                       aten.type_as.default})
 _IDENTITY_OPS = frozenset({aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default})
 _RESHAPE_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 _IGNORED_USERS = frozenset({aten._assert_tensor_metadata.default})
@@ -285,12 +286,38 @@ class _Constants:
             return None
         if isinstance(x, (int, float)):
             return float(x)
-        if isinstance(x, fx.Node) and x in self.nodes:
-            val = ir.tensor_meta(x)
-            if val is not None and val.numel() == 1:
-                v = self.value(x)
-                return float(v.reshape(())) if v is not None else None
+        if isinstance(x, fx.Node):
+            v = self._one_element(x, 0)
+            return float(v.reshape(())) if v is not None else None
         return None
+
+    def _one_element(self, node: fx.Node, depth: int) -> torch.Tensor | None:
+        """Value of a one-element node computed from constants only.
+
+        Wider than :func:`constant_nodes`: it runs the in-place ``detach_``
+        that ``torch.tensor(d).sqrt()`` exports as (harmless on a fresh copy).
+        """
+        val = ir.tensor_meta(node)
+        if val is None or val.numel() != 1 or depth > 16:
+            return None
+        if node in self.nodes:
+            return self.value(node)
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
+                or torch.Tag.nondeterministic_seeded in node.target.tags:
+            return None
+        env = {}
+        for inp in node.all_input_nodes:
+            env[inp] = self._one_element(inp, depth + 1)
+            if env[inp] is None:
+                return None
+        args = fx.node.map_arg(node.args, lambda a: env[a].clone())
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a].clone())
+        try:
+            with torch.no_grad():
+                out = node.target(*args, **kwargs)
+        except Exception:
+            return None
+        return out if isinstance(out, torch.Tensor) and out.numel() == 1 else None
 
     def learned(self, node: fx.Node) -> bool:
         """True when ``node`` is computed from an nn.Parameter (not only buffers)."""
@@ -399,6 +426,16 @@ def _leads_to_product(node: Any, consts: _Constants, depth: int = 0) -> bool:
     return False
 
 
+def _unnegated(term: MaskTerm) -> MaskTerm:
+    """masked_fill(s, ~keep, v) -> fill where keep is False (the mask node is ``keep`` itself)."""
+    n = term.node
+    while isinstance(n, fx.Node) and n.op == "call_function" and \
+            n.target in (aten.bitwise_not.default, aten.logical_not.default) and _dtype(n.args[0]) == torch.bool:
+        n = n.args[0]
+        term = MaskTerm(n, term.kind, term.shape, term.coefficient, term.fill, not term.fill_where)
+    return term
+
+
 def _walk_scores(softmax: fx.Node, consts: _Constants) -> _Scores:
     """Walk back from the softmax input to Q @ K^T, collecting scale and masks."""
     cur = softmax.args[0]
@@ -421,7 +458,7 @@ def _walk_scores(softmax: fx.Node, consts: _Constants) -> _Scores:
                     terms.append(MaskTerm(cur.args[0], "additive", _shape(cur), coefficient=outer * beta))
                 scale *= alpha
             return _Scores(cur, chain, scale, terms)
-        if t in _PRODUCT_OPS:
+        if t in _PRODUCT_OPS or t in (aten.linear.default, aten.addmm.default):
             raise _Decline(f"the scores come from {ir.op_name(cur)} with a constant operand "
                            "(a learned projection, not Q @ K^T)")
         chain.append(cur)
@@ -470,7 +507,7 @@ def _walk_scores(softmax: fx.Node, consts: _Constants) -> _Scores:
             fill = consts.scalar(cur.args[2])
             if fill is None:
                 raise _Decline(f"{cur.name} fills the scores with a non-constant value")
-            terms.append(MaskTerm(cur.args[1], "fill", _shape(cur), fill=fill * outer, fill_where=True))
+            terms.append(_unnegated(MaskTerm(cur.args[1], "fill", _shape(cur), fill=fill * outer, fill_where=True)))
             prev, cur = cur, cur.args[0]
             continue
         if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
@@ -483,7 +520,7 @@ def _walk_scores(softmax: fx.Node, consts: _Constants) -> _Scores:
             if _dtype(cond) != torch.bool:
                 raise _Decline(f"{cur.name}'s condition is not boolean")
             # where(c, scores, v): v where c is False; where(c, v, scores): v where c is True
-            terms.append(MaskTerm(cond, "fill", _shape(cur), fill=fill * outer, fill_where=not a_scores))
+            terms.append(_unnegated(MaskTerm(cond, "fill", _shape(cur), fill=fill * outer, fill_where=not a_scores)))
             prev, cur = cur, data
             continue
         raise _Decline(f"{ir.op_name(cur)} ({cur.name}) between Q @ K^T and the softmax is not a scale or a mask")
