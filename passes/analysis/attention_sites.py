@@ -557,11 +557,17 @@ class _Operand:
     path: list[fx.Node] = field(default_factory=list)
 
 
-def _lift(node: fx.Node, transposed: bool) -> _Operand:
-    """Look through transposes of the last two dims and reshapes of the leading dims."""
+def _lift(node: fx.Node, transposed: bool, stop_at: tuple[int, ...] | None = None) -> _Operand:
+    """Look through transposes of the last two dims and reshapes of the leading dims.
+
+    Stops at a node whose leading dims are ``stop_at`` (the query's), so a key
+    repeated for GQA is not looked through.
+    """
     op = _Operand(node, transposed)
     while True:
         n = op.node
+        if stop_at is not None and op.path and (ir.shape_of(n) or ())[:-2] == stop_at:
+            return op
         if n.op != "call_function" or not isinstance(n.args[0] if n.args else None, fx.Node):
             return op
         if _swaps_last_two(n):
@@ -731,7 +737,9 @@ def _site_for(softmax: fx.Node, gm: fx.GraphModule, consts: _Constants) -> Atten
         if pv.args[0] is not (fwd_chain[-1] if fwd_chain else softmax):
             raise _Decline("the attention weights are the second operand of the product with V")
         # lift through transposes and batch*heads reshapes; fall back to the raw operands if inconsistent
-        q_op, k_op, v_op = _lift(qa, False), _lift(kta, True), _lift(va, False)
+        q_op = _lift(qa, False)
+        q_lead = (ir.shape_of(q_op.node) or ())[:-2]
+        k_op, v_op = _lift(kta, True, q_lead), _lift(va, False, q_lead)
         lifted = [ir.shape_of(o.node) for o in (q_op, k_op, v_op)]
         if any(s is None for s in lifted) or not (len(lifted[0]) == len(lifted[1]) == len(lifted[2])) \
                 or lifted[0][:-2] != lifted[2][:-2] or lifted[0][:-3] != lifted[1][:-3] \
@@ -746,7 +754,7 @@ def _site_for(softmax: fx.Node, gm: fx.GraphModule, consts: _Constants) -> Atten
         scale *= qs * ks
 
     # GQA: key and value repeated over the heads (repeat_kv)
-    if not k_op.transposed and site.form != "einsum":
+    if not k_op.transposed and site.k_perm is None and site.v_perm is None:
         kr, vr = _repeat_kv_source(k_op.node), _repeat_kv_source(v_op.node)
         if kr is not None and vr is not None and kr[1] == vr[1]:
             site.k_expanded, site.v_expanded = k_op.node, v_op.node
@@ -782,7 +790,7 @@ def _site_for(softmax: fx.Node, gm: fx.GraphModule, consts: _Constants) -> Atten
         raise _Decline("attention on non-floating tensors")
     if len(q_shape) >= 3:
         site.num_heads = q_shape[-3]
-        site.num_kv_heads = _shape(site.k)[-3] if site.form != "einsum" else k_shape[-3]
+        site.num_kv_heads = _permuted(_shape(site.k), site.k_perm)[-3]
 
     # masks
     site.mask_terms = scores.terms
