@@ -354,3 +354,11 @@ def softmax_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 def rel_l2(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float((ref - out).norm() / ref.norm())
+
+
+class SubtractedPenalty(nn.Module):
+    """Old-style mask: scores - 10000 * (1 - keep), keep a 0/1 float input."""
+
+    def forward(self, q, k, v, keep):
+        att = q @ k.transpose(-2, -1) * SCALE - 10000.0 * (1.0 - keep)
+        return att.softmax(-1) @ v

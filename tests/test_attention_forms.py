@@ -276,3 +276,11 @@ def test_site_records_scale_for_non_default_values():
     _, node = _check_fused(OddScale().eval(), C.qkv(), C.qkv(seed=1))
     assert node.kwargs["scale"] == pytest.approx(0.15)
     assert not math.isclose(0.15, C.SCALE)
+
+
+def test_subtracted_penalty_is_an_additive_mask_with_negative_coefficient():
+    model = C.SubtractedPenalty().eval()
+    args = (*C.qkv(), C.padding_mask().float())
+    (site,) = _sites(model, args)
+    assert site.ok and site.mask_terms[0].kind == "additive" and site.mask_terms[0].coefficient == -1.0
+    _check_fused(model, args, (*C.qkv(seed=2), C.padding_mask(seed=2).float()))

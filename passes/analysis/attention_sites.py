@@ -202,10 +202,12 @@ def _dtype(node: Any) -> torch.dtype | None:
 
 
 def _is_float_cast(node: fx.Node) -> bool:
+    """A cast between floating dtypes on the same device."""
     if node.op != "call_function" or node.target not in _CAST_OPS or not isinstance(node.args[0], fx.Node):
         return False
-    a, b = _dtype(node.args[0]), _dtype(node)
-    return a is not None and b is not None and a.is_floating_point and b.is_floating_point
+    a, b = ir.tensor_meta(node.args[0]), ir.tensor_meta(node)
+    return (a is not None and b is not None and a.dtype.is_floating_point and b.dtype.is_floating_point
+            and a.device == b.device)
 
 
 def _is_identity(node: fx.Node) -> bool:
@@ -419,7 +421,7 @@ def _leads_to_product(node: Any, consts: _Constants, depth: int = 0) -> bool:
     if _is_identity(node) or _is_leading_reshape(node) or t in (aten.mul.Tensor, aten.div.Tensor,
                                                                  aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         return _leads_to_product(node.args[0], consts, depth + 1)
-    if t in (aten.add.Tensor, aten.mul.Tensor):
+    if t in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor):
         return any(_leads_to_product(a, consts, depth + 1) for a in node.args[:2])
     if t in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
         return any(_leads_to_product(a, consts, depth + 1) for a in node.args[1:3])
@@ -484,19 +486,19 @@ def _walk_scores(softmax: fx.Node, consts: _Constants) -> _Scores:
             outer *= c
             prev, cur = cur, data
             continue
-        if t == aten.add.Tensor:
+        if t in (aten.add.Tensor, aten.sub.Tensor):
             a, b = cur.args[0], cur.args[1]
             alpha = float(cur.kwargs.get("alpha", 1))
             a_scores, b_scores = _leads_to_product(a, consts), _leads_to_product(b, consts)
             if a_scores and b_scores:
                 raise _Decline(f"{cur.name} adds two score matrices")
             data, other = (a, b) if a_scores else (b, a)
-            coef = outer * (alpha if other is b else 1.0)
-            if data is b and alpha != 1:
-                raise _Decline(f"{cur.name} scales the scores by add's alpha")
+            if data is b and (alpha != 1 or t == aten.sub.Tensor):
+                raise _Decline(f"{cur.name} scales the scores by {'-' if t == aten.sub.Tensor else ''}{alpha}")
+            coef = outer * (alpha if other is b else 1.0) * (-1.0 if t == aten.sub.Tensor else 1.0)
             if not isinstance(other, fx.Node):
                 raise _Decline(f"{cur.name} adds a number to the scores")  # softmax-invariant, but unusual
-            if consts.is_constant(other) and consts.learned(other):
+            if consts.learned(other):
                 raise _Decline("scores biased by a learned tensor: left for blocked attention")
             if not (_dtype(other) or torch.float32).is_floating_point:
                 raise _Decline(f"{cur.name} adds a non-floating tensor to the scores")
@@ -806,7 +808,7 @@ def _site_for(softmax: fx.Node, gm: fx.GraphModule, consts: _Constants) -> Atten
         else:
             site.mask_kind = "input"
         site.is_causal = site.mask_kind == "causal"
-        site.mask = site.mask_terms[0].node if len(site.mask_terms) == 1 else site.mask_terms[-1].node
+        site.mask = site.mask_terms[0].node  # the one applied last, nearest the softmax
     return site
 
 
