@@ -103,25 +103,30 @@ def peak_memory(fn: Callable[[], Any], device: str) -> int:
     return peak
 
 
-def latencies(fns: dict[str, Callable[[], Any]], device: str, runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function over ``runs`` calls after ``warmup`` calls.
+def latencies(fns: dict[str, Callable[[], Any]], device: str, runs: int,
+              warmup: int) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, median process CPU seconds) per call of each function.
 
-    The calls are interleaved (one of each per round), so a change in machine
-    load hits every variant alike and the ratios stay meaningful.
+    ``runs`` calls after ``warmup`` calls, interleaved (one of each per round)
+    so a change in machine load hits every variant alike. The CPU time (all
+    threads of this process) is reported too: on a shared machine it varies
+    less than wall time, since waiting for a core does not count.
     """
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(runs):
         for key, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def _hidden(out: Any) -> torch.Tensor:
@@ -164,7 +169,8 @@ def bench_model(name: str, size: dict[str, int], args: argparse.Namespace, dtype
         ref = _hidden(variants["eager"]())
         errors = {k: rel_l2(ref, _hidden(fn())) for k, fn in variants.items() if k != "eager"}
         lat = latencies(variants, device, args.runs, args.warmup)
-        rows = {key: {"latency_s": lat[key], "peak_bytes": peak_memory(fn, device)} for key, fn in variants.items()}
+        rows = {key: {"latency_s": lat[key][0], "cpu_s": lat[key][1], "peak_bytes": peak_memory(fn, device)}
+                for key, fn in variants.items()}
     return {"model": name, "size": size, "rows": rows, "errors": errors, "fused_sites": fused,
             "declined": [d.reason for r in result.report.passes for d in r.declined if r.name == "fuse_attention"],
             **extra}
@@ -179,21 +185,24 @@ def print_result(res: dict[str, Any], args: argparse.Namespace) -> None:
     if res["declined"]:
         print(f"  declined: {res['declined']}")
     eager = res["rows"]["eager"]
-    print(f"  {'variant':<10} {'latency':>10} {'x eager':>8} {'peak mem':>10} {'x eager':>8} {'rel L2 vs eager':>16}")
+    print(f"  {'variant':<10} {'latency':>10} {'x eager':>8} {'cpu time':>10} {'x eager':>8} {'peak mem':>10} "
+          f"{'x eager':>8} {'rel L2 vs eager':>16}")
     for key, row in res["rows"].items():
-        lat, mem = row["latency_s"], row["peak_bytes"]
+        lat, mem, cpu = row["latency_s"], row["peak_bytes"], row["cpu_s"]
         mem_s = f"{mem / 2**20:8.1f}Mi" if mem >= 0 else "       n/a"
         mem_r = f"{mem / eager['peak_bytes']:8.2f}" if mem >= 0 and eager["peak_bytes"] > 0 else "     n/a"
         err = f"{res['errors'][key]:.1e}" if key in res["errors"] else ""
-        print(f"  {key:<10} {lat * 1e3:8.1f}ms {lat / eager['latency_s']:8.2f} {mem_s} {mem_r} {err:>16}")
+        print(f"  {key:<10} {lat * 1e3:8.1f}ms {lat / eager['latency_s']:8.2f} {cpu * 1e3:8.1f}ms "
+              f"{cpu / eager['cpu_s']:8.2f} {mem_s} {mem_r} {err:>16}")
     rows = res["rows"]
     if "sdpa" in rows:
         ratio = rows["graphopt"]["latency_s"] / rows["sdpa"]["latency_s"]
-        line = f"  graphopt / sdpa: latency {ratio:.3f}"
+        line = f"  graphopt / sdpa: latency {ratio:.3f} (cpu time {rows['graphopt']['cpu_s'] / rows['sdpa']['cpu_s']:.3f})"
         if rows["sdpa"]["peak_bytes"] > 0:
             line += f", peak memory {rows['graphopt']['peak_bytes'] / rows['sdpa']['peak_bytes']:.3f}"
         if "compile" in rows:
-            line += f"; graphopt / compile latency {rows['graphopt']['latency_s'] / rows['compile']['latency_s']:.3f}"
+            line += (f"; graphopt / compile latency {rows['graphopt']['latency_s'] / rows['compile']['latency_s']:.3f}"
+                     f" (cpu time {rows['graphopt']['cpu_s'] / rows['compile']['cpu_s']:.3f})")
         print(line)
 
 
