@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
+from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
@@ -22,10 +23,13 @@ from graphopt.pass_infra import (
 )
 from graphopt.report import Declined, Report
 from graphopt.verify import ErrorBudget
+from graphopt.viz import visualize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
+    "analyze",
     "CaptureError",
     "Captured",
     "Declined",
@@ -40,4 +44,5 @@ __all__ = [
     "Report",
     "capture",
     "optimize",
+    "visualize",
 ]

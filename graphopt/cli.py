@@ -14,12 +14,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from graphopt.commands import analyze as analyze_cmd
 from graphopt.commands import optimize as optimize_cmd
 from graphopt.commands import passes as passes_cmd
+from graphopt.commands import run as run_cmd
+from graphopt.commands import viz as viz_cmd
 from graphopt.commands.common import UsageError, err_console
 
 #: subcommand modules, each with ``register(subparsers)``
-COMMANDS = [optimize_cmd, passes_cmd]
+COMMANDS = [optimize_cmd, passes_cmd, analyze_cmd, run_cmd, viz_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

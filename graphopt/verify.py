@@ -173,9 +173,9 @@ class Numerics:
         return d
 
     def summary(self) -> str:
-        s = f"max_abs={self.max_abs:.2e} rel_l2={self.rel_l2:.2e}"
+        s = f"rel_l2 {self.rel_l2:.1e}, max_abs {self.max_abs:.1e}"
         if self.top1 is not None:
-            s += f" top1={self.top1:.4f}"
+            s += f", top1 {self.top1:.3f}"
         return s
 
 

@@ -13,6 +13,8 @@ from rich.console import Console
 #: messages and progress go to stderr, results (tables, JSON) to stdout
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
+if not out_console.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
+    out_console = Console(highlight=False, width=140)
 
 
 class UsageError(Exception):

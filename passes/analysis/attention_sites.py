@@ -84,8 +84,9 @@ class MaskTerm:
     fill_where: bool = True
 
     def to_dict(self) -> dict[str, Any]:
+        fill = self.fill if math.isfinite(self.fill) else str(self.fill)  # JSON has no infinities
         return {"node": self.node.name, "kind": self.kind, "shape": list(self.shape),
-                "coefficient": self.coefficient, "fill": self.fill, "fill_where": self.fill_where}
+                "coefficient": self.coefficient, "fill": fill, "fill_where": self.fill_where}
 
 
 @dataclass
