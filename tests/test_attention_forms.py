@@ -183,9 +183,21 @@ def test_grouped_query_attention(cls, mode):
         assert "enable_gqa" not in a and a["k"].name != "k"
 
 
-def test_gqa_auto_keeps_the_expand_on_cpu():
-    result, node = _check_fused(C.RepeatKV().eval(), C.qkv(kv_heads=2), C.qkv(kv_heads=2, seed=3))
-    assert "enable_gqa" not in node.kwargs
+def test_gqa_auto_uses_enable_gqa_on_cpu():
+    _, node = _check_fused(C.RepeatKV().eval(), C.qkv(kv_heads=2), C.qkv(kv_heads=2, seed=3))
+    assert node.kwargs.get("enable_gqa") is True and _sdpa_args(node)["k"].name == "k"
+
+
+def test_gqa_auto_keeps_the_expand_on_cuda_with_a_mask():
+    from graphopt.passes.attention import _use_enable_gqa
+
+    model = C.RepeatKV().eval()
+    (site,) = _sites(model, C.qkv(kv_heads=2))
+    cuda = OptimizeContext(device=torch.device("cuda"))
+    assert _use_enable_gqa(site, cuda)  # no mask: the flash kernel takes grouped heads
+    site.mask_kind = "input"
+    assert not _use_enable_gqa(site, cuda)  # a mask would send sdpa to its math kernel
+    assert _use_enable_gqa(site, OptimizeContext(device=torch.device("cpu")))
 
 
 DECLINED = [
