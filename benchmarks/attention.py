@@ -9,10 +9,13 @@ and measures, side by side:
 * ``sdpa``      -- the same weights loaded into ``attn_implementation="sdpa"``;
 * ``compile``   -- ``torch.compile`` of the eager model.
 
-Each: median latency over ``--runs`` (>= 10) calls after ``--warmup`` calls,
-and peak memory of one call above what was allocated before it (CUDA: the
-caching allocator's peak; CPU: the allocations torch's profiler records). Printed as absolute figures and ratios to eager,
-plus the time ``optimize()`` took and the time the first compiled call took.
+Each: median latency (wall time, and the process's CPU time, steadier on a
+shared machine) over ``--runs`` (>= 10) calls after ``--warmup`` calls, the
+variants' calls interleaved so load changes hit them alike; and peak memory
+of one call above what was allocated before it (CUDA: the caching
+allocator's peak; CPU: the allocations torch's profiler records). Printed as
+absolute figures and ratios to eager, plus the time ``optimize()`` took and
+the time the first compiled call took (compilation).
 
     python benchmarks/attention.py                       # CPU: GPT-2 and Llama, 2 layers, d=256, seq 1024
     python benchmarks/attention.py --models gpt2         # the issue's CPU target case only
@@ -197,7 +200,8 @@ def print_result(res: dict[str, Any], args: argparse.Namespace) -> None:
     rows = res["rows"]
     if "sdpa" in rows:
         ratio = rows["graphopt"]["latency_s"] / rows["sdpa"]["latency_s"]
-        line = f"  graphopt / sdpa: latency {ratio:.3f} (cpu time {rows['graphopt']['cpu_s'] / rows['sdpa']['cpu_s']:.3f})"
+        cpu_ratio = rows["graphopt"]["cpu_s"] / rows["sdpa"]["cpu_s"]
+        line = f"  graphopt / sdpa: latency {ratio:.3f} (cpu time {cpu_ratio:.3f})"
         if rows["sdpa"]["peak_bytes"] > 0:
             line += f", peak memory {rows['graphopt']['peak_bytes'] / rows['sdpa']['peak_bytes']:.3f}"
         if "compile" in rows:

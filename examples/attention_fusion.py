@@ -51,7 +51,8 @@ def main() -> None:
     print("attention sites in the captured graph:")
     for site in find_attention_sites(captured.module):
         print("  ", site.describe())
-        print(f"      q={site.q.name} k={site.k.name} v={site.v.name} mask={site.mask_kind} -> is_causal={site.is_causal}")
+        print(f"      q={site.q.name} k={site.k.name} v={site.v.name} mask={site.mask_kind}"
+              f" -> is_causal={site.is_causal}")
 
     # 2. Optimize: cleanup (folds the constant causal mask), fuse attention, cleanup again.
     #    Every rewrite is checked against the original model on the example and fresh inputs.

@@ -49,14 +49,14 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
-from graphopt.passes.analysis.attention_sites import AttentionSite, find_attention_sites
+from graphopt.passes.analysis.attention_sites import ASSERT_OPS, AttentionSite, find_attention_sites
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 SDPA = aten.scaled_dot_product_attention.default
-_ASSERTS = frozenset({aten._assert_tensor_metadata.default})
+_ASSERTS = ASSERT_OPS
 
 
 def sdpa_supports_enable_gqa() -> bool:

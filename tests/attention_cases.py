@@ -343,7 +343,8 @@ def fuse(model: nn.Module, args: tuple, **options) -> graphopt.OptimizeResult:
 
 
 def sdpa_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.scaled_dot_product_attention.default]
+    sdpa = aten.scaled_dot_product_attention.default
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == sdpa]
 
 
 def softmax_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

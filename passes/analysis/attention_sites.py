@@ -49,14 +49,28 @@ from graphopt import ir
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
+
+def _overloads(*names: str) -> frozenset:
+    """The named aten overloads this torch has (``"_safe_softmax.default"``, ...)."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            found.append(op)
+    return frozenset(found)
+
+
+SOFTMAX_OPS = _overloads("softmax.int", "_softmax.default", "_safe_softmax.default")
 _MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
 _PRODUCT_OPS = _MATMUL_OPS | {aten.baddbmm.default, aten.einsum.default}
 _CAST_OPS = frozenset({aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
                        aten.type_as.default})
 _IDENTITY_OPS = frozenset({aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default})
 _RESHAPE_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
-_IGNORED_USERS = frozenset({aten._assert_tensor_metadata.default})
+#: dtype/device asserts export inserts: they check a value, they do not use it
+ASSERT_OPS = _overloads("_assert_tensor_metadata.default")
+_IGNORED_USERS = ASSERT_OPS
 
 #: an additive mask value at or below this is "minus infinity" for a softmax
 #: (exp(-1e4) underflows to 0 in every floating dtype)
@@ -853,4 +867,4 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     return sites
 
 
-__all__ = ["AttentionSite", "MaskTerm", "SOFTMAX_OPS", "find_attention_sites"]
+__all__ = ["ASSERT_OPS", "AttentionSite", "MaskTerm", "SOFTMAX_OPS", "find_attention_sites"]
