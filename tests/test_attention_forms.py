@@ -272,7 +272,7 @@ def test_a_site_that_fails_verification_is_rolled_back_alone(monkeypatch):
     assert record.status == "applied"
     assert len(C.sdpa_nodes(result.module)) == 1 and len(C.softmax_nodes(result.module)) == 1
     (declined,) = record.declined
-    assert declined.site.startswith(bad) and "rolled back" in declined.reason and "rel_l2=" in declined.reason
+    assert declined.site.startswith(bad) and "rolled back" in declined.reason and "rel_l2" in declined.reason
     with torch.no_grad():
         fresh = C.qkv(seed=11)
         assert C.rel_l2(model(*fresh), result.module(*fresh)) <= 1e-5
