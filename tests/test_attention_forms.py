@@ -296,3 +296,17 @@ def test_subtracted_penalty_is_an_additive_mask_with_negative_coefficient():
     (site,) = _sites(model, args)
     assert site.ok and site.mask_terms[0].kind == "additive" and site.mask_terms[0].coefficient == -1.0
     _check_fused(model, args, (*C.qkv(seed=2), C.padding_mask(seed=2).float()))
+
+
+def test_dynamic_sequence_length():
+    """4-d sites fuse with a symbolic sequence length (the causal mask stays an explicit mask);
+    flattened batch*heads sites are declined, since the rewrite would write static shapes."""
+    seq = torch.export.Dim("seq", min=2, max=30)
+    dyn = ({2: seq}, {2: seq}, {2: seq})
+    result = C.fuse(C.TrilBuffer().eval(), C.qkv(), dynamic_shapes=dyn)
+    assert result.report.record("fuse_attention").status == "applied"
+    longer = C.qkv(t=24, seed=4)
+    with torch.no_grad():
+        assert C.rel_l2(C.TrilBuffer().eval()(*longer), result.module(*longer)) <= 1e-5
+    (site,) = find_attention_sites(graphopt.capture(C.BmmFlat().eval(), C.qkv(), dynamic_shapes=dyn).module)
+    assert "dynamic" in site.declined

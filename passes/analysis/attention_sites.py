@@ -207,7 +207,8 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 def _shape(node: Any) -> tuple[int, ...]:
     s = ir.shape_of(node)
     if s is None:
-        raise _Decline(f"{getattr(node, 'name', node)} has no static shape")
+        raise _Decline(f"{getattr(node, 'name', node)} has no static shape (attention fusion needs static "
+                       "shapes: capture without dynamic_shapes)")
     return s
 
 
@@ -824,7 +825,18 @@ def _site_for(softmax: fx.Node, gm: fx.GraphModule, consts: _Constants) -> Atten
             site.mask_kind = "input"
         site.is_causal = site.mask_kind == "causal"
         site.mask = site.mask_terms[0].node  # the one applied last, nearest the softmax
+
+    # the rewrite writes static shapes into reshapes where the layouts differ: not with dynamic shapes
+    reshapes = any(tuple(t.shape) != tuple(site.score_shape) for t in site.mask_terms if site.mask_kind != "causal")
+    reshapes |= site.form != "einsum" and site.score_shape[:-1] + (_shape(pv)[-1],) != _shape(pv)
+    if reshapes and any(_symbolic(n) for n in (site.q, site.k, site.v, pv, softmax)):
+        raise _Decline("batch*heads are flattened and the shapes are dynamic: the rewrite needs static shapes")
     return site
+
+
+def _symbolic(node: fx.Node) -> bool:
+    val = ir.tensor_meta(node)
+    return val is not None and any(not isinstance(d, int) for d in val.shape)
 
 
 def _permuted(shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[int, ...]:
