@@ -22,6 +22,7 @@ from graphopt.passes.cleanup.dead_code import DeadCodeElimination
 from graphopt.passes.cleanup.fold_conv_bn import FoldConvBatchNorm
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
 from graphopt.passes.parallel import MergeMatmuls
+from graphopt.passes.precision import ReducedPrecision
 from graphopt.passes.tensor_parallel import TensorParallel
 
 __all__ = ["available", "cleanup_pipeline", "default_pipeline", "all_pass_classes"]
@@ -43,7 +44,10 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    return cleanup_pipeline() + [FuseAttention(), MergeMatmuls()] + cleanup_pipeline()
+    pipeline = cleanup_pipeline() + [FuseAttention(), MergeMatmuls()]
+    if ctx is not None and ctx.options.get("precision"):
+        pipeline.append(ReducedPrecision())
+    return pipeline + cleanup_pipeline()
 
 
 def all_pass_classes() -> list[type[Pass]]:
@@ -56,6 +60,7 @@ def all_pass_classes() -> list[type[Pass]]:
         DeadCodeElimination,
         FuseAttention,
         MergeMatmuls,
+        ReducedPrecision,
         TensorParallel,
         CostAnnotation,
         HotMatmuls,
