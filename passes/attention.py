@@ -271,9 +271,13 @@ class FuseAttention(Pass):
         candidates = [s for s in sites if not s.declined]
         fused: list[tuple[AttentionSite, fx.Node, list[fx.Node]]] = []
         replaced: dict[fx.Node, fx.Node] = {}
+        checked = None  # the last passing check of the graph as it stands (dead-code removal keeps it valid)
         if mode in ("auto", "pass") or ctx.verifier is None:
             fused = [(s, *rewrite_site(gm, s, _use_enable_gqa(s, ctx), replaced)) for s in candidates]
-            if mode == "auto" and fused and not self._numerics_ok(gm, ctx)[0]:
+            if mode == "auto" and fused:
+                ok, checked = self._numerics_ok(gm, ctx)
+            if mode == "auto" and fused and not ok:
+                checked = None
                 log.info("fused attention fails the numeric check; checking site by site")
                 for site, out, created in reversed(fused):
                     undo_rewrite(gm, site, out, created, replaced)
@@ -288,6 +292,7 @@ class FuseAttention(Pass):
                                              f"check ({numerics.reason}; {numerics.summary()})"))
                     log.warning("attention site %s rolled back: %s", site.softmax.name, numerics.reason)
                     continue
+                checked = numerics
                 fused.append((site, out, created))
         if not fused:
             return PassResult(gm, False, declined=declined)
@@ -302,7 +307,7 @@ class FuseAttention(Pass):
                  f"removed {removed} nodes of the unfused attention"]
         notes += [f"{s.describe()}" for s, _, _ in fused[:64]]
         involved = [out.name for _, out, _ in fused]
-        return PassResult(gm, True, notes, declined, involved)
+        return PassResult(gm, True, notes, declined, involved, numerics=checked)
 
     @staticmethod
     def _numerics_ok(gm: fx.GraphModule, ctx: OptimizeContext) -> tuple[bool, Any]:
