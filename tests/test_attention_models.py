@@ -76,11 +76,19 @@ def _weights_upstream(node):
 
 
 def _split_index(node):
-    """For GPT-2's fused c_attn: which third (0 q, 1 k, 2 v) a node comes from (through its views)."""
-    while node.op == "call_function":
-        if getattr(node.target, "__name__", "") == "getitem" and node.args[0].target == aten.split.Tensor:
-            return node.args[1]
-        node = node.args[0]
+    """For GPT-2's fused c_attn: which third (0 q, 1 k, 2 v) a node comes from.
+
+    Breadth-first, so the nearest split wins (earlier layers' splits are ancestors too)."""
+    queue, seen = [node], set()
+    while queue:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "getitem" \
+                and n.args[0].target == aten.split.Tensor:
+            return n.args[1]
+        queue.extend(n.all_input_nodes)
     return None
 
 
