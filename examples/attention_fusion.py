@@ -15,6 +15,7 @@ weights (no download).
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -44,7 +45,10 @@ def median_ms(fn, runs: int = 10) -> float:
 
 
 def main() -> None:
-    model, input_ids = build_gpt2(seq=256)
+    parser = argparse.ArgumentParser(description="find and fuse the attention in GPT-2")
+    parser.add_argument("--seq", type=int, default=256, help="sequence length of the example input")
+    seq = parser.parse_args().seq
+    model, input_ids = build_gpt2(seq)
 
     # 1. What the analysis sees: one site per layer, with its q/k/v, scale, mask and causality.
     captured = graphopt.capture(model, (input_ids,))
@@ -73,7 +77,7 @@ def main() -> None:
 
     # 4. Why didn't my attention fuse? Ask for the attention weights: they must be materialised,
     #    and the report says so for each site.
-    weights_model = build_gpt2(seq=256)[0]
+    weights_model = build_gpt2(seq)[0]
     result = graphopt.optimize(weights_model, (input_ids,), {"output_attentions": True})
     print("\nwith output_attentions=True:")
     for declined in result.report.record("fuse_attention").declined:

@@ -44,10 +44,10 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    pipeline = cleanup_pipeline() + [FuseAttention(), MergeMatmuls()]
+    pipeline = cleanup_pipeline() + [FuseAttention(), MergeMatmuls()] + cleanup_pipeline()
     if ctx is not None and ctx.options.get("precision"):
-        pipeline.append(ReducedPrecision())
-    return pipeline + cleanup_pipeline()
+        pipeline.append(ReducedPrecision())  # last: passes after it would be checked at fp32 tolerance
+    return pipeline
 
 
 def all_pass_classes() -> list[type[Pass]]:

@@ -35,6 +35,7 @@ layer. ``"site"`` always goes site by site; ``"pass"`` leaves the check to the
 pass manager (all or nothing).
 
 Option ``attention_gqa``: ``"auto"`` (default), ``"enable_gqa"`` or ``"expand"``.
+Option ``attention_fusion``: ``"on"`` (default) or ``"off"``.
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ class FuseAttention(Pass):
     name = "fuse_attention"
     summary = "rewrite hand-written attention (softmax(Q K^T) V) into scaled_dot_product_attention"
     options = {
+        "attention_fusion": "'on' (default) or 'off' (keep the attention as written)",
         "attention_gqa": "grouped-query attention: 'auto' (enable_gqa on CPU, and on CUDA without a mask; "
                          "else keep the repeated k/v), 'enable_gqa' or 'expand'",
         "attention_verify": "'auto' (check all fused sites at once; when that fails, site by site), "
@@ -263,6 +265,11 @@ class FuseAttention(Pass):
     }
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        switch = ctx.option("attention_fusion", "on")
+        if switch not in ("on", "off"):
+            raise ValueError(f"attention_fusion={switch!r}: choose 'on' or 'off'")
+        if switch == "off":
+            return PassResult(gm, False, ["switched off (attention_fusion='off')"])
         sites = find_attention_sites(gm)
         mode = ctx.option("attention_verify", "auto")
         if mode not in ("auto", "site", "pass"):

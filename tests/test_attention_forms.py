@@ -310,3 +310,10 @@ def test_dynamic_sequence_length():
         assert C.rel_l2(C.TrilBuffer().eval()(*longer), result.module(*longer)) <= 1e-5
     (site,) = find_attention_sites(graphopt.capture(C.BmmFlat().eval(), C.qkv(), dynamic_shapes=dyn).module)
     assert "dynamic" in site.declined
+
+
+def test_attention_fusion_can_be_switched_off():
+    result = C.fuse(C.TrilBuffer().eval(), C.qkv(), attention_fusion="off")
+    record = result.report.record("fuse_attention")
+    assert record.status == "unchanged" and "switched off" in record.notes[0]
+    assert C.sdpa_nodes(result.module) == [] and len(C.softmax_nodes(result.module)) == 1

@@ -5,8 +5,12 @@ form x scale x mask x float32 softmax x eval dropout x GQA x shapes); the
 attention pass must find exactly one rewritable site, fuse it, and the fused
 module must match the model on fresh inputs (relative L2 <= 1e-5).
 
-(Stands in for the attention part of the random-model differential test,
-tests/test_differential.py, until that lands on main.)
+tests/test_differential.py runs the default pipeline (fuse_attention
+included) on random models whose attention is matmul-form with mul/div/
+pre-scaled-q scales and buffer/tril/where/padding masks; this test adds the
+forms that generator does not draw (bmm, baddbmm, einsum, OPT-style reshapes,
+masked_fill of an input mask, HF-style inline masks, band masks, float32
+softmax, repeat_kv) and checks the analysis (causality, GQA, scale) as well.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The attention benchmark script runs end to end (tiny sizes; no timing is asserted)."""
+"""The attention benchmark and example scripts run end to end (tiny sizes; no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,15 @@ def test_benchmark_runs_on_tiny_models(capsys):
     out = capsys.readouterr().out
     assert out.count("1 attention sites fused") == 2
     assert "graphopt / sdpa: latency" in out
+
+
+def test_example_walk_through_runs(monkeypatch, capsys):
+    import runpy
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "attention_fusion.py"
+    monkeypatch.setattr("sys.argv", [str(path), "--seq", "32"])
+    runpy.run_path(str(path), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "fuse_attention: applied" in out and "fused 2 attention sites" in out
+    assert out.count("is_causal=True") == 2
+    assert out.count("they must be materialised") == 2  # output_attentions=True: both sites declined
