@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.capture import CaptureError, Captured, capture
+from graphopt.onnx_io import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
     FunctionPass,
@@ -32,6 +33,9 @@ __all__ = [
     "ErrorBudget",
     "FunctionPass",
     "Instrument",
+    "OnnxExport",
+    "OnnxExportError",
+    "OnnxMismatchError",
     "OptimizeContext",
     "OptimizeResult",
     "Pass",
@@ -39,5 +43,6 @@ __all__ = [
     "PassResult",
     "Report",
     "capture",
+    "export_onnx",
     "optimize",
 ]

@@ -14,12 +14,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from graphopt.commands import convert as convert_cmd
 from graphopt.commands import optimize as optimize_cmd
 from graphopt.commands import passes as passes_cmd
 from graphopt.commands.common import UsageError, err_console
 
 #: subcommand modules, each with ``register(subparsers)``
-COMMANDS = [optimize_cmd, passes_cmd]
+COMMANDS = [optimize_cmd, convert_cmd, passes_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
