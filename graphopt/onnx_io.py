@@ -314,19 +314,33 @@ def _translate(ep: torch.export.ExportedProgram, opset: int | None, table: dict[
         raise OnnxExportError(f"torch.onnx could not translate the program: {first}") from exc
 
 
-def _rename_dims(model: Any, mapping: dict[str, str]) -> None:
-    """Rename symbolic dimensions (torch's ``s0``...) to the axis names, in every value's shape."""
-    import onnx_ir as ir
+def _static_size(dim: Any) -> int | None:
+    """A dimension's size when it is known: an int, or a symbolic dim the exporter named ``'2'``.
 
-    if not mapping:
-        return
+    (torch.onnx names a size that ``Dim.AUTO`` specialised by its value, as a symbol.)
+    """
+    if isinstance(dim, int):
+        return dim
+    value = getattr(dim, "value", None)
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def _rename_dims(model: Any, mapping: dict[str, str]) -> None:
+    """In every value's shape: symbolic dims (torch's ``s0``...) -> the axis names; ``'2'`` -> 2."""
+    import onnx_ir as ir
 
     def fix(value: Any) -> None:
         shape = value.shape
         if shape is None:
             return
-        dims = [ir.SymbolicDim(mapping[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in mapping else d
-                for d in shape]
+        dims = []
+        for d in shape:
+            size = _static_size(d)
+            if size is not None and not isinstance(d, int):
+                d = size
+            elif isinstance(d, ir.SymbolicDim) and d.value in mapping:
+                d = ir.SymbolicDim(mapping[d.value])
+            dims.append(d)
         if any(a is not b for a, b in zip(dims, shape)):
             value.shape = ir.Shape(dims)
 
@@ -442,9 +456,12 @@ def export_onnx(
     for value, x in zip(graph_inputs, tensors):
         for axis, name in axes_of_input(x, axes).items():
             dim = value.shape[axis] if value.shape is not None else None
-            if isinstance(dim, int) or dim is None or getattr(dim, "value", None) is None:
+            if dim is None or _static_size(dim) is not None or getattr(dim, "value", None) is None:
+                hint = (" -- the graph was captured with static shapes; optimize it with dynamic_shapes="
+                        "graphopt.onnx_io.dynamic_shapes_for(model, args, kwargs, dynamic) (graphopt convert "
+                        "--dynamic does this)" if report is not None else " -- the model's code fixes that size")
                 raise OnnxExportError(f"asked for a dynamic {name!r} axis but the export fixed input "
-                                      f"{value.name!r} axis {axis} to {dim}")
+                                      f"{value.name!r} axis {axis} to {_static_size(dim)}{hint}")
             rename[dim.value] = name
             info.dynamic_axes.setdefault(value.name, {})[axis] = name
     _rename_dims(model, rename)
