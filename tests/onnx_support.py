@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from graphopt.examples_models import CausalSelfAttention
+from onnxscript import opset18 as op
 
 
 def run_onnx(path: str, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
@@ -85,3 +86,47 @@ class MaskedAttention(torch.nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / math.sqrt(self.head))
         return y.transpose(1, 2).reshape(B, T, C)
+
+
+@torch.library.custom_op("graphopt_test::scaled_relu", mutates_args=())
+def scaled_relu(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A stand-in for a graphopt operator (none exist yet): relu(x) * scale."""
+    return torch.relu(x) * scale
+
+
+@scaled_relu.register_fake
+def _(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def scaled_relu_onnx(x, scale: float):
+    return op.Mul(op.Relu(x), op.CastLike(scale, x))
+
+
+def scaled_relu_onnx_wrong(x, scale: float):  # forgets the scale: onnxruntime must disagree
+    return op.Relu(x)
+
+
+class UsesCustomOp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.graphopt_test.scaled_relu(self.fc(x), 3.0)
+
+
+def custom_op_model() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """Factory for CLI specs (``onnx_support:custom_op_model``)."""
+    torch.manual_seed(0)
+    return UsesCustomOp().eval(), (torch.randn(4, 8),)
+
+
+def register_translation(monkeypatch: Any, translation: Any) -> None:
+    """Make ``graphopt.ops.onnx_translations()`` return ``translation`` for the test op."""
+    import types
+
+    import graphopt.ops
+
+    module = types.SimpleNamespace(ONNX_TRANSLATIONS={torch.ops.graphopt_test.scaled_relu.default: translation})
+    monkeypatch.setattr(graphopt.ops, "OP_MODULES", [module])
