@@ -31,6 +31,7 @@ def test_convert_writes_checked_model_and_reports(tmp_path, no_viewer):
     assert _leftovers(tmp_path) == []
     report = json.loads((out / "report.json").read_text())
     onnx_part = report["extra"]["onnx"]
+    assert onnx_part["path"] == str(out / "model.onnx")  # where it is, not where it was staged
     assert onnx_part["numerics"]["ok"] and onnx_part["numerics"]["rel_l2"] <= 1e-4
     speed = onnx_part["speed"]
     assert speed["plain"]["runs"] == 2 and speed["graphopt"]["median_ms"] > 0 and speed["speedup"] > 0

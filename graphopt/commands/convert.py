@@ -104,18 +104,22 @@ def run(args: argparse.Namespace) -> int:
                 result.save(staging)
             with step("exporting model.onnx and checking it in onnxruntime"):
                 info = _export(result, os.path.join(staging, "model.onnx"), args, axes)
+            # the report names the files where they will be, not where they were staged
+            onnx_part = report.extra["onnx"]
+            onnx_part["path"] = os.path.join(args.output, "model.onnx")
+            onnx_part["files"] = [os.path.join(args.output, os.path.basename(f)) for f in onnx_part["files"]]
             note = write_graph_html(result, os.path.join(staging, "graph.html"))
             if note:
-                report.extra["onnx"]["notes"].append(note)
+                onnx_part["notes"].append(note)
             _write_reports(report, staging)
+            written = sorted(os.listdir(staging))
     except CheckFailed as exc:
         _print_report(report, args)
         err_console.print(f"[red]check failed:[/] {exc}; nothing was written to {args.output}")
         return EXIT_CHECK_FAILED
     _print_report(report, args)
     err_console.print(info.summary())
-    written = sorted(os.listdir(args.output))
-    err_console.print(f"wrote {', '.join(os.path.join(args.output, n) for n in written if not n.startswith('.'))}")
+    err_console.print(f"wrote {', '.join(os.path.join(args.output, n) for n in written)}")
     return 0
 
 
@@ -130,6 +134,10 @@ def _export(result: Any, path: str, args: argparse.Namespace, axes: tuple[str, .
         raise CheckFailed(str(exc)) from exc
     except OnnxExportError as exc:
         raise UsageError(f"conversion failed, nothing was written: {exc}") from exc
+    except Exception as exc:  # anything else in the export is a failed conversion too (exit 2)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"conversion failed, nothing was written: {type(exc).__name__}: {first} "
+                         f"(--debug shows the traceback)") from exc
 
 
 def write_graph_html(result: Any, path: str) -> str:
