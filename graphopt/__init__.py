@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
+from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
 from graphopt.onnx_io import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx
 from graphopt.optimize import OptimizeResult, optimize
@@ -23,10 +24,13 @@ from graphopt.pass_infra import (
 )
 from graphopt.report import Declined, Report
 from graphopt.verify import ErrorBudget
+from graphopt.viz import visualize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
+    "analyze",
     "CaptureError",
     "Captured",
     "Declined",
@@ -45,4 +49,5 @@ __all__ = [
     "capture",
     "export_onnx",
     "optimize",
+    "visualize",
 ]

@@ -21,8 +21,10 @@ was.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ class CaptureAttempt:
     error_type: str
     message: str
     source: str = ""  # 'file:line: code' of the user construct, when found
+    diagnostics: str = ""  # what torch printed while the route ran (partial graph, warnings)
 
     def __str__(self) -> str:
         where = f" at {self.source}" if self.source else ""
@@ -137,6 +140,36 @@ def _hint(attempts: Sequence[CaptureAttempt]) -> str:
     )
 
 
+#: torch loggers that narrate a failing capture route (partial graphs, guard warnings)
+_NOISY_TORCH_LOGGERS = ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+                        "torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def _torch_diagnostics_held(buffer: io.StringIO) -> Iterator[None]:
+    """Hold back what torch writes while a route runs.
+
+    A failing ``torch.export`` prints its partial graph straight to
+    ``sys.stderr`` and logs guard warnings; a route that fails is expected
+    here, so that output is kept in ``buffer`` (the caller attaches it to the
+    attempt) instead of flooding the terminal before graphopt's one-line
+    error. With graphopt's debug logging on, nothing is held back.
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _NOISY_TORCH_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode and restore every submodule's flag afterwards."""
@@ -144,7 +177,11 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     try:
         if any(flags.values()):
             log.info("capturing in eval mode (graphopt optimizes for inference)")
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:  # torch.export's unlifted modules (a loaded .pt2) refuse eval()
+            for m in flags:
+                m.training = False
         yield
     finally:
         for m, flag in flags.items():
@@ -185,13 +222,18 @@ def capture(
     ]
     with eval_mode(model), torch.no_grad():
         for route, run in routes:
+            held = io.StringIO()
             try:
-                ep = run()
+                with _torch_diagnostics_held(held):
+                    ep = run()
             except Exception as exc:  # each route's failure is recorded, not raised
-                attempt = CaptureAttempt(route, type(exc).__name__, _first_line(exc), _user_frame(exc))
+                attempt = CaptureAttempt(route, type(exc).__name__, _first_line(exc), _user_frame(exc),
+                                         held.getvalue())
                 log.info("capture route %s failed: %s", route, attempt)
                 attempts.append(attempt)
                 continue
+            if held.getvalue():  # warnings of a route that worked are the user's to see
+                sys.stderr.write(held.getvalue())
             gm = ep.module()
             log.info("captured with %s: %d nodes", route, len(gm.graph.nodes))
             return Captured(gm, ep, route, args, kwargs, attempts)

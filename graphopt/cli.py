@@ -14,13 +14,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from rich.markup import escape
+
+from graphopt.commands import analyze as analyze_cmd
 from graphopt.commands import convert as convert_cmd
 from graphopt.commands import optimize as optimize_cmd
 from graphopt.commands import passes as passes_cmd
+from graphopt.commands import run as run_cmd
+from graphopt.commands import viz as viz_cmd
 from graphopt.commands.common import UsageError, err_console
 
 #: subcommand modules, each with ``register(subparsers)``
-COMMANDS = [optimize_cmd, convert_cmd, passes_cmd]
+COMMANDS = [optimize_cmd, convert_cmd, passes_cmd, analyze_cmd, run_cmd, viz_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,22 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         if args.debug:
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except CaptureError as exc:
         if args.debug:
             raise
         first = exc.attempts[-1] if exc.attempts else None
         where = next((a.source for a in exc.attempts if a.source), "")
-        err_console.print(f"[red]error:[/] could not capture the model{' at ' + where if where else ''}: "
-                          f"{exc.hint}", highlight=False)
+        where = f" at {where}" if where and where not in exc.hint else ""  # the hint may name it already
+        err_console.print(f"[red]error:[/] could not capture the model{escape(where)}: {escape(exc.hint)}",
+                          highlight=False)
         if first is not None:
             err_console.print("[dim](run with --debug to see each capture attempt)[/]")
         return 2
     except FileNotFoundError as exc:
         if args.debug:
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -1,7 +1,8 @@
 """Built-in example models, used by the quick start, the examples and the tests.
 
 * ``nanogpt``: a nanoGPT-style decoder written by hand (causal self-attention
-  with a ``tril`` buffer and ``masked_fill``, GELU MLP, pre-LayerNorm).
+  with a ``tril`` buffer and ``masked_fill``, GELU MLP, pre-LayerNorm);
+  ``split_qkv=1`` gives it separate q/k/v linears instead of one ``c_attn``.
 * ``cnn``: the classic CIFAR-10 network: (Conv-BN-ReLU-Pool) x 2, then
   Linear-ReLU-Linear.
 * ``mlp``: Linear-GELU-Linear.
@@ -29,6 +30,7 @@ class NanoGPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    split_qkv: bool = False  # separate q/k/v linears instead of one c_attn
 
 
 class CausalSelfAttention(nn.Module):
@@ -58,6 +60,28 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class SplitQKVSelfAttention(CausalSelfAttention):
+    """The same attention with separate q/k/v projections (as Llama-style code writes it)."""
+
+    def __init__(self, cfg: NanoGPTConfig) -> None:
+        super().__init__(cfg)
+        del self.c_attn
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = self.attn_dropout(F.softmax(att, dim=-1)) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
 class MLP(nn.Module):
     def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -74,7 +98,7 @@ class Block(nn.Module):
     def __init__(self, cfg: NanoGPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SplitQKVSelfAttention(cfg) if cfg.split_qkv else CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.dropout)
 
@@ -152,9 +176,10 @@ class TinyMLP(nn.Module):
 
 
 def nanogpt(n_layer: int = 2, n_head: int = 4, n_embd: int = 128, vocab_size: int = 512,
-            block_size: int = 256, batch: int = 1, seq: int = 64, seed: int = 0) -> tuple[nn.Module, tuple]:
+            block_size: int = 256, batch: int = 1, seq: int = 64, seed: int = 0,
+            split_qkv: bool = False) -> tuple[nn.Module, tuple]:
     torch.manual_seed(seed)
-    cfg = NanoGPTConfig(vocab_size, max(block_size, seq), n_layer, n_head, n_embd)
+    cfg = NanoGPTConfig(vocab_size, max(block_size, seq), n_layer, n_head, n_embd, split_qkv=split_qkv)
     model = NanoGPT(cfg).eval()
     return model, (torch.randint(0, vocab_size, (batch, seq)),)
 

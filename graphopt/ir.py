@@ -204,6 +204,23 @@ def op_name(node: fx.Node) -> str:
     return node.op
 
 
+def is_returned(node: fx.Node) -> bool:
+    """Whether ``node``'s value, or a view of it, is one of the module's outputs.
+
+    Rewrites that would make an output share memory with another output or
+    with a constant check this (a caller may write into what it gets back).
+    """
+    stack, seen = [node], {node}
+    while stack:
+        for user in stack.pop().users:
+            if user.op == "output":
+                return True
+            if user.op == "call_function" and user.target in VIEW_OPS and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
 def users_in_order(node: fx.Node) -> list[fx.Node]:
     return list(node.users)
 

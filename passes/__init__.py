@@ -11,11 +11,18 @@ from :func:`cleanup_pipeline` or :func:`default_pipeline` and add to the list.
 from __future__ import annotations
 
 from graphopt.pass_infra import OptimizeContext, Pass
+from graphopt.passes.analysis.cost_annotation import CostAnnotation
+from graphopt.passes.analysis.ffn_chains import FFNChains
+from graphopt.passes.analysis.hot_matmuls import HotMatmuls
+from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
 from graphopt.passes.cleanup.constant_folding import ConstantFolding
 from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
 from graphopt.passes.cleanup.fold_conv_bn import FoldConvBatchNorm
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
+from graphopt.passes.parallel import MergeMatmuls
+from graphopt.passes.precision import ReducedPrecision
+from graphopt.passes.tensor_parallel import TensorParallel
 
 __all__ = ["available", "cleanup_pipeline", "default_pipeline", "all_pass_classes"]
 
@@ -36,7 +43,10 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    return cleanup_pipeline()
+    pipeline = cleanup_pipeline() + [MergeMatmuls()]
+    if ctx is not None and ctx.options.get("precision"):
+        pipeline.append(ReducedPrecision())
+    return pipeline
 
 
 def all_pass_classes() -> list[type[Pass]]:
@@ -47,6 +57,13 @@ def all_pass_classes() -> list[type[Pass]]:
         CommonSubexpressionElimination,
         FoldConvBatchNorm,
         DeadCodeElimination,
+        MergeMatmuls,
+        ReducedPrecision,
+        TensorParallel,
+        CostAnnotation,
+        HotMatmuls,
+        FFNChains,
+        RepeatedBlocks,
     ]
 
 

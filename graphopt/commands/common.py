@@ -11,8 +11,11 @@ from typing import Any
 from rich.console import Console
 
 #: messages and progress go to stderr, results (tables, JSON) to stdout
-err_console = Console(stderr=True, highlight=False)
+#: (soft_wrap: an error stays one line however narrow the terminal, so it can be grepped)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
+if not out_console.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
+    out_console = Console(highlight=False, width=140)
 
 
 class UsageError(Exception):

@@ -21,6 +21,10 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", metavar="A,B,...", help="run these passes (see `graphopt passes`) instead of the default pipeline")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric check of each rewrite (not recommended)")
     p.add_argument("--memory-budget", metavar="SIZE", help="peak activation memory to fit, e.g. 2GiB")
+    p.add_argument("--precision", choices=["bf16", "fp16", "int8", "fp8", "auto"],
+                   help="reduced precision within the error budget ('auto': fastest measured on this machine)")
+    p.add_argument("--error-budget", type=float, metavar="REL_L2",
+                   help="largest relative L2 error of the outputs a reduced-precision rewrite may add (default 1e-2)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a pass option (repeatable)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
@@ -58,6 +62,8 @@ def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_sh
 
     spec = spec if spec is not None else load_model(args.spec)
     options = parse_options(args.option)
+    if getattr(args, "precision", None):
+        options["precision"] = args.precision
     options.update(extra)
     passes = select_passes(args.passes)
     label = {"text": "optimizing"}
@@ -73,7 +79,8 @@ def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_sh
         try:
             result = graphopt.optimize(
                 spec.model, spec.args, spec.kwargs, passes=passes, verify=not args.no_verify,
-                memory_budget=args.memory_budget, dynamic_shapes=dynamic_shapes, progress=progress, **options,
+                memory_budget=args.memory_budget, error_budget=getattr(args, "error_budget", None),
+                dynamic_shapes=dynamic_shapes, progress=progress, **options,
             )
         except TypeError as exc:
             if "unknown option" in str(exc):

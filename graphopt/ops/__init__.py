@@ -16,8 +16,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+from graphopt.ops import fp8_linear, int8_linear
+
 #: operator modules, imported for their registrations (add new ones here)
-OP_MODULES: list[ModuleType] = []
+OP_MODULES: list[ModuleType] = [int8_linear, fp8_linear]
 
 
 def onnx_translations() -> dict[Any, Any]:

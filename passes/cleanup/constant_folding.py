@@ -10,7 +10,9 @@ A chain is folded at its frontier (the last constant node before a
 non-constant user); interior nodes become dead and ``dead_code`` removes them.
 
 Declines: results larger than ``constant_fold_max_bytes`` (default 16 MiB; a
-folded tensor costs memory for as long as the module lives), views (folding
+folded tensor costs memory for as long as the module lives), values the model
+returns (every call would hand out the same tensor object, and a caller
+writing into it would change later results), views (folding
 ``t(weight)`` would copy a weight that stays alive: the view is kept and its
 compute input folded instead), random ops, impure ops.
 """
@@ -35,6 +37,14 @@ SHAPE_ONLY_OPS = {
     aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
     aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,
 }
+
+
+def _size(nbytes: int) -> str:
+    """``'12.0 MiB'``, ``'3.5 KiB'``, ``'64 B'`` (small caps read '0.0 MiB' otherwise)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _static(node: fx.Node) -> bool:
@@ -113,6 +123,7 @@ class ConstantFolding(Pass):
         max_bytes = int(ctx.option("constant_fold_max_bytes", DEFAULT_MAX_BYTES))
         const = constant_nodes(gm)
         frontier: list[fx.Node] = []
+        visited: set[fx.Node] = set()
         declined: list[Declined] = []
         for node in gm.graph.nodes:
             if node not in const or node.op == "get_attr":
@@ -122,15 +133,20 @@ class ConstantFolding(Pass):
             # a view of a constant stays a view; fold the compute behind it
             while node.op == "call_function" and node.target in ir.VIEW_OPS and isinstance(node.args[0], fx.Node):
                 node = node.args[0]
-            if node.op != "call_function" or node in frontier:
+            if node.op != "call_function" or node in visited:
+                continue
+            visited.add(node)
+            if ir.is_returned(node):
+                declined.append(Declined(node.name, "returned as an output: folded, every call would return "
+                                         "the same tensor object"))
                 continue
             val = ir.tensor_meta(node)
             if val is None:
                 continue
             nbytes = val.numel() * val.element_size()
             if nbytes > max_bytes:
-                declined.append(Declined(node.name, f"result is {nbytes / 2**20:.1f} MiB > cap "
-                                         f"{max_bytes / 2**20:.1f} MiB (constant_fold_max_bytes)"))
+                declined.append(Declined(node.name, f"result is {_size(nbytes)} > cap {_size(max_bytes)} "
+                                         "(constant_fold_max_bytes)"))
                 continue
             frontier.append(node)
         if not frontier:

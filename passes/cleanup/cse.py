@@ -5,7 +5,9 @@ Rewrites:
     two get_attr nodes of the same attr -> one
 
 Declines: impure nodes (in-place ops, asserts), random ops (each call draws
-new values), placeholders and the output.
+new values), placeholders and the output, two nodes that are both returned
+(``return x + 1, x + 1``: merged, the caller would get one tensor twice, and
+writing into one output would change the other).
 
 torch ships ``torch.fx.passes.dialect.common.cse_pass.CSEPass``, but it
 rebuilds the module on a fresh ``Graph`` and drops the pytree codegen that
@@ -19,7 +21,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt import ir
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.report import Declined
 
 
 def _key(value: Any, rep: dict[fx.Node, fx.Node]) -> Any:
@@ -29,8 +33,9 @@ def _key(value: Any, rep: dict[fx.Node, fx.Node]) -> Any:
         return (type(value).__name__, tuple(_key(v, rep) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple(sorted((k, _key(v, rep)) for k, v in value.items())))
-    if isinstance(value, float) and value != value:  # NaN never equals itself
-        return ("nan",)
+    if isinstance(value, float):
+        # by hex: 0.0 == -0.0 (x * -0.0 is not x * 0.0: 1/(x*-0.0) is -inf) and NaN != NaN
+        return ("float", value.hex())
     if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
         return str(value)
     try:
@@ -62,6 +67,7 @@ class CommonSubexpressionElimination(Pass):
         seen: dict[Any, fx.Node] = {}
         rep: dict[fx.Node, fx.Node] = {}
         merged = 0
+        declined: list[Declined] = []
         for node in list(gm.graph.nodes):
             if not _eligible(node):
                 continue
@@ -71,8 +77,12 @@ class CommonSubexpressionElimination(Pass):
             if first is None:
                 seen[key] = node
                 continue
+            if node.op == "call_function" and ir.is_returned(node) and ir.is_returned(first):
+                declined.append(Declined(node.name, f"same value as {first.name}, but both are returned: "
+                                         "merged, the two outputs would be one tensor"))
+                continue
             rep[node] = first
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
             merged += 1
-        return PassResult(gm, merged > 0, [f"merged {merged} duplicate nodes"] if merged else [])
+        return PassResult(gm, merged > 0, [f"merged {merged} duplicate nodes"] if merged else [], declined)

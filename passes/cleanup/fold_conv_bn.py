@@ -12,7 +12,8 @@ tensors; the user's parameters are untouched.
 
 Declines: batch norm in training mode or without running statistics, a conv
 whose output has other users besides the batch norm (the unnormalised value
-is still needed), weights that are not constants.
+is still needed), weights that are not constants, a linear whose output is
+not 2-D (batch norm normalizes dim 1, the linear's features are the last dim).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class FoldConvBatchNorm(Pass):
                 continue
             if len(prod.users) != 1:
                 declined.append(Declined(bn.name, f"{prod.name} has other users besides the batch norm"))
+                continue
+            out_shape = ir.shape_of(prod)
+            if prod.target == aten.linear.default and (out_shape is None or len(out_shape) != 2):
+                # batch norm normalizes dim 1; a linear's features are its last dim: same only for 2-D
+                declined.append(Declined(bn.name, f"batch norm normalizes dim 1 of {prod.name}, whose features are "
+                                         f"its last dim (rank {len(out_shape) if out_shape else '?'}, not 2)"))
                 continue
             if mean_n is None or var_n is None:
                 declined.append(Declined(bn.name, "batch norm without running statistics"))

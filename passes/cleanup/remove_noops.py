@@ -9,8 +9,10 @@ Rewrites (each only when the result has the input's shape and dtype):
     add(x, 0) / sub(x, 0) / mul(x, 1) / div(x, 1)         -> x
 
 Declines: a node whose input or result is mutated in place by a later op
-(removing the copy would let the mutation leak), a cast that changes dtype,
-device or memory format, dropout in training mode.
+(removing the copy would let the mutation leak), a returned copy of an input,
+a weight or another output (``return x.clone()``: without the copy, writing
+into the output would write into the caller's tensor or the model's weight),
+a cast that changes dtype, device or memory format, dropout in training mode.
 """
 
 from __future__ import annotations
@@ -71,6 +73,21 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+_COPY_OPS = {aten.clone.default, aten._to_copy.default}
+
+
+def _copy_keeps_output_apart(node: fx.Node, x: fx.Node) -> bool:
+    """True when ``node`` copies ``x`` into a model output that would otherwise share memory
+    with an input, a parameter/buffer or another output (``return x.clone()``)."""
+    if node.target not in _COPY_OPS or not any(u.op == "output" for u in node.users):
+        return False
+    base = x
+    while base.op == "call_function" and base.target in ir.VIEW_OPS and base.args \
+            and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    return base.op in ("placeholder", "get_attr") or any(u.op == "output" for u in x.users)
+
+
 def _same_value_type(a: fx.Node, b: fx.Node) -> bool:
     va, vb = ir.tensor_meta(a), ir.tensor_meta(b)
     if va is None or vb is None:
@@ -91,10 +108,16 @@ class RemoveNoOps(Pass):
         declined: list[Declined] = []
         for node in list(gm.graph.nodes):
             x = _identity_input(node)
+            if x is None and node.op == "call_function" and node.target == aten.dropout.default:
+                declined.append(Declined(node.name, "dropout in training mode draws random values; kept"))
             if x is None or not _same_value_type(node, x):
                 continue
             if _mutated_later(node) or _mutated_later(x):
                 declined.append(Declined(node.name, "its input or result is mutated in place later"))
+                continue
+            if _copy_keeps_output_apart(node, x):
+                declined.append(Declined(node.name, "a returned copy: without it the output would share "
+                                         "memory with an input, a weight or another output"))
                 continue
             node.replace_all_uses_with(x)
             gm.graph.erase_node(node)

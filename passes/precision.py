@@ -1,0 +1,385 @@
+"""Reduced precision within an error budget, chosen by measured speed.
+
+Option ``precision``:
+
+``"bf16"`` / ``"fp16"``
+    matmul/linear/conv/attention(x, W)  -> the same op in bf16/fp16 (W cast once);
+    views, activations, bias and mask adds between them follow in low precision;
+    softmax, norms, reductions, exp/log (and the residual stream, option
+    ``precision_keep_residual_fp32``) stay fp32 islands, with casts at their borders;
+    cast(cast(x_low, fp32), low)        -> x_low;
+    fp16 linear whose input or output range exceeds fp16
+                                        -> linear(x / s) in fp16, * s in fp32 (per-tensor scale).
+``"int8"``
+    linear(x, W, b) / addmm / matmul(x, W)
+                                        -> graphopt.int8_linear(x, W_int8, per-channel scales, b, scheme)
+    (per-token activation scales; fbgemm on x86 CPUs, ``torch._int_mm`` on CUDA; weights packed now).
+``"fp8"``
+    linear(x, W, b) ...                 -> graphopt.fp8_linear(x, W_e4m3, per-row scales, b)  (``torch._scaled_mm``).
+``"auto"``
+    per node, the precision measured fastest on the target among those it has
+    (fp8, int8, bf16); a conversion slower than fp32 is not made, and the whole
+    plan is timed against fp32 and dropped if it is not faster.
+
+Every mode then runs the error-budget search (:mod:`graphopt.precision.search`):
+nodes are converted, the model is measured against ``ctx.error_budget`` (relative
+L2 of the outputs, top-1 agreement when set) on the example and fresh inputs, and
+the most error-costly nodes go back to fp32 until the budget holds. The pass has
+``uses_error_budget``: the verification instrument holds it to that budget
+(default ``ErrorBudget(rel_l2=1e-2)`` when none is given).
+
+Declines (listed in the report with the reason, per node): islands ('softmax
+island', 'norm island', ...); 'over budget: ...' (kept by the search); 'slower
+on this target: ...' (auto, or ``precision_speed_check``); int8/fp8 on matmuls
+without a constant weight; fp8 where ``torch._scaled_mm`` has no fp8 kernel
+(CPU, CUDA below compute capability 8.9); models that are not fp32; graphs
+already converted (the pass is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.passes.cleanup.constant_folding import constant_nodes
+from graphopt.precision.calibrate import Calibration, calibrate
+from graphopt.precision.lower_float import lower_float
+from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
+from graphopt.precision.quantize import LinearSite, QuantizedWeights, linear_sites, replace_site
+from graphopt.precision.search import relative_l2, search_kept
+from graphopt.precision.speed import choose_precision, time_interleaved
+from graphopt.precision.target import PrecisionTarget
+from graphopt.report import Declined
+from graphopt.verify import ErrorBudget, Numerics, Verifier
+
+log = logging.getLogger(__name__)
+
+MODES = ("bf16", "fp16", "int8", "fp8", "auto")
+DEFAULT_BUDGET = ErrorBudget(rel_l2=1e-2)
+#: the search aims this fraction of the budget, so fresh inputs have some room
+SEARCH_MARGIN = 0.8
+#: auto converts a node only when it is at least this much faster (timings on a busy machine are noisy)
+AUTO_MIN_SPEEDUP = 1.05
+
+
+@dataclass
+class NodePlan:
+    """One candidate node's precision and why (also written to ``report.extra['precision']``)."""
+
+    node: str
+    module: str
+    op: str
+    precision: str
+    reason: str
+    local_rel_l2: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ReducedPrecision(Pass):
+    """Convert matmuls/convs/attention to bf16/fp16/int8/fp8 within the error budget."""
+
+    name = "precision"
+    summary = "reduced precision (bf16/fp16/int8/fp8/auto) within the error budget, chosen by measured speed"
+    uses_error_budget = True
+    options = {
+        "precision": "'bf16', 'fp16', 'int8', 'fp8' or 'auto' (fastest measured on the target within the budget)",
+        "precision_keep_residual_fp32": "keep the residual stream in fp32 under bf16/fp16 (default true)",
+        "precision_speed_check": "convert only ops measured faster than fp32 (default: on for auto, off otherwise)",
+    }
+
+    def __init__(self, precision: str | None = None, target: PrecisionTarget | None = None,
+                 timer: Callable[..., dict[str, float]] | None = None) -> None:
+        if precision is not None and precision not in MODES:
+            raise ValueError(f"precision={precision!r}: choose one of {MODES}")
+        self.precision = precision
+        self.target = target
+        self.timer = timer or time_interleaved
+
+    # ------------------------------------------------------------------ driver
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        mode = self.precision or ctx.option("precision")
+        if mode is None:
+            return PassResult(gm, False, ["no precision requested (precision=...)"])
+        if mode not in MODES:
+            raise ValueError(f"precision={mode!r}: choose one of {MODES}")
+        target = self.target or PrecisionTarget.detect(ctx.device)
+        if any("graphopt_precision" in n.meta for n in gm.graph.nodes):
+            return PassResult(gm, False, ["graph already has a precision plan; nothing to do"])
+        not_fp32 = _non_fp32_weights(gm)
+        if not_fp32:
+            return PassResult(gm, False, declined=[Declined("graph", f"model is not fp32 ({not_fp32}); "
+                                                            "reduced precision starts from an fp32 model")])
+        if mode == "fp8" and not target.fp8:
+            return PassResult(gm, False, declined=[Declined("graph", target.fp8_unsupported_reason())])
+        if ctx.error_budget is None:
+            ctx.error_budget = DEFAULT_BUDGET
+            budget_note = f"no error_budget given: using rel_l2 <= {DEFAULT_BUDGET.rel_l2:g}"
+        else:
+            budget_note = f"error budget: rel_l2 <= {ctx.error_budget.rel_l2:g}" + (
+                f", top-1 >= {ctx.error_budget.top1:g}" if ctx.error_budget.top1 is not None else "")
+        budget = ctx.error_budget
+        speed_check = bool(ctx.option("precision_speed_check", mode == "auto"))
+        keep_residual = bool(ctx.option("precision_keep_residual_fp32", True))
+
+        run = _Run(self, gm, ctx, target, mode, keep_residual)
+        declined = run.find_candidates()
+        if not run.options:
+            return PassResult(gm, False, [budget_note, "no candidate nodes"], declined)
+        verifier = ctx.verifier or Verifier(ir.copy_graph_module(gm), ctx.args, ctx.kwargs, gm)
+        run.calibrate([ir.flat_inputs(a, kw, gm) for a, kw in verifier.input_sets])
+        run.measure_local_errors()
+        if speed_check:
+            run.measure_speed()
+        else:
+            run.choose_requested()
+        plan = {n: p for n, p in run.choice.items() if p != "fp32"}
+        if not plan:
+            ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
+            return PassResult(gm, False, [budget_note, f"target: {target.describe()}"],
+                              declined + run.declined_nodes())
+
+        search_budget = ErrorBudget(budget.rel_l2 * SEARCH_MARGIN, budget.top1)
+
+        def measure(kept: set[str]) -> Numerics:
+            trial = run.build({n: p for n, p in plan.items() if n not in kept})
+            return verifier.check(trial, search_budget)
+
+        order = sorted(plan, key=lambda n: run.local_error(n, plan[n]), reverse=True)
+        kept, steps = search_kept(order, measure)
+        failing = [s for s in steps if not s.numerics.ok]
+        for name in kept:
+            worst = max(failing, key=lambda s: s.kept) if failing else None
+            why = (f"over budget: with the {worst.kept} most error-costly nodes kept, converting the rest gave "
+                   f"{worst.numerics.summary()} (budget rel_l2 {budget.rel_l2:g}, searched at "
+                   f"{search_budget.rel_l2:.2g})") if worst else "over budget"
+            run.keep(name, f"{why}; its own error in {plan[name]}: "
+                           f"rel_l2 {run.local_error(name, plan[name]):.2e}")
+        final_plan = {n: p for n, p in plan.items() if n not in kept}
+        if not final_plan:
+            return PassResult(gm, False, [budget_note, "every conversion broke the error budget"],
+                              declined + run.declined_nodes())
+        out = run.build(final_plan, final=True)
+        notes = [budget_note, f"target: {target.describe()}",
+                 f"search: {len(steps)} whole-model checks, " + ", ".join(
+                     f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps)]
+        if mode == "auto" or speed_check:
+            verdict = run.whole_graph_speed(out)
+            if verdict is not None:
+                for name in final_plan:
+                    run.keep(name, f"{verdict} (alone: {run.reasons.get(name, '')})")
+                ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
+                return PassResult(gm, False, notes + [verdict], declined + [Declined("graph", verdict)])
+            notes.append(run.speed_note)
+        counts: dict[str, int] = {}
+        for p in run.choice.values():
+            counts[p] = counts.get(p, 0) + 1
+        notes.append("precision per candidate node: " + ", ".join(f"{p}: {c}" for p, c in sorted(counts.items())))
+        notes += [f"{e.node} ({e.module or 'top'}): {e.precision}: {e.reason}" for e in run.entries()
+                  if e.precision != "fp32"]
+        ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
+        involved = [n.name for n in out.graph.nodes if n.meta.get("graphopt_precision") not in (None, "fp32")]
+        return PassResult(out, True, notes, declined + run.declined_nodes(), involved)
+
+
+def _non_fp32_weights(gm: fx.GraphModule) -> str:
+    dtypes = {str(ir.tensor_meta(n).dtype) for n in gm.graph.nodes if n.op == "get_attr"
+              and ir.tensor_meta(n) is not None and ir.tensor_meta(n).dtype.is_floating_point
+              and ir.tensor_meta(n).dtype != torch.float32}
+    return ", ".join(sorted(dtypes))
+
+
+class _Run:
+    """State of one pass run: candidates, measurements, choices."""
+
+    def __init__(self, owner: ReducedPrecision, gm: fx.GraphModule, ctx: OptimizeContext,
+                 target: PrecisionTarget, mode: str, keep_residual: bool) -> None:
+        self.owner, self.gm, self.ctx, self.target, self.mode = owner, gm, ctx, target, mode
+        self.keep_residual = keep_residual
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.options: dict[str, list[str]] = {}  # candidate node -> precisions to consider
+        self.sites: dict[str, LinearSite] = {}
+        self.weights = QuantizedWeights(target.int8_scheme)
+        self.choice: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+        self.errors: dict[tuple[str, str], float] = {}
+        self.cal: Calibration | None = None
+        self.speed_note = ""
+        self.float_dtype = FLOAT_DTYPES.get(mode, torch.bfloat16)
+
+    # -- candidates
+    def find_candidates(self) -> list[Declined]:
+        declined: list[Declined] = []
+        sites, why_not = linear_sites(self.gm)
+        self.sites = sites
+        quant = {"int8": self.mode in ("int8", "auto") and (self.mode == "int8" or self.target.int8_scheme),
+                 "fp8": self.mode == "fp8" or (self.mode == "auto" and self.target.fp8)}
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or node.target not in COMPUTE_OPS:
+                continue
+            opts: list[str] = []
+            if node.name in sites:
+                opts += [p for p in ("fp8", "int8") if quant[p]]
+            if self.mode in FLOAT_DTYPES or self.mode == "auto":
+                opts.append("bf16" if self.mode == "auto" else self.mode)
+            if opts:
+                self.options[node.name] = opts
+            else:
+                reason = why_not.get(node.name, f"{self.mode} applies to linear layers only")
+                self.keep(node.name, f"{self.mode} not applicable: {reason}")
+        if self.mode in FLOAT_DTYPES:
+            for node in self.gm.graph.nodes:
+                reason = island_reason(node)
+                if reason:
+                    declined.append(Declined(node.name, f"kept fp32: {reason}"))
+        return declined
+
+    # -- measurements
+    def calibrate(self, input_sets: list[list[Any]]) -> None:
+        self.cal = calibrate(self.gm, input_sets, self.options)
+
+    def _isolated(self, name: str, precision: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        """(low-precision call, fp32 call) of one node on its recorded arguments."""
+        node = self.nodes[name]
+        args, kwargs = self.cal.args[name]
+        ref = lambda: node.target(*args, **kwargs)  # noqa: E731
+        if precision == "fp32":
+            return ref, ref
+        if precision in ("int8", "fp8"):
+            site = self.sites[name]
+            x = args[1] if node.target == torch.ops.aten.addmm.default else args[0]
+            bias = (args[0] if node.target == torch.ops.aten.addmm.default
+                    else (args[2] if len(args) > 2 else kwargs.get("bias")) if node.target == torch.ops.aten.linear.default
+                    else None)
+            self.weights.get(site, precision)
+            return (lambda: self.weights.call(site, precision, x, bias)), ref
+        dtype = FLOAT_DTYPES[precision]
+        const = self._const
+        graph_args = list(node.args) + list(node.kwargs.values())
+        values = list(args) + list(kwargs.values())
+        low_values = [v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+                      and isinstance(g, fx.Node) and g in const else v for g, v in zip(graph_args, values)]
+        n_args = len(args)
+        keys = list(kwargs)
+
+        def low() -> Any:
+            vals = [v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v
+                    for v in low_values]
+            out = node.target(*vals[:n_args], **dict(zip(keys, vals[n_args:])))
+            return out.float() if isinstance(out, torch.Tensor) else out
+        return low, ref
+
+    @property
+    def _const(self) -> set[fx.Node]:
+        if not hasattr(self, "_const_cache"):
+            self._const_cache = constant_nodes(self.gm)
+        return self._const_cache
+
+    def measure_local_errors(self) -> None:
+        with torch.no_grad():
+            for name, opts in self.options.items():
+                low_ref = None
+                for p in opts:
+                    low, ref = self._isolated(name, p)
+                    if low_ref is None:
+                        low_ref = ref()
+                    try:
+                        self.errors[(name, p)] = relative_l2(low(), low_ref)
+                    except Exception as exc:  # the op has no low-precision kernel here
+                        log.info("%s in %s failed: %s", name, p, exc)
+                        self.errors[(name, p)] = float("inf")
+
+    def local_error(self, name: str, precision: str) -> float:
+        return self.errors.get((name, precision), float("inf"))
+
+    def choose_requested(self) -> None:
+        for name, opts in self.options.items():
+            p = opts[0]
+            self.choice[name] = p
+            self.reasons[name] = f"requested ({self.target.int8_scheme or 'reference kernel'})" \
+                if p == "int8" else "requested"
+
+    def measure_speed(self) -> None:
+        cache = self.ctx.cache.setdefault("precision_timings", {})
+        for name, opts in self.options.items():
+            opts = [p for p in opts if self.local_error(name, p) != float("inf")]
+            key = (self._signature(name), tuple(opts))
+            if key not in cache:
+                fns = {"fp32": self._isolated(name, "fp32")[0]}
+                fns.update({p: self._isolated(name, p)[0] for p in opts})
+                cache[key] = self.owner.timer(fns, device=self.target.device)
+            choice, reason = choose_precision(cache[key], AUTO_MIN_SPEEDUP if self.mode == "auto" else 1.0)
+            self.choice[name], self.reasons[name] = choice, reason
+
+    def _signature(self, name: str) -> tuple:
+        node = self.nodes[name]
+        args, kwargs = self.cal.args[name]
+        shapes = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
+                       for a in list(args) + list(kwargs.values()))
+        return (str(node.target), shapes, self.target.int8_scheme)
+
+    def whole_graph_speed(self, out: fx.GraphModule) -> str | None:
+        """Time the plan against fp32 end to end; a reason when it is not faster."""
+        a, kw = self.ctx.args, self.ctx.kwargs
+        t = self.owner.timer({"fp32": lambda: self.gm(*a, **kw), "plan": lambda: out(*a, **kw)},
+                             rounds=3, device=self.target.device, give_up=100.0)
+        self.speed_note = (f"whole model: {t['plan'] * 1e3:.1f} ms with the plan vs {t['fp32'] * 1e3:.1f} ms "
+                           f"in fp32 ({t['fp32'] / t['plan']:.2f}x)")
+        if t["plan"] >= t["fp32"]:
+            return f"slower on this target: {self.speed_note}; nothing converted"
+        return None
+
+    # -- plans
+    def keep(self, name: str, reason: str) -> None:
+        self.choice[name] = "fp32"
+        self.reasons[name] = reason
+
+    def build(self, plan: dict[str, str], final: bool = False) -> fx.GraphModule:
+        """A copy of the graph with ``plan`` ({node: precision}) applied."""
+        out = ir.copy_graph_module(self.gm)
+        by_name = {n.name: n for n in out.graph.nodes}
+        for name, p in plan.items():
+            if p in ("int8", "fp8"):
+                replace_site(out, self.sites[name], p, self.weights, by_name)
+        floats = {n for n, p in plan.items() if p in FLOAT_DTYPES}
+        if floats:
+            dtype = FLOAT_DTYPES[next(plan[n] for n in floats)]
+            lowered = lower_float(out, floats, dtype, self.cal, self.keep_residual)
+            for name, why in lowered.kept.items():
+                if final:
+                    self.keep(name, why)
+            if final:
+                for name in lowered.scaled:
+                    self.reasons[name] = self.reasons.get(name, "") + "; fp16 overflow scaling (per-tensor)"
+        out.graph.lint()
+        out.recompile()
+        out = ir.copy_graph_module(out)  # drop attributes the new graph no longer uses
+        if final:
+            for node in out.graph.nodes:
+                if node.name in self.choice and "graphopt_precision" not in node.meta:
+                    node.meta["graphopt_precision"] = self.choice[node.name]
+            out.graph.lint()
+            out.recompile()
+        return out
+
+    # -- report
+    def entries(self) -> list[NodePlan]:
+        out = []
+        for name in self.choice:
+            node = self.nodes[name]
+            p = self.choice[name]
+            err = self.errors.get((name, p)) if p != "fp32" else None
+            out.append(NodePlan(name, ir.module_path(node), ir.op_name(node), p, self.reasons.get(name, ""), err))
+        return out
+
+    def declined_nodes(self) -> list[Declined]:
+        return [Declined(f"{e.node} ({e.module or 'top'})", f"kept fp32: {e.reason}") for e in self.entries()
+                if e.precision == "fp32"]

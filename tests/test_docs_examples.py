@@ -1,0 +1,56 @@
+"""The docs' code and the example scripts run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def python_blocks(doc: str) -> list[str]:
+    text = open(os.path.join(REPO_ROOT, "docs", doc)).read()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_writing_a_pass_page_runs_and_its_tests_pass(capsys):
+    blocks = python_blocks("writing-a-pass.md")
+    assert len(blocks) == 4
+    namespace: dict = {"__name__": "writing_a_pass"}
+    for block in blocks:
+        exec(compile(block, "docs/writing-a-pass.md", "exec"), namespace)
+    assert "swish_to_silu" in capsys.readouterr().out  # the report was printed
+    tests = [fn for name, fn in namespace.items() if name.startswith("test_") and callable(fn)]
+    assert [t.__name__ for t in tests] == ["test_golden_ops_and_idempotence", "test_numerics",
+                                           "test_declines_a_shared_sigmoid", "test_on_random_models"]
+    for test in tests:
+        test()
+
+
+def test_getting_started_python_api_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    blocks = [b for b in python_blocks("getting-started.md") if "graphopt.optimize" in b or "torch.export.load" in b]
+    assert blocks
+    namespace: dict = {"__name__": "getting_started"}
+    for block in blocks:
+        exec(compile(block, "docs/getting-started.md", "exec"), namespace)
+    assert os.path.exists(tmp_path / "out" / "model.pt2")
+    assert "graphopt report" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script,argv", [("cnn.py", ["--batch", "2"]),
+                                         ("transformer_lm.py", ["--family", "llama", "--seq", "16"])])
+def test_example_scripts_run(script, argv, tmp_path, monkeypatch, capsys):
+    path = os.path.join(REPO_ROOT, "examples", script)
+    monkeypatch.setattr("sys.argv", [path, *argv, "--out", str(tmp_path)])
+    runpy.run_path(path, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "graphopt report" in out and "final check vs the original model: ok" in out
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "report.json"]
+    if script == "cnn.py":
+        assert "batch norms: 2 -> 0" in out and "top-1 agreement 100%" in out
+    else:
+        assert "CausalLMOutputWithPast" in out

@@ -1,0 +1,102 @@
+"""precision='auto': the decision follows measured speed (injected timings and real ones)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt import ir
+from graphopt.pass_infra import OptimizeContext
+from graphopt.passes.precision import ReducedPrecision
+from graphopt.precision.speed import choose_precision, time_interleaved
+from graphopt.verify import ErrorBudget, Verifier
+
+
+def test_choose_precision_picks_the_fastest_faster_than_fp32():
+    assert choose_precision({"fp32": 1.0, "int8": 0.4, "bf16": 4.0})[0] == "int8"
+    assert choose_precision({"fp32": 1.0, "int8": 0.9, "bf16": 0.5})[0] == "bf16"
+
+
+def test_choose_precision_never_picks_a_slower_conversion():
+    choice, reason = choose_precision({"fp32": 1.0, "bf16": 4.0})
+    assert choice == "fp32" and reason.startswith("slower on this target")
+    choice, _ = choose_precision({"fp32": 1.0, "int8": 0.98}, min_speedup=1.05)
+    assert choice == "fp32"
+
+
+def test_time_interleaved_measures_each_callable():
+    t = time_interleaved({"fast": lambda: None, "slow": lambda: sum(range(20000))}, rounds=3)
+    assert set(t) == {"fast", "slow"} and t["fast"] < t["slow"]
+
+
+def _mlp(d: int, hidden: int, batch: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)).eval()
+    return model, (torch.randn(batch, d),)
+
+
+def _ctx(model, args, **options):
+    cap = graphopt.capture(model, args)
+    ctx = OptimizeContext(args=cap.args, kwargs=cap.kwargs, flat_inputs=ir.flat_inputs(cap.args, cap.kwargs, cap.module),
+                          error_budget=ErrorBudget(0.03), options=options)
+    ctx.verifier = Verifier(model, cap.args, cap.kwargs, cap.module, n_random=1)
+    return cap.module, ctx
+
+
+class FakeTimer:
+    """Timings injected per precision: each candidate op costs ``cost[precision]``; whole graphs ``graph``."""
+
+    def __init__(self, cost: dict[str, float], graph: dict[str, float] | None = None) -> None:
+        self.cost, self.graph = cost, graph or {"fp32": 1.0, "plan": 0.5}
+        self.calls: list[set[str]] = []
+
+    def __call__(self, fns, **_kw):
+        self.calls.append(set(fns))
+        if set(fns) == {"fp32", "plan"}:
+            return dict(self.graph)
+        return {k: self.cost[k] for k in fns}
+
+
+def test_auto_follows_injected_timings_bf16_slower():
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    timer = FakeTimer({"fp32": 1.0, "int8": 0.5, "bf16": 4.0})
+    res = ReducedPrecision("auto", timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert res.modified
+    plan = {e["precision"] for e in ctx.report.extra["precision"]}
+    assert plan == {"int8"}
+    assert any({"fp32", "int8", "bf16"} == c for c in timer.calls)  # bf16 was measured, then rejected
+
+
+def test_auto_follows_injected_timings_bf16_faster():
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    res = ReducedPrecision("auto", timer=FakeTimer({"fp32": 1.0, "int8": 0.8, "bf16": 0.3}))(
+        ir.copy_graph_module(gm), ctx)
+    assert res.modified
+    assert {e["precision"] for e in ctx.report.extra["precision"]} == {"bf16"}
+
+
+def test_auto_keeps_fp32_when_the_whole_plan_is_not_faster():
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    timer = FakeTimer({"fp32": 1.0, "int8": 0.5, "bf16": 4.0}, graph={"fp32": 1.0, "plan": 1.2})
+    res = ReducedPrecision("auto", timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert not res.modified
+    assert any("slower on this target" in d.reason for d in res.declined)
+
+
+def test_auto_on_this_cpu_never_picks_bf16_measured():
+    """Real microbenchmarks: this CPU has no fast bf16 units, so bf16 must lose."""
+    model, args = _mlp(512, 1024, 64)
+    result = graphopt.optimize(model, args, precision="auto", error_budget=0.03, n_random_inputs=1)
+    rec = result.report.record("precision")
+    plan = result.report.extra.get("precision", [])
+    assert plan  # the decision is reported whether or not anything was converted
+    assert all(e["precision"] != "bf16" for e in plan), plan
+    for e in plan:  # every decision carries its measured timings
+        assert "ms" in e["reason"], e
+    assert all(n.meta.get("val") is None or n.meta["val"].dtype != torch.bfloat16
+               for n in result.module.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor))
+    assert rec.status in ("applied", "unchanged")

@@ -1,0 +1,273 @@
+"""The precision pass: int8 / bf16 / fp16 / fp8 rewrites, error budget, report, idempotence, declines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt import ir
+from graphopt.pass_infra import OptimizeContext
+from graphopt.passes.precision import ReducedPrecision
+from graphopt.precision.lower_float import remove_redundant_casts
+from graphopt.precision.target import PrecisionTarget
+from graphopt.verify import ErrorBudget, Verifier
+
+aten = torch.ops.aten
+INT8 = "graphopt.int8_linear"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def _targets(gm) -> list[str]:
+    return [ir.op_name(n) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+class Encoderish(nn.Module):
+    """Pre-norm block: LayerNorm -> attention-like matmuls + softmax -> MLP, residual stream."""
+
+    def __init__(self, d: int = 64, hidden: int = 128, layers: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "ln1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d),
+                "ln2": nn.LayerNorm(d), "fc1": nn.Linear(d, hidden), "fc2": nn.Linear(hidden, d)}))
+        self.head = nn.Linear(d, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["ln1"](x)).chunk(3, dim=-1)
+            att = torch.softmax(q @ k.transpose(-2, -1) / 8.0, dim=-1)
+            x = x + b["proj"](att @ v)
+            x = x + b["fc2"](torch.nn.functional.gelu(b["fc1"](b["ln2"](x))))
+        return self.head(x)
+
+
+def _model(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return Encoderish(**kw).eval(), (torch.randn(4, 16, 64),)
+
+
+def _fresh(seed: int = 99) -> torch.Tensor:
+    return torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_int8_rewrites_linears_and_holds_the_budget_on_fresh_inputs():
+    model, args = _model()
+    result = graphopt.optimize(model, args, precision="int8", error_budget=0.02)
+    rec = result.report.record("precision")
+    assert rec.status == "applied", rec
+    targets = _targets(result.module)
+    assert targets.count(INT8) >= 5 and "aten.linear" not in targets or targets.count(INT8) >= 5
+    assert result.report.final_numerics.ok
+    with torch.no_grad():
+        for seed in (7, 8, 9):  # inputs neither the example nor the verifier's
+            x = _fresh(seed)
+            assert _rel(result.module(x), model(x)) <= 0.02
+    plan = result.report.extra["precision"]
+    assert {e["precision"] for e in plan} >= {"int8", "fp32"}
+    kept = [e for e in plan if e["precision"] == "fp32"]
+    assert all("no constant weight" in e["reason"] for e in kept)  # the attention matmuls
+
+
+def test_tight_budget_keeps_the_most_costly_nodes_and_names_them():
+    model, args = _model()
+    budget = 4e-3
+    result = graphopt.optimize(model, args, precision="int8", error_budget=budget)
+    rec = result.report.record("precision")
+    assert rec.status == "applied", rec
+    over = [d for d in rec.declined if "over budget" in d.reason]
+    assert over, [d.reason for d in rec.declined]
+    assert all("rel_l2" in d.reason for d in over)
+    kept_names = {d.site.split(" ")[0] for d in over}
+    remaining = {n.name for n in result.module.graph.nodes if n.op == "call_function"}
+    assert kept_names <= remaining  # the kept nodes are still there, in fp32
+    assert any(INT8 == t for t in _targets(result.module))  # and the rest is converted
+    with torch.no_grad():
+        for seed in (7, 8):
+            x = _fresh(seed)
+            assert _rel(result.module(x), model(x)) <= budget
+
+
+def test_bf16_islands_and_casts():
+    model, args = _model()
+    result = graphopt.optimize(model, args, precision="bf16", error_budget=0.05)
+    rec = result.report.record("precision")
+    assert rec.status == "applied", rec
+    gm = result.module
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        val = ir.tensor_meta(node)
+        if node.target in (aten.softmax.int, aten._softmax.default, aten.layer_norm.default):
+            assert ir.tensor_meta(node.args[0]).dtype == torch.float32, node  # fp32 island input
+        if node.target == aten.linear.default:
+            assert val.dtype == torch.bfloat16, node
+    casts = [n for n in gm.graph.nodes if n.target == aten._to_copy.default]
+    assert casts
+    reasons = " ".join(d.reason for d in rec.declined)
+    assert "softmax island" in reasons and "norm island" in reasons
+    with torch.no_grad():
+        out = gm(*args)
+    assert out.dtype == torch.float32
+    assert _rel(out, model(*args)) < 0.05
+
+
+class TwoBranch(nn.Module):
+    """h = fc1(x) + fc2(fc1(x)) feeding a LayerNorm: a residual add of two low-precision values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.ln = nn.Linear(32, 32), nn.Linear(32, 32), nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x)
+        return self.ln(y + self.fc2(y))
+
+
+def test_residual_stream_stays_fp32_by_default_and_can_be_lowered():
+    torch.manual_seed(0)
+    model, args = TwoBranch().eval(), (torch.randn(4, 32),)
+    residual = lambda gm: next(n for n in gm.graph.nodes if n.target == aten.add.Tensor  # noqa: E731
+                               and all(isinstance(a, torch.fx.Node) for a in n.args[:2]))
+    kept = graphopt.optimize(model, args, precision="bf16", error_budget=0.05).module
+    assert ir.tensor_meta(residual(kept)).dtype == torch.float32
+    lowered = graphopt.optimize(model, args, precision="bf16", error_budget=0.05,
+                                precision_keep_residual_fp32=False).module
+    assert ir.tensor_meta(residual(lowered)).dtype == torch.bfloat16
+
+
+class Overflowing(nn.Module):
+    """Activations far above 65504 before a matmul (an un-normalised feature scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 1.0e5
+        return self.fc2(torch.relu(self.fc1(h))) * 1e-5
+
+
+def test_fp16_overflow_scaling_gives_finite_in_budget_outputs():
+    torch.manual_seed(0)
+    model, x = Overflowing().eval(), torch.randn(8, 32)
+    # without scaling fp16 overflows: the model is built to
+    with torch.no_grad():
+        naive = model.half()(x.half()).float()
+        model.float()
+    assert not torch.isfinite(naive).all()
+    result = graphopt.optimize(model, (x,), precision="fp16", error_budget=0.01)
+    rec = result.report.record("precision")
+    assert rec.status == "applied", rec
+    assert any("scaling" in n for n in rec.notes)
+    lowered = [n for n in result.module.graph.nodes if n.target in (aten.linear.default, aten.mm.default)
+               and ir.tensor_meta(n).dtype == torch.float16]
+    assert lowered, result.module.code  # the matmuls do run in fp16
+    with torch.no_grad():
+        for seed in (1, 2, 3):
+            xf = torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))
+            out = result.module(xf)
+            assert torch.isfinite(out).all()
+            assert _rel(out, model(xf)) <= 0.01
+
+
+def _pass_ctx(model, args, budget=0.02, **options):
+    cap = graphopt.capture(model, args)
+    ctx = OptimizeContext(args=cap.args, kwargs=cap.kwargs, flat_inputs=ir.flat_inputs(cap.args, cap.kwargs, cap.module),
+                          error_budget=ErrorBudget(budget), options=options)
+    ctx.verifier = Verifier(model, cap.args, cap.kwargs, cap.module, n_random=1)
+    return cap.module, ctx
+
+
+def test_pass_is_idempotent():
+    model, args = _model()
+    gm, ctx = _pass_ctx(model, args, precision="int8")
+    first = ReducedPrecision()(ir.copy_graph_module(gm), ctx)
+    assert first.modified
+    second = ReducedPrecision()(ir.copy_graph_module(first.module), ctx)
+    assert not second.modified
+    assert _targets(second.module) == _targets(first.module)
+
+
+def test_fp8_is_declined_on_cpu_with_the_reason():
+    model, args = _model()
+    result = graphopt.optimize(model, args, precision="fp8", error_budget=0.05)
+    rec = result.report.record("precision")
+    assert rec.status == "unchanged"
+    assert any("compute capability >= 8.9" in d.reason and "cpu" in d.reason for d in rec.declined)
+    assert INT8 not in _targets(result.module)
+
+
+def test_fp8_rewrite_with_reference_kernel_on_a_target_that_claims_fp8():
+    """The fp8 rewrite itself, exercised on CPU through the op's reference kernel."""
+    model, args = _model()
+    gm, ctx = _pass_ctx(model, args, budget=0.08)
+    target = PrecisionTarget(torch.device("cpu"), "per_token_u7", fp8=True)
+    res = ReducedPrecision("fp8", target=target)(ir.copy_graph_module(gm), ctx)
+    assert res.modified
+    assert _targets(res.module).count("graphopt.fp8_linear") >= 5
+    assert _rel(res.module(*args), model(*args)) <= 0.08
+
+
+def test_unknown_precision_is_an_error():
+    with pytest.raises(ValueError, match="choose one of"):
+        ReducedPrecision("int4")
+
+
+def test_remove_redundant_casts_only_removes_lossless_round_trips():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(2, dtype=torch.bfloat16)
+    up = g.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32})
+    back = g.call_function(aten._to_copy.default, (up,), {"dtype": torch.bfloat16})
+    y = g.placeholder("y")
+    y.meta["val"] = torch.empty(2, dtype=torch.float32)
+    down = g.call_function(aten._to_copy.default, (y,), {"dtype": torch.bfloat16})
+    up2 = g.call_function(aten._to_copy.default, (down,), {"dtype": torch.float32})
+    g.output((back, up2))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    assert remove_redundant_casts(gm) == 1  # bf16 -> fp32 -> bf16 goes; fp32 -> bf16 -> fp32 rounds: stays
+    out = gm(torch.ones(2, dtype=torch.bfloat16), torch.full((2,), 1.001))
+    assert out[0].dtype == torch.bfloat16 and out[1][0].item() != pytest.approx(1.001, abs=1e-6)
+
+
+def test_gpt2_int8_with_top1_budget_and_pt2_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=512, attn_implementation="eager",
+                                  use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 512, (2, 32))
+    budget = ErrorBudget(rel_l2=0.03, top1=0.9)
+    result = graphopt.optimize(model, (ids,), precision="int8", error_budget=budget)
+    rec = result.report.record("precision")
+    assert rec.status == "applied", rec
+    assert INT8 in _targets(result.module)
+    fresh = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, out = model(fresh).logits, result.module(fresh).logits
+    assert _rel(out, ref) <= 0.03
+    assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
+    paths = result.save(tmp_path)
+    loaded = torch.export.load(paths["pt2"]).module()
+    torch.testing.assert_close(loaded(fresh).logits, out)
+
+
+def test_cli_precision_and_error_budget(tmp_path, capsys):
+    from graphopt.cli import main
+
+    code = main(["optimize", "examples:mlp", "-o", str(tmp_path / "out"), "--precision", "int8",
+                 "--error-budget", "0.03", "--json"])
+    assert code == 0
+    report = __import__("json").loads(capsys.readouterr().out)
+    rec = next(p for p in report["passes"] if p["name"] == "precision")
+    assert rec["status"] == "applied"
+    assert any("rel_l2 <= 0.03" in n for n in rec["notes"])
+    assert (tmp_path / "out" / "model.pt2").exists()
