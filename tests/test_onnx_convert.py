@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import graphopt
+import graphopt.examples_models
 from graphopt.cli import main
 from graphopt.specs import load_spec
 from onnx_support import rel_l2, register_translation, run_onnx, scaled_relu_onnx_wrong, torch_leaves
@@ -134,3 +135,22 @@ def test_help_documents_the_exit_codes(capsys):
         main(["convert", "--help"])
     text = capsys.readouterr().out
     assert "exit codes" in text and "--dynamic" in text and "--opset" in text
+
+
+def test_convert_writes_the_viewer_page(tmp_path):
+    out = tmp_path / "out"
+    assert main(["convert", "examples:cnn", "-o", str(out), "--no-speed", "--dynamic", "batch"]) == 0
+    assert sorted(os.listdir(out)) == ["graph.html", "model.onnx", "model.pt2", "report.json", "report.md"]
+    page = (out / "graph.html").read_text()
+    assert page.lstrip().lower().startswith("<!doctype html") or "<html" in page[:500].lower()
+    assert not json.loads((out / "report.json").read_text())["extra"]["onnx"]["notes"]
+
+
+def test_example_script_runs(tmp_path, capsys):
+    import runpy
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "convert_to_onnx.py")
+    runpy.run_path(path, run_name="not_main")["main"](str(tmp_path))
+    out = capsys.readouterr().out
+    assert "onnxruntime vs torch ok" in out and "batch 3 x seq 40: relative L2 vs torch" in out
+    assert os.listdir(tmp_path) == ["model.onnx"]

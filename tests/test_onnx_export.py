@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import graphopt
+import graphopt.examples_models
 from graphopt import onnx_io
 from graphopt.specs import load_spec
 from onnx_support import rel_l2, run_onnx, torch_leaves
@@ -122,3 +123,33 @@ def test_a_seq_axis_no_input_has_is_refused():
     model, args = graphopt.examples_models.cnn(batch=2, width=4)
     with pytest.raises(ValueError, match="no input has a 'seq' axis"):
         onnx_io.dynamic_shapes_for(model, args, {}, "batch,seq")
+
+
+class HalfLinear(torch.nn.Module):
+    """Computes in float16, returns float32: the check must use float16's tolerance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.half()).float()
+
+
+def test_reduced_precision_graphs_are_checked_at_their_compute_precision(tmp_path):
+    torch.manual_seed(0)
+    info = graphopt.export_onnx(HalfLinear().eval(), tmp_path / "half.onnx", (torch.randn(8, 64),))
+    assert info.tolerance == {"float32": 1e-2}
+    assert any("float16" in note for note in info.notes)
+    assert info.numerics.ok
+
+
+def test_int8_operator_from_the_precision_pass_exports_through_its_translation(tmp_path):
+    model, args = graphopt.examples_models.mlp(batch=8)
+    result = graphopt.optimize(model, args, precision="int8", error_budget=0.05)
+    targets = {str(n.target) for n in result.module.graph.nodes if n.op == "call_function"}
+    assert "graphopt.int8_linear.default" in targets
+    info = graphopt.export_onnx(result, tmp_path / "int8.onnx")
+    assert info.op_counts.get("MatMulInteger", 0) == 2  # int8_linear's ONNX translation
+    assert info.numerics.ok and info.numerics.rel_l2 <= 1e-4  # same arithmetic on both sides
+    assert onnx_io.compute_precision(torch.export.export(result.module, args, strict=False)) == "int8"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import graphopt
+import graphopt.examples_models
 from graphopt.onnx_reader import load_onnx
 from onnx_support import use_sdpa_attention
 
