@@ -15,6 +15,7 @@ from graphopt.passes.analysis.cost_annotation import CostAnnotation
 from graphopt.passes.analysis.ffn_chains import FFNChains
 from graphopt.passes.analysis.hot_matmuls import HotMatmuls
 from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
+from graphopt.passes.attention import FuseAttention
 from graphopt.passes.cleanup.constant_folding import ConstantFolding
 from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
@@ -43,10 +44,10 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    pipeline = cleanup_pipeline() + [MergeMatmuls()]
+    pipeline = cleanup_pipeline() + [FuseAttention(), MergeMatmuls()]
     if ctx is not None and ctx.options.get("precision"):
         pipeline.append(ReducedPrecision())
-    return pipeline
+    return pipeline + cleanup_pipeline()
 
 
 def all_pass_classes() -> list[type[Pass]]:
@@ -57,6 +58,7 @@ def all_pass_classes() -> list[type[Pass]]:
         CommonSubexpressionElimination,
         FoldConvBatchNorm,
         DeadCodeElimination,
+        FuseAttention,
         MergeMatmuls,
         ReducedPrecision,
         TensorParallel,
