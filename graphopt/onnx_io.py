@@ -298,10 +298,21 @@ def _where_used(ep: torch.export.ExportedProgram, op: str) -> str:
 
 
 def _translate(ep: torch.export.ExportedProgram, opset: int | None, table: dict[Any, Any]) -> Any:
+    """torch.onnx's dynamo export, then onnxscript's optimizer -- without the opset-23 ONNX fusions.
+
+    ``torch.onnx.export(optimize=True)`` also runs ``onnxscript.rewriter.onnx_fusions`` at opset
+    23 (RMSNormalization, RotaryEmbedding, GQA); its RotaryEmbedding fusion gave a Llama a
+    ``cos_cache`` of batch 1 for an input of batch 2, which onnxruntime 1.32 rejects. So the
+    export runs with ``optimize=False`` and the optimizer (constant folding, clean-up) is run here.
+    """
+    import onnxscript.optimizer
+
     try:
         with contextlib.redirect_stdout(None):
-            return torch.onnx.export(ep, (), dynamo=True, opset_version=opset,
-                                     custom_translation_table=table or None, optimize=True, verbose=False)
+            program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset,
+                                        custom_translation_table=table or None, optimize=False, verbose=False)
+        onnxscript.optimizer.optimize(program.model)
+        return program
     except Exception as exc:
         ops = _untranslatable_ops(exc)
         if ops:

@@ -82,5 +82,15 @@ def test_masked_attention_is_declined_with_its_reason(tmp_path):
     info = graphopt.export_onnx(model, path, (x, mask))
     assert "Attention" in _ops(path)
     assert info.rewrites == {"causal_attention_to_gqa": 0}
-    assert info.declined and all("not causal" in d.reason for d in info.declined)
+    assert info.declined and all("explicit mask" in d.reason for d in info.declined)
     assert info.numerics.ok
+
+
+def test_head_size_not_a_multiple_of_8_is_declined(tmp_path):
+    model, args = nanogpt(n_layer=1, n_embd=40, n_head=4, seq=8, batch=2)  # head size 10
+    use_sdpa_attention(model)
+    info = graphopt.export_onnx(model, tmp_path / "m.onnx", args)
+    assert info.rewrites == {"causal_attention_to_gqa": 0}
+    assert [d.reason for d in info.declined] == [
+        "head size 10 is not a multiple of 8 (onnxruntime's GroupQueryAttention requires it)"]
+    assert info.numerics.ok and "Attention" in _ops(tmp_path / "m.onnx")
