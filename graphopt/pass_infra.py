@@ -205,7 +205,9 @@ class PassManager:
 
     Timing is built in. Each rewrite pass works on its own copy of the graph;
     a pass that raises, or whose result an instrument rejects, is rolled back
-    (the module from before it is kept) and the pipeline goes on.
+    (the module from before it is kept) and the pipeline goes on -- except an
+    exception with ``abort_pipeline = True`` (the user must act, e.g. an
+    unreachable memory budget), which propagates.
     """
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = ()) -> None:
@@ -234,6 +236,9 @@ class PassManager:
         try:
             result = pass_(work, ctx)
         except Exception as exc:
+            if getattr(exc, "abort_pipeline", False):  # e.g. an unreachable memory budget: the user must act
+                record.status, record.error = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                raise
             record.seconds = time.perf_counter() - start
             record.status = "error"
             record.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

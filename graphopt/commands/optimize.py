@@ -86,6 +86,10 @@ def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_sh
             if "unknown option" in str(exc):
                 raise UsageError(str(exc)) from exc
             raise
+        except ValueError as exc:  # e.g. passes.blocked.BudgetError: a budget no plan meets
+            if getattr(exc, "abort_pipeline", False):
+                raise UsageError(str(exc)) from exc
+            raise
     result.report.model = spec.name
     return spec, result
 

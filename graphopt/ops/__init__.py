@@ -16,10 +16,13 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from graphopt.ops import fp8_linear, int8_linear
+from graphopt.ops import blocked_attention, blocked_matmul, chunked_ffn, chunked_lm_head, fp8_linear, int8_linear
 
 #: operator modules, imported for their registrations (add new ones here)
-OP_MODULES: list[ModuleType] = [int8_linear, fp8_linear]
+OP_MODULES: list[ModuleType] = [int8_linear, fp8_linear, blocked_matmul, blocked_attention, chunked_ffn,
+                                chunked_lm_head]
+
+from graphopt.ops import workspace  # noqa: E402,F401  (blocked operators' working memory and costs)
 
 
 def onnx_translations() -> dict[Any, Any]:

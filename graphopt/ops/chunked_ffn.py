@@ -1,0 +1,86 @@
+"""``graphopt::chunked_ffn``: a feed-forward block computed over token chunks.
+
+``chunked_ffn(x, w_in, b_in, w_gate, b_gate, w_out, b_out, activation, chunk)``
+equals, with ``linear = F.linear`` and ``act`` the named activation
+(:data:`graphopt.ops._blocking.ACTIVATIONS`)::
+
+    h = linear(x, w_in, b_in)
+    h = act(linear(x, w_gate, b_gate)) * h     # gated (w_gate given): SwiGLU, GeGLU, T5 v1.1
+    h = act(h)                                 # plain (w_gate None): GPT-2, BERT, T5
+    linear(h, w_out, b_out)
+
+over ``chunk`` rows of ``x`` (all leading dimensions flattened) at a time,
+so the wide ``(tokens, hidden)`` intermediate exists one chunk at a time.
+Weights are in ``nn.Linear`` layout ``(out_features, in_features)``.
+
+ONNX: translated unblocked (``MatMul``/``Add``/activation formula):
+ONNX Runtime plans its own memory; the result is the same up to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from graphopt.ops._blocking import activation as get_activation
+from graphopt.ops._blocking import onnx_transpose_last2, spans
+
+__all__ = ["chunked_ffn", "ffn_workspace_bytes", "ONNX_TRANSLATIONS"]
+
+
+def _ffn_rows(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | None, b_gate: Tensor | None,
+              w_out: Tensor, b_out: Tensor | None, act) -> Tensor:
+    h = F.linear(x, w_in, b_in)
+    if w_gate is not None:
+        h = act(F.linear(x, w_gate, b_gate)).mul_(h)
+    else:
+        h = act(h)
+    return F.linear(h, w_out, b_out)
+
+
+@torch.library.custom_op("graphopt::chunked_ffn", mutates_args=())
+def chunked_ffn(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | None, b_gate: Tensor | None,
+                w_out: Tensor, b_out: Tensor | None, activation: str, chunk: int) -> Tensor:
+    """linear -> activation (optionally gated) -> linear, ``chunk`` rows at a time."""
+    act = get_activation(activation).torch_fn
+    rows = x.reshape(-1, x.shape[-1])
+    out_dtype = torch.promote_types(x.dtype, w_out.dtype)
+    out = torch.empty(rows.shape[0], w_out.shape[0], dtype=out_dtype, device=x.device)
+    for r0, r1 in spans(rows.shape[0], chunk):
+        out[r0:r1] = _ffn_rows(rows[r0:r1], w_in, b_in, w_gate, b_gate, w_out, b_out, act)
+    return out.reshape(*x.shape[:-1], w_out.shape[0])
+
+
+@chunked_ffn.register_fake
+def _chunked_ffn_fake(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | None, b_gate: Tensor | None,
+                      w_out: Tensor, b_out: Tensor | None, activation: str, chunk: int) -> Tensor:
+    get_activation(activation)  # unknown names fail at trace time, not at run time
+    return x.new_empty(*x.shape[:-1], w_out.shape[0], dtype=torch.promote_types(x.dtype, w_out.dtype))
+
+
+def ffn_workspace_bytes(rows: int, hidden: int, d_out: int, chunk: int, gated: bool, dtype: torch.dtype) -> int:
+    """Bytes :func:`chunked_ffn` allocates beyond its input and output, at most."""
+    c = rows if chunk <= 0 else min(rows, chunk)
+    # h and act(h) (or gate, act(gate), up) live together, plus one output chunk
+    return c * hidden * dtype.itemsize * (3 if gated else 2) + c * d_out * dtype.itemsize
+
+
+# ---------------------------------------------------------------- ONNX (unblocked)
+
+def _chunked_ffn_onnx(x, w_in, b_in=None, w_gate=None, b_gate=None, w_out=None, b_out=None,
+                      activation: str = "identity", chunk: int = 0):
+    from onnxscript import opset18 as op
+
+    act = get_activation(activation).onnx_fn
+
+    def linear(inp, w, b):
+        y = op.MatMul(inp, onnx_transpose_last2(op, w))
+        return op.Add(y, b) if b is not None else y
+
+    h = linear(x, w_in, b_in)
+    h = op.Mul(act(op, linear(x, w_gate, b_gate)), h) if w_gate is not None else act(op, h)
+    return linear(h, w_out, b_out)
+
+
+ONNX_TRANSLATIONS = {torch.ops.graphopt.chunked_ffn.default: _chunked_ffn_onnx}

@@ -1,0 +1,362 @@
+"""Recompute a slice of a large tensor from its producers instead of keeping it whole.
+
+``RowSlicer(gm).slice(node, axis, start, stop, builder)`` returns a node whose
+value is ``node``'s value narrowed to ``[start, stop)`` along ``axis``. Large
+intermediate producers (more than ``leaf_bytes``) are *recomputed* on the
+slice -- their small inputs are sliced instead -- so the full tensor need not
+exist. This is what lets blocked attention drop a T5 relative-position bias
+or a materialised ``(T, T)`` mask: each query block recomputes its rows.
+
+Followed backwards, per op:
+    pointwise ops (``Tag.pointwise``, casts, ``full_like``...) -> slice each
+        input that is not broadcast along the axis
+    unsqueeze / squeeze / permute / transpose / t / select -> the matching input axis
+    expand -> slice the input, shrink the expanded size
+    slice on the axis -> shift the range; on another axis -> slice then re-slice
+    embedding(weight, idx) -> slice idx (axis must not be the embedding dim)
+    index.Tensor(x, [i0, ..., in]) covering every dim -> slice the index tensors
+    view / reshape that only adds or drops size-1 dims -> the matching input axis
+    in-place ops (``add_``) -> their out-of-place form (the mutated input must
+    have no other user)
+Small values, placeholders and ``get_attr`` constants are leaves: sliced by a
+view (``aten.slice``). Anything else stops the walk; :meth:`RowSlicer.why_not`
+says where.
+
+(Inductor's auto-chunker does a related analysis for training graphs; it is
+off by default and not reusable on an inference ``GraphModule``, hence this.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt import ir
+from graphopt.node_builder import NodeBuilder, fake_mode_of, set_fake_val
+
+aten = torch.ops.aten
+
+__all__ = ["RowSlicer", "DEFAULT_LEAF_BYTES"]
+
+DEFAULT_LEAF_BYTES = 1 << 20
+
+_UNARY_LIKE = {
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.clone.default,
+    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.full_like.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+    aten.lift_fresh_copy.default,
+    # elementwise ops the pointwise tag misses
+    aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, aten.__and__.Tensor, aten.__or__.Tensor,
+    aten.__xor__.Tensor,
+}
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _nbytes(node: fx.Node) -> int:
+    val = ir.tensor_meta(node)
+    if val is None:
+        return 0
+    return int(val.numel() * val.element_size())
+
+
+def _rank(node: Any) -> int:
+    val = ir.tensor_meta(node)
+    return val.ndim if val is not None else 0
+
+
+def _norm(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def _functional(target: Any) -> Any:
+    """``aten.add_.Tensor`` -> ``aten.add.Tensor`` (None when there is no such op)."""
+    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.inplace not in target.tags:
+        return target
+    name = target._schema.name.split("::")[-1].rstrip("_")
+    packet = getattr(aten, name, None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def _is_pointwise(target: Any) -> bool:
+    if target in _UNARY_LIKE:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def _squeeze_map(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> dict[int, int] | None:
+    """out axis -> in axis when the reshape only adds/drops size-1 dims, else None."""
+    in_dims = [i for i, s in enumerate(in_shape) if s != 1]
+    out_dims = [i for i, s in enumerate(out_shape) if s != 1]
+    if [in_shape[i] for i in in_dims] != [out_shape[i] for i in out_dims]:
+        return None
+    return dict(zip(out_dims, in_dims))
+
+
+def functionalize_inplace(gm: fx.GraphModule) -> int:
+    """Replace in-place ops whose mutated input nobody else reads by their out-of-place form.
+
+    ``add_(a, b)`` where ``a`` has no other user -> ``add(a, b)``: the same
+    values, and ``a`` (possibly a folded constant) is no longer mutated, so a
+    slice of it can be read at any point. Returns how many nodes were replaced.
+    """
+    count = 0
+    fake_mode = fake_mode_of(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or torch.Tag.inplace not in getattr(node.target, "tags", ()):
+            continue
+        mutated = node.args[0] if node.args else None
+        functional = _functional(node.target)
+        if functional is None or not isinstance(mutated, fx.Node) or len(mutated.users) != 1 \
+                or mutated.op == "placeholder":
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(functional, node.args, dict(node.kwargs))
+        new.meta.update(node.meta)
+        set_fake_val(new, fake_mode)  # its own storage now, not the mutated input's
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+class RowSlicer:
+    """Emit slices of values by recomputing their large producers (see module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, leaf_bytes: int = DEFAULT_LEAF_BYTES) -> None:
+        self.gm = gm
+        self.leaf_bytes = leaf_bytes
+        self._why: dict[tuple[fx.Node, int], str] = {}
+        self._cheap: dict[fx.Node, bool] = {}
+
+    # ------------------------------------------------------------ analysis
+    def is_cheap(self, node: fx.Node) -> bool:
+        """An input, a constant, a creation op, or a small value computed only from cheap values."""
+        if node not in self._cheap:
+            self._cheap[node] = node.op != "call_function" or not node.all_input_nodes or (
+                _nbytes(node) <= self.leaf_bytes and all(self.is_cheap(i) for i in node.all_input_nodes))
+        return self._cheap[node]
+
+    def is_leaf(self, node: fx.Node, axis: int | None = None) -> bool:
+        """Sliced by a view rather than recomputed.
+
+        Cheap values are leaves. A small value computed from large ones is
+        recomputed (so the large ones can die) when it can be along ``axis``,
+        else it is a leaf too.
+        """
+        if self.is_cheap(node):
+            return True
+        if _nbytes(node) > self.leaf_bytes:
+            return False
+        return axis is None or bool(self._compute_reason(node, axis))
+
+    def why_not(self, node: fx.Node, axis: int) -> str:
+        """'' when ``node`` can be sliced along ``axis`` without materialising it, else the reason."""
+        shape = ir.shape_of(node)
+        if shape is None:
+            return f"{node.name} has no static shape"
+        if shape[axis] == 1 or self.is_leaf(node, axis):
+            return ""
+        return self._compute_reason(node, axis)
+
+    def recomputed_nodes(self, node: fx.Node, axis: int) -> list[fx.Node]:
+        """The large producers slicing ``node`` along ``axis`` recomputes (they may become dead)."""
+        seen: list[fx.Node] = []
+
+        def walk(n: fx.Node, ax: int) -> None:
+            shape = ir.shape_of(n)
+            if shape is None or shape[ax] == 1 or self.is_leaf(n, ax) or n in seen:
+                return
+            seen.append(n)
+            for inp, in_ax in self._input_axes(n, ax):
+                if in_ax is not None:
+                    walk(inp, in_ax)
+
+        walk(node, axis)
+        return seen
+
+    def _compute_reason(self, node: fx.Node, axis: int) -> str:
+        """'' when ``node``'s rows can be computed from its inputs' rows (recursively), else why not."""
+        key = (node, axis)
+        if key not in self._why:
+            self._why[key] = "(cycle)"
+            self._why[key] = self._check(node, axis)
+        return self._why[key]
+
+    def _check(self, node: fx.Node, axis: int) -> str:
+        shape = ir.shape_of(node)
+        if shape is None:
+            return f"{node.name} has no static shape"
+        if node.op != "call_function":
+            return f"{node.name} is an input"
+        target = node.target
+        if _functional(target) is None:
+            return f"{node.name}: in-place {ir.op_name(node)} has no out-of-place form"
+        if torch.Tag.inplace in getattr(target, "tags", ()):
+            mutated = node.args[0]
+            if isinstance(mutated, fx.Node) and len(mutated.users) > 1:
+                return f"{node.name}: in-place {ir.op_name(node)} on a value other nodes read"
+        try:
+            pairs = self._input_axes(node, axis)
+        except _Unsupported as exc:
+            return f"{node.name}: {exc}"
+        for inp, in_ax in pairs:
+            if in_ax is not None:
+                reason = self.why_not(inp, in_ax)
+                if reason:
+                    return reason
+        return ""
+
+    def _input_axes(self, node: fx.Node, axis: int) -> list[tuple[fx.Node, int | None]]:
+        """For each tensor input of ``node``: the axis holding ``node``'s ``axis`` rows (None: broadcast)."""
+        target, args = node.target, node.args
+        out_shape = ir.shape_of(node)
+        rank = len(out_shape)
+        if target in (aten.embedding.default,):
+            idx = args[1]
+            if axis >= _rank(idx):
+                raise _Unsupported("slicing the embedding dimension")
+            return [(idx, axis)]
+        if target is aten.index.Tensor:
+            x, indices = args[0], args[1]
+            if any(i is None for i in indices) or len(indices) != _rank(x):
+                raise _Unsupported("index with slices or None (only full advanced indexing is followed)")
+            return [(i, self._broadcast_axis(i, axis, rank)) for i in indices]
+        if target is aten.unsqueeze.default:
+            d = _norm(args[1], rank)
+            return [(args[0], axis if axis < d else axis - 1)]
+        if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            mapping = _squeeze_map(ir.shape_of(args[0]), out_shape)
+            return [(args[0], mapping[axis])]
+        if target is aten.permute.default:
+            return [(args[0], _norm(args[1][axis], rank))]
+        if target is aten.transpose.int:
+            d0, d1 = _norm(args[1], rank), _norm(args[2], rank)
+            return [(args[0], d1 if axis == d0 else d0 if axis == d1 else axis)]
+        if target is aten.t.default:
+            return [(args[0], 1 - axis if rank == 2 else axis)]
+        if target is aten.select.int:
+            d = _norm(args[1], _rank(args[0]))
+            return [(args[0], axis if axis < d else axis + 1)]
+        if target is aten.expand.default:
+            return [(args[0], self._broadcast_axis(args[0], axis, rank))]
+        if target is aten.slice.Tensor:
+            d = _norm(args[1] if len(args) > 1 else 0, rank)
+            step = args[4] if len(args) > 4 else 1
+            if d == axis and step != 1:
+                raise _Unsupported("strided slice along the sliced axis")
+            return [(args[0], axis)]
+        if target in _RESHAPES:
+            mapping = _squeeze_map(ir.shape_of(args[0]), out_shape)
+            if mapping is None or axis not in mapping:
+                raise _Unsupported(f"{ir.op_name(node)} {ir.shape_of(args[0])} -> {out_shape} mixes the axis")
+            return [(args[0], mapping[axis])]
+        if target is aten.dropout.default:
+            if args[2] and args[1] > 0:
+                raise _Unsupported("dropout in training mode")
+            return [(args[0], axis)]
+        if _is_pointwise(target):
+            pairs: list[tuple[fx.Node, int | None]] = []
+            for a in list(args) + list(node.kwargs.values()):
+                for inp in (a if isinstance(a, (list, tuple)) else [a]):
+                    if isinstance(inp, fx.Node) and ir.tensor_meta(inp) is not None:
+                        pairs.append((inp, self._broadcast_axis(inp, axis, rank)))
+            return pairs
+        raise _Unsupported(f"{ir.op_name(node)} is not followed")
+
+    @staticmethod
+    def _broadcast_axis(inp: fx.Node, axis: int, out_rank: int) -> int | None:
+        shape = ir.shape_of(inp)
+        aligned = axis - (out_rank - len(shape))
+        if aligned < 0 or shape[aligned] == 1:
+            return None
+        return aligned
+
+    # ------------------------------------------------------------ emission
+    def slice(self, node: fx.Node, axis: int, start: int, stop: int, builder: NodeBuilder,
+              memo: dict[Any, fx.Node] | None = None) -> fx.Node:
+        """A node holding ``node``'s value narrowed to ``[start, stop)`` along ``axis``.
+
+        Call :meth:`why_not` first; ``memo`` shares work between slices of one block.
+        """
+        memo = {} if memo is None else memo
+        key = (node, axis, start, stop)
+        if key in memo:
+            return memo[key]
+        out = self._emit(node, axis, start, stop, builder, memo)
+        memo[key] = out
+        return out
+
+    def _emit(self, node: fx.Node, axis: int, start: int, stop: int, builder: NodeBuilder,
+              memo: dict[Any, fx.Node]) -> fx.Node:
+        shape = ir.shape_of(node)
+        if shape[axis] == 1:
+            return node
+        if start == 0 and stop >= shape[axis]:
+            return node
+        if self.is_leaf(node, axis):
+            return builder.call(aten.slice.Tensor, node, axis, start, stop)
+        target, args = node.target, list(node.args)
+        rank = len(shape)
+        sub = lambda n, ax: self.slice(n, ax, start, stop, builder, memo)  # noqa: E731
+        if target is aten.embedding.default:
+            args[1] = sub(args[1], axis)
+        elif target is aten.index.Tensor:
+            args[1] = [self._maybe(i, self._broadcast_axis(i, axis, rank), sub) for i in args[1]]
+        elif target is aten.slice.Tensor:
+            d = _norm(args[1] if len(args) > 1 else 0, rank)
+            if d == axis:
+                in_size = ir.shape_of(args[0])[axis]
+                s0 = args[2] if len(args) > 2 and args[2] is not None else 0
+                s0 = max(0, min(in_size, s0 + in_size if s0 < 0 else s0))
+                return self.slice(args[0], axis, s0 + start, s0 + stop, builder, memo)
+            args[0] = sub(args[0], axis)
+        elif target is aten.expand.default:
+            in_ax = self._broadcast_axis(args[0], axis, rank)
+            args[0] = self._maybe(args[0], in_ax, sub)
+            sizes = list(args[1])
+            sizes[axis] = stop - start
+            args[1] = sizes
+        elif target in _RESHAPES:
+            mapping = _squeeze_map(ir.shape_of(args[0]), shape)
+            args[0] = sub(args[0], mapping[axis])
+            new_shape = list(shape)
+            new_shape[axis] = stop - start
+            return builder.call(aten.reshape.default, args[0], new_shape)
+        elif target in (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+                        aten.permute.default, aten.transpose.int, aten.t.default, aten.select.int,
+                        aten.dropout.default):
+            (inp, in_ax), = self._input_axes(node, axis)
+            args[0] = sub(inp, in_ax)
+        else:  # pointwise
+            kwargs = dict(node.kwargs)
+            args = [self._slice_arg(a, axis, rank, sub) for a in args]
+            kwargs = {k: self._slice_arg(v, axis, rank, sub) for k, v in kwargs.items()}
+            return builder.call(_functional(target), *args, **kwargs)
+        return builder.call(_functional(target), *args, **dict(node.kwargs))
+
+    def _slice_arg(self, a: Any, axis: int, rank: int, sub: Any) -> Any:
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._slice_arg(x, axis, rank, sub) for x in a)
+        if isinstance(a, fx.Node) and ir.tensor_meta(a) is not None:
+            return self._maybe(a, self._broadcast_axis(a, axis, rank), sub)
+        return a
+
+    @staticmethod
+    def _maybe(n: fx.Node, ax: int | None, sub: Any) -> fx.Node:
+        return n if ax is None else sub(n, ax)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def slice_bytes(node: fx.Node, axis: int, rows: int) -> int:
+    """Bytes of ``rows`` rows of ``node`` along ``axis``."""
+    shape = ir.shape_of(node) or ()
+    val = ir.tensor_meta(node)
+    if not shape or val is None:
+        return 0
+    return int(math.prod(shape) // max(shape[axis], 1) * rows * val.element_size())

@@ -1,0 +1,308 @@
+"""Block configurations for blockable sites and their predicted cost (time and working memory).
+
+A :class:`BlockConfig` is one way to block a site: ``(q_block, kv_block)`` for
+attention, ``(chunk,)`` for an FFN or LM head, ``(rows, cols, k)`` for a
+matmul; ``0`` means "the whole dimension".
+
+:class:`BlockCostModel` predicts seconds with a small roofline-style model:
+FLOPs at a sustained rate, bytes of the large intermediates at DRAM bandwidth
+(or cache bandwidth when a tile fits in cache), a dispatch cost per op call,
+and -- on CPU -- the first-touch cost of large fresh allocations (the
+allocator returns big blocks to the OS, so eager attention pays page faults
+for every ``T x T`` tensor on every call). The constants are deliberately
+round; ``autotune=True`` measures instead. The planner only uses the model to
+*rank* configurations (least predicted slowdown first) and, without a memory
+budget, to block a site only when it predicts a speed-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from graphopt import ir
+from graphopt.ops._blocking import n_blocks
+from graphopt.ops.blocked_attention import attention_workspace_bytes
+from graphopt.ops.chunked_ffn import ffn_workspace_bytes
+from graphopt.ops.chunked_lm_head import lm_head_workspace_bytes
+from graphopt.passes.analysis.blockable_sites import AttentionSite, BlockableSite, FFNSite, LMHeadSite, MatmulSite
+
+__all__ = ["BlockConfig", "Machine", "BlockCostModel"]
+
+#: allocations above this size are mmapped (and page-faulted) afresh by glibc on every call
+_MMAP_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """How to block one site: ``kind`` and its block sizes (0: whole dimension)."""
+
+    kind: str
+    sizes: tuple[int, ...]
+
+    def describe(self) -> str:
+        names = {"attention": ("q_block", "kv_block"), "ffn": ("chunk",), "lm_head": ("chunk",),
+                 "matmul": ("rows", "cols", "k")}[self.kind]
+        return ", ".join(f"{n}={'all' if s <= 0 else s}" for n, s in zip(names, self.sizes))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Round figures for the cost model."""
+
+    flops: float  # sustained FLOP/s of a large matmul
+    dram_bw: float  # bytes/s
+    cache_bw: float  # bytes/s for tiles that fit in cache
+    cache_bytes: int
+    launch_s: float  # per op call
+    fault_s_per_byte: float  # first touch of freshly mapped memory
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> Machine:
+        """Round CUDA figures; on CPU, figures measured once per process (:func:`calibrate_cpu`)."""
+        if device.type == "cuda":
+            return cls(5e13, 2e12, 1e13, 40 << 20, 8e-6, 0.0)
+        return calibrate_cpu(torch.get_num_threads())
+
+
+_CPU_DEFAULT = Machine(5e10, 1e10, 4e10, 2 << 20, 1e-5, 2.5e-10)
+
+
+@functools.lru_cache(maxsize=4)
+def calibrate_cpu(threads: int) -> Machine:
+    """Measure this CPU in about half a second: matmul rate, copy bandwidth out of and in cache,
+    the cost of first-touching fresh memory (page faults) and the overhead of one op on a tile
+    (the median of five runs: contention is what it should see).
+
+    A loaded machine gives slow figures, and that is the point: eager attention
+    on a busy CPU is dominated by page faults and DRAM passes, which blocking avoids.
+    """
+    def best(fn: Any, n: int = 3) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return max(min(times), 1e-9)
+
+    try:
+        with torch.no_grad():
+            a = torch.randn(512, 512)
+            flops = 2 * 512**3 / best(lambda: a @ a)
+            big, out = torch.ones(8 << 20), torch.empty(8 << 20)
+            dram = 2 * big.numel() * 4 / best(lambda: out.copy_(big))
+            small, small_out = torch.ones(32 << 10), torch.empty(32 << 10)
+
+            def in_cache() -> None:
+                for _ in range(32):
+                    small_out.copy_(small)
+
+            cache = 32 * 2 * small.numel() * 4 / best(in_cache)
+            fresh_bytes = 64 << 20  # above glibc's largest mmap threshold: a fresh mapping every time
+            fresh = best(lambda: torch.empty(fresh_bytes // 4).fill_(1.0), 2)
+            touched = torch.ones(fresh_bytes // 4)
+            warm = best(lambda: touched.fill_(1.0), 2)
+            del touched
+            fault = max(fresh - warm, 0.0) / fresh_bytes
+            # per-op overhead on a tile-sized tensor (large enough for the intra-op thread pool: on a busy
+            # machine its synchronisation, not the arithmetic, dominates small ops)
+            tile, tile_out = torch.ones(64 << 10), torch.empty(64 << 10)
+
+            def calls() -> None:
+                for _ in range(20):
+                    torch.add(tile, 1.0, out=tile_out)
+
+            runs = sorted(best(calls, 1) / 20 for _ in range(5))
+            launch = runs[len(runs) // 2] - 2 * tile.numel() * 4 / cache
+        return Machine(flops, dram, max(cache, dram), 2 << 20, max(launch, 2e-6), fault)
+    except Exception:  # a calibration failure must not stop the optimizer
+        return _CPU_DEFAULT
+
+
+def _pow2_below(n: int, lowest: int) -> list[int]:
+    """Powers of two < n, from the largest down to ``lowest``."""
+    out, p = [], 1 << max(int(math.log2(max(n - 1, 1))), 0)
+    while p >= lowest:
+        if p < n:
+            out.append(p)
+        p //= 2
+    return out
+
+
+class BlockCostModel:
+    """Predicted seconds and working bytes of a site, eager or blocked by a :class:`BlockConfig`."""
+
+    def __init__(self, device: torch.device | None = None, machine: Machine | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.m = machine or Machine.for_device(self.device)
+
+    # ------------------------------------------------------------ helpers
+    def _traffic(self, nbytes: float, tile_bytes: float) -> float:
+        bw = self.m.cache_bw if tile_bytes <= self.m.cache_bytes else self.m.dram_bw
+        return nbytes / bw
+
+    def _faults(self, tile_bytes: float, count: float) -> float:
+        return tile_bytes * count * self.m.fault_s_per_byte if tile_bytes >= _MMAP_BYTES else 0.0
+
+    def _matmul_eff(self, *dims: int) -> float:
+        return math.prod(min(1.0, d / 64) for d in dims)
+
+    # ------------------------------------------------------------ candidates
+    def candidates(self, site: BlockableSite) -> list[BlockConfig]:
+        """Configurations worth trying, cheapest predicted first (Pareto-pruned on working memory)."""
+        if isinstance(site, AttentionSite):
+            # at most 32 query blocks: a bias recomputed per block unrolls that many copies into the graph
+            qs = [0] + _pow2_below(site.tq, max(min(16, site.tq // 2), site.tq // 32, 1))
+            kvs = [0] + _pow2_below(site.tk, max(min(128, site.tk // 2), 1))
+            configs = [BlockConfig("attention", (q, kv)) for q in qs for kv in kvs if (q, kv) != (0, 0)]
+        elif isinstance(site, FFNSite):
+            configs = [BlockConfig("ffn", (c,)) for c in _pow2_below(site.rows, max(min(16, site.rows // 2), 1))]
+        elif isinstance(site, LMHeadSite):
+            configs = [BlockConfig("lm_head", (c,)) for c in _pow2_below(site.rows, 1)]
+        else:
+            rows = _output_rows(site)
+            configs = [BlockConfig("matmul", (r, 0, 0)) for r in _pow2_below(rows, 16)]
+        scored = sorted(configs, key=lambda c: (self.blocked_seconds(site, c), self.working_bytes(site, c)))
+        frontier, best_bytes = [], math.inf
+        for c in scored:
+            b = self.working_bytes(site, c)
+            if b < best_bytes:
+                frontier.append(c)
+                best_bytes = b
+        return frontier
+
+    # ------------------------------------------------------------ working memory
+    def working_bytes(self, site: BlockableSite, cfg: BlockConfig | None) -> int:
+        """Bytes the site needs at once beyond its inputs and output (``cfg`` None: eager)."""
+        if isinstance(site, AttentionSite):
+            batch_heads = math.prod(ir.shape_of(site.scores)[:-2])
+            dv = ir.shape_of(site.v)[-1]
+            if cfg is None:
+                return 3 * site.scores_bytes
+            q, kv = cfg.sizes
+            rows = site.tq if q <= 0 else min(q, site.tq)
+            bias_rows = sum(_row_bytes(b, site.tq) * rows for b in site.biases if _is_full(b, site))
+            return attention_workspace_bytes(batch_heads, site.tq, site.tk, dv, q, kv, torch.float32) + bias_rows
+        if isinstance(site, FFNSite):
+            d_out = site.lin_out.out_features
+            item = _itemsize(site.output)
+            if cfg is None:
+                return site.rows * site.hidden * item * (4 if site.lin_gate is not None else 2)
+            return ffn_workspace_bytes(site.rows, site.hidden, d_out, cfg.sizes[0], site.lin_gate is not None,
+                                       _dtype(site.output))
+        if isinstance(site, LMHeadSite):
+            item = 4 if site.upcast else _itemsize(site.head.node)
+            if cfg is None:
+                return site.rows * site.vocab * item * (1 if site.normalize == "none" else 2)
+            return lm_head_workspace_bytes(site.rows, site.vocab, cfg.sizes[0], site.normalize,
+                                           torch.float32 if site.upcast else _dtype(site.head.node))
+        val = ir.tensor_meta(site.output)
+        if val is None:
+            return 0
+        if cfg is None:
+            return 0
+        rows = _output_rows(site)
+        return int(val.numel() * val.element_size() / max(rows, 1) * min(rows, cfg.sizes[0] or rows))
+
+    # ------------------------------------------------------------ time
+    def eager_seconds(self, site: BlockableSite) -> float:
+        m = self.m
+        if isinstance(site, AttentionSite):
+            big = site.scores_bytes
+            n_big = 2 + len(site.nodes)  # scores, chain results, probabilities
+            return (self._flops(site) / m.flops + self._traffic(2 * big * n_big, big)
+                    + self._faults(big, n_big) + (n_big + 2) * m.launch_s)
+        if isinstance(site, FFNSite):
+            inter = site.rows * site.hidden * _itemsize(site.output)
+            n_big = 4 if site.lin_gate is not None else 2
+            return (self._flops(site) / m.flops + self._traffic(2 * inter * n_big, inter)
+                    + self._faults(inter, n_big) + 4 * m.launch_s)
+        if isinstance(site, LMHeadSite):
+            logits = site.rows * site.vocab * (4 if site.upcast else _itemsize(site.head.node))
+            n_big = 1 + (site.normalize != "none") + site.upcast
+            return (self._flops(site) / m.flops + self._traffic(2 * logits * n_big, logits)
+                    + self._faults(logits, n_big) + 4 * m.launch_s)
+        return self._flops(site) / m.flops + m.launch_s
+
+    def blocked_seconds(self, site: BlockableSite, cfg: BlockConfig) -> float:
+        m = self.m
+        if isinstance(site, AttentionSite):
+            q, kv = cfg.sizes
+            nq, nk = n_blocks(site.tq, q), n_blocks(site.tk, kv)
+            rows, keys = math.ceil(site.tq / nq), math.ceil(site.tk / nk)
+            batch_heads = math.prod(ir.shape_of(site.scores)[:-2])
+            tile = batch_heads * rows * keys * 4
+            passes = 4 if nk == 1 else 7  # online softmax: max, exp, correction, sum, accumulate
+            ops_per_tile = 6 if nk == 1 else 14
+            recompute = sum(self._recompute_seconds(b, site) for b in site.biases if _is_full(b, site))
+            eff = self._matmul_eff(rows, keys)
+            return (self._flops(site) / (m.flops * eff) + self._traffic(2 * tile * passes * nq * nk, tile)
+                    + self._faults(tile, 2 * nq * nk) + nq * nk * ops_per_tile * m.launch_s + recompute)
+        if isinstance(site, FFNSite):
+            c = cfg.sizes[0] if cfg.sizes[0] > 0 else site.rows
+            n = n_blocks(site.rows, c)
+            tile = min(c, site.rows) * site.hidden * _itemsize(site.output)
+            n_big = 4 if site.lin_gate is not None else 2
+            return (self._flops(site) / (m.flops * self._matmul_eff(min(c, site.rows))) +
+                    self._traffic(2 * tile * n_big * n, tile) + self._faults(tile, n_big * n) + 6 * n * m.launch_s)
+        if isinstance(site, LMHeadSite):
+            c = cfg.sizes[0] if cfg.sizes[0] > 0 else site.rows
+            n = n_blocks(site.rows, c)
+            tile = min(c, site.rows) * site.vocab * (4 if site.upcast else _itemsize(site.head.node))
+            n_big = 1 + (site.normalize != "none") + site.upcast
+            return (self._flops(site) / (m.flops * self._matmul_eff(min(c, site.rows))) +
+                    self._traffic(2 * tile * n_big * n, tile) + self._faults(tile, n_big * n) + 5 * n * m.launch_s)
+        rows = _output_rows(site)
+        n = n_blocks(rows, cfg.sizes[0])
+        return self._flops(site) / (m.flops * self._matmul_eff(min(rows, cfg.sizes[0] or rows))) + 2 * n * m.launch_s
+
+    def _recompute_seconds(self, bias: torch.fx.Node, site: AttentionSite) -> float:
+        # about a dozen elementwise passes over the bias (T5's bucket arithmetic), done per layer
+        return 12 * 2 * _row_bytes(bias, site.tq) * site.tq / self.m.dram_bw
+
+    def _flops(self, site: BlockableSite) -> float:
+        if isinstance(site, AttentionSite):
+            batch_heads = math.prod(ir.shape_of(site.scores)[:-2])
+            d, dv = ir.shape_of(site.q)[-1], ir.shape_of(site.v)[-1]
+            return 2.0 * batch_heads * site.tq * site.tk * (d + dv)
+        if isinstance(site, FFNSite):
+            d_in = ir.shape_of(site.x)[-1]
+            n_in = 2 if site.lin_gate is not None else 1
+            return 2.0 * site.rows * site.hidden * (d_in * n_in + site.lin_out.out_features)
+        if isinstance(site, LMHeadSite):
+            return 2.0 * site.rows * site.vocab * ir.shape_of(site.head.x)[-1]
+        val = ir.tensor_meta(site.output)
+        k = ir.shape_of(site.output.args[0] if site.linear is None else site.linear.x)[-1]
+        return 2.0 * (val.numel() if val is not None else 0) * k
+
+
+def _dtype(node: torch.fx.Node) -> torch.dtype:
+    val = ir.tensor_meta(node)
+    return val.dtype if val is not None else torch.float32
+
+
+def _itemsize(node: torch.fx.Node) -> int:
+    return _dtype(node).itemsize
+
+
+def _output_rows(site: MatmulSite) -> int:
+    shape = ir.shape_of(site.output) or (1, 1)
+    return math.prod(shape[:-1]) if site.linear is not None else shape[-2]
+
+
+def _is_full(bias: torch.fx.Node, site: AttentionSite) -> bool:
+    """The bias has a query axis (it is not broadcast over queries)."""
+    shape = ir.shape_of(bias)
+    return shape is not None and len(shape) >= 2 and shape[-2] == site.tq and site.tq > 1
+
+
+def _row_bytes(node: torch.fx.Node, rows: int) -> float:
+    val = ir.tensor_meta(node)
+    if val is None:
+        return 0.0
+    return val.numel() * val.element_size() / max(rows, 1)
