@@ -11,12 +11,12 @@ Rows (batch 1, --seq tokens, default 1024):
 * ``gpt2``: GPT-2 from a transformers config (random weights, eager
   attention, 2 layers, d=256, 4 heads, LM head). Models: the plain export of
   the original; graphopt's export of the original (``graphopt.optimize`` with
-  the default pipeline, then ``graphopt.export_onnx``) -- its speed-up depends
-  on the attention fusion pass turning eager attention into
+  the default pipeline, then ``graphopt.export_onnx``) -- its speed-up comes
+  from the attention fusion pass turning eager attention into
   ``scaled_dot_product_attention``, the "attention in ONNX" column says
   whether it happened; and graphopt's export of the same GPT-2 whose attention
   calls ``F.scaled_dot_product_attention(is_causal=True)`` (what attention
-  fusion produces), so the fused path is measured before the pass lands.
+  fusion produces; the path measured before the pass landed).
 * ``gpt2-base``: the same without the LM head (GPT2Model): the LM head's
   1024 x 256 x 50257 matmul is ~26 of the ~31 GFLOP of ``gpt2`` and dilutes
   every other difference.

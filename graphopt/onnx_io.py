@@ -6,7 +6,8 @@ any ``nn.Module`` / ``ExportedProgram`` with example inputs) and
 1. exports it with ``torch.export`` (dynamic ``batch`` / ``seq`` axes when
    asked) and translates it with torch.onnx's exporter (the dynamo path),
    handing it ``graphopt.ops.onnx_translations()`` so graphopt's custom
-   operators export too;
+   operators export too, then runs onnxscript's optimizer (see
+   :func:`_translate` for why not torch.onnx's own ``optimize=True``);
 2. for ``target="onnxruntime"`` (the default), applies graphopt's ONNX-side
    rewrites for onnxruntime (:mod:`graphopt.onnx_rewrites`);
 3. runs ``onnx.checker`` and ONNX shape inference on the file;
