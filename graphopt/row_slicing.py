@@ -28,7 +28,6 @@ off by default and not reusable on an inference ``GraphModule``, hence this.)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -130,6 +129,8 @@ class RowSlicer:
         self.leaf_bytes = leaf_bytes
         self._why: dict[tuple[fx.Node, int], str] = {}
         self._cheap: dict[fx.Node, bool] = {}
+        self._relative: dict[tuple[fx.Node, int], Any] = {}
+        self._relative_tables: dict[Any, fx.Node] = {}
 
     # ------------------------------------------------------------ analysis
     def is_cheap(self, node: fx.Node) -> bool:
@@ -161,22 +162,6 @@ class RowSlicer:
             return ""
         return self._compute_reason(node, axis)
 
-    def recomputed_nodes(self, node: fx.Node, axis: int) -> list[fx.Node]:
-        """The large producers slicing ``node`` along ``axis`` recomputes (they may become dead)."""
-        seen: list[fx.Node] = []
-
-        def walk(n: fx.Node, ax: int) -> None:
-            shape = ir.shape_of(n)
-            if shape is None or shape[ax] == 1 or self.is_leaf(n, ax) or n in seen:
-                return
-            seen.append(n)
-            for inp, in_ax in self._input_axes(n, ax):
-                if in_ax is not None:
-                    walk(inp, in_ax)
-
-        walk(node, axis)
-        return seen
-
     def _compute_reason(self, node: fx.Node, axis: int) -> str:
         """'' when ``node``'s rows can be computed from its inputs' rows (recursively), else why not."""
         key = (node, axis)
@@ -191,6 +176,8 @@ class RowSlicer:
             return f"{node.name} has no static shape"
         if node.op != "call_function":
             return f"{node.name} is an input"
+        if self.relative_grid(node, axis) is not None:
+            return ""
         target = node.target
         if _functional(target) is None:
             return f"{node.name}: in-place {ir.op_name(node)} has no out-of-place form"
@@ -208,6 +195,156 @@ class RowSlicer:
                 if reason:
                     return reason
         return ""
+
+    # ------------------------------------------------------------ relative-position grids
+    def relative_grid(self, node: fx.Node, axis: int) -> tuple[fx.Node, int, list[fx.Node]] | None:
+        """``(grid, other_axis, region)`` when ``node`` is a pointwise function (``embedding`` allowed)
+        of a grid ``R[p, q] = (q + c1) - (p + c2)`` (or its negation) whose varying axes are ``axis``
+        and ``other_axis``: T5's relative-position buckets. Its rows are then gathered from the
+        function evaluated once on the ``Tq + Tk - 1`` distinct values of ``q - p``.
+        ``region``: the nodes from the grid (excluded) to ``node`` in graph order.
+        """
+        key = (node, axis)
+        if key not in self._relative:
+            self._relative[key] = self._find_relative(node, axis)
+        return self._relative[key]
+
+    def _find_relative(self, node: fx.Node, axis: int) -> tuple[fx.Node, int, list[fx.Node]] | None:
+        if self._grid_axes(node) is not None:
+            return None  # the grid itself: slicing its two position ranges is cheaper
+        region: list[fx.Node] = []
+        grid: fx.Node | None = None
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self._grid_axes(n) is not None:
+                if grid is not None and grid is not n:
+                    return None
+                grid = n
+                continue
+            if n.op != "call_function" or _functional(n.target) is None:
+                return None
+            if n.target is aten.embedding.default:
+                inputs = [n.args[1]]
+            elif _is_pointwise(n.target):
+                inputs = [a for a in n.all_input_nodes if ir.tensor_meta(a) is not None]
+            else:
+                return None
+            region.append(n)
+            for inp in inputs:
+                shape = ir.shape_of(inp)
+                if shape is None:
+                    return None
+                if all(d == 1 for d in shape):
+                    continue  # a scalar broadcast over the grid
+                stack.append(inp)
+        if grid is None:
+            return None
+        axes = self._grid_axes(grid)
+        grid_shape = ir.shape_of(grid)
+        for n in region:  # every value keeps the grid's leading shape (embedding adds trailing dims)
+            if tuple(ir.shape_of(n)[:len(grid_shape)]) != tuple(grid_shape):
+                return None
+        if axis not in axes:
+            return None
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        region.sort(key=order.__getitem__)
+        return grid, axes[1] if axes[0] == axis else axes[0], region
+
+    def _grid_axes(self, node: fx.Node) -> tuple[int, int] | None:
+        """The two axes of ``sub(x, y)`` when x and y are unit-step position ranges along different axes."""
+        if node.op != "call_function" or node.target is not aten.sub.Tensor or node.kwargs.get("alpha", 1) != 1:
+            return None
+        x, y = node.args[0], node.args[1]
+        ax, ay = self._position_axis(x), self._position_axis(y)
+        if ax is None or ay is None or ax == ay:
+            return None
+        shape = ir.shape_of(node)
+        if any(d != 1 for i, d in enumerate(shape) if i not in (ax + len(shape) - _rank(x),
+                                                                ay + len(shape) - _rank(y))):
+            return None
+        return tuple(sorted((ax + len(shape) - _rank(x), ay + len(shape) - _rank(y))))
+
+    def _position_axis(self, node: Any, depth: int = 0) -> int | None:
+        """The axis along which ``node`` holds ``arange(n) + c`` (all other dims size 1), else None."""
+        if not isinstance(node, fx.Node) or node.op != "call_function" or depth > 12:
+            return None
+        shape = ir.shape_of(node)
+        if shape is None:
+            return None
+        t, a = node.target, node.args
+        if t is aten.arange.default or (t is aten.arange.start and (len(a) < 3 or a[2] == 1)):
+            return 0 if len(shape) == 1 else None
+        if t is aten.arange.start_step and a[2] == 1:
+            return 0
+        if t in (aten.add.Tensor, aten.sub.Tensor) and isinstance(a[1], (int, float)) \
+                and node.kwargs.get("alpha", 1) == 1:
+            return self._position_axis(a[0], depth + 1)
+        if t in (aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.clone.default):
+            return self._position_axis(a[0], depth + 1)
+        if t is aten.unsqueeze.default:
+            inner = self._position_axis(a[0], depth + 1)
+            if inner is None:
+                return None
+            d = _norm(a[1], len(shape))
+            return inner if inner < d else inner + 1
+        if t in _RESHAPES or t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            inner = self._position_axis(a[0], depth + 1)
+            mapping = _squeeze_map(ir.shape_of(a[0]), shape)
+            if inner is None or mapping is None:
+                return None
+            back = {v: k for k, v in mapping.items()}
+            return back.get(inner)
+        return None
+
+    def _emit_relative(self, node: fx.Node, axis: int, start: int, stop: int,
+                       grid_info: tuple[fx.Node, int, list[fx.Node]], builder: NodeBuilder,
+                       memo: dict[Any, fx.Node]) -> fx.Node:
+        grid, other, region = grid_info
+        grid_shape = ir.shape_of(grid)
+        n_axis, n_other = grid_shape[axis], grid_shape[other]
+        key = ("relative", node, axis)
+        table = self._relative_tables.get((key, id(builder)))
+        if table is None:
+            table = self._relative_table(node, axis, grid_info, builder)
+            self._relative_tables[(key, id(builder))] = table
+        # rows [start, stop) along axis: value at (p, q) is table[q - p + n_axis - 1]
+        device = ir.tensor_meta(grid).device
+        rank = len(grid_shape)
+        p_shape, q_shape = [1] * rank, [1] * rank
+        p_shape[axis], q_shape[other] = stop - start, n_other
+        ps = builder.call(aten.reshape.default, builder.call(aten.arange.start, start, stop, dtype=torch.int64,
+                                                             device=device), p_shape)
+        qs = builder.call(aten.reshape.default, builder.call(aten.arange.default, n_other, dtype=torch.int64,
+                                                             device=device), q_shape)
+        index = builder.call(aten.add.Tensor, builder.call(aten.sub.Tensor, qs, ps), n_axis - 1)
+        return builder.call(aten.index.Tensor, table, [index])
+
+    def _relative_table(self, node: fx.Node, axis: int, grid_info: tuple[fx.Node, int, list[fx.Node]],
+                        builder: NodeBuilder) -> fx.Node:
+        """``node``'s function evaluated on the distinct grid values, as ``[n_axis + n_other - 1, *trailing]``."""
+        grid, other, region = grid_info
+        grid_shape = ir.shape_of(grid)
+        rank, n_axis, n_other = len(grid_shape), grid_shape[axis], grid_shape[other]
+        # the grid's line at other=0 (all p) and at axis=0 (all q), recomputed from the position ranges
+        line_p = self.slice(grid, other, 0, 1, builder, {})
+        line_q = self.slice(grid, axis, 0, 1, builder, {})
+        flat_p = builder.call(aten.reshape.default, builder.call(aten.flip.default, line_p, [axis]), [n_axis])
+        flat_q = builder.call(aten.reshape.default, line_q, [n_other])
+        values = builder.call(aten.cat.default, [flat_p, builder.call(aten.slice.Tensor, flat_q, 0, 1, n_other)])
+        length = n_axis + n_other - 1
+        shape = [1] * rank
+        shape[axis] = length
+        env = {grid: builder.call(aten.reshape.default, values, shape)}
+        for n in region:  # the region's ops on the (length,)-long line instead of the grid
+            args = fx.node.map_arg(n.args, lambda a: env.get(a, a))
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env.get(a, a))
+            env[n] = builder.call(_functional(n.target), *args, **kwargs)
+        out_shape = ir.shape_of(node)
+        return builder.call(aten.reshape.default, env[node], [length] + list(out_shape[rank:]))
 
     def _input_axes(self, node: fx.Node, axis: int) -> list[tuple[fx.Node, int | None]]:
         """For each tensor input of ``node``: the axis holding ``node``'s ``axis`` rows (None: broadcast)."""
@@ -298,6 +435,9 @@ class RowSlicer:
             return node
         if self.is_leaf(node, axis):
             return builder.call(aten.slice.Tensor, node, axis, start, stop)
+        grid = self.relative_grid(node, axis)
+        if grid is not None:
+            return self._emit_relative(node, axis, start, stop, grid, builder, memo)
         target, args = node.target, list(node.args)
         rank = len(shape)
         sub = lambda n, ax: self.slice(n, ax, start, stop, builder, memo)  # noqa: E731
@@ -351,12 +491,3 @@ class RowSlicer:
 
 class _Unsupported(Exception):
     pass
-
-
-def slice_bytes(node: fx.Node, axis: int, rows: int) -> int:
-    """Bytes of ``rows`` rows of ``node`` along ``axis``."""
-    shape = ir.shape_of(node) or ()
-    val = ir.tensor_meta(node)
-    if not shape or val is None:
-        return 0
-    return int(math.prod(shape) // max(shape[axis], 1) * rows * val.element_size())

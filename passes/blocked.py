@@ -57,10 +57,9 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
-from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
+from graphopt.memory import measure_peak_memory
 from graphopt.node_builder import fake_mode_of
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
-from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
 from graphopt.passes.analysis.blockable_sites import (
     AttentionSite,
     BlockableSite,
@@ -68,7 +67,8 @@ from graphopt.passes.analysis.blockable_sites import (
     MatmulSite,
     find_blockable_sites,
 )
-from graphopt.memory import measure_peak_memory
+from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
+from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
 from graphopt.report import Declined
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
 
@@ -79,8 +79,6 @@ __all__ = ["BlockedOperators", "BlockedOptionError", "BudgetError", "Plan", "pla
 #: plan to this fraction of the budget: the allocator and kernels' own temporaries need room
 BUDGET_MARGIN = 0.9
 KINDS = ("attention", "ffn", "lm_head", "matmul")
-_SIZE_OPTIONS = {"attention": ("block_q", "block_kv"), "ffn": ("block_ffn",), "lm_head": ("block_lm_head",),
-                 "matmul": ("block_matmul",)}
 
 
 def _mib(n: float) -> str:

@@ -77,10 +77,14 @@ def test_t5_relative_bias_recomputed_per_query_block():
     model, args = t5_encoder(seq=48)
     gm, result, _ = run_pass(model, args, block_q=16, block_kv=20, blocked_leaf_bytes=0)
     out = result.module
-    # the (1, H, T, T) bias is never built whole: every embedding of bias buckets is one query block's rows
-    bucket_lookups = [n for n in out.graph.nodes if n.target is aten.embedding.default
-                      and ir.shape_of(n)[0] != 1]
-    assert bucket_lookups and all(ir.shape_of(n)[0] == 16 for n in bucket_lookups)
+    # the (1, H, T, T) bias is never built whole: its buckets depend on key - query position only, so the
+    # bucket table is looked up once per layer for the 2T - 1 distances, and each query block gathers its rows
+    lookups = [ir.shape_of(n) for n in out.graph.nodes if n.target is aten.embedding.default
+               and ir.shape_of(n)[0] != 1]
+    assert lookups == [(2 * 48 - 1, 1, 4)] * 2
+    gathers = [ir.shape_of(n) for n in out.graph.nodes if n.target is aten.index.Tensor]
+    assert gathers == [(16, 48, 4)] * 6
+    assert not any(ir.shape_of(n) == (48, 48) for n in out.graph.nodes if n.op == "call_function")
     assert sum(n.target is gops.blocked_attention.default for n in out.graph.nodes) == 2 * 3
     check_outputs(model, out, args)
 
@@ -257,7 +261,9 @@ def test_row_slicer_recomputes_t5_bias_rows():
     with torch.no_grad():
         Record(gm).run(*args)
     assert torch.equal(values[rows], values[bias][:, :, 8:19])
-    assert any(n.target is aten.embedding.default and ir.shape_of(n)[0] == 11 for n in builder.created)
+    # gathered from the bucket table of the 2T - 1 key - query distances
+    assert any(n.target is aten.embedding.default and ir.shape_of(n)[0] == 2 * 40 - 1 for n in builder.created)
+    assert any(n.target is aten.index.Tensor and ir.shape_of(n)[:2] == (11, 40) for n in builder.created)
 
 
 def test_budget_error_propagates_through_pass_manager():
@@ -276,3 +282,15 @@ def test_gated_ffn_after_horizontal_fusion_reads_slices_of_the_merged_weight():
     assert len(ffns) == 2 and all(n.args[3] is not None for n in ffns)  # gated: w_gate given
     assert result.report.final_numerics.ok
     check_outputs(model, result.module, args)
+
+
+def test_example_script_runs(monkeypatch, capsys):
+    import os
+    import runpy
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "memory_budget.py")
+    monkeypatch.setattr("sys.argv", [path, "--seq", "512", "--fraction", "0.3"])
+    runpy.run_path(path, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "blocked softmax: q_block=" in out and "predicted peak after" in out
+    assert "max |blocked - eager| = " in out

@@ -150,7 +150,7 @@ class BlockCostModel:
         return tile_bytes * count * self.m.fault_s_per_byte if tile_bytes >= _MMAP_BYTES else 0.0
 
     def _matmul_eff(self, *dims: int) -> float:
-        return math.prod(min(1.0, d / 64) for d in dims)
+        return math.prod(min(1.0, d / 128) for d in dims)
 
     # ------------------------------------------------------------ candidates
     def candidates(self, site: BlockableSite) -> list[BlockConfig]:
@@ -243,27 +243,31 @@ class BlockCostModel:
             eff = self._matmul_eff(rows, keys)
             return (self._flops(site) / (m.flops * eff) + self._traffic(2 * tile * passes * nq * nk, tile)
                     + self._faults(tile, 2 * nq * nk) + nq * nk * ops_per_tile * m.launch_s + recompute)
+        # FFN and LM head: matmul-bound, and a small row block makes a less efficient matmul, so their
+        # intermediates are charged at DRAM bandwidth whatever the tile: only page faults and per-call
+        # overheads separate the chunk sizes (the largest chunk that is not mmapped afresh wins).
         if isinstance(site, FFNSite):
             c = cfg.sizes[0] if cfg.sizes[0] > 0 else site.rows
             n = n_blocks(site.rows, c)
             tile = min(c, site.rows) * site.hidden * _itemsize(site.output)
             n_big = 4 if site.lin_gate is not None else 2
             return (self._flops(site) / (m.flops * self._matmul_eff(min(c, site.rows))) +
-                    self._traffic(2 * tile * n_big * n, tile) + self._faults(tile, n_big * n) + 6 * n * m.launch_s)
+                    2 * tile * n_big * n / m.dram_bw + self._faults(tile, n_big * n) + 6 * n * m.launch_s)
         if isinstance(site, LMHeadSite):
             c = cfg.sizes[0] if cfg.sizes[0] > 0 else site.rows
             n = n_blocks(site.rows, c)
             tile = min(c, site.rows) * site.vocab * (4 if site.upcast else _itemsize(site.head.node))
             n_big = 1 + (site.normalize != "none") + site.upcast
             return (self._flops(site) / (m.flops * self._matmul_eff(min(c, site.rows))) +
-                    self._traffic(2 * tile * n_big * n, tile) + self._faults(tile, n_big * n) + 5 * n * m.launch_s)
+                    2 * tile * n_big * n / m.dram_bw + self._faults(tile, n_big * n) + 5 * n * m.launch_s)
         rows = _output_rows(site)
         n = n_blocks(rows, cfg.sizes[0])
         return self._flops(site) / (m.flops * self._matmul_eff(min(rows, cfg.sizes[0] or rows))) + 2 * n * m.launch_s
 
     def _recompute_seconds(self, bias: torch.fx.Node, site: AttentionSite) -> float:
-        # about a dozen elementwise passes over the bias (T5's bucket arithmetic), done per layer
-        return 12 * 2 * _row_bytes(bias, site.tq) * site.tq / self.m.dram_bw
+        # a bias recomputed per query block, per layer: a gather from a relative-position table and an add
+        # (T5); a longer elementwise chain when the bias is not relative -- charged a few passes over it
+        return 3 * 2 * _row_bytes(bias, site.tq) * site.tq / self.m.dram_bw
 
     def _flops(self, site: BlockableSite) -> float:
         if isinstance(site, AttentionSite):
