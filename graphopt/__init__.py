@@ -12,6 +12,7 @@ from __future__ import annotations
 from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
+from graphopt.onnx_io import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
     FunctionPass,
@@ -36,6 +37,9 @@ __all__ = [
     "ErrorBudget",
     "FunctionPass",
     "Instrument",
+    "OnnxExport",
+    "OnnxExportError",
+    "OnnxMismatchError",
     "OptimizeContext",
     "OptimizeResult",
     "Pass",
@@ -43,6 +47,7 @@ __all__ = [
     "PassResult",
     "Report",
     "capture",
+    "export_onnx",
     "optimize",
     "visualize",
 ]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from rich.markup import escape
 
 from graphopt.commands import analyze as analyze_cmd
+from graphopt.commands import convert as convert_cmd
 from graphopt.commands import optimize as optimize_cmd
 from graphopt.commands import passes as passes_cmd
 from graphopt.commands import run as run_cmd
@@ -24,7 +25,7 @@ from graphopt.commands import viz as viz_cmd
 from graphopt.commands.common import UsageError, err_console
 
 #: subcommand modules, each with ``register(subparsers)``
-COMMANDS = [optimize_cmd, passes_cmd, analyze_cmd, run_cmd, viz_cmd]
+COMMANDS = [optimize_cmd, convert_cmd, passes_cmd, analyze_cmd, run_cmd, viz_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,7 +74,10 @@ class PassResult:
 
     ``notes``: what changed, for the report. ``declined``: sites looked at and
     left alone, each with its reason. ``nodes_involved``: names of the nodes the
-    pass created or rewrote (for the report and the viewer).
+    pass created or rewrote (for the report and the viewer). ``numerics``: the
+    pass's own check (``ctx.check_numerics``) of a module computing exactly what
+    the returned one computes; the verification instrument then reuses it
+    instead of running the model again.
     """
 
     module: fx.GraphModule
@@ -82,6 +85,7 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
     nodes_involved: list[str] = field(default_factory=list)
+    numerics: Numerics | None = None
 
 
 class Pass(abc.ABC):
@@ -159,7 +163,8 @@ class VerifyInstrument(Instrument):
         if not result.modified or pass_.kind == "analysis" or ctx.verifier is None:
             return None
         budget = ctx.error_budget if pass_.uses_error_budget else None
-        numerics = ctx.verifier.check(result.module, budget)
+        numerics = result.numerics if result.numerics is not None and budget is None else \
+            ctx.verifier.check(result.module, budget)
         record.numerics = numerics
         return None if numerics.ok else numerics.reason
 

@@ -135,6 +135,12 @@ class Report:
         for r in self.rolled_back:
             console.print(f"[red]{r.name} {r.status}[/]: {r.numerics.reason if r.numerics else r.error}")
 
+    def to_markdown(self) -> str:
+        """The report as Markdown (what ``graphopt convert`` writes to ``report.md``)."""
+        from graphopt.report_markdown import report_to_markdown
+
+        return report_to_markdown(self)
+
     def __str__(self) -> str:
         from rich.console import Console
 

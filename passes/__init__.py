@@ -15,6 +15,7 @@ from graphopt.passes.analysis.cost_annotation import CostAnnotation
 from graphopt.passes.analysis.ffn_chains import FFNChains
 from graphopt.passes.analysis.hot_matmuls import HotMatmuls
 from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
+from graphopt.passes.attention import FuseAttention
 from graphopt.passes.blocked import BlockedOperators
 from graphopt.passes.cleanup.constant_folding import ConstantFolding
 from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
@@ -44,12 +45,12 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    pipeline = cleanup_pipeline() + [MergeMatmuls()]
-    if ctx is not None and ctx.options.get("precision"):
-        pipeline.append(ReducedPrecision())
+    pipeline = cleanup_pipeline() + [FuseAttention(), MergeMatmuls()] + cleanup_pipeline()
     if ctx is not None and (ctx.memory_budget is not None or ctx.options.get("autotune")
                             or any(k in ctx.options for k in BlockedOperators.options if k.startswith("block"))):
         pipeline.append(BlockedOperators())
+    if ctx is not None and ctx.options.get("precision"):
+        pipeline.append(ReducedPrecision())  # last: passes after it would be checked at fp32 tolerance
     return pipeline
 
 
@@ -61,6 +62,7 @@ def all_pass_classes() -> list[type[Pass]]:
         CommonSubexpressionElimination,
         FoldConvBatchNorm,
         DeadCodeElimination,
+        FuseAttention,
         MergeMatmuls,
         ReducedPrecision,
         TensorParallel,

@@ -13,18 +13,23 @@ Option ``precision``:
 ``"int8"``
     linear(x, W, b) / addmm / matmul(x, W)
                                         -> graphopt.int8_linear(x, W_int8, per-channel scales, b, scheme)
-    (per-token activation scales; fbgemm on x86 CPUs, ``torch._int_mm`` on CUDA; weights packed now).
+    linear(x, W, b) whose input has a large shared component (calibrated mean mu)
+                                        -> graphopt.int8_linear(x, W_int8, scales, b + W @ mu, scheme, mu)
+    (per-token activation scales, 8-bit with pair-safe weights on x86 CPUs where fbgemm's
+    saturation probe passes, else 7-bit; ``torch._int_mm`` on CUDA; weights packed now).
 ``"fp8"``
     linear(x, W, b) ...                 -> graphopt.fp8_linear(x, W_e4m3, per-row scales, b)  (``torch._scaled_mm``).
 ``"auto"``
     per node, the precision measured fastest on the target among those it has
-    (fp8, int8, bf16); a conversion slower than fp32 is not made, and the whole
-    plan is timed against fp32 and dropped if it is not faster.
+    (fp8, int8, and bf16 only where the target computes bf16 natively); a
+    conversion slower than fp32 is not made, and the whole plan is timed
+    against fp32 and dropped if it is not faster.
 
 Every mode then runs the error-budget search (:mod:`graphopt.precision.search`):
 nodes are converted, the model is measured against ``ctx.error_budget`` (relative
 L2 of the outputs, top-1 agreement when set) on the example and fresh inputs, and
-the most error-costly nodes go back to fp32 until the budget holds. The pass has
+when that is over, the nodes whose conversion alone costs the model the most
+error go back to fp32 until the budget holds. The pass has
 ``uses_error_budget``: the verification instrument holds it to that budget
 (default ``ErrorBudget(rel_l2=1e-2)`` when none is given).
 
@@ -52,12 +57,12 @@ from graphopt.passes.cleanup.constant_folding import constant_nodes
 from graphopt.precision.calibrate import Calibration, calibrate
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
-from graphopt.precision.quantize import LinearSite, QuantizedWeights, linear_sites, replace_site
+from graphopt.precision.quantize import LinearSite, QuantizedWeights, input_shift, linear_sites, replace_site
 from graphopt.precision.search import relative_l2, search_kept
 from graphopt.precision.speed import choose_precision, time_interleaved
 from graphopt.precision.target import PrecisionTarget
 from graphopt.report import Declined
-from graphopt.verify import ErrorBudget, Numerics, Verifier
+from graphopt.verify import ErrorBudget, Numerics, Verifier, compare_outputs
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ DEFAULT_BUDGET = ErrorBudget(rel_l2=1e-2)
 SEARCH_MARGIN = 0.8
 #: auto converts a node only when it is at least this much faster (timings on a busy machine are noisy)
 AUTO_MIN_SPEEDUP = 1.05
+#: above this many converted nodes the search ranks by each node's own error instead of whole-model runs
+MAX_MODEL_SENSITIVITY_NODES = 256
 
 
 @dataclass
@@ -94,6 +101,10 @@ class ReducedPrecision(Pass):
         "precision": "'bf16', 'fp16', 'int8', 'fp8' or 'auto' (fastest measured on the target within the budget)",
         "precision_keep_residual_fp32": "keep the residual stream in fp32 under bf16/fp16 (default true)",
         "precision_speed_check": "convert only ops measured faster than fp32 (default: on for auto, off otherwise)",
+        "precision_int8_shift": "int8: subtract the calibrated mean of inputs with a large shared component "
+                                "(default true)",
+        "precision_sensitivity": "how the search ranks nodes when the full plan is over budget: 'model' "
+                                 "(whole-model error of each node converted alone; default) or 'local' (own error)",
     }
 
     def __init__(self, precision: str | None = None, target: PrecisionTarget | None = None,
@@ -136,6 +147,8 @@ class ReducedPrecision(Pass):
             return PassResult(gm, False, [budget_note, "no candidate nodes"], declined)
         verifier = ctx.verifier or Verifier(ir.copy_graph_module(gm), ctx.args, ctx.kwargs, gm)
         run.calibrate([ir.flat_inputs(a, kw, gm) for a, kw in verifier.input_sets])
+        if ctx.option("precision_int8_shift", True):
+            run.choose_shifts()
         run.measure_local_errors()
         if speed_check:
             run.measure_speed()
@@ -153,7 +166,15 @@ class ReducedPrecision(Pass):
             trial = run.build({n: p for n, p in plan.items() if n not in kept})
             return verifier.check(trial, search_budget)
 
-        order = sorted(plan, key=lambda n: run.local_error(n, plan[n]), reverse=True)
+        by_model = (ctx.option("precision_sensitivity", "model") == "model"
+                    and len(plan) <= MAX_MODEL_SENSITIVITY_NODES)
+
+        def order() -> list[str]:
+            if by_model:
+                run.measure_model_sensitivity(plan, verifier)
+                return sorted(plan, key=lambda n: (run.model_errors[n], run.local_error(n, plan[n])), reverse=True)
+            return sorted(plan, key=lambda n: run.local_error(n, plan[n]), reverse=True)
+
         kept, steps = search_kept(order, measure)
         failing = [s for s in steps if not s.numerics.ok]
         for name in kept:
@@ -161,15 +182,19 @@ class ReducedPrecision(Pass):
             why = (f"over budget: with the {worst.kept} most error-costly nodes kept, converting the rest gave "
                    f"{worst.numerics.summary()} (budget rel_l2 {budget.rel_l2:g}, searched at "
                    f"{search_budget.rel_l2:.2g})") if worst else "over budget"
-            run.keep(name, f"{why}; its own error in {plan[name]}: "
+            alone = (f"model rel_l2 {run.model_errors[name]:.2e} with it alone in {plan[name]}, "
+                     if name in run.model_errors else "")
+            run.keep(name, f"{why}; {alone}its own error in {plan[name]}: "
                            f"rel_l2 {run.local_error(name, plan[name]):.2e}")
         final_plan = {n: p for n, p in plan.items() if n not in kept}
         if not final_plan:
             return PassResult(gm, False, [budget_note, "every conversion broke the error budget"],
                               declined + run.declined_nodes())
         out = run.build(final_plan, final=True)
-        notes = [budget_note, f"target: {target.describe()}",
-                 f"search: {len(steps)} whole-model checks, " + ", ".join(
+        notes = [budget_note, f"target: {target.describe()}"] + run.notes + [
+                 f"search: {len(steps)} whole-model checks" + (
+                     f" (ranked by {len(run.model_errors)} single-node whole-model runs)" if run.model_errors else "")
+                 + ", " + ", ".join(
                      f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps)]
         if mode == "auto" or speed_check:
             verdict = run.whole_graph_speed(out)
@@ -212,6 +237,9 @@ class _Run:
         self.reasons: dict[str, str] = {}
         self.errors: dict[tuple[str, str], float] = {}
         self.cal: Calibration | None = None
+        self.model_errors: dict[str, float] = {}  # node -> model rel_l2 with it alone converted
+        self.shift_gain: dict[str, float] = {}  # int8 node with an input shift -> its range narrowing
+        self.notes: list[str] = []
         self.speed_note = ""
         self.float_dtype = FLOAT_DTYPES.get(mode, torch.bfloat16)
 
@@ -220,20 +248,28 @@ class _Run:
         declined: list[Declined] = []
         sites, why_not = linear_sites(self.gm)
         self.sites = sites
-        quant = {"int8": self.mode in ("int8", "auto") and (self.mode == "int8" or self.target.int8_scheme),
-                 "fp8": self.mode == "fp8" or (self.mode == "auto" and self.target.fp8)}
+        auto = self.target.auto_candidates() if self.mode == "auto" else []
+        quant = {"int8": self.mode == "int8" or "int8" in auto, "fp8": self.mode == "fp8" or "fp8" in auto}
+        if self.mode == "auto" and "bf16" not in auto:
+            self.notes.append(f"bf16 not considered: {self.target.no_native_float_reason('bf16')}")
+        elif self.mode in FLOAT_DTYPES and self.mode not in self.target.native_floats:
+            self.notes.append(f"{self.mode} as requested, but {self.target.no_native_float_reason(self.mode)}: "
+                              "expect it to be slower than fp32 (precision='auto' converts only what is faster)")
         for node in self.gm.graph.nodes:
             if node.op != "call_function" or node.target not in COMPUTE_OPS:
                 continue
             opts: list[str] = []
             if node.name in sites:
                 opts += [p for p in ("fp8", "int8") if quant[p]]
-            if self.mode in FLOAT_DTYPES or self.mode == "auto":
+            if self.mode in FLOAT_DTYPES or "bf16" in auto:
                 opts.append("bf16" if self.mode == "auto" else self.mode)
             if opts:
                 self.options[node.name] = opts
             else:
                 reason = why_not.get(node.name, f"{self.mode} applies to linear layers only")
+                if self.mode == "auto" and node.name not in sites:
+                    reason = f"no constant weight and {self.target.no_native_float_reason('bf16')}" \
+                        if "bf16" not in auto else reason
                 self.keep(node.name, f"{self.mode} not applicable: {reason}")
         if self.mode in FLOAT_DTYPES:
             for node in self.gm.graph.nodes:
@@ -245,6 +281,38 @@ class _Run:
     # -- measurements
     def calibrate(self, input_sets: list[list[Any]]) -> None:
         self.cal = calibrate(self.gm, input_sets, self.options)
+
+    def choose_shifts(self) -> None:
+        """int8 sites whose calibrated input has a large shared component get an input shift."""
+        shifted = 0
+        for name, opts in self.options.items():
+            if "int8" not in opts or name not in self.cal.args:
+                continue
+            args, _ = self.cal.args[name]
+            x = args[1] if self.nodes[name].target == torch.ops.aten.addmm.default else args[0]
+            if not isinstance(x, torch.Tensor):
+                continue
+            mu, gain = input_shift(x)
+            if mu is not None:
+                self.weights.shifts[name] = mu
+                self.shift_gain[name] = gain
+                shifted += 1
+        if shifted:
+            self.notes.append(f"int8 input shift (calibrated channel means, W @ mu folded into the bias) on "
+                              f"{shifted} of {sum('int8' in o for o in self.options.values())} linears")
+
+    def measure_model_sensitivity(self, plan: dict[str, str], verifier: Verifier) -> None:
+        """Whole-model error with each node of ``plan`` converted alone, on the example inputs."""
+        (a, kw), ref = verifier.input_sets[0], verifier.references[0]
+        with torch.no_grad():
+            for name, p in plan.items():
+                trial = self.build({name: p})
+                try:
+                    errs = compare_outputs(ref, trial(*a, **kw), self.ctx.error_budget)
+                    self.model_errors[name] = max((e.rel_l2 for e in errs), default=0.0)
+                except Exception as exc:  # noqa: BLE001 - a node that breaks the model ranks first
+                    log.info("%s alone in %s failed: %s", name, p, exc)
+                    self.model_errors[name] = float("inf")
 
     def _isolated(self, name: str, precision: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
         """(low-precision call, fp32 call) of one node on its recorded arguments."""
@@ -304,8 +372,13 @@ class _Run:
         for name, opts in self.options.items():
             p = opts[0]
             self.choice[name] = p
-            self.reasons[name] = f"requested ({self.target.int8_scheme or 'reference kernel'})" \
-                if p == "int8" else "requested"
+            self.reasons[name] = f"requested ({self._int8_detail(name)})" if p == "int8" else "requested"
+
+    def _int8_detail(self, name: str) -> str:
+        scheme = self.target.int8_scheme or "reference kernel"
+        if name in self.weights.shifts:
+            return f"{scheme}, input shifted: per-token range x{self.shift_gain.get(name, 1.0):.2f}"
+        return scheme
 
     def measure_speed(self) -> None:
         cache = self.ctx.cache.setdefault("precision_timings", {})
@@ -317,6 +390,8 @@ class _Run:
                 fns.update({p: self._isolated(name, p)[0] for p in opts})
                 cache[key] = self.owner.timer(fns, device=self.target.device)
             choice, reason = choose_precision(cache[key], AUTO_MIN_SPEEDUP if self.mode == "auto" else 1.0)
+            if choice == "int8":
+                reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason
 
     def _signature(self, name: str) -> tuple:
@@ -324,7 +399,7 @@ class _Run:
         args, kwargs = self.cal.args[name]
         shapes = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
                        for a in list(args) + list(kwargs.values()))
-        return (str(node.target), shapes, self.target.int8_scheme)
+        return (str(node.target), shapes, self.target.int8_scheme, name in self.weights.shifts)
 
     def whole_graph_speed(self, out: fx.GraphModule) -> str | None:
         """Time the plan against fp32 end to end; a reason when it is not faster."""

@@ -10,7 +10,14 @@ from graphopt import ir
 from graphopt.pass_infra import OptimizeContext
 from graphopt.passes.precision import ReducedPrecision
 from graphopt.precision.speed import choose_precision, time_interleaved
+from graphopt.precision.target import PrecisionTarget, cpu_flags, native_float_formats
 from graphopt.verify import ErrorBudget, Verifier
+
+CPU = torch.device("cpu")
+#: an x86 CPU with AMX: bf16 is a candidate there
+WITH_BF16 = PrecisionTarget(CPU, "per_token_u7", False, frozenset({"bf16"}))
+#: the AVX2 development CPU: no native bf16
+NO_BF16 = PrecisionTarget(CPU, "per_token_u7", False, frozenset())
 
 
 def test_choose_precision_picks_the_fastest_faster_than_fp32():
@@ -62,7 +69,7 @@ def test_auto_follows_injected_timings_bf16_slower():
     model, args = _mlp(64, 128, 16)
     gm, ctx = _ctx(model, args)
     timer = FakeTimer({"fp32": 1.0, "int8": 0.5, "bf16": 4.0})
-    res = ReducedPrecision("auto", timer=timer)(ir.copy_graph_module(gm), ctx)
+    res = ReducedPrecision("auto", target=WITH_BF16, timer=timer)(ir.copy_graph_module(gm), ctx)
     assert res.modified
     plan = {e["precision"] for e in ctx.report.extra["precision"]}
     assert plan == {"int8"}
@@ -72,10 +79,35 @@ def test_auto_follows_injected_timings_bf16_slower():
 def test_auto_follows_injected_timings_bf16_faster():
     model, args = _mlp(64, 128, 16)
     gm, ctx = _ctx(model, args)
-    res = ReducedPrecision("auto", timer=FakeTimer({"fp32": 1.0, "int8": 0.8, "bf16": 0.3}))(
+    res = ReducedPrecision("auto", target=WITH_BF16, timer=FakeTimer({"fp32": 1.0, "int8": 0.8, "bf16": 0.3}))(
         ir.copy_graph_module(gm), ctx)
     assert res.modified
     assert {e["precision"] for e in ctx.report.extra["precision"]} == {"bf16"}
+
+
+def test_auto_never_considers_bf16_without_native_units():
+    """Capability first: even if bf16 would win the (injected) microbenchmark, a target without
+    native bf16 never measures or picks it, and the report says why."""
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    timer = FakeTimer({"fp32": 1.0, "int8": 0.8, "bf16": 0.3})
+    res = ReducedPrecision("auto", target=NO_BF16, timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert all("bf16" not in c for c in timer.calls), timer.calls
+    assert {e["precision"] for e in ctx.report.extra["precision"]} == {"int8"}
+    assert any("bf16 not considered: no native bf16" in n for n in res.notes), res.notes
+
+
+def test_native_float_formats_come_from_cpu_flags():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
+    spr = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile avx512_fp16\n"
+    arm = "Features\t: fp asimd asimdhp bf16 i8mm\n"
+    assert cpu_flags(avx2) >= {"avx2", "f16c"}
+    assert native_float_formats("cpu", cpu_flags(avx2)) == frozenset()  # f16c converts, it does not compute
+    assert native_float_formats("cpu", cpu_flags(spr)) == {"bf16", "fp16"}
+    assert native_float_formats("cpu", cpu_flags(arm)) == {"bf16", "fp16"}
+    assert native_float_formats("cpu", []) == frozenset()  # unknown CPU: no float candidates
+    assert PrecisionTarget.detect("cpu", cpu_flags=["avx2"]).auto_candidates() in (["int8"], [])
+    assert "bf16" in PrecisionTarget.detect("cpu", cpu_flags=["amx_bf16"]).auto_candidates()
 
 
 def test_auto_keeps_fp32_when_the_whole_plan_is_not_faster():
@@ -88,13 +120,15 @@ def test_auto_keeps_fp32_when_the_whole_plan_is_not_faster():
 
 
 def test_auto_on_this_cpu_never_picks_bf16_measured():
-    """Real microbenchmarks: this CPU has no fast bf16 units, so bf16 must lose."""
+    """This machine's own capabilities and real timings: on a CPU without native bf16 it is never
+    picked (on one with native bf16 it may be, when measured faster)."""
     model, args = _mlp(512, 1024, 64)
     result = graphopt.optimize(model, args, precision="auto", error_budget=0.03, n_random_inputs=1)
     rec = result.report.record("precision")
     plan = result.report.extra.get("precision", [])
     assert plan  # the decision is reported whether or not anything was converted
-    assert all(e["precision"] != "bf16" for e in plan), plan
+    if "bf16" not in PrecisionTarget.detect("cpu").native_floats:
+        assert all(e["precision"] != "bf16" for e in plan), plan
     for e in plan:  # every decision carries its measured timings
         assert "ms" in e["reason"], e
     assert all(n.meta.get("val") is None or n.meta["val"].dtype != torch.bfloat16

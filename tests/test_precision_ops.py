@@ -39,12 +39,70 @@ def test_int8_weight_quantization_is_per_channel(linear_case):
 @pytest.mark.parametrize("scheme", int8_linear.ACTIVATION_SCHEMES)
 def test_int8_kernel_matches_reference_and_fp32(linear_case, scheme):
     x, w, b = linear_case
-    q, s = int8_linear.quantize_weight(w)
+    q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
     ref = int8_linear.int8_linear_reference(x, q, s, b, scheme)
     out = torch.ops.graphopt.int8_linear(x, q, s, b, scheme)
     assert out.shape == (2, 24, 48)
-    assert _rel(out, ref) < 1e-5  # fbgemm (u7 on x86) or the reference itself
+    assert _rel(out, ref) < 1e-5  # fbgemm (u8/u7 on x86) or the reference itself
     assert _rel(out, torch.nn.functional.linear(x, w, b)) < 2e-2
+
+
+def _saturating_case():
+    """Activations that quantize to 255 against weights whose adjacent channels are both large."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 256, generator=g) * 0.2 + 0.8
+    x[:, 0] = -0.05  # per-row max 1, tensor min just below 0: nearly every value lands on 250..255
+    w = torch.randn(32, 256, generator=g).abs() * 0.05  # same-sign pairs: the int16 step's worst case
+    return x, w
+
+
+def test_pair_safe_weights_bound_adjacent_channel_sums():
+    _, w = _saturating_case()
+    plain, _ = int8_linear.quantize_weight(w)
+    safe, scale = int8_linear.quantize_weight(w, pair_safe=True)
+    assert not int8_linear.is_pair_safe(plain)  # 127-sized neighbours: 255 * 254 overflows int16
+    assert int8_linear.is_pair_safe(safe)
+    pairs = safe[:, 0::2].int() + safe[:, 1::2].int()
+    assert int(pairs.abs().max()) <= int8_linear.PAIR_LIMIT
+    assert _rel(safe.float() * scale[:, None], w) < 2e-2  # the coarser step still represents W
+
+
+@pytest.mark.skipif(not int8_linear.fbgemm_available(), reason="needs fbgemm (x86)")
+def test_u8_kernel_is_exact_with_pair_safe_weights_where_plain_weights_saturate():
+    """What the probe checks, on a bigger case: the fbgemm kernel with 8-bit activations equals
+    the exact integer reference with pair-safe weights; the op never runs the kernel on weights
+    that are not pair-safe (it falls back to the reference)."""
+    x, w = _saturating_case()
+    safe, s = int8_linear.quantize_weight(w, pair_safe=True)
+    if int8_linear.fbgemm_u8_exact():
+        got = torch.ops.graphopt.int8_linear(x, safe, s, None, "per_token_u8")
+        assert _rel(got, int8_linear.int8_linear_reference(x, safe, s, None, "per_token_u8")) < 1e-5
+    plain, ps = int8_linear.quantize_weight(w)
+    raw = torch.ops.quantized.linear_dynamic(x / x.abs().amax(-1, keepdim=True), int8_linear._pack(plain, ps), False)
+    exact = int8_linear.int8_linear_reference(x, plain, ps, None, "per_token_u8") / x.abs().amax(-1, keepdim=True)
+    saturates = _rel(raw, exact) > 1e-3  # AVX2 without VNNI: yes; VNNI CPUs: no
+    op = torch.ops.graphopt.int8_linear(x, plain, ps, None, "per_token_u8")
+    assert _rel(op, int8_linear.int8_linear_reference(x, plain, ps, None, "per_token_u8")) < 1e-5
+    if saturates:
+        assert _rel(raw * x.abs().amax(-1, keepdim=True), torch.nn.functional.linear(x, w)) > 1e-2
+
+
+@pytest.mark.parametrize("scheme", int8_linear.ACTIVATION_SCHEMES)
+def test_input_shift_takes_the_shared_component_out_of_the_range(scheme):
+    """int8_linear(x, ..., b + W mu, shift=mu) is linear(x, W, b), with a much finer activation
+    step when every token shares a large component."""
+    g = torch.Generator().manual_seed(2)
+    common = torch.randn(128, generator=g) * 3
+    x = torch.randn(4, 32, 128, generator=g) + common  # a shared component 3x the per-token part
+    w, b = torch.randn(64, 128, generator=g) * 0.05, torch.randn(64, generator=g)
+    q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
+    mu = x.reshape(-1, 128).mean(0)
+    fp32 = torch.nn.functional.linear(x, w, b)
+    plain = torch.ops.graphopt.int8_linear(x, q, s, b, scheme)
+    shifted = torch.ops.graphopt.int8_linear(x, q, s, b + w @ mu, scheme, mu)
+    ref = int8_linear.int8_linear_reference(x, q, s, b + w @ mu, scheme, mu)
+    assert _rel(shifted, ref) < 1e-5
+    assert _rel(shifted, fp32) < 0.5 * _rel(plain, fp32)
 
 
 def test_int8_per_token_scales_follow_each_row(linear_case):
@@ -68,19 +126,20 @@ def test_fp8_reference_is_within_its_budget(linear_case):
 
 
 class _QuantModule(torch.nn.Module):
-    def __init__(self, w, b, scheme):
+    def __init__(self, w, b, scheme, shift=None):
         super().__init__()
-        q, s = int8_linear.quantize_weight(w)
+        q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
         self.register_buffer("q", q)
         self.register_buffer("s", s)
-        self.register_buffer("b", b)
+        self.register_buffer("b", b if shift is None else b + w @ shift)
+        self.register_buffer("shift", shift)
         fq, fs = fp8_linear.quantize_weight(w)
         self.register_buffer("fq", fq)
         self.register_buffer("fs", fs)
         self.scheme = scheme
 
     def forward(self, x):
-        h = torch.ops.graphopt.int8_linear(x, self.q, self.s, self.b, self.scheme)
+        h = torch.ops.graphopt.int8_linear(x, self.q, self.s, self.b, self.scheme, self.shift)
         return h, torch.ops.graphopt.fp8_linear(x, self.fq, self.fs, None)
 
 
@@ -97,10 +156,12 @@ def test_ops_save_load_pt2(tmp_path, linear_case, scheme):
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.parametrize("scheme", int8_linear.ACTIVATION_SCHEMES)
-def test_onnx_translation_runs_in_onnxruntime(tmp_path, linear_case, scheme):
+@pytest.mark.parametrize("scheme,shifted", [(s, False) for s in int8_linear.ACTIVATION_SCHEMES]
+                         + [("per_token_u8", True)])
+def test_onnx_translation_runs_in_onnxruntime(tmp_path, linear_case, scheme, shifted):
     x, w, b = linear_case
-    m = _QuantModule(w, b, scheme)
+    x = x + 2.0 if shifted else x
+    m = _QuantModule(w, b, scheme, x.reshape(-1, x.shape[-1]).mean(0) if shifted else None)
     ep = torch.export.export(m, (x,))
     prog = torch.onnx.export(ep, (x,), dynamo=True, custom_translation_table=graphopt.ops.onnx_translations(),
                              opset_version=21)
@@ -110,6 +171,8 @@ def test_onnx_translation_runs_in_onnxruntime(tmp_path, linear_case, scheme):
     onnx.checker.check_model(model)
     ops = {n.op_type for n in model.graph.node}
     assert "MatMulInteger" in ops and "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    subs = sum(n.op_type == "Sub" for n in model.graph.node)
+    assert subs == (scheme != "per_token_s8") + shifted  # the zero-point range, and the input shift
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outs = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     fp32 = torch.nn.functional.linear(x, w, b)

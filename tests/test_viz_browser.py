@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import graphopt
+from graphopt.passes import default_pipeline
 from graphopt.examples_models import nanogpt
 from graphopt.viz import PassHistory, visualize
 from graphopt.viz.browser import find_chromium
@@ -41,11 +42,16 @@ class Evil(nn.Module):
         return self.out(torch.relu(getattr(self, EVIL)(x)))
 
 
+def _unfused_pipeline():
+    """The default pipeline without attention fusion: these tests look at the softmax and mask nodes."""
+    return [p for p in default_pipeline() if p.name != "fuse_attention"]
+
+
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
     out = tmp_path_factory.mktemp("viz")
     model, args = nanogpt(n_layer=2, n_embd=64, seq=16)
-    result = graphopt.optimize(model, args, instruments=[PassHistory()])
+    result = graphopt.optimize(model, args, instruments=[PassHistory()], passes=_unfused_pipeline())
     nano = visualize(result, out / "nano.html")
     cap = graphopt.capture(Evil(), (torch.randn(2, 4),))
     for node in cap.module.graph.nodes:

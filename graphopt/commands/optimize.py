@@ -8,13 +8,16 @@ from typing import Any
 
 from graphopt.commands.common import UsageError, add_spec_argument, err_console, load_model, out_console, \
     parse_options, step
+from graphopt.commands.output_dir import check_output_dir, staged_output_dir
+
+__all__ = ["add_optimize_arguments", "check_output_dir", "optimize_from_args", "register", "run"]
 
 
 def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``optimize`` and the commands that extend it."""
     add_spec_argument(p)
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for model.pt2 and report.json")
-    p.add_argument("--force", action="store_true", help="write into DIR even if it already exists")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (written atomically: nothing is left on failure)")
+    p.add_argument("--force", action="store_true", help="if DIR exists, replace graphopt's files in it")
     p.add_argument("--passes", metavar="A,B,...", help="run these passes (see `graphopt passes`) instead of the default pipeline")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric check of each rewrite (not recommended)")
     p.add_argument("--memory-budget", metavar="SIZE", help="peak activation memory to fit, e.g. 2GiB")
@@ -47,18 +50,17 @@ def select_passes(names: str | None) -> list | None:
     return chosen
 
 
-def check_output_dir(path: str, force: bool) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{path} exists and is not a directory; choose another -o")
-    if os.path.isdir(path) and os.listdir(path) and not force:
-        raise UsageError(f"{path} already exists and is not empty; pass --force to write into it")
+def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_shapes: Any = None,
+                       **extra: Any) -> Any:
+    """Load the spec (unless given) and run graphopt.optimize as the CLI options say.
 
-
-def optimize_from_args(args: argparse.Namespace, **extra: Any) -> Any:
-    """Load the spec and run graphopt.optimize as the CLI options say."""
+    ``extra`` are pass options added to ``--option``'s; ``dynamic_shapes`` goes
+    to the capture. Returns ``(spec, result)``. Shared by every command that
+    extends ``optimize`` (``convert``).
+    """
     import graphopt
 
-    spec = load_model(args.spec)
+    spec = spec if spec is not None else load_model(args.spec)
     options = parse_options(args.option)
     if getattr(args, "precision", None):
         options["precision"] = args.precision
@@ -78,7 +80,7 @@ def optimize_from_args(args: argparse.Namespace, **extra: Any) -> Any:
             result = graphopt.optimize(
                 spec.model, spec.args, spec.kwargs, passes=passes, verify=not args.no_verify,
                 memory_budget=args.memory_budget, error_budget=getattr(args, "error_budget", None),
-                progress=progress, **options,
+                dynamic_shapes=dynamic_shapes, progress=progress, **options,
             )
         except TypeError as exc:
             if "unknown option" in str(exc):
@@ -95,8 +97,9 @@ def optimize_from_args(args: argparse.Namespace, **extra: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.force)
     _spec, result = optimize_from_args(args)
-    with step(f"saving to {args.output}"):
-        paths = result.save(args.output)
+    with step(f"saving to {args.output}"), staged_output_dir(args.output, args.force) as staging:
+        names = [os.path.basename(p) for p in result.save(staging).values()]
+    paths = {name: os.path.join(args.output, name) for name in names}
     if args.json:
         out_console.print_json(result.report.to_json())
     else:

@@ -1,30 +1,45 @@
 """``graphopt::int8_linear``: dynamically quantized linear layer.
 
-    y = int8_linear(x, weight_int8, weight_scale, bias, activation)
+    y = int8_linear(x, weight_int8, weight_scale, bias, activation, input_shift=None)
+      = (x - input_shift) @ W.T + bias,   W ~= weight_int8 * weight_scale[:, None]
 
 ``weight_int8`` is ``[N, K]`` int8 quantized per output channel
-(symmetric, ``weight_scale`` ``[N]`` fp32: ``W ~= weight_int8 * weight_scale[:, None]``).
+(symmetric, ``weight_scale`` ``[N]`` fp32). ``input_shift`` (``[K]``, optional)
+is subtracted from ``x`` before it is quantized: the precision pass sets it to
+the calibrated mean of each input channel and folds ``W @ shift`` into
+``bias`` in fp32, which is exact algebra and takes the component every token
+shares out of the quantization range (see :mod:`graphopt.precision.quantize`).
 Activations are quantized at run time with a scale per token (row of ``x``),
-in one of two schemes -- each is the one a fast kernel implements:
+in one of three schemes -- each is the one a fast kernel implements:
 
-``"per_token_u7"`` (x86 CPUs, fbgemm)
+``"per_token_u8"`` (x86 CPUs, fbgemm, 8-bit activations)
     each row is divided by its absolute maximum, then the normalised tensor is
-    quantized per tensor to uint8 with a zero point and a 7-bit range (0..127),
-    exactly as ``torch.ops.quantized.linear_dynamic(..., reduce_range=True)``
-    does; the int32 product is dequantized and multiplied back by the row's
-    maximum. The 7-bit range is fbgemm's: AVX2 has no int8 dot product without
-    int16 saturation, 7-bit activations keep it exact. Dividing rows by their
-    maximum first is what gives the per-token scale on a per-tensor kernel.
+    quantized per tensor to uint8 (0..255) with a zero point, as
+    ``torch.ops.quantized.linear_dynamic(..., reduce_range=False)`` does; the
+    int32 product is dequantized and multiplied back by the row's maximum.
+    Without VNNI, fbgemm multiplies uint8 activations by int8 weights with
+    ``vpmaddubsw``, which adds the products of adjacent input channels
+    ``(2i, 2i+1)`` in int16 *with saturation*: ``255 * (127 + 127)`` does not
+    fit. The weights of this scheme are therefore quantized *pair-safe*
+    (:func:`quantize_weight` with ``pair_safe=True``: ``|q[2i] + q[2i+1]| <= 128``,
+    so ``255 * 128 <= 32767``), and :func:`fbgemm_u8_exact` probes the kernel
+    once with adversarial values to confirm the pairing and the absence of
+    saturation; where the probe fails, the op runs the reference instead and
+    the precision pass uses ``per_token_u7``.
+``"per_token_u7"`` (x86 CPUs, fbgemm, ``reduce_range=True``)
+    the same with a 7-bit range (0..127): exact for any int8 weights, twice
+    the activation step.
 ``"per_token_s8"`` (CUDA, ``torch._int_mm``)
     symmetric int8 per row: ``scale = amax(|x_row|) / 127``.
 
-Kernels: CPU + ``per_token_u7`` runs fbgemm's ``quantized::linear_dynamic``
-on weights packed once (:func:`prepack`, called at optimize time; a weight met
-for the first time, e.g. after ``torch.export.load``, is packed on first use);
-CUDA + ``per_token_s8`` runs ``torch._int_mm``; anything else runs
-:func:`int8_linear_reference`, the definition of the op in plain torch. The
-fake kernel keeps graphs exportable (``.pt2``); :func:`int8_linear_onnx`
-translates the op to ONNX ``QuantizeLinear`` + ``MatMulInteger``.
+Kernels: CPU + ``per_token_u8``/``per_token_u7`` runs fbgemm's
+``quantized::linear_dynamic`` on weights packed once (:func:`prepack`, called
+at optimize time; a weight met for the first time, e.g. after
+``torch.export.load``, is packed on first use); CUDA + ``per_token_s8`` runs
+``torch._int_mm``; anything else runs :func:`int8_linear_reference`, the
+definition of the op in plain torch. The fake kernel keeps graphs exportable
+(``.pt2``); :func:`int8_linear_onnx` translates the op to ONNX
+``QuantizeLinear`` + ``MatMulInteger`` (exact int32 products, no saturation).
 
 We call the quantized kernels of ``torch.ops.quantized`` directly (not
 ``torch.ao.quantization.quantize_dynamic``, which swaps nn.Modules, and is
@@ -34,6 +49,7 @@ torchao's CPU int8 path was not faster here (docs/precision.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import warnings
@@ -44,20 +60,44 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_SCHEMES = ("per_token_u7", "per_token_s8")
-_U7_QMAX = 127
+ACTIVATION_SCHEMES = ("per_token_u8", "per_token_u7", "per_token_s8")
+#: activation range of the fbgemm schemes (uint8 with a zero point)
+_QMAX = {"per_token_u8": 255, "per_token_u7": 127}
+#: |q[2i] + q[2i+1]| of pair-safe weights: 255 * 128 = 32640 <= 32767 (int16)
+PAIR_LIMIT = 128
 _TINY = 1e-30
 
 _packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 _packed_lock = threading.Lock()
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: ``(weight_int8 [N, K], scale [N] fp32)``."""
+def _pair_sums(w: torch.Tensor) -> torch.Tensor:
+    """``w[:, 2i] + w[:, 2i+1]`` (an odd last column pairs with zero)."""
+    if w.shape[1] % 2:
+        w = torch.nn.functional.pad(w, (0, 1))
+    return w[:, 0::2] + w[:, 1::2]
+
+
+def quantize_weight(weight: torch.Tensor, pair_safe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: ``(weight_int8 [N, K], scale [N] fp32)``.
+
+    ``pair_safe``: the scale also covers the sums of adjacent input channels,
+    so that ``|q[2i] + q[2i+1]| <= 128`` (what ``per_token_u8`` needs on
+    fbgemm without VNNI); it costs about 1.3x the weight step on Gaussian
+    weights, instead of 2x for the activation step of ``per_token_u7``.
+    """
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    amax = w.abs().amax(dim=1)
+    if pair_safe:
+        amax = torch.maximum(amax, _pair_sums(w).abs().amax(dim=1))
+    scale = (amax / 127.0).clamp_min(1e-12)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def is_pair_safe(weight_int8: torch.Tensor) -> bool:
+    """True when ``|q[2i] + q[2i+1]| <= 128`` for every row (no int16 saturation with uint8 activations)."""
+    return bool(_pair_sums(weight_int8.to(torch.int32)).abs().max() <= PAIR_LIMIT) if weight_int8.numel() else True
 
 
 def fbgemm_available() -> bool:
@@ -78,17 +118,57 @@ def _pack(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qweight, None)
 
 
+def _exact_u8_product(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """What ``linear_dynamic(x, W, reduce_range=False)`` computes without saturation, in float64."""
+    scale, inv, zp = _asym_params(x.float(), 255)
+    q = _quantize_like_fbgemm(x.float(), inv, zp).double()
+    return ((q - zp.double()) @ weight_int8.double().t()) * scale.double() * weight_scale.double()
+
+
+@functools.cache
+def fbgemm_u8_exact() -> bool:
+    """Probe: do pair-safe weights give exact int32 products with 8-bit activations here?
+
+    Activations at 255 (the top of the uint8 range) against weights whose
+    adjacent-channel sums sit at the limit, with both signs and with the large
+    values placed so that a different pairing (``(2i+1, 2i+2)`` or
+    ``(i, i+2)``) would saturate. True on VNNI CPUs (no int16 step) and on
+    AVX2 fbgemm (pairs ``(2i, 2i+1)``); False sends ``per_token_u8`` to the
+    reference implementation and makes the pass choose ``per_token_u7``.
+    """
+    if not fbgemm_available():
+        return False
+    k = 64
+    x = torch.ones(4, k)
+    x[:, 0] = 0.0  # min 0, max 1: every other activation quantizes to 255
+    patterns = [(64, 64), (127, 1, 1, 127), (127, 1, 127, 1), (-64, -64), (-127, -1, -1, -127), (100, 28, -128, 0)]
+    rows = [torch.tensor(p * (k // len(p)), dtype=torch.int8) for p in patterns]
+    w = torch.stack(rows + [-r for r in rows])
+    if not is_pair_safe(w):  # pragma: no cover - the patterns are built pair-safe
+        raise AssertionError("probe weights must be pair-safe")
+    s = torch.full((w.shape[0],), 0.01)
+    try:
+        got = torch.ops.quantized.linear_dynamic(x, _pack(w, s), False).double()
+    except Exception as exc:  # pragma: no cover - kernel missing at run time
+        log.info("fbgemm u8 probe failed to run: %s", exc)
+        return False
+    ok = bool(torch.allclose(got, _exact_u8_product(x, w, s), rtol=1e-6, atol=1e-6))
+    if not ok:
+        log.info("fbgemm saturates pair-safe weights with 8-bit activations here: using per_token_u7")
+    return ok
+
+
 def prepack(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> bool:
     """Pack ``weight_int8`` for fbgemm now (optimize time). Returns False where fbgemm is unavailable."""
     if not fbgemm_available() or weight_int8.device.type != "cpu":
         return False
     with _packed_lock:
         if weight_int8 not in _packed:
-            _packed[weight_int8] = _pack(weight_int8, weight_scale)
+            _packed[weight_int8] = (_pack(weight_int8, weight_scale), is_pair_safe(weight_int8))
     return True
 
 
-def _packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> Any:
+def _packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> tuple[Any, bool]:
     packed = _packed.get(weight_int8)
     if packed is None:
         prepack(weight_int8, weight_scale)
@@ -96,26 +176,49 @@ def _packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> Any:
     return packed
 
 
-def _u7_params(xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fbgemm's ChooseQuantizationParams(min, max, 0, 255, reduce_range=True) on a tensor."""
+def _asym_params(xn: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale, inverse scale, zero point)`` as fbgemm's dynamic linear chooses them for ``xn``.
+
+    Mirrors ``quant_utils::ChooseQuantizationParams(min, max, 0, qmax)``: the
+    scale in float64, the zero point from whichever end loses less, rounded
+    half to even; the scale is then stored in fp32 and the kernel multiplies
+    by its fp32 inverse.
+    """
     lo = xn.min().clamp(max=0).double()
     hi = xn.max().clamp(min=0).double()
-    scale = ((hi - lo) / _U7_QMAX).float()
-    scale = torch.where(scale == 0, torch.full_like(scale, 0.1), scale)
-    zero_point = torch.round(-lo / scale.double()).clamp(0, _U7_QMAX).float()
-    return scale, zero_point
+    scale = (hi - lo) / qmax
+    bad = (scale.float() == 0) | torch.isinf(1.0 / scale.float())
+    scale = torch.where(bad, torch.full_like(scale, 0.1), scale)
+    from_min, from_max = -lo / scale, qmax - hi / scale
+    err_min, err_max = -(lo / scale).abs(), qmax - (hi / scale).abs()
+    zero_point = torch.round(torch.where(err_min < err_max, from_min, from_max)).clamp(0, qmax).float()
+    scale32 = scale.float()
+    return scale32, 1.0 / scale32, zero_point
+
+
+def _quantize_like_fbgemm(xn: torch.Tensor, inverse_scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``clamp(nearbyint(zp + x * inv), 0, 255)`` with one rounding, as fbgemm's fused multiply-add does.
+
+    fbgemm clamps to 8 bits in both schemes (a 7-bit range can round up to 128).
+    """
+    t = (zero_point.double() + xn.double() * inverse_scale.double()).float()
+    return torch.clamp(torch.round(t), 0, 255)
 
 
 def int8_linear_reference(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
-                          bias: Optional[torch.Tensor], activation: str = "per_token_u7") -> torch.Tensor:
+                          bias: Optional[torch.Tensor], activation: str = "per_token_u8",
+                          input_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op's definition in plain torch (any device; exact integer products in fp32)."""
     xf = x.float()
+    if input_shift is not None:
+        xf = xf - input_shift.float()
     w = weight_int8.float()
-    if activation == "per_token_u7":
+    if activation in _QMAX:
+        qmax = _QMAX[activation]
         row = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
         xn = xf / row
-        scale, zp = _u7_params(xn)
-        q = torch.clamp(torch.round(xn / scale) + zp, 0, 255)
+        scale, inv, zp = _asym_params(xn, qmax)
+        q = _quantize_like_fbgemm(xn, inv, zp)
         acc = torch.matmul(q - zp, w.t())
         y = acc * (scale * weight_scale) * row
     elif activation == "per_token_s8":
@@ -129,23 +232,33 @@ def int8_linear_reference(x: torch.Tensor, weight_int8: torch.Tensor, weight_sca
     return y.to(x.dtype)
 
 
-def _fbgemm_u7(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    packed = _packed_for(weight_int8, weight_scale)
+def _row_absmax(d: torch.Tensor) -> torch.Tensor:
+    # max(amax, -amin): two plain reductions, measured faster than abs().amax() (no temporary)
+    return torch.maximum(d.amax(dim=-1, keepdim=True), d.amin(dim=-1, keepdim=True).neg_()).clamp_min_(_TINY)
+
+
+def _fbgemm(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+            input_shift: Optional[torch.Tensor], reduce_range: bool) -> torch.Tensor:
+    packed, _ = _packed_for(weight_int8, weight_scale)
     xf = x.float().contiguous()
-    row = xf.abs().amax(dim=-1, keepdim=True).clamp_min_(_TINY)
-    y = torch.ops.quantized.linear_dynamic(xf / row, packed, True)
-    if bias is not None:
-        y = torch.addcmul(bias.float(), y, row)
+    if input_shift is not None:
+        d = xf - input_shift.float()  # a fresh tensor: normalised in place below
+        row = _row_absmax(d)
+        d.div_(row)
     else:
-        y = y.mul_(row)
+        row = _row_absmax(xf)
+        d = xf / row
+    y = torch.ops.quantized.linear_dynamic(d, packed, reduce_range)
+    y = torch.addcmul(bias.float(), y, row) if bias is not None else y.mul_(row)
     return y.to(x.dtype)
 
 
 def _int_mm_s8(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
+               bias: Optional[torch.Tensor], input_shift: Optional[torch.Tensor]) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
     xf = x.reshape(-1, k).float()
+    if input_shift is not None:
+        xf = xf - input_shift.float()
     row = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(_TINY)
     q = torch.clamp(torch.round(xf / row), -127, 127).to(torch.int8)
     m = q.shape[0]
@@ -163,26 +276,43 @@ def _int_mm_ok(x: torch.Tensor, weight_int8: torch.Tensor) -> bool:
     return x.is_cuda and k % 8 == 0 and n % 8 == 0
 
 
+def _fbgemm_ok(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, activation: str) -> bool:
+    if x.device.type != "cpu" or not fbgemm_available():
+        return False
+    if activation == "per_token_u7":
+        return True
+    if activation != "per_token_u8" or not fbgemm_u8_exact():
+        return False
+    if not _packed_for(weight_int8, weight_scale)[1]:
+        log.warning("int8_linear per_token_u8 with weights that are not pair-safe: running the reference "
+                    "(quantize them with quantize_weight(w, pair_safe=True))")
+        return False
+    return True
+
+
 @torch.library.custom_op("graphopt::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
-                bias: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+                bias: Optional[torch.Tensor], activation: str,
+                input_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dynamically quantized linear: see the module docstring for the schemes."""
-    if activation == "per_token_u7" and x.device.type == "cpu" and fbgemm_available():
-        return _fbgemm_u7(x, weight_int8, weight_scale, bias)
+    if _fbgemm_ok(x, weight_int8, weight_scale, activation):
+        return _fbgemm(x, weight_int8, weight_scale, bias, input_shift, activation == "per_token_u7")
     if activation == "per_token_s8" and _int_mm_ok(x, weight_int8):
-        return _int_mm_s8(x, weight_int8, weight_scale, bias)
-    return int8_linear_reference(x, weight_int8, weight_scale, bias, activation)
+        return _int_mm_s8(x, weight_int8, weight_scale, bias, input_shift)
+    return int8_linear_reference(x, weight_int8, weight_scale, bias, activation, input_shift)
 
 
 @int8_linear.register_fake
-def _int8_linear_fake(x, weight_int8, weight_scale, bias, activation):
+def _int8_linear_fake(x, weight_int8, weight_scale, bias, activation, input_shift=None):
     return x.new_empty(*x.shape[:-1], weight_int8.shape[0])
 
 
-def int8_linear_onnx(x, weight_int8, weight_scale, bias, activation: str = "per_token_u7"):
-    """ONNX translation: per-token scaling, ``QuantizeLinear`` + ``MatMulInteger``, dequantize."""
+def int8_linear_onnx(x, weight_int8, weight_scale, bias, activation: str = "per_token_u8", input_shift=None):
+    """ONNX translation: shift, per-token scaling, ``QuantizeLinear`` + ``MatMulInteger``, dequantize."""
     from onnxscript import opset18 as op
 
+    if input_shift is not None:
+        x = op.Sub(x, input_shift)
     w_t = op.Transpose(weight_int8, perm=[1, 0])
     row_max = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
     tiny = op.CastLike(op.Constant(value_float=_TINY), x)
@@ -193,15 +323,15 @@ def int8_linear_onnx(x, weight_int8, weight_scale, bias, activation: str = "per_
         acc = op.MatMulInteger(q, w_t)
         y = op.Mul(op.Mul(op.CastLike(acc, x), weight_scale), row)
     else:
+        qmax = float(_QMAX.get(activation, 127))
         row = op.Max(row_max, tiny)
         xn = op.Div(x, row)
         zero = op.CastLike(op.Constant(value_float=0.0), x)
         lo = op.Min(op.ReduceMin(xn, keepdims=0), zero)
         hi = op.Max(op.ReduceMax(xn, keepdims=0), zero)
-        scale = op.Div(op.Sub(hi, lo), op.CastLike(op.Constant(value_float=float(_U7_QMAX)), x))
+        scale = op.Div(op.Sub(hi, lo), op.CastLike(op.Constant(value_float=qmax), x))
         scale = op.Where(op.Equal(scale, zero), op.CastLike(op.Constant(value_float=0.1), x), scale)
-        zp_f = op.Clip(op.Round(op.Div(op.Neg(lo), scale)), zero,
-                       op.CastLike(op.Constant(value_float=float(_U7_QMAX)), x))
+        zp_f = op.Clip(op.Round(op.Div(op.Neg(lo), scale)), zero, op.CastLike(op.Constant(value_float=qmax), x))
         zp = op.Cast(zp_f, to=2)  # UINT8
         q = op.QuantizeLinear(xn, scale, zp)
         acc = op.MatMulInteger(q, w_t, zp)

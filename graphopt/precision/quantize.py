@@ -8,6 +8,18 @@ views such as ``t()``):
     mm(x, W[K,N]) / matmul(x, W)  -> graphopt.int8_linear(x, Wq, s, None, scheme)
     (same shapes)                 -> graphopt.fp8_linear(x, Wq, s, b)
 
+int8 with an input shift ``mu`` (the calibrated mean of each input channel,
+used where it narrows the per-token range, :func:`input_shift`):
+
+    linear(x, W, b)               -> graphopt.int8_linear(x, Wq, s, b + W @ mu, scheme, mu)
+
+``W @ mu`` is computed in fp32 from the unquantized weight, so the component
+every token shares (position/segment embeddings in the residual stream, the
+near-uniform attention average of a random-weight model, the positive mean of
+GELU outputs) is neither quantized in the activation nor multiplied by the
+weight's rounding error. This is the channel-wise shift of Outlier
+Suppression+ (Wei et al., 2023) with the mean as the shift.
+
 Declines: matmuls of two activations (attention scores: no constant weight
 to quantize), addmm with ``beta``/``alpha`` other than 1, weights that are not
 2-D fp32.
@@ -29,12 +41,33 @@ aten = torch.ops.aten
 LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 
 
+#: centre an input only when that narrows its mean per-token range to this fraction or less
+SHIFT_MIN_GAIN = 0.9
+
+
 @dataclass
 class LinearSite:
     node: fx.Node
     x: fx.Node
     weight: torch.Tensor  # [N, K] fp32
     bias: fx.Node | None
+    bias_value: torch.Tensor | None = None  # the bias when it is a constant
+
+
+def input_shift(x: torch.Tensor, min_gain: float = SHIFT_MIN_GAIN) -> tuple[torch.Tensor | None, float]:
+    """``(mu, gain)``: the per-channel mean of ``x`` (calibration activations) and how much it narrows the range.
+
+    ``gain`` is ``mean_row(max|x - mu|) / mean_row(max|x|)``; ``mu`` is None
+    when the gain is above ``min_gain`` (centring would cost a pass for nothing).
+    """
+    x2 = x.detach().float().reshape(-1, x.shape[-1])
+    if x2.shape[0] < 2:
+        return None, 1.0
+    mu = x2.mean(dim=0)
+    plain = float(x2.abs().amax(dim=-1).mean())
+    centred = float((x2 - mu).abs().amax(dim=-1).mean())
+    gain = centred / plain if plain > 0 else 1.0
+    return (mu if gain <= min_gain else None), gain
 
 
 def linear_site(gm: fx.GraphModule, node: fx.Node, const: set[fx.Node]) -> LinearSite | str:
@@ -70,7 +103,8 @@ def linear_site(gm: fx.GraphModule, node: fx.Node, const: set[fx.Node]) -> Linea
     weight = evaluate(gm, [w], const)[w].detach().float()
     if transpose:
         weight = weight.t()
-    return LinearSite(node, x, weight.contiguous(), b)
+    bias_value = evaluate(gm, [b], const)[b].detach().float() if isinstance(b, fx.Node) and b in const else None
+    return LinearSite(node, x, weight.contiguous(), b, bias_value)
 
 
 def linear_sites(gm: fx.GraphModule) -> tuple[dict[str, LinearSite], dict[str, str]]:
@@ -97,13 +131,15 @@ class QuantizedWeights:
     def __init__(self, int8_scheme: str | None) -> None:
         self.int8_scheme = int8_scheme or "per_token_s8"
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: node name -> int8 input shift (see :func:`input_shift`)
+        self.shifts: dict[str, torch.Tensor] = {}
 
     def get(self, site: LinearSite, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = (site.node.name, precision)
         if key not in self._cache:
             if precision == "int8":
-                q, s = int8_linear.quantize_weight(site.weight)
-                if self.int8_scheme == "per_token_u7":
+                q, s = int8_linear.quantize_weight(site.weight, pair_safe=self.int8_scheme == "per_token_u8")
+                if self.int8_scheme in ("per_token_u8", "per_token_u7"):
                     int8_linear.prepack(q, s)
             elif precision == "fp8":
                 q, s = fp8_linear.quantize_weight(site.weight)
@@ -116,7 +152,11 @@ class QuantizedWeights:
         """Run the quantized op on real tensors (error and speed measurements)."""
         q, s = self.get(site, precision)
         if precision == "int8":
-            return torch.ops.graphopt.int8_linear(x, q, s, bias, self.int8_scheme)
+            shift = self.shifts.get(site.node.name)
+            if shift is not None:
+                folded = site.weight @ shift
+                bias = folded if bias is None else bias.float() + folded
+            return torch.ops.graphopt.int8_linear(x, q, s, bias, self.int8_scheme, shift)
         return torch.ops.graphopt.fp8_linear(x, q, s, bias)
 
 
@@ -132,12 +172,23 @@ def replace_site(gm: fx.GraphModule, site: LinearSite, precision: str, weights: 
     node, x = by_name[site.node.name], by_name[site.x.name]
     bias = by_name[site.bias.name] if site.bias is not None else None
     q, s = weights.get(site, precision)
+    shift = weights.shifts.get(site.node.name) if precision == "int8" else None
     with gm.graph.inserting_before(node):
         qn = gm.graph.get_attr(ir.register_constant(gm, f"{node.name}_w_{precision}", q))
         sn = gm.graph.get_attr(ir.register_constant(gm, f"{node.name}_w_scale", s))
+        args: tuple = (x, qn, sn, bias, weights.int8_scheme)
+        if shift is not None:
+            folded = site.weight @ shift  # fp32, unquantized weight
+            if bias is None or site.bias_value is not None:
+                value = folded if bias is None else site.bias_value + folded
+                bias = gm.graph.get_attr(ir.register_constant(gm, f"{node.name}_bias_shifted", value))
+            else:  # a bias computed at run time: add the folded term to it
+                fn = gm.graph.get_attr(ir.register_constant(gm, f"{node.name}_bias_shift", folded))
+                bias = gm.graph.call_function(torch.ops.aten.add.Tensor, (bias, fn))
+            mu = gm.graph.get_attr(ir.register_constant(gm, f"{node.name}_input_shift", shift))
+            args = (x, qn, sn, bias, weights.int8_scheme, mu)
         if precision == "int8":
-            new = gm.graph.call_function(torch.ops.graphopt.int8_linear.default,
-                                         (x, qn, sn, bias, weights.int8_scheme))
+            new = gm.graph.call_function(torch.ops.graphopt.int8_linear.default, args)
         else:
             new = gm.graph.call_function(torch.ops.graphopt.fp8_linear.default, (x, qn, sn, bias))
     for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):

@@ -1,19 +1,70 @@
 """What a target runs fast, as far as precision is concerned.
 
 :class:`PrecisionTarget` says which int8 activation scheme has a fast kernel
-(``per_token_u7``: fbgemm on x86 CPUs; ``per_token_s8``: ``torch._int_mm`` on
-CUDA), whether fp8 e4m3 matmuls exist (CUDA compute capability >= 8.9), and
-which precisions ``precision="auto"`` measures. Whether a precision is
-*faster* is never assumed here: ``auto`` measures it (:mod:`.speed`).
+(``per_token_u8``: fbgemm on x86 CPUs where its saturation probe passes,
+else ``per_token_u7``; ``per_token_s8``: ``torch._int_mm`` on CUDA), whether
+fp8 e4m3 matmuls exist (CUDA compute capability >= 8.9), and which float
+formats have native arithmetic (:func:`native_float_formats`). ``auto`` only
+measures bf16 where the target has native bf16 units: without them (the AVX2
+CPUs this project is developed on, where bf16 emulation measured 4x slower
+than fp32) bf16 is never a candidate, however a noisy microbenchmark turns
+out. Whether a candidate is *faster* is never assumed here: ``auto`` measures
+it (:mod:`.speed`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import platform
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
 from graphopt.ops import fp8_linear, int8_linear
+
+log = logging.getLogger(__name__)
+
+#: CPU feature flags (``/proc/cpuinfo``) that give a float format native arithmetic
+CPU_FLAGS = {
+    "bf16": ("avx512_bf16", "amx_bf16", "bf16"),  # x86 AVX512-BF16 / AMX; Arm FEAT_BF16 ("bf16" in Features)
+    "fp16": ("avx512_fp16", "amx_fp16", "asimdhp"),  # x86 AVX512-FP16 / AMX-FP16; Arm half-precision SIMD
+}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """Feature flags of this CPU (``flags`` on x86, ``Features`` on Arm); empty where unknown."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_float_formats(device: torch.device | str, flags: Iterable[str] | None = None) -> frozenset[str]:
+    """Which of ``bf16`` / ``fp16`` this target computes natively.
+
+    CPU: from the feature flags (``flags``, default: this machine's
+    ``/proc/cpuinfo``); a CPU whose flags are unknown (not Linux) gets none,
+    so ``auto`` stays with fp32 and int8 there. CUDA: fp16 always, bf16 from
+    compute capability 8.0 (Ampere).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return frozenset()
+        major, _ = torch.cuda.get_device_capability(device)
+        return frozenset({"fp16"} | ({"bf16"} if major >= 8 else set()))
+    if device.type != "cpu":
+        return frozenset()
+    have = frozenset(flags) if flags is not None else cpu_flags()
+    return frozenset(fmt for fmt, names in CPU_FLAGS.items() if have & set(names))
 
 
 @dataclass(frozen=True)
@@ -22,32 +73,47 @@ class PrecisionTarget:
 
     ``int8_scheme``: activation scheme of ``graphopt::int8_linear`` with a fast
     kernel here (None: only the reference implementation). ``fp8``: fp8 e4m3
-    matmuls through ``torch._scaled_mm``.
+    matmuls through ``torch._scaled_mm``. ``native_floats``: float formats
+    with native arithmetic (``{"bf16", "fp16"}`` or a subset); ``auto``
+    considers bf16 only when it is listed. Tests build targets by hand to
+    inject capabilities.
     """
 
     device: torch.device
     int8_scheme: str | None
     fp8: bool
+    native_floats: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
-    def detect(cls, device: torch.device | str) -> "PrecisionTarget":
+    def detect(cls, device: torch.device | str, cpu_flags: Iterable[str] | None = None) -> "PrecisionTarget":
         device = torch.device(device)
+        floats = native_float_formats(device, cpu_flags)
         if device.type == "cuda":
-            return cls(device, "per_token_s8", fp8_linear.fp8_supported(device))
+            return cls(device, "per_token_s8", fp8_linear.fp8_supported(device), floats)
         if device.type == "cpu" and int8_linear.fbgemm_available():
-            return cls(device, "per_token_u7", False)
-        return cls(device, None, False)
+            scheme = "per_token_u8" if int8_linear.fbgemm_u8_exact() else "per_token_u7"
+            return cls(device, scheme, False, floats)
+        return cls(device, None, False, floats)
 
     def auto_candidates(self) -> list[str]:
         """Precisions ``auto`` benchmarks on this target (it keeps only the faster ones)."""
         out = ["fp8"] if self.fp8 else []
         if self.int8_scheme is not None:
             out.append("int8")
-        return out + ["bf16"]
+        if "bf16" in self.native_floats:
+            out.append("bf16")
+        return out
 
     def fp8_unsupported_reason(self) -> str:
         return (f"fp8 needs CUDA with compute capability >= 8.9 (torch._scaled_mm); this target is "
                 f"{self.device.type}: use precision='int8', 'bf16' or 'auto'")
 
+    def no_native_float_reason(self, fmt: str) -> str:
+        where = f"{platform.machine() or 'this'} CPU" if self.device.type == "cpu" else self.device.type
+        flags = ", ".join(CPU_FLAGS.get(fmt, ())) if self.device.type == "cpu" else "compute capability >= 8.0"
+        return f"no native {fmt} on this target ({where}; needs {flags})"
+
     def describe(self) -> str:
-        return f"{self.device.type} (int8 kernel: {self.int8_scheme or 'reference only'}, fp8: {self.fp8})"
+        floats = ", ".join(sorted(self.native_floats)) or "none"
+        return (f"{self.device.type} (int8 kernel: {self.int8_scheme or 'reference only'}, fp8: {self.fp8}, "
+                f"native bf16/fp16: {floats})")

@@ -1,0 +1,169 @@
+"""``graphopt convert SPEC -o DIR``: optimize a model, then export it to ONNX checked in onnxruntime.
+
+It is ``graphopt optimize`` (same options, same code path) followed by the
+export. DIR receives:
+
+  model.pt2     the optimized program (torch.export.load)
+  model.onnx    the ONNX model, checked: onnx.checker, shape inference, and
+                onnxruntime vs torch on the example and fresh inputs
+                (model.onnx.data next to it when the weights exceed 1 GiB)
+  report.json   the optimization report, with the export under extra.onnx
+  report.md     the same report as Markdown
+  graph.html    the graph viewer's page (when graphopt.visualize is available)
+
+Everything is built in a temporary directory next to DIR and moved into place
+at the end: a failure leaves nothing behind. An existing DIR is refused
+without --force.
+
+exit codes:
+  0  converted and checked
+  1  a numeric check failed (onnxruntime vs torch, or the optimized graph vs
+     the original model); nothing written
+  2  bad input, or the model could not be converted (e.g. an operator without
+     ONNX translation, named in the message); nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from graphopt.commands.common import UsageError, err_console, load_model, out_console, step
+from graphopt.commands.optimize import add_optimize_arguments, check_output_dir, optimize_from_args
+from graphopt.commands.output_dir import staged_output_dir
+
+log = logging.getLogger(__name__)
+
+#: exit code when a numeric check fails
+EXIT_CHECK_FAILED = 1
+
+
+class CheckFailed(Exception):
+    """A numeric check failed; the command exits 1 after the outputs are discarded."""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("convert", help="optimize a model and export a checked ONNX model (+ .pt2, reports)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_optimize_arguments(p)
+    from graphopt.onnx_io import TARGETS
+
+    p.add_argument("--opset", type=int, metavar="N",
+                   help="ai.onnx opset (default: 23 when the graph has fused attention, else torch.onnx's default)")
+    p.add_argument("--dynamic", metavar="AXES", help="dynamic axes: batch, seq or batch,seq")
+    p.add_argument("--target", choices=TARGETS, default="onnxruntime",
+                   help="onnxruntime: apply graphopt's onnxruntime rewrites (may use com.microsoft ops); "
+                        "standard: ai.onnx ops only (default: onnxruntime)")
+    p.add_argument("--no-speed", action="store_true",
+                   help="skip timing the plain torch.onnx export of the original against graphopt's")
+    p.add_argument("--speed-runs", type=int, default=10, metavar="N", help="timed runs per model (default 10)")
+    if not any("--precision" in a.option_strings for a in p._actions):
+        p.add_argument("--precision", metavar="P", help="reduced precision for the precision passes "
+                                                         "(given to them as the 'precision' option)")
+        p.set_defaults(_convert_passes_precision=True)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from graphopt import onnx_io
+
+    check_output_dir(args.output, args.force)  # refuse early, before the slow work
+    try:
+        axes = onnx_io.parse_dynamic(args.dynamic)
+    except ValueError as exc:
+        raise UsageError(f"--dynamic: {exc}") from exc
+    if args.opset is not None and not 7 <= args.opset <= 30:
+        raise UsageError(f"--opset {args.opset}: give an ai.onnx opset such as 18, 20 or 23")
+    spec = load_model(args.spec)
+    dynamic_shapes = None
+    if axes:
+        spec.args, spec.kwargs = onnx_io.widen_for_dynamic(spec.args, spec.kwargs, axes)
+        try:
+            dynamic_shapes = onnx_io.dynamic_shapes_for(spec.model, spec.args, spec.kwargs, axes)
+        except ValueError as exc:
+            raise UsageError(f"--dynamic: {exc}") from exc
+    extra = {}
+    if getattr(args, "_convert_passes_precision", False) and args.precision:
+        extra["precision"] = args.precision
+    try:
+        _spec, result = optimize_from_args(args, spec=spec, dynamic_shapes=dynamic_shapes, **extra)
+    except UsageError as exc:
+        if "precision" in extra and "precision" in str(exc):
+            raise UsageError(f"--precision {args.precision}: no pass in this build takes a precision option "
+                             f"({exc})") from exc
+        raise
+    report = result.report
+    try:
+        with staged_output_dir(args.output, args.force) as staging:
+            final = report.final_numerics
+            if final is not None and not final.ok:
+                raise CheckFailed(f"the optimized graph differs from the original model: {final.reason}")
+            with step("saving model.pt2"):
+                result.save(staging)
+            with step("exporting model.onnx and checking it in onnxruntime"):
+                info = _export(result, os.path.join(staging, "model.onnx"), args, axes)
+            # the report names the files where they will be, not where they were staged
+            onnx_part = report.extra["onnx"]
+            onnx_part["path"] = os.path.join(args.output, "model.onnx")
+            onnx_part["files"] = [os.path.join(args.output, os.path.basename(f)) for f in onnx_part["files"]]
+            note = write_graph_html(result, os.path.join(staging, "graph.html"))
+            if note:
+                onnx_part["notes"].append(note)
+            _write_reports(report, staging)
+            written = sorted(os.listdir(staging))
+    except CheckFailed as exc:
+        _print_report(report, args)
+        err_console.print(f"[red]check failed:[/] {exc}; nothing was written to {args.output}")
+        return EXIT_CHECK_FAILED
+    _print_report(report, args)
+    err_console.print(info.summary())
+    err_console.print(f"wrote {', '.join(os.path.join(args.output, n) for n in written)}")
+    return 0
+
+
+def _export(result: Any, path: str, args: argparse.Namespace, axes: tuple[str, ...]) -> Any:
+    from graphopt.onnx_io import OnnxExportError, OnnxMismatchError, export_onnx
+
+    try:
+        return export_onnx(result, path, dynamic=axes, opset=args.opset, target=args.target,
+                           compare_speed=not args.no_speed, speed_runs=args.speed_runs)
+    except OnnxMismatchError as exc:
+        result.report.extra["onnx"] = exc.export.to_dict()
+        raise CheckFailed(str(exc)) from exc
+    except OnnxExportError as exc:
+        raise UsageError(f"conversion failed, nothing was written: {exc}") from exc
+    except Exception as exc:  # anything else in the export is a failed conversion too (exit 2)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"conversion failed, nothing was written: {type(exc).__name__}: {first} "
+                         f"(--debug shows the traceback)") from exc
+
+
+def write_graph_html(result: Any, path: str) -> str:
+    """Write the viewer's page with ``graphopt.visualize(result, path)``; a note when it is skipped."""
+    import graphopt
+
+    visualize = getattr(graphopt, "visualize", None)
+    if visualize is None:
+        return "graph.html skipped: the graph viewer (graphopt.visualize) is not in this build yet"
+    try:
+        visualize(result, path)
+    except Exception as exc:  # the viewer is auxiliary: the checked model still stands
+        log.warning("graph.html not written: %s", exc)
+        return f"graph.html not written: the viewer failed ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def _write_reports(report: Any, directory: str) -> None:
+    with open(os.path.join(directory, "report.json"), "w") as f:
+        f.write(report.to_json())
+    with open(os.path.join(directory, "report.md"), "w") as f:
+        f.write(report.to_markdown())
+
+
+def _print_report(report: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        out_console.print_json(report.to_json())
+    else:
+        report.render(out_console)
