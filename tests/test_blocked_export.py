@@ -118,3 +118,14 @@ def test_blocked_graphs_save_reload_and_export(name, tmp_path):
     # ONNX: the blocked graph exports and matches in onnxruntime
     flat = [a for a in args if isinstance(a, torch.Tensor)]
     assert_match(export_and_run(result.exported_program(), flat, tmp_path), expected)
+
+
+def test_graphopt_export_onnx_of_a_blocked_t5(tmp_path):
+    """The public exporter (graphopt.export_onnx: onnxruntime check on fresh inputs) takes blocked graphs.
+
+    (Static shapes: a plan is sized for the example's shapes, and per-query-block rewrites are unrolled.)
+    """
+    model, args = t5_encoder(seq=24)
+    result = _optimized(model, args, block_q=8, block_kv=0, blocked_leaf_bytes=0, constant_fold_max_bytes=0)
+    graphopt.export_onnx(result, tmp_path / "t5.onnx")
+    assert (tmp_path / "t5.onnx").exists()
