@@ -8,14 +8,25 @@ fp32 vs ``precision="int8"`` vs ``precision="auto"``.
 CUDA (``--device cuda``): a Llama (8 layers, hidden 2048, 32 heads, 8 KV heads)
 at batch 4, seq 512: fp32 vs bf16 vs fp8 vs auto.
 
-Every variant is timed in the same process, round-robin (median over runs
-after warm-up), so the ratios are comparable even on a busy machine; errors
-are measured on fresh inputs (not the example the plan was searched on):
-relative L2 of the last hidden state (BERT) or logits (LMs), and top-1
-agreement of the LM logits. Models have random weights (configs only).
+On CPU two reference rows sit beside them: ``graphopt fp32`` (the default
+pipeline without ``precision``, so the effect of the other passes is
+separated from reduced precision) and ``torch.ao dynamic`` (torch's own
+``quantize_dynamic`` module swap: per-tensor 7-bit activations, per-tensor
+weights), the int8 speed and error a user gets without graphopt.
+
+Every variant is timed in the same process, round-robin after warm-up, so
+the ratios are comparable even on a busy machine. Three figures per variant:
+the fastest and the median wall-clock time, and the fastest process CPU time
+(``time.process_time``: with ``--threads 1`` this is the least disturbed by
+other jobs on a shared machine, which only ever add time); the load average
+before and after is printed. Errors are measured on fresh inputs (not the
+example the plan was searched on): relative L2 of the last hidden state (BERT)
+or logits (LMs), and top-1 agreement of the LM logits. Models have random
+weights (configs only).
 
     python benchmarks/precision.py                  # CPU: BERT + GPT-2
-    python benchmarks/precision.py --model bert --runs 10
+    python benchmarks/precision.py --model bert --runs 10 --threads 1
+    python benchmarks/precision.py --model bert --kernels --threads 1   # int8 ceiling on this CPU
     python benchmarks/precision.py --device cuda    # GPU: Llama
 """
 
@@ -73,8 +84,10 @@ def llama(device: str, quick: bool):
         f"LlamaForCausalLM {layers}x{hidden}, {heads} heads / {kv} kv, batch {batch}, seq {seq}"
 
 
-def time_round_robin(fns: dict, runs: int, warmup: int, device: str) -> dict[str, float]:
-    samples = {k: [] for k in fns}
+def time_round_robin(fns: dict, runs: int, warmup: int, device: str) -> dict[str, dict[str, float]]:
+    """{variant: {"min", "median" (wall seconds), "cpu" (fastest process CPU seconds)}}."""
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     with torch.no_grad():
         for fn in fns.values():
             for _ in range(warmup):
@@ -83,12 +96,22 @@ def time_round_robin(fns: dict, runs: int, warmup: int, device: str) -> dict[str
             for name, fn in fns.items():
                 if device == "cuda":
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 if device == "cuda":
                     torch.cuda.synchronize()
-                samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {k: {"min": min(wall[k]), "median": statistics.median(wall[k]), "cpu": min(cpu[k])} for k in fns}
+
+
+def torch_ao_dynamic(model):
+    """torch's own dynamic int8 (module swap), as a reference point."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def errors(reference, candidate, is_lm: bool) -> tuple[float, float | None]:
@@ -98,6 +121,99 @@ def errors(reference, candidate, is_lm: bool) -> tuple[float, float | None]:
     return rel, top1
 
 
+def kernel_ceiling(builder, args: argparse.Namespace) -> None:
+    """How fast int8 can make this model on this CPU, from its parts (``--kernels``).
+
+    1. Each distinct linear shape of the model, fp32 vs the int8 kernels, fastest
+       of ``--runs`` interleaved runs: fbgemm's dynamic linear alone (per-tensor
+       8-bit activations, no per-token scaling: the floor for any fbgemm int8
+       linear), torch.ao's quantized Linear (reduce_range), and
+       ``graphopt::int8_linear`` as the pass uses it (per_token_u8 with an input shift).
+    2. The fp32 forward (fastest of 3) minus its linears (the table's fp32 times
+       times their counts): the time int8 linears cannot touch. The profiler's
+       share of self CPU time in addmm is printed too (it overstates the small
+       ops, each of which pays the profiler's overhead).
+    3. Amdahl: the whole-model time if every linear ran at the measured int8
+       speed and everything else stayed as fast as in fp32.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from graphopt.ops import int8_linear
+
+    model, make, _pick, _is_lm, desc = builder("cpu", args.quick)
+    example = make(torch.Generator().manual_seed(0))
+    shapes: dict[tuple[int, int, int], torch.nn.Linear] = {}
+    counts: dict[tuple[int, int, int], int] = {}
+
+    def hook(mod, inp, _out):
+        x = inp[0]
+        key = (x.reshape(-1, x.shape[-1]).shape[0], mod.in_features, mod.out_features)
+        shapes.setdefault(key, mod)
+        counts[key] = counts.get(key, 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    with torch.no_grad():
+        model(*example)
+        for h in handles:
+            h.remove()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(*example)
+        forward = float("inf")
+        for _ in range(3):
+            t0 = clock()
+            model(*example)
+            forward = min(forward, clock() - t0)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    linear = sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm", "aten::linear"))
+    share = linear / total
+    print(f"\n## int8 ceiling: {desc} ({torch.get_num_threads()} threads, load average {os.getloadavg()})")
+    print(f"profiler: {share:.1%} of the fp32 forward's self CPU time in linear layers")
+    print("| linear (tokens x in -> out) | fp32 ms | fbgemm alone ms | vs fp32 | torch.ao ms | vs fp32 "
+          "| graphopt int8 ms | vs fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    weighted = {"fbgemm": 0.0, "ao": 0.0, "graphopt": 0.0, "fp32": 0.0}
+    scheme = "per_token_u8" if int8_linear.fbgemm_u8_exact() else "per_token_u7"
+    for (m, k, n), mod in sorted(shapes.items()):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(m, k, generator=g) + torch.randn(k, generator=g)
+        w, b = mod.weight.detach(), mod.bias.detach() if mod.bias is not None else None
+        q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
+        packed = int8_linear._pack(q, s)
+        mu = x.mean(0)
+        bs = (b if b is not None else 0) + w @ mu
+        ao = torch_ao_dynamic(torch.nn.Sequential(mod))
+        fns = {"fp32": lambda: torch.nn.functional.linear(x, w, b),
+               "fbgemm": lambda: torch.ops.quantized.linear_dynamic(x, packed, False),
+               "ao": lambda: ao(x),
+               "graphopt": lambda: torch.ops.graphopt.int8_linear(x, q, s, bs, scheme, mu)}
+        best = {key: float("inf") for key in fns}
+        with torch.no_grad():
+            for fn in fns.values():
+                fn()
+            for _ in range(args.runs):
+                for key, fn in fns.items():
+                    t0 = clock()
+                    fn()
+                    best[key] = min(best[key], clock() - t0)
+        count = counts[(m, k, n)]
+        for key in weighted:
+            weighted[key] += count * best[key]
+        f = best["fp32"]
+        print(f"| {m} x {k} -> {n} (x{count}) | {f * 1e3:.2f} | {best['fbgemm'] * 1e3:.2f} | {f / best['fbgemm']:.2f}x "
+              f"| {best['ao'] * 1e3:.2f} | {f / best['ao']:.2f}x | {best['graphopt'] * 1e3:.2f} | "
+              f"{f / best['graphopt']:.2f}x |")
+    rest = max(forward - weighted["fp32"], 0.0)
+    print(f"- fp32 forward {forward * 1e3:.0f} ms ({'CPU' if clock is time.process_time else 'wall'}), of which "
+          f"linears {weighted['fp32'] * 1e3:.0f} ms ({weighted['fp32'] / forward:.1%}); the rest {rest * 1e3:.0f} ms")
+    for key in ("fbgemm", "ao", "graphopt"):
+        speed = weighted["fp32"] / weighted[key]
+        print(f"- all linears at the {key} speed ({speed:.2f}x): whole model {(weighted[key] + rest) * 1e3:.0f} ms, "
+              f"{forward / (weighted[key] + rest):.2f}x fp32")
+    sys.stdout.flush()
+
+
 def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) -> dict:
     model, make, pick, is_lm, desc = builder(args.device, args.quick)
     example = make(torch.Generator().manual_seed(0))
@@ -105,6 +221,9 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
     budget = ErrorBudget(rel_l2=args.error_budget, top1=args.top1 if is_lm else None)
     variants = {"fp32": model}
     notes = {}
+    if args.device == "cpu" and not args.no_references:
+        variants["graphopt fp32"] = graphopt.optimize(model, example).module
+        variants["torch.ao dynamic"] = torch_ao_dynamic(model)
     for mode in modes:
         t0 = time.perf_counter()
         result = graphopt.optimize(model, example, precision=mode, error_budget=budget,
@@ -114,8 +233,8 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
         for e in result.report.extra.get("precision", []):
             counts[e["precision"]] = counts.get(e["precision"], 0) + 1
         notes[mode] = {"status": rec.status if rec else "?", "optimize_s": round(time.perf_counter() - t0, 1),
-                       "nodes": counts, "notes": (rec.notes[:3] + [n for n in rec.notes if "whole model" in n])
-                       if rec else []}
+                       "nodes": counts, "notes": [n for n in rec.notes if n.startswith(
+                           ("target", "int8 input shift", "bf16", "search", "whole model", "slower"))] if rec else []}
         if rec and rec.status == "rolled back":
             notes[mode]["reason"] = rec.numerics.reason if rec.numerics else rec.error
         variants[mode] = result.module
@@ -123,13 +242,21 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
         ref = pick(model(*fresh))
         errs = {k: errors(ref, pick(m(*fresh)), is_lm) for k, m in variants.items()}
     fns = {k: (lambda m=m: m(*example)) for k, m in variants.items()}
+    load_before = os.getloadavg()
     times = time_round_robin(fns, args.runs, args.warmup, args.device)
+    load_after = os.getloadavg()
     rows = []
+    base = times["fp32"]
     for k in variants:
         rel, top1 = errs[k]
-        rows.append({"variant": k, "ms": round(times[k] * 1e3, 1), "speedup": round(times["fp32"] / times[k], 2),
+        t = times[k]
+        rows.append({"variant": k, "ms": round(t["min"] * 1e3, 1), "median_ms": round(t["median"] * 1e3, 1),
+                     "cpu_ms": round(t["cpu"] * 1e3, 1), "speedup": round(base["min"] / t["min"], 2),
+                     "speedup_median": round(base["median"] / t["median"], 2),
+                     "speedup_cpu": round(base["cpu"] / t["cpu"], 2),
                      "rel_l2": rel, "top1": top1, **({"plan": notes[k]} if k in notes else {})})
-    return {"model": name, "description": desc, "rows": rows}
+    return {"model": name, "description": desc, "rows": rows, "threads": torch.get_num_threads(),
+            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after]}
 
 
 def main() -> None:
@@ -142,9 +269,15 @@ def main() -> None:
     p.add_argument("--top1", type=float, default=0.9, help="top-1 agreement budget for LMs")
     p.add_argument("--random-inputs", type=int, default=1, help="fresh input sets the search checks besides the example")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--no-references", action="store_true", help="skip the graphopt fp32 and torch.ao rows (CPU)")
+    p.add_argument("--kernels", action="store_true",
+                   help="CPU: only print the int8 ceiling (linear share of fp32 time, per-shape kernel speedups)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.device == "cuda":
         models, modes = {"llama": llama}, ["bf16", "fp8", "auto"]
@@ -156,17 +289,23 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
     for name in chosen:
+        if args.kernels and args.device == "cpu":
+            kernel_ceiling(models[name], args)
+            continue
         res = run_model(name, models[name], modes, args)
         results.append(res)
-        print(f"\n## {res['description']}")
-        print("| variant | latency ms | speedup vs fp32 | rel L2 | top-1 | plan |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print(f"\n## {res['description']} ({res['threads']} threads; load average {res['load_before']} "
+              f"before timing, {res['load_after']} after)")
+        print("| variant | wall min ms | vs fp32 | wall median ms | vs fp32 | CPU min ms | vs fp32 | rel L2 | top-1 "
+              "| plan |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
         for r in res["rows"]:
             plan = r.get("plan", {})
             summary = ", ".join(f"{k}: {v}" for k, v in sorted(plan.get("nodes", {}).items()))
             status = plan.get("status", "")
             top1 = "" if r["top1"] is None else f"{r['top1']:.4f}"
-            print(f"| {r['variant']} | {r['ms']} | {r['speedup']}x | {r['rel_l2']:.2e} | {top1} | "
+            print(f"| {r['variant']} | {r['ms']} | {r['speedup']}x | {r['median_ms']} | {r['speedup_median']}x | "
+                  f"{r['cpu_ms']} | {r['speedup_cpu']}x | {r['rel_l2']:.2e} | {top1} | "
                   f"{status}{' (' + summary + ')' if summary else ''} |")
         for r in res["rows"]:
             for n in r.get("plan", {}).get("notes", []):

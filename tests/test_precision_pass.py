@@ -279,3 +279,75 @@ def test_cli_precision_and_error_budget(tmp_path, capsys):
     assert rec["status"] == "applied"
     assert any("rel_l2 <= 0.03" in n for n in rec["notes"])
     assert (tmp_path / "out" / "model.pt2").exists()
+
+
+class SharedOffset(nn.Module):
+    """Every token carries the same large vector (like position/segment embeddings in a residual stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.randn(64) * 4)
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x + self.offset)))
+
+
+def test_int8_input_shift_takes_a_shared_component_out_of_the_quantization():
+    torch.manual_seed(0)
+    model, args = SharedOffset().eval(), (torch.randn(4, 16, 64),)
+    shifted = graphopt.optimize(model, args, precision="int8", error_budget=0.05)
+    plain = graphopt.optimize(model, args, precision="int8", error_budget=0.05, precision_int8_shift=False)
+    rec = shifted.report.record("precision")
+    assert rec.status == "applied" and plain.report.record("precision").status == "applied"
+    assert any(n.startswith("int8 input shift") for n in rec.notes), rec.notes
+    calls = [n for n in shifted.module.graph.nodes if ir.op_name(n) == INT8]
+    assert any(len(n.args) == 6 and n.args[5] is not None for n in calls)  # fc1 got its input shift
+    assert all(len(n.args) == 5 for n in plain.module.graph.nodes if ir.op_name(n) == INT8)
+    fc1 = next(e for e in shifted.report.extra["precision"] if e["module"] == "fc1")
+    assert "input shifted" in fc1["reason"]
+    with torch.no_grad():
+        x = _fresh(11)
+        ref = model(x)
+        err_shifted, err_plain = _rel(shifted.module(x), ref), _rel(plain.module(x), ref)
+    assert err_shifted < 0.5 * err_plain, (err_shifted, err_plain)
+
+
+class TwoPaths(nn.Module):
+    """A main path, and a side path whose linear has a huge own error but barely reaches the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2, self.side = nn.Linear(64, 256), nn.Linear(256, 64), nn.Linear(64, 64)
+        scale = torch.ones(64)
+        scale[0] = 1e3  # one outlier channel takes the per-token range ...
+        self.register_buffer("scale", scale)
+        with torch.no_grad():
+            self.side.weight[:, 0] = 0  # ... and contributes nothing: the side linear's own error is ~80%
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a2(torch.nn.functional.gelu(self.a1(x))) + 1e-4 * self.side(x * self.scale)
+
+
+@pytest.mark.parametrize("sensitivity", ["model", "local"])
+def test_search_ranks_by_whole_model_error(sensitivity):
+    """Own-error ranking keeps the side linear first (its own error is largest) and needs two kept
+    nodes; whole-model ranking keeps one main-path linear and converts the side linear."""
+    torch.manual_seed(0)
+    model, args = TwoPaths().eval(), (torch.randn(8, 16, 64),)
+    gm, ctx = _pass_ctx(model, args, budget=1.5e-2, precision="int8", precision_sensitivity=sensitivity)
+    res = ReducedPrecision()(ir.copy_graph_module(gm), ctx)
+    assert res.modified
+    plan = {e["module"]: e for e in ctx.report.extra["precision"]}
+    assert plan["side"]["local_rel_l2"] is None or plan["side"]["local_rel_l2"] > 0.3
+    kept = {m for m, e in plan.items() if e["precision"] == "fp32"}
+    if sensitivity == "model":
+        assert kept in ({"a1"}, {"a2"}), plan
+        assert any("single-node whole-model runs" in n for n in res.notes)
+        reason = plan[kept.pop()]["reason"]
+        assert "with it alone in int8" in reason and "over budget" in reason
+    else:
+        assert "side" in kept and len(kept) == 2, plan
+    with torch.no_grad():
+        x = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(4))
+        assert _rel(res.module(x), model(x)) <= 1.5e-2
