@@ -178,7 +178,7 @@ def optimize(
     if ctx.verifier is not None:
         applied_budget = any(p.uses_error_budget for p in pipeline
                              if (r := report.record(p.name)) is not None and r.status == "applied")
-        report.final_numerics = ctx.verifier.check(gm, ctx.error_budget if applied_budget else None)
+        report.final_numerics = ctx.verify(gm, ctx.error_budget if applied_budget else None)
     report.total_seconds = time.perf_counter() - start
     log.info("optimized %s: %d -> %d nodes in %.2f s", report.model, report.nodes_before, report.nodes_after,
              report.total_seconds)

@@ -54,18 +54,35 @@ class OptimizeContext:
     report: Report = field(default_factory=Report)
     options: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # analyses shared between passes
+    #: True while the pass manager runs a group of exact passes that it verifies once, as a group
+    deferring_verification: bool = False
+    #: ``(module, budget, numerics)`` of the latest numeric check, so an identical check is not run twice
+    last_check: tuple[fx.GraphModule, ErrorBudget | None, Numerics] | None = None
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)
 
     def check_numerics(self, gm: fx.GraphModule, budget: ErrorBudget | None = None) -> Numerics | None:
-        """Compare ``gm`` against the original model (None when verification is off).
+        """Compare ``gm`` against the original model (None when verification is off or deferred).
 
-        Passes that verify site by site (and roll back a single site) call this.
+        Passes that verify site by site (and roll back a single site) call
+        this. While the pass manager defers verification to the end of a group
+        of exact passes it returns None (nothing to check yet); should the
+        group fail, the group is run again pass by pass and this checks.
         """
-        if self.verifier is None:
+        if self.verifier is None or self.deferring_verification:
             return None
-        return self.verifier.check(gm, budget)
+        return self.verify(gm, budget)
+
+    def verify(self, gm: fx.GraphModule, budget: ErrorBudget | None = None) -> Numerics:
+        """Run the verifier on ``gm`` (reusing the latest result for the same module and budget)."""
+        if self.verifier is None:
+            raise RuntimeError("verification is off (optimize(..., verify=False)); nothing to check against")
+        if self.last_check is not None and self.last_check[0] is gm and self.last_check[1] == budget:
+            return self.last_check[2]
+        numerics = self.verifier.check(gm, budget)
+        self.last_check = (gm, budget, numerics)
+        return numerics
 
 
 @dataclass(frozen=True)
@@ -162,9 +179,14 @@ class VerifyInstrument(Instrument):
     def after_pass(self, pass_: Pass, result: PassResult, record: PassRecord, ctx: OptimizeContext) -> str | None:
         if not result.modified or pass_.kind == "analysis" or ctx.verifier is None:
             return None
+        if ctx.deferring_verification and not pass_.uses_error_budget:
+            return None  # the pass manager checks the group's result once
         budget = ctx.error_budget if pass_.uses_error_budget else None
-        numerics = result.numerics if result.numerics is not None and budget is None else \
-            ctx.verifier.check(result.module, budget)
+        if result.numerics is not None and budget is None:
+            numerics = result.numerics
+            ctx.last_check = (result.module, None, numerics)
+        else:
+            numerics = ctx.verify(result.module, budget)
         record.numerics = numerics
         return None if numerics.ok else numerics.reason
 
@@ -208,9 +230,20 @@ class PassManager:
     (the module from before it is kept) and the pipeline goes on -- except an
     exception with ``abort_pipeline = True`` (the user must act, e.g. an
     unreachable memory budget), which propagates.
+
+    ``group_verification`` (on by default, used when the context has a
+    verifier): consecutive exact passes (``uses_error_budget = False``) run
+    as a group and their result is checked once, instead of once per pass --
+    every check runs the model on each verification input, which is most of
+    an optimization's time. When the group's check fails, the group is run
+    again from its input pass by pass, each checked on its own, so the
+    failing pass is rolled back alone (and a pass that checks site by site,
+    like ``fuse_attention``, rolls back only the failing site). Passes that
+    spend an error budget are always checked on their own.
     """
 
-    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = ()) -> None:
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (),
+                 group_verification: bool = True) -> None:
         for p in passes:
             if not isinstance(p, Pass):
                 raise TypeError(
@@ -218,9 +251,60 @@ class PassManager:
                 )
         self.passes = list(passes)
         self.instruments = list(instruments)
+        self.group_verification = group_verification
 
     def run(self, gm: fx.GraphModule, ctx: OptimizeContext) -> fx.GraphModule:
-        for pass_ in self.passes:
+        grouping = self.group_verification and ctx.verifier is not None and \
+            any(isinstance(i, VerifyInstrument) for i in self.instruments)
+        if not grouping:
+            for pass_ in self.passes:
+                gm = self.run_one(pass_, gm, ctx)
+            return gm
+        i = 0
+        while i < len(self.passes):
+            j = i
+            while j < len(self.passes) and not self.passes[j].uses_error_budget:
+                j += 1
+            if j > i:
+                gm = self.run_group(self.passes[i:j], gm, ctx)
+                i = j
+            else:
+                gm = self.run_one(self.passes[i], gm, ctx)
+                i += 1
+        return gm
+
+    def run_group(self, group: Sequence[Pass], gm: fx.GraphModule, ctx: OptimizeContext) -> fx.GraphModule:
+        """Run exact passes with one numeric check of their joint result (see the class docstring)."""
+        if sum(1 for p in group if p.kind != "analysis") < 2:
+            for pass_ in group:
+                gm = self.run_one(pass_, gm, ctx)
+            return gm
+        first_record = len(ctx.report.passes)
+        saved_cache = {k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in ctx.cache.items()}
+        out = gm
+        ctx.deferring_verification = True
+        try:
+            for pass_ in group:
+                out = self.run_one(pass_, out, ctx)
+        finally:
+            ctx.deferring_verification = False
+        if out is gm:
+            return gm
+        numerics = ctx.verify(out)
+        records = ctx.report.passes[first_record:]
+        if numerics.ok:
+            names = [r.name for r in records if r.status == "applied"]
+            for r in records:
+                if r.status == "applied":
+                    r.numerics = numerics
+                    r.verified_with = names
+            return out
+        log.info("passes %s together fail the numeric check (%s): checking them one by one",
+                 ", ".join(p.name for p in group), numerics.reason)
+        del ctx.report.passes[first_record:]
+        ctx.cache.clear()
+        ctx.cache.update(saved_cache)
+        for pass_ in group:
             gm = self.run_one(pass_, gm, ctx)
         return gm
 

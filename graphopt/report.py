@@ -33,6 +33,8 @@ class PassRecord:
     ``status`` is one of ``applied`` (modified and kept), ``unchanged``,
     ``rolled back`` (its numerics failed; the graph before it was kept),
     ``error`` (it raised; the graph before it was kept) and ``analysis``.
+    ``verified_with``: when the pass manager checked a group of exact passes
+    once, the applied passes of that group (``numerics`` is the group's check).
     """
 
     name: str
@@ -45,6 +47,7 @@ class PassRecord:
     numerics: Numerics | None = None
     nodes_involved: list[str] = field(default_factory=list)
     error: str = ""
+    verified_with: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class PassRecord:
             "numerics": self.numerics.to_dict() if self.numerics else None,
             "nodes_involved": list(self.nodes_involved[:200]),
             "error": self.error,
+            "verified_with": list(self.verified_with),
         }
 
 

@@ -254,3 +254,50 @@ def test_pipelines_and_available_list_every_shipped_pass():
     assert {"dead_code", "cse", "constant_folding", "remove_noops", "fold_conv_bn"} <= set(names)
     assert all(summary for _, summary in graphopt.passes.available())
     assert {p.name for p in default_pipeline()} <= set(names)
+
+
+def _count_checks(monkeypatch) -> list:
+    from graphopt.verify import Verifier
+
+    calls, check = [], Verifier.check
+    monkeypatch.setattr(Verifier, "check", lambda self, gm, budget=None: calls.append(gm) or check(self, gm, budget))
+    return calls
+
+
+def test_exact_passes_are_verified_once_as_a_group(monkeypatch):
+    calls = _count_checks(monkeypatch)
+    model, args = _model()
+    result = graphopt.optimize(model, args, passes=[ReluToClamp(), RemoveNoOps(), DeadCodeElimination()])
+    applied = [r for r in result.report.passes if r.status == "applied"]
+    assert [r.name for r in applied] == ["relu_to_clamp", "remove_noops"]
+    # one check of the group's result; the final check reuses it
+    assert len(calls) == 1 and calls[0] is result.module
+    for rec in applied:
+        assert rec.numerics is result.report.final_numerics and rec.numerics.ok
+        assert rec.verified_with == ["relu_to_clamp", "remove_noops"]
+    assert json.loads(result.report.to_json())["passes"][0]["verified_with"] == ["relu_to_clamp", "remove_noops"]
+
+
+def test_a_failing_group_is_rerun_pass_by_pass_and_only_the_wrong_pass_is_rolled_back(monkeypatch):
+    calls = _count_checks(monkeypatch)
+    model, args = _model()
+    result = graphopt.optimize(model, args, passes=[ReluToClamp(), SwapMatmulOperands(), RemoveNoOps()])
+    report = result.report
+    assert [(r.name, r.status) for r in report.passes] == [
+        ("relu_to_clamp", "applied"), ("swap_matmul_operands", "rolled back"), ("remove_noops", "applied")]
+    assert all(r.numerics is not None and not r.verified_with for r in report.passes)  # each checked on its own
+    assert len(calls) == 1 + 3  # the group, then each pass (the final check reuses the last)
+    assert "aten.clamp_min" in op_targets(result.module) and "aten.dropout" not in op_targets(result.module)
+    assert_outputs_close(call(model, args), call(result.module, args))
+
+
+def test_group_verification_can_be_switched_off(monkeypatch):
+    from graphopt.pass_infra import OptimizeContext, PassManager, VerifyInstrument
+    from graphopt.verify import Verifier
+
+    calls = _count_checks(monkeypatch)
+    model, args = _model()
+    gm = graphopt.capture(model, args).module
+    ctx = OptimizeContext(args=args, flat_inputs=list(args), verifier=Verifier(model, args, {}, gm))
+    PassManager([ReluToClamp(), RemoveNoOps()], [VerifyInstrument()], group_verification=False).run(gm, ctx)
+    assert len(calls) == 2 and all(r.numerics.ok and not r.verified_with for r in ctx.report.passes)
