@@ -273,6 +273,8 @@ def main() -> None:
     p.add_argument("--no-references", action="store_true", help="skip the graphopt fp32 and torch.ao rows (CPU)")
     p.add_argument("--kernels", action="store_true",
                    help="CPU: only print the int8 ceiling (linear share of fp32 time, per-shape kernel speedups)")
+    p.add_argument("--modes", default="", help="comma-separated precisions to run (default: int8,auto on CPU; "
+                   "bf16,fp8,auto on CUDA)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -283,6 +285,8 @@ def main() -> None:
         models, modes = {"llama": llama}, ["bf16", "fp8", "auto"]
     else:
         models, modes = {"bert": bert, "gpt2": gpt2}, ["int8", "auto"]
+    if args.modes:
+        modes = args.modes.split(",")
     chosen = list(models) if args.model == "all" else args.model.split(",")
     results = []
     print(f"# precision benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "

@@ -21,7 +21,11 @@ on ``ctx.device``, interleaved, and the merge is kept when it is faster; the
 timings are cached per shape, so a model with 32 identical layers measures
 once. Option ``merge_matmuls_policy``: ``measure`` (default), ``always``
 (merge without measuring: never more FLOPs, the activation is read once), or
-``off``. Tests inject the decision with ``MergeMatmuls(decide=...)``.
+``off``. Without the option, when ``precision`` is ``int8``, ``fp8`` or
+``auto``, groups are merged without measuring: the precision pass quantizes
+each matmul's activation at run time, and a merged group quantizes it once
+(on BERT-base in int8, separate q/k/v linears quantize the same tensor three
+times). Tests inject the decision with ``MergeMatmuls(decide=...)``.
 
 Declines (with the reason in the report):
     * the merged matmul measured slower (the measured ratio is given);
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 POLICIES = ("measure", "always", "off")
+#: precisions that quantize each matmul's activation at run time: merged, it is quantized once
+QUANTIZING_PRECISIONS = ("int8", "fp8", "auto")
 
 
 @dataclass(frozen=True)
@@ -253,7 +259,12 @@ class MergeMatmuls(Pass):
     def _decider(self, ctx: OptimizeContext) -> Callable[[MergeCandidate], MergeDecision] | None:
         if self.decide is not None:
             return self.decide
-        policy = ctx.option("merge_matmuls_policy", "measure")
+        policy = ctx.option("merge_matmuls_policy")
+        if policy is None and ctx.option("precision") in QUANTIZING_PRECISIONS:
+            reason = (f"precision={ctx.option('precision')!r}: the shared activation is quantized once "
+                      f"for the merged matmul instead of once per matmul")
+            return lambda c: MergeDecision(True, reason)
+        policy = policy or "measure"
         if policy not in POLICIES:
             raise ValueError(f"merge_matmuls_policy={policy!r}; choose one of {', '.join(POLICIES)}")
         if policy == "off":

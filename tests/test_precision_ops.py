@@ -39,7 +39,7 @@ def test_int8_weight_quantization_is_per_channel(linear_case):
 @pytest.mark.parametrize("scheme", int8_linear.ACTIVATION_SCHEMES)
 def test_int8_kernel_matches_reference_and_fp32(linear_case, scheme):
     x, w, b = linear_case
-    q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
+    q, s = int8_linear.quantize_weight(w, pair_safe=scheme in int8_linear.PAIR_SAFE_SCHEMES)
     ref = int8_linear.int8_linear_reference(x, q, s, b, scheme)
     out = torch.ops.graphopt.int8_linear(x, q, s, b, scheme)
     assert out.shape == (2, 24, 48)
@@ -87,6 +87,33 @@ def test_u8_kernel_is_exact_with_pair_safe_weights_where_plain_weights_saturate(
         assert _rel(raw * x.abs().amax(-1, keepdim=True), torch.nn.functional.linear(x, w)) > 1e-2
 
 
+@pytest.mark.skipif(not int8_linear.onednn_available(), reason="needs oneDNN's quantized linear (x86)")
+def test_onednn_kernel_is_exact_with_pair_safe_weights_where_plain_weights_saturate():
+    """per_token_sym_u8 runs oneDNN with activations up to 255: with pair-safe weights it equals
+    the exact integer product; plain weights are never given to the kernel."""
+    x, w = _saturating_case()
+    safe, s = int8_linear.quantize_weight(w, pair_safe=True)
+    q, row = int8_linear._quantize_sym_u8(x)
+    assert int(q.max()) == 255 and int(q.min()) >= 1  # the full range is used
+    exact = ((q.double() - 128) @ safe.double().t()) * s.double()
+    if int8_linear.onednn_u8_exact():
+        got = int8_linear._onednn_gemm(q, int8_linear._onednn_pack(safe), s, torch.zeros(32, dtype=torch.long))
+        assert _rel(got.double(), exact) < 1e-6
+        op = torch.ops.graphopt.int8_linear(x, safe, s, None, "per_token_sym_u8")
+        assert _rel(op, int8_linear.int8_linear_reference(x, safe, s, None, "per_token_sym_u8")) < 1e-5
+    plain, ps = int8_linear.quantize_weight(w)
+    op = torch.ops.graphopt.int8_linear(x, plain, ps, None, "per_token_sym_u8")  # falls back to the reference
+    assert _rel(op, int8_linear.int8_linear_reference(x, plain, ps, None, "per_token_sym_u8")) < 1e-5
+    assert _rel(op, torch.nn.functional.linear(x, w)) < 1e-2
+
+
+def test_sym_u8_quantization_rounds_half_up_to_127_levels_each_side():
+    x = torch.tensor([[1.0, -1.0, 0.5 / 127, -0.5 / 127, 0.0, 0.3]])
+    q, s = int8_linear._quantize_sym_u8(x)
+    assert q.dtype == torch.uint8 and torch.allclose(s, torch.tensor([[1 / 127]]))
+    assert (q.int() - 128).tolist() == [[127, -127, 1, 0, 0, round(0.3 * 127)]]
+
+
 @pytest.mark.parametrize("scheme", int8_linear.ACTIVATION_SCHEMES)
 def test_input_shift_takes_the_shared_component_out_of_the_range(scheme):
     """int8_linear(x, ..., b + W mu, shift=mu) is linear(x, W, b), with a much finer activation
@@ -95,7 +122,7 @@ def test_input_shift_takes_the_shared_component_out_of_the_range(scheme):
     common = torch.randn(128, generator=g) * 3
     x = torch.randn(4, 32, 128, generator=g) + common  # a shared component 3x the per-token part
     w, b = torch.randn(64, 128, generator=g) * 0.05, torch.randn(64, generator=g)
-    q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
+    q, s = int8_linear.quantize_weight(w, pair_safe=scheme in int8_linear.PAIR_SAFE_SCHEMES)
     mu = x.reshape(-1, 128).mean(0)
     fp32 = torch.nn.functional.linear(x, w, b)
     plain = torch.ops.graphopt.int8_linear(x, q, s, b, scheme)
@@ -128,7 +155,7 @@ def test_fp8_reference_is_within_its_budget(linear_case):
 class _QuantModule(torch.nn.Module):
     def __init__(self, w, b, scheme, shift=None):
         super().__init__()
-        q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
+        q, s = int8_linear.quantize_weight(w, pair_safe=scheme in int8_linear.PAIR_SAFE_SCHEMES)
         self.register_buffer("q", q)
         self.register_buffer("s", s)
         self.register_buffer("b", b if shift is None else b + w @ shift)
@@ -157,7 +184,7 @@ def test_ops_save_load_pt2(tmp_path, linear_case, scheme):
 
 
 @pytest.mark.parametrize("scheme,shifted", [(s, False) for s in int8_linear.ACTIVATION_SCHEMES]
-                         + [("per_token_u8", True)])
+                         + [("per_token_u8", True), ("per_token_sym_u8", True)])
 def test_onnx_translation_runs_in_onnxruntime(tmp_path, linear_case, scheme, shifted):
     x, w, b = linear_case
     x = x + 2.0 if shifted else x
@@ -172,7 +199,8 @@ def test_onnx_translation_runs_in_onnxruntime(tmp_path, linear_case, scheme, shi
     ops = {n.op_type for n in model.graph.node}
     assert "MatMulInteger" in ops and "QuantizeLinear" in ops and "DequantizeLinear" in ops
     subs = sum(n.op_type == "Sub" for n in model.graph.node)
-    assert subs == (scheme != "per_token_s8") + shifted  # the zero-point range, and the input shift
+    # the zero-point range of the per-tensor schemes, and the input shift
+    assert subs == (scheme in ("per_token_u8", "per_token_u7")) + shifted
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outs = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     fp32 = torch.nn.functional.linear(x, w, b)

@@ -124,7 +124,7 @@ def linear_sites(gm: fx.GraphModule) -> tuple[dict[str, LinearSite], dict[str, s
 class QuantizedWeights:
     """Quantized weights per (node, precision), made once and reused by every trial plan.
 
-    Reusing the same tensors keeps fbgemm's packed weights (packed once, at
+    Reusing the same tensors keeps the CPU kernels' packed weights (packed once, at
     optimize time) valid for the module that is finally returned.
     """
 
@@ -138,9 +138,10 @@ class QuantizedWeights:
         key = (site.node.name, precision)
         if key not in self._cache:
             if precision == "int8":
-                q, s = int8_linear.quantize_weight(site.weight, pair_safe=self.int8_scheme == "per_token_u8")
-                if self.int8_scheme in ("per_token_u8", "per_token_u7"):
-                    int8_linear.prepack(q, s)
+                q, s = int8_linear.quantize_weight(site.weight,
+                                                   pair_safe=self.int8_scheme in int8_linear.PAIR_SAFE_SCHEMES)
+                if self.int8_scheme != "per_token_s8":
+                    int8_linear.prepack(q, s, self.int8_scheme)
             elif precision == "fp8":
                 q, s = fp8_linear.quantize_weight(site.weight)
             else:

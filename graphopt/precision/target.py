@@ -1,8 +1,8 @@
 """What a target runs fast, as far as precision is concerned.
 
 :class:`PrecisionTarget` says which int8 activation scheme has a fast kernel
-(``per_token_u8``: fbgemm on x86 CPUs where its saturation probe passes,
-else ``per_token_u7``; ``per_token_s8``: ``torch._int_mm`` on CUDA), whether
+(``per_token_sym_u8``: oneDNN on x86 CPUs where its probe passes;
+``per_token_u8``: fbgemm where its saturation probe passes, else ``per_token_u7``; ``per_token_s8``: ``torch._int_mm`` on CUDA), whether
 fp8 e4m3 matmuls exist (CUDA compute capability >= 8.9), and which float
 formats have native arithmetic (:func:`native_float_formats`). ``auto`` only
 measures bf16 where the target has native bf16 units: without them (the AVX2
@@ -90,6 +90,8 @@ class PrecisionTarget:
         floats = native_float_formats(device, cpu_flags)
         if device.type == "cuda":
             return cls(device, "per_token_s8", fp8_linear.fp8_supported(device), floats)
+        if device.type == "cpu" and int8_linear.onednn_u8_exact():
+            return cls(device, "per_token_sym_u8", False, floats)
         if device.type == "cpu" and int8_linear.fbgemm_available():
             scheme = "per_token_u8" if int8_linear.fbgemm_u8_exact() else "per_token_u7"
             return cls(device, scheme, False, floats)
