@@ -102,6 +102,30 @@ def refresh_meta(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> None:
             node.meta["tensor_meta"] = fx.passes.shape_prop._extract_tensor_metadata(val)
 
 
+def writer_of(node: fx.Node) -> fx.Node | None:
+    """A user that writes into ``node``'s storage in place (directly or through views), or None.
+
+    Looks at the schema of each user: an argument marked written (``Tensor(a!)``)
+    that is ``node``, or a view of it (:data:`VIEW_OPS`), is a write.
+    """
+    stack, seen = [node], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        for user in cur.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                for i, arg in enumerate(schema.arguments):
+                    value = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+                    if value is cur and arg.alias_info is not None and arg.alias_info.is_write:
+                        return user
+            if user.op == "call_function" and user.target in VIEW_OPS and user.args and user.args[0] is cur:
+                stack.append(user)
+    return None
+
+
 def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 

@@ -14,7 +14,9 @@ folded tensor costs memory for as long as the module lives), values the model
 returns (every call would hand out the same tensor object, and a caller
 writing into it would change later results), views (folding
 ``t(weight)`` would copy a weight that stays alive: the view is kept and its
-compute input folded instead), random ops, impure ops.
+compute input folded instead), values written in place later (T5's
+``position_bias.add_(mask)``: the stored constant would change on every
+call), random ops, impure ops.
 """
 
 from __future__ import annotations
@@ -139,6 +141,11 @@ class ConstantFolding(Pass):
             if ir.is_returned(node):
                 declined.append(Declined(node.name, "returned as an output: folded, every call would return "
                                          "the same tensor object"))
+                continue
+            writer = ir.writer_of(node)
+            if writer is not None:
+                declined.append(Declined(node.name, f"written in place by {ir.op_name(writer)}: folded, the "
+                                         "stored constant would change on every call"))
                 continue
             val = ir.tensor_meta(node)
             if val is None:
