@@ -127,8 +127,10 @@ def kernel_ceiling(builder, args: argparse.Namespace) -> None:
     1. Each distinct linear shape of the model, fp32 vs the int8 kernels, fastest
        of ``--runs`` interleaved runs: fbgemm's dynamic linear alone (per-tensor
        8-bit activations, no per-token scaling: the floor for any fbgemm int8
-       linear), torch.ao's quantized Linear (reduce_range), and
-       ``graphopt::int8_linear`` as the pass uses it (per_token_u8 with an input shift).
+       linear), oneDNN's u8 x s8 linear alone on already-quantized activations (the
+       floor for the ``per_token_sym_u8`` scheme), torch.ao's quantized Linear
+       (reduce_range), and ``graphopt::int8_linear`` as the pass uses it (the
+       target's scheme, with an input shift).
     2. The fp32 forward (fastest of 3) minus its linears (the table's fp32 times
        times their counts): the time int8 linears cannot touch. The profiler's
        share of self CPU time in addmm is printed too (it overstates the small
@@ -170,24 +172,33 @@ def kernel_ceiling(builder, args: argparse.Namespace) -> None:
     share = linear / total
     print(f"\n## int8 ceiling: {desc} ({torch.get_num_threads()} threads, load average {os.getloadavg()})")
     print(f"profiler: {share:.1%} of the fp32 forward's self CPU time in linear layers")
-    print("| linear (tokens x in -> out) | fp32 ms | fbgemm alone ms | vs fp32 | torch.ao ms | vs fp32 "
-          "| graphopt int8 ms | vs fp32 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    weighted = {"fbgemm": 0.0, "ao": 0.0, "graphopt": 0.0, "fp32": 0.0}
-    scheme = "per_token_u8" if int8_linear.fbgemm_u8_exact() else "per_token_u7"
+    from graphopt.precision.target import PrecisionTarget
+
+    scheme = PrecisionTarget.detect("cpu").int8_scheme or "per_token_u7"
+    print(f"graphopt's int8 scheme here: {scheme}")
+    print("| linear (tokens x in -> out) | fp32 ms | fbgemm alone ms | vs fp32 | oneDNN alone ms | vs fp32 "
+          "| torch.ao ms | vs fp32 | graphopt int8 ms | vs fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    weighted = {"fbgemm": 0.0, "onednn": 0.0, "ao": 0.0, "graphopt": 0.0, "fp32": 0.0}
     for (m, k, n), mod in sorted(shapes.items()):
         g = torch.Generator().manual_seed(1)
         x = torch.randn(m, k, generator=g) + torch.randn(k, generator=g)
         w, b = mod.weight.detach(), mod.bias.detach() if mod.bias is not None else None
-        q, s = int8_linear.quantize_weight(w, pair_safe=scheme == "per_token_u8")
+        q, s = int8_linear.quantize_weight(w, pair_safe=scheme in int8_linear.PAIR_SAFE_SCHEMES)
         packed = int8_linear._pack(q, s)
+        int8_linear.prepack(q, s, scheme)
         mu = x.mean(0)
         bs = (b if b is not None else 0) + w @ mu
         ao = torch_ao_dynamic(torch.nn.Sequential(mod))
+        if int8_linear.onednn_available():
+            qx, _ = int8_linear._quantize_sym_u8(x - mu)
+            onednn_w, zeros = int8_linear._onednn_pack(q), torch.zeros(n, dtype=torch.long)
         fns = {"fp32": lambda: torch.nn.functional.linear(x, w, b),
                "fbgemm": lambda: torch.ops.quantized.linear_dynamic(x, packed, False),
                "ao": lambda: ao(x),
                "graphopt": lambda: torch.ops.graphopt.int8_linear(x, q, s, bs, scheme, mu)}
+        if int8_linear.onednn_available():
+            fns["onednn"] = lambda: int8_linear._onednn_gemm(qx, onednn_w, s, zeros)
         best = {key: float("inf") for key in fns}
         with torch.no_grad():
             for fn in fns.values():
@@ -199,15 +210,15 @@ def kernel_ceiling(builder, args: argparse.Namespace) -> None:
                     best[key] = min(best[key], clock() - t0)
         count = counts[(m, k, n)]
         for key in weighted:
-            weighted[key] += count * best[key]
+            weighted[key] += count * best.get(key, float("nan"))
         f = best["fp32"]
-        print(f"| {m} x {k} -> {n} (x{count}) | {f * 1e3:.2f} | {best['fbgemm'] * 1e3:.2f} | {f / best['fbgemm']:.2f}x "
-              f"| {best['ao'] * 1e3:.2f} | {f / best['ao']:.2f}x | {best['graphopt'] * 1e3:.2f} | "
-              f"{f / best['graphopt']:.2f}x |")
+        cells = " | ".join(f"{best[key] * 1e3:.2f} | {f / best[key]:.2f}x" if key in best else "n/a | n/a"
+                           for key in ("fbgemm", "onednn", "ao", "graphopt"))
+        print(f"| {m} x {k} -> {n} (x{count}) | {f * 1e3:.2f} | {cells} |")
     rest = max(forward - weighted["fp32"], 0.0)
     print(f"- fp32 forward {forward * 1e3:.0f} ms ({'CPU' if clock is time.process_time else 'wall'}), of which "
           f"linears {weighted['fp32'] * 1e3:.0f} ms ({weighted['fp32'] / forward:.1%}); the rest {rest * 1e3:.0f} ms")
-    for key in ("fbgemm", "ao", "graphopt"):
+    for key in ("fbgemm", "onednn", "ao", "graphopt"):
         speed = weighted["fp32"] / weighted[key]
         print(f"- all linears at the {key} speed ({speed:.2f}x): whole model {(weighted[key] + rest) * 1e3:.0f} ms, "
               f"{forward / (weighted[key] + rest):.2f}x fp32")

@@ -72,10 +72,15 @@ class OptimizeContext:
         """
         if self.verifier is None or self.deferring_verification:
             return None
-        return self.verify(gm, budget)
+        return self.verifier.check(gm, budget)  # never cached: the pass may change gm in place between checks
 
     def verify(self, gm: fx.GraphModule, budget: ErrorBudget | None = None) -> Numerics:
-        """Run the verifier on ``gm`` (reusing the latest result for the same module and budget)."""
+        """Run the verifier on a pass's finished result ``gm``, reusing the latest result for the same module.
+
+        For the pass manager and the final check, whose modules are not changed
+        after they are checked (each pass works on a copy); a pass checking its
+        own work in progress calls :meth:`check_numerics`.
+        """
         if self.verifier is None:
             raise RuntimeError("verification is off (optimize(..., verify=False)); nothing to check against")
         if self.last_check is not None and self.last_check[0] is gm and self.last_check[1] == budget:
