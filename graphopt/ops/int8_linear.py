@@ -356,14 +356,23 @@ def _onednn_packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor) ->
     return packed
 
 
+def _pair_safe_or_warn(pair_safe: bool, scheme: str) -> bool:
+    """``pair_safe``; when False, say once per scheme that the op runs its reference instead of the kernel."""
+    if not pair_safe:
+        _warn_not_pair_safe(scheme)
+    return pair_safe
+
+
+@functools.cache
+def _warn_not_pair_safe(scheme: str) -> None:
+    log.warning("int8_linear %s with weights that are not pair-safe: running the reference "
+                "(quantize them with quantize_weight(w, pair_safe=True))", scheme)
+
+
 def _onednn_ok(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> bool:
     if x.device.type != "cpu" or not onednn_u8_exact():
         return False
-    if not _onednn_packed_for(weight_int8, weight_scale)[1]:
-        log.warning("int8_linear per_token_sym_u8 with weights that are not pair-safe: running the reference "
-                    "(quantize them with quantize_weight(w, pair_safe=True))")
-        return False
-    return True
+    return _pair_safe_or_warn(_onednn_packed_for(weight_int8, weight_scale)[1], "per_token_sym_u8")
 
 
 def _fbgemm(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -412,11 +421,7 @@ def _fbgemm_ok(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.T
         return True
     if activation != "per_token_u8" or not fbgemm_u8_exact():
         return False
-    if not _packed_for(weight_int8, weight_scale)[1]:
-        log.warning("int8_linear per_token_u8 with weights that are not pair-safe: running the reference "
-                    "(quantize them with quantize_weight(w, pair_safe=True))")
-        return False
-    return True
+    return _pair_safe_or_warn(_packed_for(weight_int8, weight_scale)[1], "per_token_u8")
 
 
 @torch.library.custom_op("graphopt::int8_linear", mutates_args=())
