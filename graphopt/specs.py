@@ -215,6 +215,9 @@ def load_spec(spec: str) -> ModelSpec:
         return _load_pt2(spec)
     if ":" in spec:
         return _load_factory(spec)
+    if spec.endswith(".onnx"):
+        raise SpecError(f"{spec}: this command needs a PyTorch model (a .pt2 file, 'file.py:factory', 'hf:...'); "
+                        "an .onnx file can be read with `graphopt analyze model.onnx`")
     if os.path.exists(spec):
         raise SpecError(f"{spec}: unsupported file type; give a .pt2 file or 'file.py:factory'")
     raise SpecError(

@@ -89,3 +89,35 @@ def test_group_query_attention_flops(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such ONNX file"):
         load_onnx(tmp_path / "nope.onnx")
+
+
+def test_cli_analyze_reads_an_onnx_file(cnn_onnx, capsys):
+    """`graphopt analyze model.onnx`: the heaviest nodes by FLOPs, op counts, weights; --json the reader's dict."""
+    import json
+
+    from graphopt.cli import main
+
+    _model, path = cnn_onnx
+    assert main(["analyze", str(path), "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "Conv" in text and "1.18 M" in text and "nodes: " in text and "MFLOP" in text  # conv2: 1,179,648
+    assert main(["analyze", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    g = load_onnx(path)
+    assert data["total_flops"] == g.total_flops() and data["op_counts"]["Conv"] == 2
+    assert [t["op"] for t in data["top"]][:2] == ["Conv", "Conv"]
+
+
+def test_cli_analyze_onnx_errors_say_what_to_do(cnn_onnx, tmp_path, capsys):
+    from graphopt.cli import main
+
+    _model, path = cnn_onnx
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert main(["analyze", str(empty)]) == 2
+    assert "holds no graph nodes" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "missing.onnx")]) == 2
+    assert main(["analyze", str(path), "--profile"]) == 2
+    assert "need a PyTorch model" in capsys.readouterr().err
+    assert main(["analyze", str(path), "--dim", "seq"]) == 2
+    assert "NAME=SIZE" in capsys.readouterr().err
