@@ -15,8 +15,10 @@ Option ``precision``:
                                         -> graphopt.int8_linear(x, W_int8, per-channel scales, b, scheme)
     linear(x, W, b) whose input has a large shared component (calibrated mean mu)
                                         -> graphopt.int8_linear(x, W_int8, scales, b + W @ mu, scheme, mu)
-    (per-token activation scales, 8-bit with pair-safe weights on x86 CPUs where fbgemm's
-    saturation probe passes, else 7-bit; ``torch._int_mm`` on CUDA; weights packed now).
+    (per-token activation scales, 8-bit with pair-safe weights on x86 CPUs: oneDNN's u8 x s8
+    GEMM where its probe passes, else fbgemm's, 7-bit where fbgemm saturates; ``torch._int_mm``
+    on CUDA; weights packed now). Linears that share an input are merged first
+    (merge_matmuls), so the shared activation is quantized once.
 ``"fp8"``
     linear(x, W, b) ...                 -> graphopt.fp8_linear(x, W_e4m3, per-row scales, b)  (``torch._scaled_mm``).
 ``"auto"``

@@ -351,3 +351,29 @@ def test_search_ranks_by_whole_model_error(sensitivity):
     with torch.no_grad():
         x = torch.randn(8, 16, 64, generator=torch.Generator().manual_seed(4))
         assert _rel(res.module(x), model(x)) <= 1.5e-2
+
+
+class SeparateQKV(nn.Module):
+    """q, k, v as three linears of the same input (BERT's layout)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1) / 8.0, dim=-1)
+        return att @ self.v(x)
+
+
+def test_int8_merges_linears_that_share_an_input_so_it_is_quantized_once():
+    torch.manual_seed(0)
+    model, x = SeparateQKV().eval(), torch.randn(2, 16, 64)
+    result = graphopt.optimize(model, (x,), precision="int8", error_budget=0.05)
+    merge = result.report.record("merge_matmuls")
+    assert merge.status == "applied" and "quantized once" in merge.notes[0]
+    assert _targets(result.module).count(INT8) == 1  # one int8 linear 64 -> 192, one quantization of x
+    assert _rel(result.module(x), model(x)) < 0.05
+    # an explicit policy still wins: three int8 linears, each quantizing x
+    separate = graphopt.optimize(model, (x,), precision="int8", error_budget=0.05, merge_matmuls_policy="off")
+    assert separate.report.record("merge_matmuls").status == "unchanged"
+    assert _targets(separate.module).count(INT8) == 3

@@ -10,7 +10,7 @@ the calibrated mean of each input channel and folds ``W @ shift`` into
 ``bias`` in fp32, which is exact algebra and takes the component every token
 shares out of the quantization range (see :mod:`graphopt.precision.quantize`).
 Activations are quantized at run time with a scale per token (row of ``x``),
-in one of three schemes -- each is the one a fast kernel implements:
+in one of four schemes -- each is the one a fast kernel implements:
 
 ``"per_token_u8"`` (x86 CPUs, fbgemm, 8-bit activations)
     each row is divided by its absolute maximum, then the normalised tensor is
