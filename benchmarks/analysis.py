@@ -192,9 +192,11 @@ def write_results(flops: list[dict], mems: list[dict], hot: dict, cli_s: tuple[f
         "## Analysis",
         "",
         f"`python benchmarks/analysis.py --seq {seq} --write` on {platform.machine()} "
-        f"({torch.get_num_threads()} threads, torch {torch.__version__}); **the machine was shared with other "
-        "developers' jobs while this ran, so the timings (not the FLOP or byte counts) are noisy.**",
-        f"Roofline measured there: {t['peak_flops'].get('float32', 0) / 1e9:.1f} GFLOP/s fp32, "
+        f"({torch.get_num_threads()} threads, torch {torch.__version__}); load average "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} when it finished (timings, not FLOP or byte counts, "
+        "move with the load of the machine).",
+        f"Roofline used (cached in ~/.cache/graphopt from its first measurement on this machine; delete it to "
+        f"re-measure): {t['peak_flops'].get('float32', 0) / 1e9:.1f} GFLOP/s fp32, "
         f"{t['mem_bandwidth'] / 1e9:.1f} GB/s, {t['op_overhead_s'] * 1e6:.1f} us per op.",
         "",
         "### FLOPs vs torch.utils.flop_counter.FlopCounterMode",
