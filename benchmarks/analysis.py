@@ -28,6 +28,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import markers, write_section  # noqa: E402
+
 import torch
 
 GPT2 = "hf:gpt2?n_layer=2&n_embd=256&n_head=4&seq={seq}"
@@ -43,7 +46,7 @@ FLOP_MODELS = {
     "CNN (batch 4)": "examples:cnn?batch=4",
 }
 
-_BEGIN, _END = "<!-- analysis:begin -->", "<!-- analysis:end -->"
+_BEGIN, _END = markers("analysis")
 
 
 def flops_table() -> list[dict]:
@@ -253,20 +256,6 @@ def write_results(flops: list[dict], mems: list[dict], hot: dict, cli_s: tuple[f
     return "\n".join(lines) + "\n"
 
 
-def update_results_file(section: str) -> str:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    if _BEGIN in text and _END in text:
-        head, rest = text.split(_BEGIN, 1)
-        _, tail = rest.split(_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=1024)
@@ -291,7 +280,7 @@ def main() -> None:
     print("CLI:")
     cli_s = cli_time()
     if args.write:
-        print("wrote", update_results_file(write_results(flops, [mem, mem_base], hot, cli_s, args.seq)))
+        print("wrote", write_section("analysis", write_results(flops, [mem, mem_base], hot, cli_s, args.seq)))
 
 
 if __name__ == "__main__":

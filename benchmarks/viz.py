@@ -22,22 +22,10 @@ import statistics
 import sys
 import time
 
-_BEGIN, _END = "<!-- viewer:begin -->", "<!-- viewer:end -->"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_file import markers, write_section  # noqa: E402
 
-
-def update_results_file(section: str) -> str:
-    """Replace (or append) the Viewer section of benchmarks/RESULTS.md."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    if _BEGIN in text and _END in text:
-        head, rest = text.split(_BEGIN, 1)
-        _, tail = rest.split(_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+_BEGIN, _END = markers("viewer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             _END,
             "",
         ])
-        print("wrote", update_results_file(section))
+        print("wrote", write_section("viewer", section))
     return 0
 
 
