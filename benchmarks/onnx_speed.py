@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.examples_models import CausalSelfAttention, nanogpt
+from graphopt.examples_models import nanogpt, use_sdpa_attention
 from graphopt.onnx_io import export_plain
 from graphopt.onnx_speed import compare_latency, describe_session_options, session_options
 
@@ -70,24 +70,10 @@ def register_causal_sdpa() -> str:
     return "graphopt_causal_sdpa"
 
 
-class SdpaCausalSelfAttention(CausalSelfAttention):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
 def nanogpt_pair(seq: int) -> tuple[torch.nn.Module, torch.nn.Module, tuple[torch.Tensor]]:
     eager, args = nanogpt(n_layer=2, n_head=4, n_embd=256, block_size=max(1024, seq), seq=seq)
     patched, _ = nanogpt(n_layer=2, n_head=4, n_embd=256, block_size=max(1024, seq), seq=seq)
-    for m in patched.modules():
-        if type(m) is CausalSelfAttention:
-            m.__class__ = SdpaCausalSelfAttention
-    return eager, patched, args
+    return eager, use_sdpa_attention(patched), args
 
 
 def graphopt_export(model: torch.nn.Module, args: tuple, path: str) -> dict[str, int]:

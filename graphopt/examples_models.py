@@ -60,6 +60,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class SdpaCausalSelfAttention(CausalSelfAttention):
+    """nanoGPT attention calling ``F.scaled_dot_product_attention(is_causal=True)``: what attention fusion produces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def use_sdpa_attention(model: nn.Module) -> nn.Module:
+    """Switch every nanoGPT attention block of ``model`` to :class:`SdpaCausalSelfAttention` (same weights)."""
+    for module in model.modules():
+        if type(module) is CausalSelfAttention:
+            module.__class__ = SdpaCausalSelfAttention
+    return model
+
+
 class SplitQKVSelfAttention(CausalSelfAttention):
     """The same attention with separate q/k/v projections (as Llama-style code writes it)."""
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from graphopt.examples_models import CausalSelfAttention
+from graphopt.examples_models import SdpaCausalSelfAttention, use_sdpa_attention  # noqa: F401 (re-exported)
 from onnxscript import opset18 as op
 
 
@@ -32,27 +32,6 @@ def torch_leaves(out: Any) -> list[np.ndarray]:
 def rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
     reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
     return float(np.linalg.norm(reference - candidate) / np.linalg.norm(reference))
-
-
-class SdpaCausalSelfAttention(CausalSelfAttention):
-    """nanoGPT attention calling F.scaled_dot_product_attention(is_causal=True): what attention fusion produces."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-def use_sdpa_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch every nanoGPT attention block of ``model`` to :class:`SdpaCausalSelfAttention` (same weights)."""
-    for module in model.modules():
-        if type(module) is CausalSelfAttention:
-            module.__class__ = SdpaCausalSelfAttention
-    return model
 
 
 class GQACausalAttention(torch.nn.Module):
