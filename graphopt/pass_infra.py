@@ -18,6 +18,7 @@ of them; the verification instrument can reject a pass's result.
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -265,17 +266,12 @@ class PassManager:
             for pass_ in self.passes:
                 gm = self.run_one(pass_, gm, ctx)
             return gm
-        i = 0
-        while i < len(self.passes):
-            j = i
-            while j < len(self.passes) and not self.passes[j].uses_error_budget:
-                j += 1
-            if j > i:
-                gm = self.run_group(self.passes[i:j], gm, ctx)
-                i = j
+        for spends_budget, run in itertools.groupby(self.passes, key=lambda p: p.uses_error_budget):
+            if spends_budget:
+                for pass_ in run:
+                    gm = self.run_one(pass_, gm, ctx)
             else:
-                gm = self.run_one(self.passes[i], gm, ctx)
-                i += 1
+                gm = self.run_group(list(run), gm, ctx)
         return gm
 
     def run_group(self, group: Sequence[Pass], gm: fx.GraphModule, ctx: OptimizeContext) -> fx.GraphModule:

@@ -334,9 +334,8 @@ def _quantize_sym_u8(d: torch.Tensor, inplace: bool = False) -> tuple[torch.Tens
     return t.add_(128.5).to(torch.uint8), amax.div_(127.0)
 
 
-def _onednn_sym(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+def _onednn_sym(x: torch.Tensor, packed: Any, zero_points: torch.Tensor, weight_scale: torch.Tensor,
                 bias: Optional[torch.Tensor], input_shift: Optional[torch.Tensor]) -> torch.Tensor:
-    packed, _, zero_points = _onednn_packed_for(weight_int8, weight_scale)
     lead, k = x.shape[:-1], x.shape[-1]
     xf = x.float().reshape(-1, k)
     if input_shift is not None:
@@ -369,10 +368,13 @@ def _warn_not_pair_safe(scheme: str) -> None:
                 "(quantize them with quantize_weight(w, pair_safe=True))", scheme)
 
 
-def _onednn_ok(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+def _onednn_usable(x: torch.Tensor, weight_int8: torch.Tensor,
+                   weight_scale: torch.Tensor) -> tuple[Any, torch.Tensor] | None:
+    """``(packed weight, weight zero points)`` when oneDNN can run this call, else None."""
     if x.device.type != "cpu" or not onednn_u8_exact():
-        return False
-    return _pair_safe_or_warn(_onednn_packed_for(weight_int8, weight_scale)[1], "per_token_sym_u8")
+        return None
+    packed, pair_safe, zero_points = _onednn_packed_for(weight_int8, weight_scale)
+    return (packed, zero_points) if _pair_safe_or_warn(pair_safe, "per_token_sym_u8") else None
 
 
 def _fbgemm(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -429,8 +431,9 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.
                 bias: Optional[torch.Tensor], activation: str,
                 input_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dynamically quantized linear: see the module docstring for the schemes."""
-    if activation == "per_token_sym_u8" and _onednn_ok(x, weight_int8, weight_scale):
-        return _onednn_sym(x, weight_int8, weight_scale, bias, input_shift)
+    onednn = _onednn_usable(x, weight_int8, weight_scale) if activation == "per_token_sym_u8" else None
+    if onednn is not None:
+        return _onednn_sym(x, *onednn, weight_scale, bias, input_shift)
     if _fbgemm_ok(x, weight_int8, weight_scale, activation):
         return _fbgemm(x, weight_int8, weight_scale, bias, input_shift, activation == "per_token_u7")
     if activation == "per_token_s8" and _int_mm_ok(x, weight_int8):
