@@ -11,10 +11,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import graphopt
-from graphopt.passes import default_pipeline
 from graphopt.examples_models import nanogpt
 from graphopt.viz import PassHistory, visualize
 from graphopt.viz.browser import find_chromium
@@ -27,31 +25,16 @@ if CHROMIUM is None:
     pytest.skip(reason, allow_module_level=True)
 
 from graphopt.viz.browser import chromium_browser, new_page, open_viewer  # noqa: E402
+from viz_cases import EVIL, Evil, unfused_pipeline  # noqa: E402
 
-EVIL = "<script>alert(1)</script>"
 EVIL_CLASS = "<img src=x onerror=alert(2)>"
-
-
-class Evil(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_module(EVIL, nn.Linear(4, 4))
-        self.out = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(getattr(self, EVIL)(x)))
-
-
-def _unfused_pipeline():
-    """The default pipeline without attention fusion: these tests look at the softmax and mask nodes."""
-    return [p for p in default_pipeline() if p.name != "fuse_attention"]
 
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
     out = tmp_path_factory.mktemp("viz")
     model, args = nanogpt(n_layer=2, n_embd=64, seq=16)
-    result = graphopt.optimize(model, args, instruments=[PassHistory()], passes=_unfused_pipeline())
+    result = graphopt.optimize(model, args, instruments=[PassHistory()], passes=unfused_pipeline())
     nano = visualize(result, out / "nano.html")
     cap = graphopt.capture(Evil(), (torch.randn(2, 4),))
     for node in cap.module.graph.nodes:

@@ -10,10 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 import graphopt
-from graphopt.passes import default_pipeline
 from graphopt.examples_models import cnn, nanogpt
 from graphopt.viz import PassHistory, render, visualize
 from graphopt.viz.costs import estimate_cost, node_costs
@@ -21,31 +19,12 @@ from graphopt.viz.data import build_view_data
 from graphopt.viz.diff import match_nodes
 from graphopt.viz.dot import dot_string
 from graphopt.viz.html import embed_json, render_html
-
-EVIL = "<script>alert(1)</script>"
-
-
-class Evil(nn.Module):
-    """A model whose submodule is named like an HTML script element."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_module(EVIL, nn.Linear(4, 4))
-        self.out = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(getattr(self, EVIL)(x)))
-
-
-def _unfused_pipeline():
-    """The default pipeline without attention fusion: these tests look at the softmax and mask nodes."""
-    return [p for p in default_pipeline() if p.name != "fuse_attention"]
-
+from viz_cases import EVIL, Evil, unfused_pipeline
 
 @pytest.fixture(scope="module")
 def nano_result():
     model, args = nanogpt(n_layer=2, n_embd=64, seq=16)
-    return graphopt.optimize(model, args, instruments=[PassHistory()], passes=_unfused_pipeline())
+    return graphopt.optimize(model, args, instruments=[PassHistory()], passes=unfused_pipeline())
 
 
 @pytest.fixture(scope="module")
