@@ -477,6 +477,7 @@ def export_onnx(
     except ValueError as exc:
         raise OnnxExportError(str(exc)) from exc
     ep = _torch_export(module, args, kwargs, shapes, from_result=report is not None)
+    _note_unportable_int8(module, info)
     if opset is None and _contains_sdpa(ep):
         opset = ATTENTION_OPSET
         info.notes.append(f"opset {opset}: scaled_dot_product_attention exports as the Attention op")
@@ -553,6 +554,19 @@ def export_onnx(
         report.extra["onnx"] = info.to_dict()
     log.info("exported %s", info.summary())
     return info
+
+
+def _note_unportable_int8(module: Any, info: OnnxExport) -> None:
+    """Warn when int8 weights are plain (VNNI CPUs): MatMulInteger on AVX2 CPUs would saturate them."""
+    from graphopt.precision.quantize import weights_not_pair_safe
+
+    plain = weights_not_pair_safe(module)
+    if plain:
+        note = (f"{len(plain)} int8 linears have plain (not pair-safe) weights: exact in onnxruntime on CPUs "
+                "with VNNI, but MatMulInteger on AVX2 CPUs without VNNI saturates them; optimize with "
+                "precision_int8_pair_safe=True for a file that is exact everywhere (graphopt convert does)")
+        info.notes.append(note)
+        log.warning(note)
 
 
 def _apply_rewrites(model: Any) -> tuple[dict[str, int], list[Declined]]:

@@ -105,6 +105,8 @@ class ReducedPrecision(Pass):
         "precision_speed_check": "convert only ops measured faster than fp32 (default: on for auto, off otherwise)",
         "precision_int8_shift": "int8: subtract the calibrated mean of inputs with a large shared component "
                                 "(default true)",
+        "precision_int8_pair_safe": "int8: quantize weights pair-safe, so the graph runs exactly on x86 kernels "
+                                    "without VNNI (default: only where this machine's kernel needs it)",
         "precision_sensitivity": "how the search ranks nodes when the full plan is over budget: 'model' "
                                  "(whole-model error of each node converted alone; default) or 'local' (own error)",
     }
@@ -234,7 +236,9 @@ class _Run:
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.options: dict[str, list[str]] = {}  # candidate node -> precisions to consider
         self.sites: dict[str, LinearSite] = {}
-        self.weights = QuantizedWeights(target.int8_scheme)
+        pair_safe = ctx.option("precision_int8_pair_safe", None)
+        self.weights = QuantizedWeights(target.int8_scheme,
+                                        target.int8_pair_safe if pair_safe is None else bool(pair_safe))
         self.choice: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
         self.errors: dict[tuple[str, str], float] = {}
@@ -242,6 +246,11 @@ class _Run:
         self.model_errors: dict[str, float] = {}  # node -> model rel_l2 with it alone converted
         self.shift_gain: dict[str, float] = {}  # int8 node with an input shift -> its range narrowing
         self.notes: list[str] = []
+        if mode in ("int8", "auto") and target.int8_scheme is not None:
+            kind = "pair-safe (exact on x86 kernels without VNNI too)" if self.weights.pair_safe else \
+                "plain per channel (the finer step)"
+            source = "as asked (precision_int8_pair_safe)" if pair_safe is not None else "as this target's kernel needs"
+            self.notes.append(f"int8 weights: {kind}, {source}")
         self.speed_note = ""
         self.float_dtype = FLOAT_DTYPES.get(mode, torch.bfloat16)
 

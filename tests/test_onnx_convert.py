@@ -127,7 +127,25 @@ def test_precision_is_handed_to_optimize_as_a_pass_option(tmp_path, monkeypatch)
     with pytest.raises(Stop):
         main(["convert", "examples:mlp", "-o", str(tmp_path / "o"), "--precision", "bf16"])
     assert seen["precision"] == "bf16"
+    assert seen["precision_int8_pair_safe"] is True  # an ONNX file is portable: exact without VNNI too
     assert not (tmp_path / "o").exists()
+    seen.clear()
+    with pytest.raises(Stop):
+        main(["convert", "examples:mlp", "-o", str(tmp_path / "o"), "--precision", "int8",
+              "--option", "precision_int8_pair_safe=false"])
+    assert seen["precision_int8_pair_safe"] is False  # the user's word wins
+
+
+def test_export_of_plain_int8_weights_says_where_the_file_is_exact(tmp_path):
+    model, args = graphopt.examples_models.mlp(batch=2)
+    result = graphopt.optimize(model, args, precision="int8", error_budget=0.05, precision_int8_pair_safe=False)
+    assert result.report.record("precision").status == "applied"
+    # check=False: on an AVX2 CPU onnxruntime would saturate these weights, which is what the note says
+    info = graphopt.export_onnx(result, tmp_path / "plain.onnx", check=False)
+    assert any("not pair-safe" in n and "precision_int8_pair_safe=True" in n for n in info.notes), info.notes
+    safe = graphopt.optimize(model, args, precision="int8", error_budget=0.05, precision_int8_pair_safe=True)
+    info = graphopt.export_onnx(safe, tmp_path / "safe.onnx")
+    assert not any("pair-safe" in n for n in info.notes), info.notes
 
 
 def test_help_documents_the_exit_codes(capsys):

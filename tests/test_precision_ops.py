@@ -10,6 +10,7 @@ import torch
 
 import graphopt
 from graphopt.ops import fp8_linear, int8_linear
+from graphopt.precision.target import PrecisionTarget
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,7 +91,8 @@ def test_u8_kernel_is_exact_with_pair_safe_weights_where_plain_weights_saturate(
 @pytest.mark.skipif(not int8_linear.onednn_available(), reason="needs oneDNN's quantized linear (x86)")
 def test_onednn_kernel_is_exact_with_pair_safe_weights_where_plain_weights_saturate():
     """per_token_sym_u8 runs oneDNN with activations up to 255: with pair-safe weights it equals
-    the exact integer product; plain weights are never given to the kernel."""
+    the exact integer product; plain weights reach the kernel only where it does not saturate them
+    (VNNI), and the op equals its reference either way."""
     x, w = _saturating_case()
     safe, s = int8_linear.quantize_weight(w, pair_safe=True)
     q, row = int8_linear._quantize_sym_u8(x)
@@ -105,6 +107,30 @@ def test_onednn_kernel_is_exact_with_pair_safe_weights_where_plain_weights_satur
     op = torch.ops.graphopt.int8_linear(x, plain, ps, None, "per_token_sym_u8")  # falls back to the reference
     assert _rel(op, int8_linear.int8_linear_reference(x, plain, ps, None, "per_token_sym_u8")) < 1e-5
     assert _rel(op, torch.nn.functional.linear(x, w)) < 1e-2
+
+
+@pytest.mark.skipif(not int8_linear.onednn_available(), reason="needs oneDNN's quantized linear (x86)")
+def test_plain_weight_probes_tell_whether_the_kernels_saturate():
+    """onednn_plain_exact / fbgemm_plain_exact agree with what the kernels do on a bigger saturating
+    case (True on VNNI CPUs, False on AVX2), and the pass's choice of weights follows them."""
+    x, w = _saturating_case()
+    plain, ps = int8_linear.quantize_weight(w)
+    assert not int8_linear.is_pair_safe(plain)
+    q, _ = int8_linear._quantize_sym_u8(x)
+    got = int8_linear._onednn_gemm(q, int8_linear._onednn_pack(plain), ps, torch.zeros(32, dtype=torch.long))
+    exact = ((q.double() - 128) @ plain.double().t()) * ps.double()
+    assert (_rel(got.double(), exact) < 1e-6) == int8_linear.onednn_plain_exact()
+    assert int8_linear.weights_need_pair_safety("per_token_sym_u8") == (not int8_linear.onednn_plain_exact())
+    if int8_linear.fbgemm_available():
+        xn = x / x.abs().amax(-1, keepdim=True)
+        raw = torch.ops.quantized.linear_dynamic(xn, int8_linear._pack(plain, ps), False)
+        exact_u8 = int8_linear._exact_u8_product(xn, plain, ps)
+        assert (_rel(raw.double(), exact_u8) < 1e-6) == int8_linear.fbgemm_plain_exact()
+    for scheme in ("per_token_u7", "per_token_s8"):  # 7-bit and symmetric int8 never saturate
+        assert not int8_linear.weights_need_pair_safety(scheme)
+    target = PrecisionTarget.detect("cpu")
+    if target.int8_scheme is not None:
+        assert target.int8_pair_safe == int8_linear.weights_need_pair_safety(target.int8_scheme)
 
 
 def test_sym_u8_quantization_rounds_half_up_to_127_levels_each_side():

@@ -377,3 +377,45 @@ def test_int8_merges_linears_that_share_an_input_so_it_is_quantized_once():
     separate = graphopt.optimize(model, (x,), precision="int8", error_budget=0.05, merge_matmuls_policy="off")
     assert separate.report.record("merge_matmuls").status == "unchanged"
     assert _targets(separate.module).count(INT8) == 3
+
+
+def _int8_weights(gm) -> list[torch.Tensor]:
+    import operator
+
+    return [operator.attrgetter(n.args[1].target)(gm) for n in gm.graph.nodes
+            if n.op == "call_function" and ir.op_name(n) == INT8]
+
+
+@pytest.mark.parametrize("target_pair_safe,option,expect_pair_safe", [
+    (True, None, True), (False, None, False), (False, True, True), (True, False, False)])
+def test_int8_weights_are_pair_safe_only_where_the_kernel_needs_it(target_pair_safe, option, expect_pair_safe):
+    """A target whose kernel saturates plain weights (x86 without VNNI) gets pair-safe weights; a
+    VNNI target plain per-channel ones (a finer step); precision_int8_pair_safe overrides either way.
+    The numerics hold whichever it is (the op runs its reference where the kernel would saturate)."""
+    from graphopt.ops import int8_linear
+
+    model, args = _model()
+    opts = {} if option is None else {"precision_int8_pair_safe": option}
+    gm, ctx = _pass_ctx(model, args, budget=0.03, precision="int8", **opts)
+    target = PrecisionTarget(torch.device("cpu"), "per_token_sym_u8", False, frozenset(), target_pair_safe)
+    res = ReducedPrecision("int8", target=target)(ir.copy_graph_module(gm), ctx)
+    assert res.modified
+    weights = _int8_weights(res.module)
+    assert len(weights) >= 5
+    # Gaussian weights of this size always hold some adjacent pair that plain quantization leaves unsafe
+    assert all(int8_linear.is_pair_safe(w) for w in weights) == expect_pair_safe
+    expected_note = "int8 weights: pair-safe" if expect_pair_safe else "int8 weights: plain per channel"
+    assert any(n.startswith(expected_note) for n in res.notes), res.notes
+    assert _rel(res.module(*args), model(*args)) <= 0.03
+
+
+def test_plain_int8_weights_are_more_accurate_than_pair_safe():
+    model, args = _model()
+    errors = {}
+    for pair_safe in (True, False):
+        gm, ctx = _pass_ctx(model, args, budget=0.5, precision="int8", precision_int8_pair_safe=pair_safe)
+        target = PrecisionTarget(torch.device("cpu"), "per_token_sym_u8", False, frozenset(), True)
+        res = ReducedPrecision("int8", target=target)(ir.copy_graph_module(gm), ctx)
+        with torch.no_grad():
+            errors[pair_safe] = _rel(res.module(_fresh(5)), model(_fresh(5)))
+    assert errors[False] < errors[True], errors

@@ -30,7 +30,7 @@ import logging
 import os
 from typing import Any
 
-from graphopt.commands.common import UsageError, err_console, load_model, out_console, step
+from graphopt.commands.common import UsageError, err_console, load_model, out_console, parse_options, step
 from graphopt.commands.optimize import add_optimize_arguments, check_output_dir, optimize_from_args
 from graphopt.commands.output_dir import staged_output_dir
 
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     extra = {}
     if getattr(args, "_convert_passes_precision", False) and args.precision:
         extra["precision"] = args.precision
+    if getattr(args, "precision", None) and "precision_int8_pair_safe" not in parse_options(args.option):
+        extra["precision_int8_pair_safe"] = True  # an ONNX file is portable: exact on CPUs without VNNI too
     try:
         _spec, result = optimize_from_args(args, spec=spec, dynamic_shapes=dynamic_shapes, **extra)
     except UsageError as exc:

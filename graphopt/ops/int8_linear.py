@@ -25,7 +25,10 @@ in one of four schemes -- each is the one a fast kernel implements:
     so ``255 * 128 <= 32767``), and :func:`fbgemm_u8_exact` probes the kernel
     once with adversarial values to confirm the pairing and the absence of
     saturation; where the probe fails, the op runs the reference instead and
-    the precision pass uses ``per_token_u7``.
+    the precision pass uses ``per_token_u7``. CPUs with VNNI (AVX512-VNNI,
+    AVX-VNNI) accumulate ``u8 x s8`` products in int32 without that step: where
+    :func:`fbgemm_plain_exact` / :func:`onednn_plain_exact` confirm it, plain
+    per-channel weights run on the kernels too (:func:`weights_need_pair_safety`).
 ``"per_token_sym_u8"`` (x86 CPUs, oneDNN, 8-bit activations, preferred)
     symmetric per row: ``s = amax(|x_row|) / 127`` and
     ``q = floor(x * (127 / amax) + 128.5)`` -- ``x / s`` rounded half up to
@@ -226,6 +229,75 @@ def onednn_u8_exact() -> bool:
     return ok
 
 
+def _saturating_plain_probe() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q uint8 [4, 64], W int8 [8, 64])``: full-range activations against plain weights whose
+    adjacent channels are both at +-127, so ``vpmaddubsw``'s int16 pair sum (``255 * 254``) saturates."""
+    k = 64
+    q = torch.full((4, k), 255, dtype=torch.uint8)
+    q[1, ::2] = 0
+    q[2, 1::2] = 1
+    q[3, ::4] = 128
+    patterns = [(127, 127), (-127, -127), (127, 127, -127, -127), (127, -127, 127, 127)]
+    rows = [torch.tensor(p * (k // len(p)), dtype=torch.int8) for p in patterns]
+    return q, torch.stack(rows + [-r for r in rows])
+
+
+@functools.cache
+def onednn_plain_exact() -> bool:
+    """Probe: does oneDNN's u8 x s8 GEMM give exact int32 products for *any* int8 weights here?
+
+    True on CPUs where oneDNN multiplies with VNNI (``vpdpbusd`` accumulates
+    u8 x s8 products straight into int32) or AMX; False on AVX2 without VNNI,
+    where the int16 pair step saturates. Where True, weights need not be
+    pair-safe (:func:`weights_need_pair_safety`): a finer weight step for free.
+    """
+    if not onednn_available():
+        return False
+    q, w = _saturating_plain_probe()
+    s = torch.full((w.shape[0],), 0.01)
+    try:
+        got = _onednn_gemm(q, _onednn_pack(w), s, torch.zeros(w.shape[0], dtype=torch.long)).double()
+    except Exception as exc:  # pragma: no cover - kernel missing at run time
+        log.info("oneDNN plain-weight probe failed to run: %s", exc)
+        return False
+    exact = ((q.double() - SYM_ZERO_POINT) @ w.double().t()) * s.double()
+    return bool(torch.allclose(got, exact, rtol=1e-6, atol=1e-6))
+
+
+@functools.cache
+def fbgemm_plain_exact() -> bool:
+    """Probe: does fbgemm's dynamic linear (8-bit activations) give exact products for any int8 weights?
+
+    True on VNNI CPUs, False on AVX2 (int16 pair saturation); see :func:`onednn_plain_exact`.
+    """
+    if not fbgemm_available():
+        return False
+    k = 64
+    x = torch.ones(4, k)
+    x[:, 0] = 0.0  # min 0, max 1: every other activation quantizes to 255
+    _, w = _saturating_plain_probe()
+    s = torch.full((w.shape[0],), 0.01)
+    try:
+        got = torch.ops.quantized.linear_dynamic(x, _pack(w, s), False).double()
+    except Exception as exc:  # pragma: no cover - kernel missing at run time
+        log.info("fbgemm plain-weight probe failed to run: %s", exc)
+        return False
+    return bool(torch.allclose(got, _exact_u8_product(x, w, s), rtol=1e-6, atol=1e-6))
+
+
+def weights_need_pair_safety(scheme: str) -> bool:
+    """True when ``scheme``'s kernel on this machine saturates plain int8 weights (quantize them pair-safe).
+
+    Only the full-range uint8 schemes can saturate, and only on kernels
+    without VNNI (:func:`onednn_plain_exact`, :func:`fbgemm_plain_exact`).
+    """
+    if scheme == "per_token_sym_u8":
+        return not onednn_plain_exact()
+    if scheme == "per_token_u8":
+        return not fbgemm_plain_exact()
+    return False
+
+
 def prepack(weight_int8: torch.Tensor, weight_scale: torch.Tensor, scheme: str = "per_token_u8") -> bool:
     """Pack ``weight_int8`` for ``scheme``'s CPU kernel now (optimize time).
 
@@ -355,17 +427,20 @@ def _onednn_packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor) ->
     return packed
 
 
-def _pair_safe_or_warn(pair_safe: bool, scheme: str) -> bool:
-    """``pair_safe``; when False, say once per scheme that the op runs its reference instead of the kernel."""
-    if not pair_safe:
-        _warn_not_pair_safe(scheme)
-    return pair_safe
+def _kernel_takes(pair_safe: bool, scheme: str) -> bool:
+    """Can ``scheme``'s kernel run these weights exactly here? If not, say once per scheme that the op
+    runs its reference instead."""
+    if pair_safe or not weights_need_pair_safety(scheme):
+        return True
+    _warn_not_pair_safe(scheme)
+    return False
 
 
 @functools.cache
 def _warn_not_pair_safe(scheme: str) -> None:
-    log.warning("int8_linear %s with weights that are not pair-safe: running the reference "
-                "(quantize them with quantize_weight(w, pair_safe=True))", scheme)
+    log.warning("int8_linear %s with weights that are not pair-safe, on a CPU whose kernel would saturate "
+                "them (no VNNI): running the reference (quantize them with quantize_weight(w, pair_safe=True), "
+                "or optimize with precision_int8_pair_safe=True for graphs that run on such CPUs)", scheme)
 
 
 def _onednn_usable(x: torch.Tensor, weight_int8: torch.Tensor,
@@ -374,7 +449,7 @@ def _onednn_usable(x: torch.Tensor, weight_int8: torch.Tensor,
     if x.device.type != "cpu" or not onednn_u8_exact():
         return None
     packed, pair_safe, zero_points = _onednn_packed_for(weight_int8, weight_scale)
-    return (packed, zero_points) if _pair_safe_or_warn(pair_safe, "per_token_sym_u8") else None
+    return (packed, zero_points) if _kernel_takes(pair_safe, "per_token_sym_u8") else None
 
 
 def _fbgemm(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -423,7 +498,7 @@ def _fbgemm_ok(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.T
         return True
     if activation != "per_token_u8" or not fbgemm_u8_exact():
         return False
-    return _pair_safe_or_warn(_packed_for(weight_int8, weight_scale)[1], "per_token_u8")
+    return _kernel_takes(_packed_for(weight_int8, weight_scale)[1], "per_token_u8")
 
 
 @torch.library.custom_op("graphopt::int8_linear", mutates_args=())

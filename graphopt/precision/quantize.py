@@ -27,6 +27,7 @@ to quantize), addmm with ``beta``/``alpha`` other than 1, weights that are not
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -128,8 +129,10 @@ class QuantizedWeights:
     optimize time) valid for the module that is finally returned.
     """
 
-    def __init__(self, int8_scheme: str | None) -> None:
+    def __init__(self, int8_scheme: str | None, pair_safe: bool | None = None) -> None:
         self.int8_scheme = int8_scheme or "per_token_s8"
+        #: int8 weights pair-safe (default: for the full-range uint8 schemes, whose kernels may saturate)
+        self.pair_safe = self.int8_scheme in int8_linear.PAIR_SAFE_SCHEMES if pair_safe is None else pair_safe
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         #: node name -> int8 input shift (see :func:`input_shift`)
         self.shifts: dict[str, torch.Tensor] = {}
@@ -138,8 +141,7 @@ class QuantizedWeights:
         key = (site.node.name, precision)
         if key not in self._cache:
             if precision == "int8":
-                q, s = int8_linear.quantize_weight(site.weight,
-                                                   pair_safe=self.int8_scheme in int8_linear.PAIR_SAFE_SCHEMES)
+                q, s = int8_linear.quantize_weight(site.weight, pair_safe=self.pair_safe)
                 if self.int8_scheme != "per_token_s8":
                     int8_linear.prepack(q, s, self.int8_scheme)
             elif precision == "fp8":
@@ -200,3 +202,26 @@ def replace_site(gm: fx.GraphModule, site: LinearSite, precision: str, weights: 
     gm.graph.erase_node(node)
     by_name[site.node.name] = new
     return new
+
+
+def weights_not_pair_safe(module: torch.nn.Module) -> list[str]:
+    """Nodes of ``module`` (a GraphModule) whose int8 weights x86 kernels without VNNI would saturate.
+
+    These are the full-range uint8 schemes' linears quantized with plain
+    weights (``precision_int8_pair_safe=False``, the default on VNNI CPUs):
+    exact here, but onnxruntime's ``MatMulInteger`` on an AVX2 CPU (and
+    graphopt's own op there, which then runs its reference) would not give
+    the same result quickly. Used to warn when such a graph is exported.
+    """
+    graph = getattr(module, "graph", None)
+    out = []
+    for node in graph.nodes if graph is not None else ():
+        if node.target is not torch.ops.graphopt.int8_linear.default or len(node.args) < 5:
+            continue
+        weight = node.args[1]
+        if node.args[4] not in int8_linear.PAIR_SAFE_SCHEMES or getattr(weight, "op", None) != "get_attr":
+            continue
+        value = operator.attrgetter(weight.target)(module)
+        if isinstance(value, torch.Tensor) and not int8_linear.is_pair_safe(value):
+            out.append(node.name)
+    return out

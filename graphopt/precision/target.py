@@ -3,7 +3,8 @@
 :class:`PrecisionTarget` says which int8 activation scheme has a fast kernel
 (``per_token_sym_u8``: oneDNN on x86 CPUs where its probe passes;
 ``per_token_u8``: fbgemm where its saturation probe passes, else ``per_token_u7``; ``per_token_s8``: ``torch._int_mm`` on CUDA), whether
-fp8 e4m3 matmuls exist (CUDA compute capability >= 8.9), and which float
+fp8 e4m3 matmuls exist (CUDA compute capability >= 8.9), whether int8 weights
+must be pair-safe for that kernel (no VNNI), and which float
 formats have native arithmetic (:func:`native_float_formats`). ``auto`` only
 measures bf16 where the target has native bf16 units: without them (the AVX2
 CPUs this project is developed on, where bf16 emulation measured 4x slower
@@ -75,7 +76,10 @@ class PrecisionTarget:
     kernel here (None: only the reference implementation). ``fp8``: fp8 e4m3
     matmuls through ``torch._scaled_mm``. ``native_floats``: float formats
     with native arithmetic (``{"bf16", "fp16"}`` or a subset); ``auto``
-    considers bf16 only when it is listed. Tests build targets by hand to
+    considers bf16 only when it is listed. ``int8_pair_safe``: int8 weights
+    must be pair-safe for the scheme's kernel (x86 without VNNI; probed by
+    :func:`graphopt.ops.int8_linear.weights_need_pair_safety`); False gives
+    plain per-channel weights, a finer step. Tests build targets by hand to
     inject capabilities.
     """
 
@@ -83,6 +87,8 @@ class PrecisionTarget:
     int8_scheme: str | None
     fp8: bool
     native_floats: frozenset[str] = field(default_factory=frozenset)
+    #: quantize int8 weights pair-safe (the scheme's kernel saturates plain weights here: no VNNI)
+    int8_pair_safe: bool = True
 
     @classmethod
     def detect(cls, device: torch.device | str, cpu_flags: Iterable[str] | None = None) -> "PrecisionTarget":
@@ -91,11 +97,12 @@ class PrecisionTarget:
         if device.type == "cuda":
             return cls(device, "per_token_s8", fp8_linear.fp8_supported(device), floats)
         if device.type == "cpu" and int8_linear.onednn_u8_exact():
-            return cls(device, "per_token_sym_u8", False, floats)
+            return cls(device, "per_token_sym_u8", False, floats,
+                       int8_linear.weights_need_pair_safety("per_token_sym_u8"))
         if device.type == "cpu" and int8_linear.fbgemm_available():
             scheme = "per_token_u8" if int8_linear.fbgemm_u8_exact() else "per_token_u7"
-            return cls(device, scheme, False, floats)
-        return cls(device, None, False, floats)
+            return cls(device, scheme, False, floats, int8_linear.weights_need_pair_safety(scheme))
+        return cls(device, None, False, floats, False)
 
     def auto_candidates(self) -> list[str]:
         """Precisions ``auto`` benchmarks on this target (it keeps only the faster ones)."""
@@ -117,5 +124,6 @@ class PrecisionTarget:
 
     def describe(self) -> str:
         floats = ", ".join(sorted(self.native_floats)) or "none"
-        return (f"{self.device.type} (int8 kernel: {self.int8_scheme or 'reference only'}, fp8: {self.fp8}, "
-                f"native bf16/fp16: {floats})")
+        weights = "pair-safe" if self.int8_pair_safe else "plain"
+        return (f"{self.device.type} (int8 kernel: {self.int8_scheme or 'reference only'}, {weights} int8 weights, "
+                f"fp8: {self.fp8}, native bf16/fp16: {floats})")
