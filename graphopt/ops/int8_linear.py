@@ -397,13 +397,16 @@ def _row_absmax(d: torch.Tensor) -> torch.Tensor:
 def _quantize_sym_u8(d: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q uint8, s)`` of ``per_token_sym_u8``: ``q = floor(d * (127 / amax_row) + 128.5)``, ``s = amax_row / 127``.
 
-    ``floor`` is the conversion to uint8 (``t`` lies in ``[1.5, 255.5]``);
-    the kernel and the reference share this function, so they quantize
-    bit-identically. ``inplace`` reuses ``d`` (a temporary of the caller).
+    ``floor`` is the conversion to an integer (``t`` lies in ``[1.5, 255.5]``),
+    through int16: torch's fp32 -> int16 conversion measured 2-3x faster
+    than fp32 -> uint8 on the development CPUs, and int16 -> uint8 is exact
+    for these values. The kernel and the reference share this function, so
+    they quantize bit-identically. ``inplace`` reuses ``d`` (a temporary of
+    the caller).
     """
     amax = _row_absmax(d)
     t = d.mul_(amax.reciprocal().mul_(127.0)) if inplace else d.mul(amax.reciprocal().mul_(127.0))
-    return t.add_(128.5).to(torch.uint8), amax.div_(127.0)
+    return t.add_(128.5).to(torch.int16).to(torch.uint8), amax.div_(127.0)
 
 
 def _onednn_sym(x: torch.Tensor, packed: Any, zero_points: torch.Tensor, weight_scale: torch.Tensor,
