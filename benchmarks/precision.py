@@ -174,8 +174,9 @@ def kernel_ceiling(builder, args: argparse.Namespace) -> None:
     print(f"profiler: {share:.1%} of the fp32 forward's self CPU time in linear layers")
     from graphopt.precision.target import PrecisionTarget
 
-    scheme = PrecisionTarget.detect("cpu").int8_scheme or "per_token_u7"
-    print(f"graphopt's int8 scheme here: {scheme}")
+    target = PrecisionTarget.detect("cpu")
+    scheme = target.int8_scheme or "per_token_u7"
+    print(f"graphopt's int8 scheme here: {scheme}, {'pair-safe' if target.int8_pair_safe else 'plain'} weights")
     print("| linear (tokens x in -> out) | fp32 ms | fbgemm alone ms | vs fp32 | oneDNN alone ms | vs fp32 "
           "| torch.ao ms | vs fp32 | graphopt int8 ms | vs fp32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -184,7 +185,7 @@ def kernel_ceiling(builder, args: argparse.Namespace) -> None:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(m, k, generator=g) + torch.randn(k, generator=g)
         w, b = mod.weight.detach(), mod.bias.detach() if mod.bias is not None else None
-        q, s = int8_linear.quantize_weight(w, pair_safe=scheme in int8_linear.PAIR_SAFE_SCHEMES)
+        q, s = int8_linear.quantize_weight(w, pair_safe=target.int8_pair_safe)
         packed = int8_linear._pack(q, s)
         int8_linear.prepack(q, s, scheme)
         mu = x.mean(0)
@@ -245,7 +246,8 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
             counts[e["precision"]] = counts.get(e["precision"], 0) + 1
         notes[mode] = {"status": rec.status if rec else "?", "optimize_s": round(time.perf_counter() - t0, 1),
                        "nodes": counts, "notes": [n for n in rec.notes if n.startswith(
-                           ("target", "int8 input shift", "bf16", "search", "whole model", "slower"))] if rec else []}
+                           ("target", "int8 input shift", "int8 weights", "bf16", "search", "fallback", "whole model",
+                            "slower"))] if rec else []}
         if rec and rec.status == "rolled back":
             notes[mode]["reason"] = rec.numerics.reason if rec.numerics else rec.error
         variants[mode] = result.module

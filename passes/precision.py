@@ -15,8 +15,9 @@ Option ``precision``:
                                         -> graphopt.int8_linear(x, W_int8, per-channel scales, b, scheme)
     linear(x, W, b) whose input has a large shared component (calibrated mean mu)
                                         -> graphopt.int8_linear(x, W_int8, scales, b + W @ mu, scheme, mu)
-    (per-token activation scales, 8-bit with pair-safe weights on x86 CPUs: oneDNN's u8 x s8
-    GEMM where its probe passes, else fbgemm's, 7-bit where fbgemm saturates; ``torch._int_mm``
+    (per-token activation scales, 8-bit on x86 CPUs: oneDNN's u8 x s8 GEMM where its probe
+    passes, else fbgemm's, 7-bit where fbgemm saturates; weights pair-safe where the kernel
+    would saturate plain ones (no VNNI), option ``precision_int8_pair_safe``; ``torch._int_mm``
     on CUDA; weights packed now). Linears that share an input are merged first
     (merge_matmuls), so the shared activation is quantized once.
 ``"fp8"``
@@ -24,8 +25,10 @@ Option ``precision``:
 ``"auto"``
     per node, the precision measured fastest on the target among those it has
     (fp8, int8, and bf16 only where the target computes bf16 natively); a
-    conversion slower than fp32 is not made, and the whole plan is timed
-    against fp32 and dropped if it is not faster.
+    conversion slower than fp32 is not made; a node the search takes out of its
+    fastest precision gets the next fastest, more accurate one (int8 -> bf16)
+    where the budget still holds; the whole plan is timed against fp32 and
+    dropped if it is not faster.
 
 Every mode then runs the error-budget search (:mod:`graphopt.precision.search`):
 nodes are converted, the model is measured against ``ctx.error_budget`` (relative
@@ -181,6 +184,9 @@ class ReducedPrecision(Pass):
 
         kept, steps = search_kept(order, measure)
         failing = [s for s in steps if not s.numerics.ok]
+        fallback_note = ""
+        if speed_check and kept:
+            kept, fallback_note = run.fall_back(kept, plan, verifier, search_budget)
         for name in kept:
             worst = max(failing, key=lambda s: s.kept) if failing else None
             why = (f"over budget: with the {worst.kept} most error-costly nodes kept, converting the rest gave "
@@ -200,6 +206,8 @@ class ReducedPrecision(Pass):
                      f" (ranked by {len(run.model_errors)} single-node whole-model runs)" if run.model_errors else "")
                  + ", " + ", ".join(
                      f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps)]
+        if fallback_note:
+            notes.append(fallback_note)
         if mode == "auto" or speed_check:
             verdict = run.whole_graph_speed(out)
             if verdict is not None:
@@ -242,6 +250,7 @@ class _Run:
         self.choice: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
         self.errors: dict[tuple[str, str], float] = {}
+        self.timings: dict[str, dict[str, float]] = {}  # node -> seconds per precision (speed check)
         self.cal: Calibration | None = None
         self.model_errors: dict[str, float] = {}  # node -> model rel_l2 with it alone converted
         self.shift_gain: dict[str, float] = {}  # int8 node with an input shift -> its range narrowing
@@ -400,10 +409,61 @@ class _Run:
                 fns = {"fp32": self._isolated(name, "fp32")[0]}
                 fns.update({p: self._isolated(name, p)[0] for p in opts})
                 cache[key] = self.owner.timer(fns, device=self.target.device)
-            choice, reason = choose_precision(cache[key], AUTO_MIN_SPEEDUP if self.mode == "auto" else 1.0)
+            self.timings[name] = cache[key]
+            choice, reason = choose_precision(cache[key], self._min_speedup)
             if choice == "int8":
                 reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason
+
+    @property
+    def _min_speedup(self) -> float:
+        return AUTO_MIN_SPEEDUP if self.mode == "auto" else 1.0
+
+    def fall_back(self, kept: set[str], plan: dict[str, str], verifier: Verifier,
+                  budget: ErrorBudget) -> tuple[set[str], str]:
+        """Give nodes the search took out of their fastest precision the next fastest one, within budget.
+
+        A node kept out of int8 (too much error) may still be faster than fp32
+        in bf16, which is more accurate: it gets the fastest other precision
+        that was measured faster than fp32 and has a smaller own error, when
+        the whole model still holds ``budget`` (a second bisection, over these
+        nodes only, decides which). Updates ``plan`` and the choices; returns
+        the nodes left in fp32 and a note ('' when nothing was tried).
+        """
+        second: dict[str, tuple[str, str]] = {}
+        for name in kept:
+            timings = self.timings.get(name, {})
+            was = plan[name]
+            rest = {p: t for p, t in timings.items()
+                    if p == "fp32" or (p != was and self.local_error(name, p) < self.local_error(name, was))}
+            if len(rest) > 1:
+                choice, reason = choose_precision(rest, self._min_speedup)
+                if choice != "fp32":
+                    second[name] = (choice, reason)
+        if not second:
+            return kept, ""
+        base = {n: p for n, p in plan.items() if n not in kept}
+
+        def measure(still_kept: set[str]) -> Numerics:
+            trial = self.build({**base, **{n: c for n, (c, _) in second.items() if n not in still_kept}})
+            return verifier.check(trial, budget)
+
+        def order() -> list[str]:
+            return sorted(second, key=lambda n: self.local_error(n, second[n][0]), reverse=True)
+
+        left, steps = search_kept(order, measure)
+        moved = [n for n in second if n not in left]
+        for name in moved:
+            choice, reason = second[name]
+            self.reasons[name] = (f"{reason}; {plan[name]} was over budget (the search kept it out: "
+                                  f"own error rel_l2 {self.local_error(name, plan[name]):.2e} in {plan[name]}, "
+                                  f"{self.local_error(name, choice):.2e} in {choice})")
+            plan[name] = self.choice[name] = choice
+        counts = ", ".join(f"{c}: {sum(second[n][0] == c for n in moved)}" for c in sorted({second[n][0] for n in moved}))
+        note = (f"fallback: {len(moved)} of {len(second)} nodes kept out of their fastest precision run in the next "
+                f"fastest ({counts or 'none'}); {len(steps)} whole-model checks, "
+                + ", ".join(f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps))
+        return (kept - set(moved)), note
 
     def _signature(self, name: str) -> tuple:
         node = self.nodes[name]

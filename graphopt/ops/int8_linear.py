@@ -37,9 +37,10 @@ in one of four schemes -- each is the one a fast kernel implements:
     torch's x86 inductor quantization) takes. The int32 product is scaled by
     the weight scales in the kernel and by ``s`` per row afterwards. Measured
     about 1.2x faster than fbgemm's dynamic linear on the development CPU
-    (docs/precision.md). Weights are pair-safe, as for ``per_token_u8``
-    (oneDNN multiplies with the same ``vpmaddubsw`` without VNNI), and
-    :func:`onednn_u8_exact` probes the kernel once.
+    (docs/precision.md). Without VNNI the weights must be pair-safe, as for
+    ``per_token_u8`` (oneDNN multiplies with the same ``vpmaddubsw``), and
+    :func:`onednn_u8_exact` probes the kernel once; with VNNI
+    (:func:`onednn_plain_exact`) plain weights are exact.
 ``"per_token_u7"`` (x86 CPUs, fbgemm, ``reduce_range=True``)
     the same with a 7-bit range (0..127): exact for any int8 weights, twice
     the activation step.
