@@ -248,6 +248,11 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
                        "nodes": counts, "notes": [n for n in rec.notes if n.startswith(
                            ("target", "int8 input shift", "int8 weights", "bf16", "search", "fallback", "whole model",
                             "slower"))] if rec else []}
+        by_precision: dict[str, list[str]] = {}
+        for e in result.report.extra.get("precision", []):
+            if e["precision"] not in ("fp32", "int8"):
+                by_precision.setdefault(e["precision"], []).append(f"{e['node']} ({e['module'] or 'top'})")
+        notes[mode]["float_nodes"] = by_precision  # which nodes run in bf16/fp16 (few, in the int8 modes)
         if rec and rec.status == "rolled back":
             notes[mode]["reason"] = rec.numerics.reason if rec.numerics else rec.error
         variants[mode] = result.module
@@ -327,6 +332,8 @@ def main() -> None:
         for r in res["rows"]:
             for n in r.get("plan", {}).get("notes", []):
                 print(f"  - {r['variant']}: {n[:400]}")
+            for precision, nodes in r.get("plan", {}).get("float_nodes", {}).items():
+                print(f"  - {r['variant']}: in {precision}: {', '.join(nodes)[:400]}")
             if r.get("plan", {}).get("reason"):
                 print(f"  - {r['variant']} rolled back: {r['plan']['reason']}")
         sys.stdout.flush()
