@@ -258,7 +258,9 @@ class _Run:
         if mode in ("int8", "auto") and target.int8_scheme is not None:
             kind = "pair-safe (exact on x86 kernels without VNNI too)" if self.weights.pair_safe else \
                 "plain per channel (the finer step)"
-            source = "as asked (precision_int8_pair_safe)" if pair_safe is not None else "as this target's kernel needs"
+            source = ("as asked (precision_int8_pair_safe)" if pair_safe is not None
+                      else "which this target's kernel needs" if self.weights.pair_safe
+                      else "which this target's kernel runs exactly")
             self.notes.append(f"int8 weights: {kind}, {source}")
         self.speed_note = ""
         self.float_dtype = FLOAT_DTYPES.get(mode, torch.bfloat16)

@@ -150,17 +150,21 @@ class TwoPaths(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+def _two_paths_auto(cost: dict[str, float]):
+    """TwoPaths through auto on a bf16 target with injected op timings, budget rel L2 2e-2."""
+    model = TwoPaths().eval()
+    gm, ctx = _ctx(model, (torch.randn(32, 64),))
+    ctx.error_budget = ErrorBudget(0.02)
+    res = ReducedPrecision("auto", target=WITH_BF16, timer=FakeTimer(cost))(ir.copy_graph_module(gm), ctx)
+    return model, res, ctx
+
+
 def test_auto_falls_back_to_bf16_where_int8_breaks_the_budget():
     """int8 is fastest for both linears, but both in int8 break the budget (2e-2, searched at 1.6e-2):
     the search keeps one out of int8, and auto gives it the next fastest precision measured faster
     than fp32 (bf16), which holds the budget, instead of fp32. The report says which node and why; the
     budget holds on fresh inputs."""
-    model = TwoPaths().eval()
-    args = (torch.randn(32, 64),)
-    gm, ctx = _ctx(model, args)
-    ctx.error_budget = ErrorBudget(0.02)
-    timer = FakeTimer({"fp32": 1.0, "int8": 0.3, "bf16": 0.6})
-    res = ReducedPrecision("auto", target=WITH_BF16, timer=timer)(ir.copy_graph_module(gm), ctx)
+    model, res, ctx = _two_paths_auto({"fp32": 1.0, "int8": 0.3, "bf16": 0.6})
     assert res.modified
     plan = {e["node"]: e for e in ctx.report.extra["precision"]}
     assert sorted(e["precision"] for e in plan.values()) == ["bf16", "int8"], plan
@@ -174,12 +178,7 @@ def test_auto_falls_back_to_bf16_where_int8_breaks_the_budget():
 
 
 def test_auto_does_not_fall_back_to_a_precision_slower_than_fp32():
-    model = TwoPaths().eval()
-    args = (torch.randn(32, 64),)
-    gm, ctx = _ctx(model, args)
-    ctx.error_budget = ErrorBudget(0.02)
-    timer = FakeTimer({"fp32": 1.0, "int8": 0.3, "bf16": 1.5})
-    res = ReducedPrecision("auto", target=WITH_BF16, timer=timer)(ir.copy_graph_module(gm), ctx)
+    _model, res, ctx = _two_paths_auto({"fp32": 1.0, "int8": 0.3, "bf16": 1.5})
     precisions = sorted(e["precision"] for e in ctx.report.extra["precision"])
     assert precisions == ["fp32", "int8"], precisions
     assert not any(n.startswith("fallback") for n in res.notes)

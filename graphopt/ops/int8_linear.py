@@ -146,35 +146,52 @@ def _exact_u8_product(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: 
     return ((q - zp.double()) @ weight_int8.double().t()) * scale.double() * weight_scale.double()
 
 
+#: probe weight rows (repeated over 64 input channels, and negated): pair-safe, with the large values
+#: placed so that a pairing other than ``(2i, 2i+1)`` (``(2i+1, 2i+2)``, ``(i, i+2)``) would saturate
+_PAIR_SAFE_PATTERNS = [(64, 64), (127, 1, 1, 127), (127, 1, 127, 1), (-64, -64), (-127, -1, -1, -127),
+                       (100, 28, -128, 0)]
+#: plain weights whose adjacent channels are both at +-127: ``vpmaddubsw``'s int16 pair sum
+#: (``255 * 254``) saturates on them
+_PLAIN_PATTERNS = [(127, 127), (-127, -127), (127, 127, -127, -127), (127, -127, 127, 127)]
+_PROBE_K = 64
+
+
+def _probe_weights(patterns: list[tuple[int, ...]]) -> torch.Tensor:
+    rows = [torch.tensor(p * (_PROBE_K // len(p)), dtype=torch.int8) for p in patterns]
+    return torch.stack(rows + [-r for r in rows])
+
+
+def _fbgemm_exact(w: torch.Tensor, what: str) -> bool:
+    """fbgemm's dynamic linear with 8-bit activations at 255 against ``w``, vs the exact product."""
+    if not fbgemm_available():
+        return False
+    x = torch.ones(4, _PROBE_K)
+    x[:, 0] = 0.0  # min 0, max 1: every other activation quantizes to 255
+    s = torch.full((w.shape[0],), 0.01)
+    try:
+        got = torch.ops.quantized.linear_dynamic(x, _pack(w, s), False).double()
+    except Exception as exc:  # pragma: no cover - kernel missing at run time
+        log.info("fbgemm %s probe failed to run: %s", what, exc)
+        return False
+    return bool(torch.allclose(got, _exact_u8_product(x, w, s), rtol=1e-6, atol=1e-6))
+
+
 @functools.cache
 def fbgemm_u8_exact() -> bool:
     """Probe: do pair-safe weights give exact int32 products with 8-bit activations here?
 
     Activations at 255 (the top of the uint8 range) against weights whose
     adjacent-channel sums sit at the limit, with both signs and with the large
-    values placed so that a different pairing (``(2i+1, 2i+2)`` or
-    ``(i, i+2)``) would saturate. True on VNNI CPUs (no int16 step) and on
+    values placed so that a different pairing would saturate
+    (``_PAIR_SAFE_PATTERNS``). True on VNNI CPUs (no int16 step) and on
     AVX2 fbgemm (pairs ``(2i, 2i+1)``); False sends ``per_token_u8`` to the
     reference implementation and makes the pass choose ``per_token_u7``.
     """
-    if not fbgemm_available():
-        return False
-    k = 64
-    x = torch.ones(4, k)
-    x[:, 0] = 0.0  # min 0, max 1: every other activation quantizes to 255
-    patterns = [(64, 64), (127, 1, 1, 127), (127, 1, 127, 1), (-64, -64), (-127, -1, -1, -127), (100, 28, -128, 0)]
-    rows = [torch.tensor(p * (k // len(p)), dtype=torch.int8) for p in patterns]
-    w = torch.stack(rows + [-r for r in rows])
+    w = _probe_weights(_PAIR_SAFE_PATTERNS)
     if not is_pair_safe(w):  # pragma: no cover - the patterns are built pair-safe
         raise AssertionError("probe weights must be pair-safe")
-    s = torch.full((w.shape[0],), 0.01)
-    try:
-        got = torch.ops.quantized.linear_dynamic(x, _pack(w, s), False).double()
-    except Exception as exc:  # pragma: no cover - kernel missing at run time
-        log.info("fbgemm u8 probe failed to run: %s", exc)
-        return False
-    ok = bool(torch.allclose(got, _exact_u8_product(x, w, s), rtol=1e-6, atol=1e-6))
-    if not ok:
+    ok = _fbgemm_exact(w, "u8")
+    if not ok and fbgemm_available():
         log.info("fbgemm saturates pair-safe weights with 8-bit activations here: using per_token_u7")
     return ok
 
@@ -200,47 +217,35 @@ def _onednn_gemm(q_u8: torch.Tensor, packed: Any, weight_scale: torch.Tensor,
                                               weight_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
 
 
-@functools.cache
-def onednn_u8_exact() -> bool:
-    """Probe: does oneDNN give exact int32 products for full-range uint8 activations and pair-safe weights?
-
-    Activations at 255 (and 0, 1) against the adversarial pair-safe weights of
-    :func:`fbgemm_u8_exact`. False (or oneDNN missing) makes the pass use
-    fbgemm's schemes instead.
-    """
+def _onednn_exact(w: torch.Tensor, what: str) -> bool:
+    """oneDNN's u8 x s8 GEMM on activations at 255 (and 0, 1, 128) against ``w``, vs the exact product."""
     if not onednn_available():
         return False
-    k = 64
-    q = torch.full((4, k), 255, dtype=torch.uint8)
+    q = torch.full((4, _PROBE_K), 255, dtype=torch.uint8)
     q[1, ::2] = 0
     q[2, 1::2] = 1
-    patterns = [(64, 64), (127, 1, 1, 127), (127, 1, 127, 1), (-64, -64), (-127, -1, -1, -127), (100, 28, -128, 0)]
-    rows = [torch.tensor(p * (k // len(p)), dtype=torch.int8) for p in patterns]
-    w = torch.stack(rows + [-r for r in rows])
+    q[3, ::4] = SYM_ZERO_POINT
     s = torch.full((w.shape[0],), 0.01)
     try:
         got = _onednn_gemm(q, _onednn_pack(w), s, torch.zeros(w.shape[0], dtype=torch.long)).double()
     except Exception as exc:  # pragma: no cover - kernel missing at run time
-        log.info("oneDNN u8 probe failed to run: %s", exc)
+        log.info("oneDNN %s probe failed to run: %s", what, exc)
         return False
     exact = ((q.double() - SYM_ZERO_POINT) @ w.double().t()) * s.double()
-    ok = bool(torch.allclose(got, exact, rtol=1e-6, atol=1e-6))
-    if not ok:
+    return bool(torch.allclose(got, exact, rtol=1e-6, atol=1e-6))
+
+
+@functools.cache
+def onednn_u8_exact() -> bool:
+    """Probe: does oneDNN give exact int32 products for full-range uint8 activations and pair-safe weights?
+
+    The adversarial pair-safe weights of :func:`fbgemm_u8_exact`. False (or
+    oneDNN missing) makes the pass use fbgemm's schemes instead.
+    """
+    ok = _onednn_exact(_probe_weights(_PAIR_SAFE_PATTERNS), "u8")
+    if not ok and onednn_available():
         log.info("oneDNN saturates pair-safe weights with 8-bit activations here: not using per_token_sym_u8")
     return ok
-
-
-def _saturating_plain_probe() -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q uint8 [4, 64], W int8 [8, 64])``: full-range activations against plain weights whose
-    adjacent channels are both at +-127, so ``vpmaddubsw``'s int16 pair sum (``255 * 254``) saturates."""
-    k = 64
-    q = torch.full((4, k), 255, dtype=torch.uint8)
-    q[1, ::2] = 0
-    q[2, 1::2] = 1
-    q[3, ::4] = 128
-    patterns = [(127, 127), (-127, -127), (127, 127, -127, -127), (127, -127, 127, 127)]
-    rows = [torch.tensor(p * (k // len(p)), dtype=torch.int8) for p in patterns]
-    return q, torch.stack(rows + [-r for r in rows])
 
 
 @functools.cache
@@ -249,20 +254,11 @@ def onednn_plain_exact() -> bool:
 
     True on CPUs where oneDNN multiplies with VNNI (``vpdpbusd`` accumulates
     u8 x s8 products straight into int32) or AMX; False on AVX2 without VNNI,
-    where the int16 pair step saturates. Where True, weights need not be
-    pair-safe (:func:`weights_need_pair_safety`): a finer weight step for free.
+    where the int16 pair step saturates (``_PLAIN_PATTERNS``). Where True,
+    weights need not be pair-safe (:func:`weights_need_pair_safety`): a finer
+    weight step for free.
     """
-    if not onednn_available():
-        return False
-    q, w = _saturating_plain_probe()
-    s = torch.full((w.shape[0],), 0.01)
-    try:
-        got = _onednn_gemm(q, _onednn_pack(w), s, torch.zeros(w.shape[0], dtype=torch.long)).double()
-    except Exception as exc:  # pragma: no cover - kernel missing at run time
-        log.info("oneDNN plain-weight probe failed to run: %s", exc)
-        return False
-    exact = ((q.double() - SYM_ZERO_POINT) @ w.double().t()) * s.double()
-    return bool(torch.allclose(got, exact, rtol=1e-6, atol=1e-6))
+    return _onednn_exact(_probe_weights(_PLAIN_PATTERNS), "plain-weight")
 
 
 @functools.cache
@@ -271,19 +267,7 @@ def fbgemm_plain_exact() -> bool:
 
     True on VNNI CPUs, False on AVX2 (int16 pair saturation); see :func:`onednn_plain_exact`.
     """
-    if not fbgemm_available():
-        return False
-    k = 64
-    x = torch.ones(4, k)
-    x[:, 0] = 0.0  # min 0, max 1: every other activation quantizes to 255
-    _, w = _saturating_plain_probe()
-    s = torch.full((w.shape[0],), 0.01)
-    try:
-        got = torch.ops.quantized.linear_dynamic(x, _pack(w, s), False).double()
-    except Exception as exc:  # pragma: no cover - kernel missing at run time
-        log.info("fbgemm plain-weight probe failed to run: %s", exc)
-        return False
-    return bool(torch.allclose(got, _exact_u8_product(x, w, s), rtol=1e-6, atol=1e-6))
+    return _fbgemm_exact(_probe_weights(_PLAIN_PATTERNS), "plain-weight")
 
 
 def weights_need_pair_safety(scheme: str) -> bool:
@@ -419,7 +403,8 @@ def _onednn_sym(x: torch.Tensor, packed: Any, zero_points: torch.Tensor, weight_
     else:
         q, s = _quantize_sym_u8(xf)
     y = _onednn_gemm(q, packed, weight_scale, zero_points)
-    y = torch.addcmul(bias.float(), y, s) if bias is not None else y.mul_(s)
+    # in place: a second output of this size measured ~10 % of the op (allocation, first touch)
+    y = torch.addcmul(bias.float(), y, s, out=y) if bias is not None else y.mul_(s)
     return y.reshape(*lead, -1).to(x.dtype)
 
 
@@ -468,7 +453,7 @@ def _fbgemm(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tens
         row = _row_absmax(xf)
         d = xf / row
     y = torch.ops.quantized.linear_dynamic(d, packed, reduce_range)
-    y = torch.addcmul(bias.float(), y, row) if bias is not None else y.mul_(row)
+    y = torch.addcmul(bias.float(), y, row, out=y) if bias is not None else y.mul_(row)
     return y.to(x.dtype)
 
 
