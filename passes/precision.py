@@ -178,9 +178,13 @@ class ReducedPrecision(Pass):
 
         def order() -> list[str]:
             if by_model:
-                run.measure_model_sensitivity(plan, verifier)
-                return sorted(plan, key=lambda n: (run.model_errors[n], run.local_error(n, plan[n])), reverse=True)
-            return sorted(plan, key=lambda n: run.local_error(n, plan[n]), reverse=True)
+                run.model_errors = run.model_sensitivity(plan, verifier)
+                errors = run.model_errors
+            else:
+                errors = {n: run.local_error(n, plan[n]) for n in plan}
+            # measured speed: what a node costs in error per second it saves goes back first
+            return sorted(plan, key=lambda n: (errors[n] / run.saved_seconds(n, plan[n]),
+                                               run.local_error(n, plan[n])), reverse=True)
 
         kept, steps = search_kept(order, measure)
         failing = [s for s in steps if not s.numerics.ok]
@@ -323,18 +327,20 @@ class _Run:
             self.notes.append(f"int8 input shift (calibrated channel means, W @ mu folded into the bias) on "
                               f"{shifted} of {sum('int8' in o for o in self.options.values())} linears")
 
-    def measure_model_sensitivity(self, plan: dict[str, str], verifier: Verifier) -> None:
+    def model_sensitivity(self, plan: dict[str, str], verifier: Verifier) -> dict[str, float]:
         """Whole-model error with each node of ``plan`` converted alone, on the example inputs."""
         (a, kw), ref = verifier.input_sets[0], verifier.references[0]
+        out: dict[str, float] = {}
         with torch.no_grad():
             for name, p in plan.items():
                 trial = self.build({name: p})
                 try:
                     errs = compare_outputs(ref, trial(*a, **kw), self.ctx.error_budget)
-                    self.model_errors[name] = max((e.rel_l2 for e in errs), default=0.0)
+                    out[name] = max((e.rel_l2 for e in errs), default=0.0)
                 except Exception as exc:  # noqa: BLE001 - a node that breaks the model ranks first
                     log.info("%s alone in %s failed: %s", name, p, exc)
-                    self.model_errors[name] = float("inf")
+                    out[name] = float("inf")
+        return out
 
     def _isolated(self, name: str, precision: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
         """(low-precision call, fp32 call) of one node on its recorded arguments."""
@@ -417,6 +423,13 @@ class _Run:
                 reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason
 
+    def saved_seconds(self, name: str, precision: str) -> float:
+        """Seconds per call ``precision`` saves over fp32 at ``name`` (1.0 without timings: ranks by error alone)."""
+        timings = self.timings.get(name)
+        if not timings or precision not in timings:
+            return 1.0
+        return max(timings["fp32"] - timings[precision], 1e-12)
+
     @property
     def _min_speedup(self) -> float:
         return AUTO_MIN_SPEEDUP if self.mode == "auto" else 1.0
@@ -428,9 +441,12 @@ class _Run:
         A node kept out of int8 (too much error) may still be faster than fp32
         in bf16, which is more accurate: it gets the fastest other precision
         that was measured faster than fp32 and has a smaller own error, when
-        the whole model still holds ``budget`` (a second bisection, over these
-        nodes only, decides which). Updates ``plan`` and the choices; returns
-        the nodes left in fp32 and a note ('' when nothing was tried).
+        the whole model still holds ``budget``. A second bisection, over these
+        nodes only, decides which: when not all of them fit, the ones that
+        cost the most whole-model error per millisecond they save go back to
+        fp32 first, so the big savings (an LM head) are the last to go.
+        Updates ``plan`` and the choices; returns the nodes left in fp32 and a
+        note ('' when nothing was tried).
         """
         second: dict[str, tuple[str, str]] = {}
         for name in kept:
@@ -451,7 +467,9 @@ class _Run:
             return verifier.check(trial, budget)
 
         def order() -> list[str]:
-            return sorted(second, key=lambda n: self.local_error(n, second[n][0]), reverse=True)
+            errors = self.model_sensitivity({n: c for n, (c, _) in second.items()}, verifier)
+            return sorted(second, key=lambda n: (errors[n] / self.saved_seconds(n, second[n][0]),
+                                                 self.local_error(n, second[n][0])), reverse=True)
 
         left, steps = search_kept(order, measure)
         moved = [n for n in second if n not in left]
@@ -461,9 +479,12 @@ class _Run:
                                   f"own error rel_l2 {self.local_error(name, plan[name]):.2e} in {plan[name]}, "
                                   f"{self.local_error(name, choice):.2e} in {choice})")
             plan[name] = self.choice[name] = choice
-        counts = ", ".join(f"{c}: {sum(second[n][0] == c for n in moved)}" for c in sorted({second[n][0] for n in moved}))
+        targets = [second[n][0] for n in moved]
+        counts = ", ".join(f"{c}: {targets.count(c)}" for c in sorted(set(targets)))
         note = (f"fallback: {len(moved)} of {len(second)} nodes kept out of their fastest precision run in the next "
-                f"fastest ({counts or 'none'}); {len(steps)} whole-model checks, "
+                f"fastest ({counts or 'none'}); {len(steps)} whole-model checks"
+                + (f" (ranked by error per ms saved, {len(second)} single-node runs)" if len(steps) > 1 else "")
+                + ", "
                 + ", ".join(f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps))
         return (kept - set(moved)), note
 
