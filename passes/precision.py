@@ -57,6 +57,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.cost import node_cost
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.passes.cleanup.constant_folding import constant_nodes
 from graphopt.precision.calibrate import Calibration, calibrate
@@ -182,7 +183,7 @@ class ReducedPrecision(Pass):
                 errors = run.model_errors
             else:
                 errors = {n: run.local_error(n, plan[n]) for n in plan}
-            # measured speed: what a node costs in error per second it saves goes back first
+            # what a node costs in error per second it saves (FLOPs without timings) goes back first
             return sorted(plan, key=lambda n: (errors[n] / run.saved_seconds(n, plan[n]),
                                                run.local_error(n, plan[n])), reverse=True)
 
@@ -424,11 +425,13 @@ class _Run:
             self.choice[name], self.reasons[name] = choice, reason
 
     def saved_seconds(self, name: str, precision: str) -> float:
-        """Seconds per call ``precision`` saves over fp32 at ``name`` (1.0 without timings: ranks by error alone)."""
+        """What converting ``name`` to ``precision`` saves, for ranking: measured seconds per call over fp32
+        where the speed was timed (auto); else the node's FLOPs, a proxy proportional to the saving of a
+        GEMM-bound op (every node of one run is ranked by the same measure)."""
         timings = self.timings.get(name)
-        if not timings or precision not in timings:
-            return 1.0
-        return max(timings["fp32"] - timings[precision], 1e-12)
+        if timings and precision in timings:
+            return max(timings["fp32"] - timings[precision], 1e-12)
+        return float(max(node_cost(self.nodes[name]).flops, 1))
 
     @property
     def _min_speedup(self) -> float:

@@ -419,3 +419,32 @@ def test_plain_int8_weights_are_more_accurate_than_pair_safe():
         with torch.no_grad():
             errors[pair_safe] = _rel(res.module(_fresh(5)), model(_fresh(5)))
     assert errors[False] < errors[True], errors
+
+
+class WideAndNarrow(nn.Module):
+    """Two linears of equal shape on parallel paths; ``b`` runs on 16x the tokens (16x the FLOPs)
+    and costs the model a little more error in int8 than ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        many = x.unsqueeze(1).expand(-1, 16, -1)
+        return self.a(x) + 1.2 * self.b(many).mean(1)
+
+
+def test_search_keeps_the_node_that_saves_least_per_unit_of_error():
+    """Only one of the two fits the budget in int8. Ranked by error alone the search would keep ``b``
+    (the larger error) and convert ``a``; ranked by error per FLOP saved (int8 without timings) it
+    keeps the small ``a`` and converts ``b``, which saves 16x the work."""
+    model = WideAndNarrow().eval()
+    args = (torch.randn(32, 64, generator=torch.Generator().manual_seed(1)),)
+    gm, ctx = _pass_ctx(model, args, budget=0.014, precision="int8")
+    target = PrecisionTarget(torch.device("cpu"), "per_token_u7", False, frozenset(), False)
+    res = ReducedPrecision("int8", target=target)(ir.copy_graph_module(gm), ctx)
+    assert res.modified
+    plan = {e["module"]: e for e in ctx.report.extra["precision"]}
+    assert plan["b"]["precision"] == "int8" and plan["a"]["precision"] == "fp32", plan
+    assert "over budget" in plan["a"]["reason"]
