@@ -209,9 +209,9 @@ def weights_not_pair_safe(module: torch.nn.Module) -> list[str]:
 
     These are the full-range uint8 schemes' linears quantized with plain
     weights (``precision_int8_pair_safe=False``, the default on VNNI CPUs):
-    exact here, but onnxruntime's ``MatMulInteger`` on an AVX2 CPU (and
-    graphopt's own op there, which then runs its reference) would not give
-    the same result quickly. Used to warn when such a graph is exported.
+    exact here, but onnxruntime's ``MatMulInteger`` on an AVX2 CPU saturates
+    them (graphopt's own op there falls back to its exact, slow reference).
+    Used to warn when such a graph is exported.
     """
     graph = getattr(module, "graph", None)
     out = []
