@@ -217,17 +217,13 @@ def compare_outputs(
             errors.append(OutputError(i, str(r.dtype), 0.0 if equal else math.inf, 0.0 if equal else math.inf,
                                       ok=equal, reason="" if equal else f"integer output {i} differs"))
             continue
-        rf, cf = r.detach().double(), c.detach().double().to(r.device)
-        diff = (rf - cf)
-        finite_ref = torch.isfinite(rf)
-        if bool((finite_ref & ~torch.isfinite(cf)).any()):
+        measured = _finite_errors(r, c)
+        if measured is None:
             errors.append(OutputError(i, str(r.dtype), math.inf, math.inf, ok=False,
                                       reason=f"output {i} has NaN/inf where the reference is finite"))
             continue
-        diff = torch.where(finite_ref, diff, torch.zeros_like(diff))
-        max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-        denom = float(torch.where(finite_ref, rf, torch.zeros_like(rf)).norm())
-        rel = float(diff.norm()) / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
+        max_abs, diff_norm, denom = measured
+        rel = diff_norm / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
         top1 = None
         if r.ndim >= 2 and r.shape[-1] > 1:
             top1 = float((r.argmax(-1) == c.argmax(-1).to(r.device)).float().mean())
@@ -241,6 +237,41 @@ def compare_outputs(
             ok, reason = False, f"output {i} top-1 agreement {top1:.4f} < {budget.top1}"
         errors.append(OutputError(i, str(r.dtype), max_abs, rel, top1, ok, reason))
     return errors
+
+
+def _finite_errors(r: torch.Tensor, c: torch.Tensor) -> tuple[float, float, float] | None:
+    """``(max |r - c|, ||r - c||, ||r||)`` over the elements where ``r`` is finite; None where ``c`` is
+    not finite but ``r`` is.
+
+    Common case first: real, at most 32-bit, both finite (which the norms
+    show: squares of float32 values cannot overflow a float64 sum, so only a
+    non-finite element makes a norm non-finite). The difference is taken in
+    float32 (exact for close values, relative error 2^-24 otherwise) and the
+    norms accumulate in float64 without a float64 copy: about 3x faster than
+    the general path on LM logits (4 x 128 x 50257 elements: 0.2 vs 0.63 s,
+    2 threads), which matters because the precision search compares dozens
+    of candidates. float32 accumulation would not do (1e-3 relative error of
+    the norm over 25M elements).
+    """
+    c = c.detach().to(r.device)
+    r = r.detach()
+    if not r.dtype.is_complex and not c.dtype.is_complex and r.element_size() <= 4 and c.element_size() <= 4:
+        rf, cf = r.float(), c.float()
+        if rf.numel() == 0:
+            return 0.0, 0.0, 0.0
+        diff = rf - cf
+        diff_norm = float(torch.linalg.vector_norm(diff, dtype=torch.float64))
+        ref_norm = float(torch.linalg.vector_norm(rf, dtype=torch.float64))
+        # squares of float32 values cannot overflow a float64 sum: finite norms mean finite tensors
+        if math.isfinite(diff_norm) and math.isfinite(ref_norm):
+            return float(torch.maximum(diff.amax(), diff.amin().neg())), diff_norm, ref_norm
+    rf, cf = r.double(), c.double()
+    finite_ref = torch.isfinite(rf)
+    if bool((finite_ref & ~torch.isfinite(cf)).any()):
+        return None
+    diff = torch.where(finite_ref, rf - cf, torch.zeros_like(rf))
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    return max_abs, float(diff.norm()), float(torch.where(finite_ref, rf, torch.zeros_like(rf)).norm())
 
 
 def summarize(per_input: Sequence[list[OutputError]]) -> Numerics:
