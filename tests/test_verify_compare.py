@@ -47,3 +47,14 @@ def test_positions_where_the_reference_is_not_finite_are_not_compared():
     c[1, 1] += 1.0  # elsewhere a difference still counts
     (e,) = compare_outputs(r, c)
     assert not e.ok and math.isfinite(e.rel_l2) and e.max_abs == pytest.approx(1.0, rel=1e-6)
+
+
+def test_huge_finite_values_are_measured_exactly():
+    """Values whose float32 squares overflow still get exact figures (the float64 path)."""
+    r = torch.full((3, 5000), 3e30)
+    c = r.clone()
+    c[1, 7] = 3.3e30
+    (e,) = compare_outputs(r, c)
+    max_abs, rel = _exact(r, c)
+    assert math.isfinite(e.rel_l2) and e.rel_l2 == pytest.approx(rel, rel=1e-6)
+    assert e.max_abs == pytest.approx(max_abs, rel=1e-6)
