@@ -48,6 +48,7 @@ already converted (the pass is idempotent).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from graphopt.precision.calibrate import Calibration, calibrate
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
 from graphopt.precision.quantize import LinearSite, QuantizedWeights, input_shift, linear_sites, replace_site
+from graphopt.precision.replay import SuffixReplay, recorded_bytes
 from graphopt.precision.search import relative_l2, search_kept
 from graphopt.precision.speed import choose_precision, time_interleaved
 from graphopt.precision.target import PrecisionTarget
@@ -80,6 +82,8 @@ SEARCH_MARGIN = 0.8
 AUTO_MIN_SPEEDUP = 1.05
 #: above this many converted nodes the search ranks by each node's own error instead of whole-model runs
 MAX_MODEL_SENSITIVITY_NODES = 256
+#: single-node runs replay the graph from the node on while its recorded values fit in this much memory
+REPLAY_MAX_BYTES = 2 << 30
 
 
 @dataclass
@@ -329,19 +333,47 @@ class _Run:
                               f"{shifted} of {sum('int8' in o for o in self.options.values())} linears")
 
     def model_sensitivity(self, plan: dict[str, str], verifier: Verifier) -> dict[str, float]:
-        """Whole-model error with each node of ``plan`` converted alone, on the example inputs."""
+        """Whole-model error with each node of ``plan`` converted alone, on the example inputs.
+
+        int8/fp8 nodes are replayed (:class:`SuffixReplay`: only what depends on
+        the node is recomputed); bf16/fp16 nodes, whose conversion also moves
+        casts around them, get a rebuilt graph each.
+        """
         (a, kw), ref = verifier.input_sets[0], verifier.references[0]
+        replay = self._replay(a, kw) if any(p in ("int8", "fp8") for p in plan.values()) else None
         out: dict[str, float] = {}
         with torch.no_grad():
             for name, p in plan.items():
-                trial = self.build({name: p})
                 try:
-                    errs = compare_outputs(ref, trial(*a, **kw), self.ctx.error_budget)
+                    if replay is not None and p in ("int8", "fp8"):
+                        got = replay.run(name, functools.partial(self._quantized_call, name, p))
+                    else:
+                        got = self.build({name: p})(*a, **kw)
+                    errs = compare_outputs(ref, got, self.ctx.error_budget)
                     out[name] = max((e.rel_l2 for e in errs), default=0.0)
                 except Exception as exc:  # noqa: BLE001 - a node that breaks the model ranks first
                     log.info("%s alone in %s failed: %s", name, p, exc)
                     out[name] = float("inf")
         return out
+
+    def _replay(self, args: tuple, kwargs: dict) -> SuffixReplay | None:
+        if not hasattr(self, "_replay_cache"):
+            fits = recorded_bytes(self.gm) <= REPLAY_MAX_BYTES
+            self._replay_cache = SuffixReplay(self.gm, ir.flat_inputs(args, kwargs, self.gm)) if fits else None
+            if not fits:
+                self.notes.append(f"single-node runs rebuild the graph: its values exceed "
+                                  f"{REPLAY_MAX_BYTES / 2**30:.0f} GiB, too many to keep for a replay")
+        return self._replay_cache
+
+    def _quantized_call(self, name: str, precision: str, args: tuple, kwargs: dict) -> Any:
+        """The int8/fp8 replacement of linear site ``name`` on concrete arguments of the original node."""
+        node = self.nodes[name]
+        addmm = node.target == torch.ops.aten.addmm.default
+        x = args[1] if addmm else args[0]
+        bias = (args[0] if addmm
+                else (args[2] if len(args) > 2 else kwargs.get("bias")) if node.target == torch.ops.aten.linear.default
+                else None)
+        return self.weights.call(self.sites[name], precision, x, bias)
 
     def _isolated(self, name: str, precision: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
         """(low-precision call, fp32 call) of one node on its recorded arguments."""
@@ -351,13 +383,8 @@ class _Run:
         if precision == "fp32":
             return ref, ref
         if precision in ("int8", "fp8"):
-            site = self.sites[name]
-            x = args[1] if node.target == torch.ops.aten.addmm.default else args[0]
-            bias = (args[0] if node.target == torch.ops.aten.addmm.default
-                    else (args[2] if len(args) > 2 else kwargs.get("bias")) if node.target == torch.ops.aten.linear.default
-                    else None)
-            self.weights.get(site, precision)
-            return (lambda: self.weights.call(site, precision, x, bias)), ref
+            self.weights.get(self.sites[name], precision)
+            return (lambda: self._quantized_call(name, precision, args, kwargs)), ref
         dtype = FLOAT_DTYPES[precision]
         const = self._const
         graph_args = list(node.args) + list(node.kwargs.values())
