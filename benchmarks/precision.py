@@ -227,6 +227,7 @@ def kernel_ceiling(builder, args: argparse.Namespace) -> None:
 
 
 def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)  # the same random weights whichever models this invocation runs, and in which order
     model, make, pick, is_lm, desc = builder(args.device, args.quick)
     example = make(torch.Generator().manual_seed(0))
     fresh = make(torch.Generator().manual_seed(123))
