@@ -254,8 +254,11 @@ class _Run:
         self.options: dict[str, list[str]] = {}  # candidate node -> precisions to consider
         self.sites: dict[str, LinearSite] = {}
         pair_safe = ctx.option("precision_int8_pair_safe", None)
+        if pair_safe is not None and not isinstance(pair_safe, bool):
+            raise ValueError(f"precision_int8_pair_safe={pair_safe!r}: give True or False (or leave it out to let "
+                             "the target's kernel decide)")
         self.weights = QuantizedWeights(target.int8_scheme,
-                                        target.int8_pair_safe if pair_safe is None else bool(pair_safe))
+                                        target.int8_pair_safe if pair_safe is None else pair_safe)
         self.choice: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
         self.errors: dict[tuple[str, str], float] = {}

@@ -448,3 +448,10 @@ def test_search_keeps_the_node_that_saves_least_per_unit_of_error():
     plan = {e["module"]: e for e in ctx.report.extra["precision"]}
     assert plan["b"]["precision"] == "int8" and plan["a"]["precision"] == "fp32", plan
     assert "over budget" in plan["a"]["reason"]
+
+
+def test_pair_safe_option_must_be_a_bool():
+    model, args = _model()
+    gm, ctx = _pass_ctx(model, args, precision="int8", precision_int8_pair_safe="maybe")
+    with pytest.raises(ValueError, match="give True or False"):
+        ReducedPrecision("int8")(ir.copy_graph_module(gm), ctx)
