@@ -59,9 +59,16 @@ class OptimizeContext:
     deferring_verification: bool = False
     #: ``(module, budget, numerics)`` of the latest numeric check, so an identical check is not run twice
     last_check: tuple[fx.GraphModule, ErrorBudget | None, Numerics] | None = None
+    #: where a long pass reports its steps (set by :class:`ProgressInstrument`; None: nobody listens)
+    progress: Callable[[str], None] | None = None
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.options.get(name, default)
+
+    def step(self, message: str) -> None:
+        """Report a step of a long pass (the CLI shows it on its progress line)."""
+        if self.progress is not None:
+            self.progress(message)
 
     def check_numerics(self, gm: fx.GraphModule, budget: ErrorBudget | None = None) -> Numerics | None:
         """Compare ``gm`` against the original model (None when verification is off or deferred).
@@ -226,6 +233,11 @@ class ProgressInstrument(Instrument):
 
     def before_pass(self, pass_: Pass, gm: fx.GraphModule, ctx: OptimizeContext) -> None:
         self.callback(pass_.name)
+        ctx.progress = lambda message, name=pass_.name: self.callback(f"{name}: {message}")
+
+    def after_pass(self, pass_: Pass, result: PassResult, record: PassRecord, ctx: OptimizeContext) -> str | None:
+        ctx.progress = None
+        return None
 
 
 class PassManager:

@@ -158,11 +158,14 @@ class ReducedPrecision(Pass):
         if not run.options:
             return PassResult(gm, False, [budget_note, "no candidate nodes"], declined)
         verifier = ctx.verifier or Verifier(ir.copy_graph_module(gm), ctx.args, ctx.kwargs, gm)
+        ctx.step(f"calibrating {len(run.options)} candidate nodes")
         run.calibrate([ir.flat_inputs(a, kw, gm) for a, kw in verifier.input_sets])
         if ctx.option("precision_int8_shift", True):
             run.choose_shifts()
+        ctx.step("measuring each candidate's own error")
         run.measure_local_errors()
         if speed_check:
+            ctx.step(f"timing {len(run.options)} candidate nodes in each precision")
             run.measure_speed()
         else:
             run.choose_requested()
@@ -175,6 +178,7 @@ class ReducedPrecision(Pass):
         search_budget = ErrorBudget(budget.rel_l2 * SEARCH_MARGIN, budget.top1)
 
         def measure(kept: set[str]) -> Numerics:
+            ctx.step(f"error search: checking the plan with {len(kept)} of {len(plan)} nodes kept in fp32")
             trial = run.build({n: p for n, p in plan.items() if n not in kept})
             return verifier.check(trial, search_budget)
 
@@ -218,6 +222,7 @@ class ReducedPrecision(Pass):
         if fallback_note:
             notes.append(fallback_note)
         if mode == "auto" or speed_check:
+            ctx.step("timing the whole plan against fp32")
             verdict = run.whole_graph_speed(out)
             if verdict is not None:
                 for name in final_plan:
@@ -346,7 +351,8 @@ class _Run:
         replay = self._replay(a, kw) if any(p in ("int8", "fp8") for p in plan.values()) else None
         out: dict[str, float] = {}
         with torch.no_grad():
-            for name, p in plan.items():
+            for i, (name, p) in enumerate(plan.items()):
+                self.ctx.step(f"error search: ranking, {name} alone in {p} ({i + 1} of {len(plan)})")
                 try:
                     if replay is not None and p in ("int8", "fp8"):
                         got = replay.run(name, functools.partial(self._quantized_call, name, p))

@@ -301,3 +301,17 @@ def test_group_verification_can_be_switched_off(monkeypatch):
     ctx = OptimizeContext(args=args, flat_inputs=list(args), verifier=Verifier(model, args, {}, gm))
     PassManager([ReluToClamp(), RemoveNoOps()], [VerifyInstrument()], group_verification=False).run(gm, ctx)
     assert len(calls) == 2 and all(r.numerics.ok and not r.verified_with for r in ctx.report.passes)
+
+
+def test_long_passes_report_their_steps_to_the_progress_callback():
+    """optimize(progress=...) hears each pass by name, and the steps a long pass reports with
+    ctx.step as 'pass: step' (the CLI shows them on its progress line)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    heard: list[str] = []
+    graphopt.optimize(model, (torch.randn(8, 32),), precision="int8", error_budget=1e-4, progress=heard.append)
+    assert "precision" in heard
+    steps = [m for m in heard if m.startswith("precision: ")]
+    assert any("calibrating" in m for m in steps), heard
+    assert any("error search: checking the plan" in m for m in steps), heard  # the tight budget makes it search
+    assert not any(m.startswith("dead_code: ") for m in heard)  # short passes report nothing more

@@ -73,7 +73,7 @@ def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_sh
             label["text"] = f"optimizing: {name}"
             if status is not None:
                 status.update(label["text"])
-            else:
+            elif ": " not in name:  # no live line (not a terminal): passes only, not every step inside one
                 err_console.print(f"[dim]  pass {name}[/]")
 
         try:
