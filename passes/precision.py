@@ -65,7 +65,7 @@ from graphopt.precision.calibrate import Calibration, calibrate
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
 from graphopt.precision.quantize import LinearSite, QuantizedWeights, input_shift, linear_sites, replace_site
-from graphopt.precision.replay import SuffixReplay, recorded_bytes
+from graphopt.precision.replay import SuffixReplay, recorded_bytes, writes_in_place
 from graphopt.precision.search import relative_l2, search_kept
 from graphopt.precision.speed import choose_precision, time_interleaved
 from graphopt.precision.target import PrecisionTarget
@@ -211,8 +211,8 @@ class ReducedPrecision(Pass):
                            f"rel_l2 {run.local_error(name, plan[name]):.2e}")
         final_plan = {n: p for n, p in plan.items() if n not in kept}
         if not final_plan:
-            return PassResult(gm, False, [budget_note, "every conversion broke the error budget"],
-                              declined + run.declined_nodes())
+            return PassResult(gm, False, [budget_note, f"target: {target.describe()}"] + run.notes
+                              + ["every conversion broke the error budget"], declined + run.declined_nodes())
         out = run.build(final_plan, final=True)
         notes = [budget_note, f"target: {target.describe()}"] + run.notes + [
                  f"search: {len(steps)} whole-model checks" + (
@@ -367,11 +367,14 @@ class _Run:
 
     def _replay(self, args: tuple, kwargs: dict) -> SuffixReplay | None:
         if not hasattr(self, "_replay_cache"):
-            fits = recorded_bytes(self.gm) <= REPLAY_MAX_BYTES
-            self._replay_cache = SuffixReplay(self.gm, ir.flat_inputs(args, kwargs, self.gm)) if fits else None
-            if not fits:
-                self.notes.append(f"single-node runs rebuild the graph: its values exceed "
-                                  f"{REPLAY_MAX_BYTES / 2**30:.0f} GiB, too many to keep for a replay")
+            writes = writes_in_place(self.gm)
+            why = (f"its values exceed {REPLAY_MAX_BYTES / 2**30:.0f} GiB, too many to keep for a replay"
+                   if recorded_bytes(self.gm) > REPLAY_MAX_BYTES
+                   else f"it writes values in place ({', '.join(writes[:3])}), which a replay cannot repeat"
+                   if writes else "")
+            self._replay_cache = None if why else SuffixReplay(self.gm, ir.flat_inputs(args, kwargs, self.gm))
+            if why:
+                self.notes.append(f"single-node runs rebuild the graph: {why}")
         return self._replay_cache
 
     def _quantized_call(self, name: str, precision: str, args: tuple, kwargs: dict) -> Any:

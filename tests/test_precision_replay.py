@@ -82,3 +82,30 @@ def test_the_search_ranks_the_same_with_and_without_replay(monkeypatch):
     rebuilt, notes_rebuilt = plan_of(0)
     assert replayed == rebuilt
     assert not notes_replayed and notes_rebuilt  # the fallback says why
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        bias = torch.ones_like(h)
+        bias.add_(h)  # written in place, like T5's position_bias.add_(mask)
+        return self.b(bias)
+
+
+def test_graphs_that_write_in_place_are_not_replayed():
+    from graphopt.precision.replay import writes_in_place
+
+    model = InPlace().eval()
+    x = torch.randn(8, 16)
+    gm = graphopt.capture(model, (x,)).module
+    if not writes_in_place(gm):  # pragma: no cover - capture functionalized the write away
+        return
+    assert not writes_in_place(graphopt.capture(TwoBranches().eval(), (x,)).module)
+    result = graphopt.optimize(model, (x,), precision="int8", error_budget=1e-4)
+    notes = result.report.record("precision").notes
+    assert any("writes values in place" in n for n in notes), notes

@@ -12,8 +12,9 @@ We keep our own loop rather than subclassing ``fx.Interpreter`` for the
 replay because the Interpreter always walks every node from the placeholders.
 
 It keeps every value of one forward: :func:`recorded_bytes` says how much,
-so a caller can decline large graphs (the precision pass then rebuilds and
-runs the whole graph per candidate).
+so a caller can decline large graphs; and it cannot replay graphs that write
+into a value in place (:func:`writes_in_place`). The precision pass rebuilds
+and runs the whole graph per candidate in both cases.
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+
+def writes_in_place(gm: fx.GraphModule) -> list[str]:
+    """Nodes of ``gm`` whose op writes into one of its arguments (``add_``, ``copy_``, ...).
+
+    A replay cannot run such a graph: the write would change a recorded value
+    that later replays read (and the recording holds the value after the
+    write, not before it).
+    """
+    out = []
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and schema.is_mutable and any(
+                a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            out.append(node.name)
+    return out
+
 
 def recorded_bytes(gm: fx.GraphModule) -> int:
     """Bytes of every tensor value of ``gm`` (from ``meta['val']``): what a replay would keep."""
