@@ -367,14 +367,16 @@ class _Run:
 
     def _replay(self, args: tuple, kwargs: dict) -> SuffixReplay | None:
         if not hasattr(self, "_replay_cache"):
+            self._replay_cache = None
             writes = writes_in_place(self.gm)
-            why = (f"its values exceed {REPLAY_MAX_BYTES / 2**30:.0f} GiB, too many to keep for a replay"
-                   if recorded_bytes(self.gm) > REPLAY_MAX_BYTES
-                   else f"it writes values in place ({', '.join(writes[:3])}), which a replay cannot repeat"
-                   if writes else "")
-            self._replay_cache = None if why else SuffixReplay(self.gm, ir.flat_inputs(args, kwargs, self.gm))
-            if why:
-                self.notes.append(f"single-node runs rebuild the graph: {why}")
+            if recorded_bytes(self.gm) > REPLAY_MAX_BYTES:
+                self.notes.append(f"single-node runs rebuild the graph: its values exceed "
+                                  f"{REPLAY_MAX_BYTES / 2**30:.0f} GiB, too many to keep for a replay")
+            elif writes:
+                self.notes.append(f"single-node runs rebuild the graph: it writes values in place "
+                                  f"({', '.join(writes[:3])}), which a replay cannot repeat")
+            else:
+                self._replay_cache = SuffixReplay(self.gm, ir.flat_inputs(args, kwargs, self.gm))
         return self._replay_cache
 
     def _quantized_call(self, name: str, precision: str, args: tuple, kwargs: dict) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -103,8 +104,8 @@ def test_graphs_that_write_in_place_are_not_replayed():
     model = InPlace().eval()
     x = torch.randn(8, 16)
     gm = graphopt.capture(model, (x,)).module
-    if not writes_in_place(gm):  # pragma: no cover - capture functionalized the write away
-        return
+    if not writes_in_place(gm):  # pragma: no cover - depends on the torch version's capture
+        pytest.skip("this torch's capture functionalized the in-place add: nothing to decline")
     assert not writes_in_place(graphopt.capture(TwoBranches().eval(), (x,)).module)
     result = graphopt.optimize(model, (x,), precision="int8", error_budget=1e-4)
     notes = result.report.record("precision").notes

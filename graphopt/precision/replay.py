@@ -27,20 +27,17 @@ import torch.fx as fx
 
 from graphopt import ir
 
+
 def writes_in_place(gm: fx.GraphModule) -> list[str]:
-    """Nodes of ``gm`` whose op writes into one of its arguments (``add_``, ``copy_``, ...).
+    """Nodes of ``gm`` that write into another node's value in place (``add_``, ``copy_``, ...; see
+    :func:`graphopt.ir.writer_of`).
 
     A replay cannot run such a graph: the write would change a recorded value
     that later replays read (and the recording holds the value after the
     write, not before it).
     """
-    out = []
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        if schema is not None and schema.is_mutable and any(
-                a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
-            out.append(node.name)
-    return out
+    writers = (ir.writer_of(node) for node in gm.graph.nodes)
+    return sorted({w.name for w in writers if w is not None})
 
 
 def recorded_bytes(gm: fx.GraphModule) -> int:
@@ -68,6 +65,7 @@ class SuffixReplay:
         self.env: dict[fx.Node, Any] = interpreter.env
         self.nodes = list(gm.graph.nodes)
         self._index = {n: i for i, n in enumerate(self.nodes)}
+        self._by_name = {n.name: n for n in self.nodes}
         self.output = next(n for n in reversed(self.nodes) if n.op == "output")
 
     def downstream(self, node: fx.Node) -> list[fx.Node]:
@@ -87,7 +85,7 @@ class SuffixReplay:
         it keep their recorded values. Returns what ``gm(...)`` returns (the
         output structure of the captured model).
         """
-        node = next(n for n in self.nodes if n.name == name)
+        node = self._by_name[name]
         overlay: dict[fx.Node, Any] = {}
 
         def value(n: fx.Node) -> Any:
