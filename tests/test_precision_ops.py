@@ -234,3 +234,58 @@ def test_onnx_translation_runs_in_onnxruntime(tmp_path, linear_case, scheme, shi
     assert _rel(torch.from_numpy(np.asarray(outs[0])), torch_out[0]) < 1e-3  # ORT implements the same op
     assert _rel(torch.from_numpy(np.asarray(outs[0])), fp32) < 2e-2  # and stays within the budget
     assert _rel(torch.from_numpy(np.asarray(outs[1])), torch.nn.functional.linear(x, w)) < 5e-2
+
+
+def _scaled_case(m: int):
+    """Rows and output channels over three decades: a scale applied along the wrong axis shows at once."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(m, 64, generator=g) * torch.logspace(-1, 2, m)[:, None]
+    w = torch.randn(48, 64, generator=g) * torch.logspace(-3, 0, 48)[:, None]
+    return x, w, torch.randn(48, generator=g)
+
+
+def _cpu_kernel_or_skip(fn, *args):
+    try:
+        return fn(*args)
+    except (RuntimeError, NotImplementedError) as e:  # a torch build without the CPU kernel
+        pytest.skip(f"this torch has no CPU implementation: {str(e)[:120]}")
+
+
+@pytest.mark.parametrize("m", [5, 48])  # _int_mm needs more than 16 rows: 5 goes through the padding
+@pytest.mark.parametrize("with_bias, with_shift", [(True, False), (False, False), (True, True)])
+def test_int_mm_path_matches_the_reference(m, with_bias, with_shift):
+    """The CUDA kernel path (``torch._int_mm``), run where torch also implements it: on the CPU.
+
+    The op only dispatches to it on CUDA, so without this test the conventions of the call
+    (operand layout, which axis each scale applies to, the row padding) would first be exercised
+    on a GPU.
+    """
+    x, w, b = _scaled_case(m)
+    q, s = int8_linear.quantize_weight(w, pair_safe=False)
+    bias = b if with_bias else None
+    shift = x.mean(0) if with_shift else None
+    got = _cpu_kernel_or_skip(int8_linear._int_mm_s8, x, q, s, bias, shift)
+    ref = int8_linear.int8_linear_reference(x, q, s, bias, "per_token_s8", shift)
+    assert got.shape == ref.shape == (m, 48)
+    assert _rel(got, ref) < 1e-6  # integer accumulation: the same numbers up to fp32 rounding
+    for j in (0, 47):  # the smallest and the largest output channel are both right
+        assert _rel(got[:, j], ref[:, j]) < 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_scaled_mm_path_matches_the_reference(with_bias):
+    """The fp8 kernel path (``torch._scaled_mm`` with row-wise scales), run on the CPU where torch has it.
+
+    Both round the fp32 accumulation to bf16; they may round the bias sum differently, so they
+    agree to bf16 precision (unit roundoff 2**-9), far tighter than a scale on the wrong axis.
+    """
+    x, w, b = _scaled_case(48)
+    q, s = fp8_linear.quantize_weight(w)
+    bias = b if with_bias else None
+    got = _cpu_kernel_or_skip(fp8_linear._scaled_mm, x, q, s, bias)
+    ref = fp8_linear.fp8_linear_reference(x, q, s, bias)
+    assert got.shape == ref.shape == (48, 48) and got.dtype == x.dtype
+    assert _rel(got, ref) < 4e-3
+    for j in (0, 47):
+        assert _rel(got[:, j], ref[:, j]) < 8e-3
+    assert _rel(got, torch.nn.functional.linear(x, w, bias)) < 5e-2
