@@ -256,6 +256,8 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
         notes[mode]["float_nodes"] = by_precision  # which nodes run in bf16/fp16 (few, in the int8 modes)
         if rec and rec.status == "rolled back":
             notes[mode]["reason"] = rec.numerics.reason if rec.numerics else rec.error
+        elif rec and rec.status != "applied":  # declined as a whole (fp8 without the kernel, ...): say why
+            notes[mode]["reason"] = "; ".join(sorted({d.reason for d in rec.declined})) or rec.status
         variants[mode] = result.module
     with torch.no_grad():
         ref = pick(model(*fresh))
@@ -278,10 +280,11 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", default="all", help="bert, gpt2 (CPU), llama (CUDA) or all")
+    p.add_argument("--model", default="all", help="comma-separated: bert, gpt2, llama; all (default): bert,gpt2 "
+                   "on CPU, llama on CUDA")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--error-budget", type=float, default=2e-2)
@@ -295,18 +298,22 @@ def main() -> None:
     p.add_argument("--modes", default="", help="comma-separated precisions to run (default: int8,auto on CPU; "
                    "bf16,fp8,auto on CUDA)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    models = {"bert": bert, "gpt2": gpt2, "llama": llama}
     if args.device == "cuda":
-        models, modes = {"llama": llama}, ["bf16", "fp8", "auto"]
+        default_models, modes = ["llama"], ["bf16", "fp8", "auto"]
     else:
-        models, modes = {"bert": bert, "gpt2": gpt2}, ["int8", "auto"]
+        default_models, modes = ["bert", "gpt2"], ["int8", "auto"]
     if args.modes:
         modes = args.modes.split(",")
-    chosen = list(models) if args.model == "all" else args.model.split(",")
+    chosen = default_models if args.model == "all" else args.model.split(",")
+    unknown = [m for m in chosen if m not in models]
+    if unknown:
+        p.error(f"unknown --model {', '.join(unknown)}: choose from {', '.join(models)} or all")
     results = []
     print(f"# precision benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {args.device}"
@@ -336,12 +343,13 @@ def main() -> None:
             for precision, nodes in r.get("plan", {}).get("float_nodes", {}).items():
                 print(f"  - {r['variant']}: in {precision}: {', '.join(nodes)[:400]}")
             if r.get("plan", {}).get("reason"):
-                print(f"  - {r['variant']} rolled back: {r['plan']['reason']}")
+                print(f"  - {r['variant']} {r['plan']['status']}: {r['plan']['reason']}")
         sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
