@@ -511,7 +511,12 @@ def export_onnx(
 
     if target == "onnxruntime":
         timer = time.perf_counter()
+        widened = _compute_bf16_in_float32(model)  # first: a float32 Attention can then become GroupQueryAttention
         info.rewrites, info.declined = _apply_rewrites(model)
+        if widened:
+            info.rewrites["bf16_in_float32"] = widened
+            info.notes.append(f"{widened} bf16 nodes computed in float32 and rounded to bf16 after (onnxruntime's "
+                              "CPU provider has no bf16 arithmetic kernels; the bf16 weights stay bf16 in the file)")
         info.seconds["rewrite"] = time.perf_counter() - timer
     info.op_counts = dict(Counter((f"{n.domain}." if n.domain else "") + n.op_type for n in model.graph))
     info.inputs = [_value_info(v) for v in model.graph.inputs]
@@ -567,6 +572,12 @@ def _note_unportable_int8(module: Any, info: OnnxExport) -> None:
                 "precision_int8_pair_safe=True for a file that is exact everywhere (graphopt convert does)")
         info.notes.append(note)
         log.warning(note)
+
+
+def _compute_bf16_in_float32(model: Any) -> int:
+    from graphopt.onnx_bf16 import compute_bf16_in_float32
+
+    return compute_bf16_in_float32(model)
 
 
 def _apply_rewrites(model: Any) -> tuple[dict[str, int], list[Declined]]:
@@ -661,8 +672,9 @@ def check_onnx(
     except Exception as exc:
         raise OnnxExportError(
             f"the ONNX file is valid but onnxruntime ({', '.join(providers)}) cannot load it to check it: "
-            f"{str(exc).splitlines()[0]}. onnxruntime's CPU provider has few bfloat16 kernels: for a bf16 "
-            f"graph choose another precision") from exc
+            f"{str(exc).splitlines()[0]}. onnxruntime's CPU provider has few bfloat16 kernels: export a bf16 "
+            f"graph with target='onnxruntime' (which computes bf16 nodes in float32), or choose another "
+            f"precision") from exc
     names = [i.name for i in session.get_inputs()]
     per_input, shapes, tolerance = [], [], {}
     for a, kw in onnx_input_sets(args, kwargs, spec_module, axes, n_random_inputs):

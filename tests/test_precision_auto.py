@@ -182,3 +182,48 @@ def test_auto_does_not_fall_back_to_a_precision_slower_than_fp32():
     precisions = sorted(e["precision"] for e in ctx.report.extra["precision"])
     assert precisions == ["fp32", "int8"], precisions
     assert not any(n.startswith("fallback") for n in res.notes)
+
+
+#: an H100's capabilities (int8 through torch._int_mm, fp8, native bf16 and fp16); on the CPU every
+#: kernel runs as its reference, which computes the same numbers
+GPU_LIKE = PrecisionTarget(CPU, "per_token_s8", True, frozenset({"bf16", "fp16"}))
+
+
+def test_auto_on_a_gpu_like_target_mixes_fp8_int8_bf16_and_exports(tmp_path):
+    """The decisions a GPU run makes, on the CPU: fp8 timed fastest, int8 next, bf16 after. A Llama
+    in fp8 everywhere breaks a tight budget (e4m3 keeps 3 mantissa bits), so the search keeps nodes
+    out of fp8 and the fallback gives them a faster-than-fp32 precision with a smaller own error.
+    The mixed plan holds the budget on fresh inputs, the report names every node's precision, and
+    the graph exports to ONNX and matches in onnxruntime."""
+    transformers = __import__("pytest").importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=256, attn_implementation="eager",
+                                   use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    cap = graphopt.capture(model, (ids,))
+    budget = ErrorBudget(0.02)
+    ctx = OptimizeContext(args=cap.args, kwargs=cap.kwargs, flat_inputs=ir.flat_inputs(cap.args, cap.kwargs, cap.module),
+                          error_budget=budget, options={})
+    ctx.verifier = Verifier(model, cap.args, cap.kwargs, cap.module, n_random=1)
+    timer = FakeTimer({"fp32": 1.0, "fp8": 0.25, "int8": 0.4, "bf16": 0.6})
+    res = ReducedPrecision("auto", target=GPU_LIKE, timer=timer)(ir.copy_graph_module(cap.module), ctx)
+    assert res.modified
+    assert any({"fp32", "fp8", "int8", "bf16"} <= c for c in timer.calls)  # every candidate was timed
+    plan = {e["node"]: e for e in ctx.report.extra["precision"]}
+    used = {e["precision"] for e in plan.values()}
+    assert "fp8" in used and used & {"int8", "bf16"}, plan  # fastest where it fits, the fallback elsewhere
+    assert any(n.startswith("fallback:") for n in res.notes), res.notes
+    targets = {str(n.target) for n in res.module.graph.nodes if n.op == "call_function"}
+    assert "graphopt.fp8_linear.default" in targets
+    with torch.no_grad():
+        fresh = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
+        ref = model(fresh).logits
+        got = res.module(fresh)
+        got = got.logits if hasattr(got, "logits") else got[0]
+        assert float((got.float() - ref).norm() / ref.norm()) <= 0.02
+    exported = graphopt.export_onnx(res.module, tmp_path / "mixed.onnx", (ids,), n_random_inputs=1)
+    assert exported.numerics is not None and exported.numerics.ok, exported.numerics
+    if "bf16" in used:  # onnxruntime's CPU provider has no bf16 MatMul: computed in float32 between casts
+        assert exported.rewrites.get("bf16_in_float32", 0) >= 1, exported.rewrites

@@ -2,19 +2,25 @@
 
 Random stacks of Linear / activation / LayerNorm / softmax / residual blocks,
 optimized with each precision under an error budget: the result must hold
-the budget on inputs the search never saw, and never produce NaN/inf; and
+the budget on inputs the search never saw, and never produce NaN/inf, in torch
+and exported to ONNX in onnxruntime; and
 int8 on the shared random-model generator (tests/strategies.py), whose
 fp32 tolerance is replaced by the budget.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+import numpy as np
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import graphopt
+from onnx_support import rel_l2, run_onnx
 
 LAYERS = ("linear", "gelu", "relu", "layernorm", "softmax", "residual")
 
@@ -68,6 +74,13 @@ def test_precision_holds_the_budget_on_random_models(plan, d, seed, precision):
     rel = float((out.double() - ref.double()).norm() / ref.double().norm())
     # the search aims at 0.8 x budget on its inputs; fresh inputs get the full budget plus a little slack
     assert rel <= budget * 1.25, (plan, precision, rel)
+    # the same graph in ONNX (bf16 computed in float32 for onnxruntime's CPU provider), on the fresh inputs
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        graphopt.export_onnx(result, path, n_random_inputs=0)
+        (got,) = run_onnx(path, [fresh])
+    assert np.isfinite(got).all()
+    assert rel_l2(ref.numpy(), got) <= budget * 1.25, (plan, precision)
 
 
 def test_int8_holds_the_budget_on_the_shared_random_models():
