@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import markers, write_section  # noqa: E402
+from results_file import cpu_description, markers, write_section  # noqa: E402
 
 import torch
 
@@ -194,7 +194,7 @@ def write_results(flops: list[dict], mems: list[dict], hot: dict, cli_s: tuple[f
         _BEGIN,
         "## Analysis",
         "",
-        f"`python benchmarks/analysis.py --seq {seq} --write` on {platform.machine()} "
+        f"`python benchmarks/analysis.py --seq {seq} --write` on {platform.machine()}, {cpu_description()} "
         f"({torch.get_num_threads()} threads, torch {torch.__version__}); load average "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} when it finished (timings, not FLOP or byte counts, "
         "move with the load of the machine).",

@@ -29,3 +29,28 @@ def write_section(name: str, section: str, path: str = RESULTS) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def cpu_description() -> str:
+    """The CPU a section was measured on, as RESULTS.md names machines: model, family, the flags that
+    change graphopt's kernels (VNNI: int8; avx512_bf16 / AMX: bf16)."""
+    import platform
+
+    model, family, flags = platform.processor() or platform.machine(), "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and value:
+                    model = value
+                elif key == "cpu family":
+                    family = value
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        return model
+    wanted = [f for f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    extras = ", ".join(wanted) if wanted else ("AVX2, no VNNI, no native bf16" if "avx2" in flags else "no AVX2")
+    return f"{model}{f' (CPU family {family})' if family else ''}, {extras}"

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import markers, write_section  # noqa: E402
+from results_file import cpu_description, markers, write_section  # noqa: E402
 
 _BEGIN, _END = markers("viewer")
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"`python benchmarks/viz.py --layers {args.layers} --seq {args.seq} --repeats {args.repeats} --write` on "
             f"{platform.machine()} ({torch.get_num_threads()} threads, torch {torch.__version__}), headless "
-            f"{loads[0].browser}; **the machine was shared with other developers' jobs while this ran, so "
-            "the timings are noisy.**",
+            f"{loads[0].browser}; {cpu_description()}; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+            f"when it finished ({os.cpu_count()} cores; timings move with the load).",
             "",
             "| model | nodes (captured -> optimized) | HTML file | first render, median of "
             f"{len(loads)} fresh loads (min-max) | items drawn on open | expand all, median |",
