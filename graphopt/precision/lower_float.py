@@ -29,7 +29,6 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.passes.cleanup.constant_folding import constant_nodes, evaluate
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.ops_classes import (
     FOLLOW_OPS,
@@ -73,6 +72,8 @@ def _scalable(node: fx.Node, const: set[fx.Node]) -> bool:
 def plan_regions(gm: fx.GraphModule, compute: set[str], dtype: torch.dtype, cal: Calibration | None,
                  keep_residual_fp32: bool = True) -> tuple[set[fx.Node], set[fx.Node], dict[str, str]]:
     """Decide which nodes produce low-precision values and which compute nodes are fp16-scaled."""
+    # imported here: graphopt.passes imports this module (at the top the import would be circular)
+    from graphopt.passes.cleanup.constant_folding import constant_nodes
     const = constant_nodes(gm)
     low: set[fx.Node] = set()
     scaled: set[fx.Node] = set()
@@ -109,6 +110,8 @@ def plan_regions(gm: fx.GraphModule, compute: set[str], dtype: torch.dtype, cal:
 def lower_float(gm: fx.GraphModule, compute: set[str], dtype: torch.dtype, cal: Calibration | None = None,
                 keep_residual_fp32: bool = True) -> LoweringResult:
     """Rewrite ``gm`` in place so the ``compute`` nodes (names) run in ``dtype``; see the module docstring."""
+    # imported here: graphopt.passes imports this module (at the top the import would be circular)
+    from graphopt.passes.cleanup.constant_folding import constant_nodes, evaluate
     low, scaled, kept = plan_regions(gm, compute, dtype, cal, keep_residual_fp32)
     const = constant_nodes(gm)
     result = LoweringResult(kept=kept)

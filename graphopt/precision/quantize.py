@@ -35,7 +35,6 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.ops import fp8_linear, int8_linear
-from graphopt.passes.cleanup.constant_folding import constant_nodes, evaluate
 
 aten = torch.ops.aten
 
@@ -73,6 +72,8 @@ def input_shift(x: torch.Tensor, min_gain: float = SHIFT_MIN_GAIN) -> tuple[torc
 
 def linear_site(gm: fx.GraphModule, node: fx.Node, const: set[fx.Node]) -> LinearSite | str:
     """The site at ``node`` or the reason it is not one."""
+    # imported here: graphopt.passes imports this module (at the top the import would be circular)
+    from graphopt.passes.cleanup.constant_folding import evaluate
     t = node.target
     if t == aten.linear.default:
         x, w = node.args[0], node.args[1]
@@ -110,6 +111,8 @@ def linear_site(gm: fx.GraphModule, node: fx.Node, const: set[fx.Node]) -> Linea
 
 def linear_sites(gm: fx.GraphModule) -> tuple[dict[str, LinearSite], dict[str, str]]:
     """({node name: site}, {node name: reason declined}) over every linear/matmul node."""
+    # imported here: graphopt.passes imports this module (at the top the import would be circular)
+    from graphopt.passes.cleanup.constant_folding import constant_nodes
     const = constant_nodes(gm)
     sites, declined = {}, {}
     for node in gm.graph.nodes:
