@@ -28,6 +28,12 @@ weights (configs only).
     python benchmarks/precision.py --model bert --runs 10 --threads 1
     python benchmarks/precision.py --model bert --kernels --threads 1   # int8 ceiling on this CPU
     python benchmarks/precision.py --device cuda    # GPU: Llama
+    python benchmarks/precision.py --model bert --onnx   # also each plan in onnxruntime
+
+``--onnx`` exports every plan with ``graphopt.export_onnx`` (target
+onnxruntime; the export's own check holds it to the error budget against the
+original model) and times the files in onnxruntime beside the plain
+``torch.onnx.export`` of the fp32 model, in one process with runs interleaved.
 """
 
 from __future__ import annotations
@@ -226,6 +232,48 @@ def kernel_ceiling(builder, args: argparse.Namespace) -> None:
     sys.stdout.flush()
 
 
+def onnx_rows(model, example, fresh, results: dict, is_lm: bool, args: argparse.Namespace) -> list[dict]:
+    """Each plan exported (graphopt.export_onnx, target onnxruntime, checked) beside the plain
+    ``torch.onnx.export`` of the fp32 model; onnxruntime latency side by side (one process, the same
+    session options, runs interleaved) and the first output's error against torch fp32 on fresh inputs."""
+    import shutil
+    import tempfile
+
+    from graphopt.onnx_io import export_plain
+    from graphopt.onnx_speed import compare_latency, make_session, session_options
+
+    tmp = tempfile.mkdtemp(prefix="precision-onnx-")
+    try:
+        paths = {"plain export (fp32)": os.path.join(tmp, "plain.onnx")}
+        export_plain(model, example, {}, paths["plain export (fp32)"])
+        checks = {}
+        for name, result in results.items():
+            paths[name] = os.path.join(tmp, f"{name.replace(' ', '_')}.onnx")
+            info = graphopt.export_onnx(result, paths[name], n_random_inputs=1)
+            rewrites = ", ".join(f"{k}: {v}" for k, v in sorted(info.rewrites.items()) if v)
+            checks[name] = info.numerics.summary() + (f"; {rewrites}" if rewrites else "")
+        so = session_options(args.threads or None)
+        stats = compare_latency(paths, [x.cpu().numpy() for x in example], runs=args.runs, warmup=args.warmup, so=so)
+        with torch.no_grad():
+            ref = model(*fresh)
+            ref = (ref.logits if is_lm else ref.last_hidden_state).cpu()
+        base = stats["plain export (fp32)"]
+        rows = []
+        for name, path in paths.items():
+            session = make_session(path, so)
+            feed = dict(zip([i.name for i in session.get_inputs()], [x.cpu().numpy() for x in fresh]))
+            out = torch.from_numpy(session.run(None, feed)[0])
+            rel, top1 = errors(ref, out, is_lm)
+            st = stats[name]
+            rows.append({"variant": name, "ms": round(st.min_ms, 1), "median_ms": round(st.median_ms, 1),
+                         "speedup": round(base.min_ms / st.min_ms, 2),
+                         "speedup_median": round(base.median_ms / st.median_ms, 2),
+                         "rel_l2": rel, "top1": top1, "check": checks.get(name, "")})
+        return rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) -> dict:
     torch.manual_seed(0)  # the same random weights whichever models this invocation runs, and in which order
     model, make, pick, is_lm, desc = builder(args.device, args.quick)
@@ -233,9 +281,10 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
     fresh = make(torch.Generator().manual_seed(123))
     budget = ErrorBudget(rel_l2=args.error_budget, top1=args.top1 if is_lm else None)
     variants = {"fp32": model}
-    notes = {}
+    notes, results = {}, {}
     if args.device == "cpu" and not args.no_references:
-        variants["graphopt fp32"] = graphopt.optimize(model, example).module
+        results["graphopt fp32"] = graphopt.optimize(model, example)
+        variants["graphopt fp32"] = results["graphopt fp32"].module
         variants["torch.ao dynamic"] = torch_ao_dynamic(model)
     for mode in modes:
         t0 = time.perf_counter()
@@ -259,6 +308,7 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
         elif rec and rec.status != "applied":  # declined as a whole (fp8 without the kernel, ...): say why
             notes[mode]["reason"] = "; ".join(sorted({d.reason for d in rec.declined})) or rec.status
         variants[mode] = result.module
+        results[mode] = result
     with torch.no_grad():
         ref = pick(model(*fresh))
         errs = {k: errors(ref, pick(m(*fresh)), is_lm) for k, m in variants.items()}
@@ -276,8 +326,12 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
                      "speedup_median": round(base["median"] / t["median"], 2),
                      "speedup_cpu": round(base["cpu"] / t["cpu"], 2),
                      "rel_l2": rel, "top1": top1, **({"plan": notes[k]} if k in notes else {})})
-    return {"model": name, "description": desc, "rows": rows, "threads": torch.get_num_threads(),
-            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after]}
+    out = {"model": name, "description": desc, "rows": rows, "threads": torch.get_num_threads(),
+           "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after]}
+    if args.onnx:
+        out["onnx_rows"] = onnx_rows(model, example, fresh, results, is_lm, args)
+        out["onnx_load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU: only print the int8 ceiling (linear share of fp32 time, per-shape kernel speedups)")
     p.add_argument("--modes", default="", help="comma-separated precisions to run (default: int8,auto on CPU; "
                    "bf16,fp8,auto on CUDA)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export every plan to ONNX (checked) and time it in onnxruntime beside the plain "
+                   "torch.onnx.export of the fp32 model")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -344,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  - {r['variant']}: in {precision}: {', '.join(nodes)[:400]}")
             if r.get("plan", {}).get("reason"):
                 print(f"  - {r['variant']} {r['plan']['status']}: {r['plan']['reason']}")
+        if "onnx_rows" in res:
+            print(f"\n### onnxruntime ({res['description']}; load average {res['onnx_load_after']} after)")
+            print("| variant | min ms | vs plain | median ms | vs plain | rel L2 vs torch fp32 | top-1 | export check |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+            for r in res["onnx_rows"]:
+                top1 = "" if r["top1"] is None else f"{r['top1']:.4f}"
+                print(f"| {r['variant']} | {r['ms']} | {r['speedup']}x | {r['median_ms']} | {r['speedup_median']}x | "
+                      f"{r['rel_l2']:.2e} | {top1} | {r['check']} |")
         sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:

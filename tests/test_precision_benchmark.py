@@ -45,11 +45,15 @@ def test_gpu_models_and_modes_run_on_the_cpu(tmp_path, capsys):
 def test_cpu_run_with_its_reference_rows(tmp_path):
     out = tmp_path / "bert.json"
     assert _benchmark().main(["--quick", "--model", "bert", "--modes", "int8", "--runs", "1", "--warmup", "0",
-                              "--json", str(out)]) == 0
+                              "--onnx", "--json", str(out)]) == 0
     rows = _rows(out)
     assert list(rows) == ["fp32", "graphopt fp32", "torch.ao dynamic", "int8"]
     assert rows["graphopt fp32"]["rel_l2"] < 1e-5
     assert rows["int8"]["plan"]["status"] == "applied" and rows["int8"]["rel_l2"] <= 2e-2
+    (result,) = json.loads(out.read_text())
+    onnx = {r["variant"]: r for r in result["onnx_rows"]}  # every plan exported, checked and run in onnxruntime
+    assert list(onnx) == ["plain export (fp32)", "graphopt fp32", "int8"]
+    assert onnx["graphopt fp32"]["rel_l2"] < 1e-5 and 0 < onnx["int8"]["rel_l2"] <= 2e-2
 
 
 def test_unknown_model_is_an_error(capsys):
