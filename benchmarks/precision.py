@@ -29,6 +29,7 @@ weights (configs only).
     python benchmarks/precision.py --model bert --kernels --threads 1   # int8 ceiling on this CPU
     python benchmarks/precision.py --device cuda    # GPU: Llama
     python benchmarks/precision.py --model bert --onnx   # also each plan in onnxruntime
+    python benchmarks/precision.py --model llama --modes fp8 --emulate-fp8 --batch 1   # fp8's errors on a CPU
 
 ``--onnx`` exports every plan with ``graphopt.export_onnx`` (target
 onnxruntime; the export's own check holds it to the error budget against the
@@ -52,6 +53,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphopt  # noqa: E402
+from graphopt.passes import default_pipeline  # noqa: E402
 from graphopt.verify import ErrorBudget  # noqa: E402
 
 
@@ -274,12 +276,28 @@ def onnx_rows(model, example, fresh, results: dict, is_lm: bool, args: argparse.
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def emulated_fp8_pass(device: str):
+    """The fp8 precision pass on a target that claims fp8 kernels it lacks: every fp8 linear then runs
+    graphopt::fp8_linear's reference, which computes the numbers torch._scaled_mm computes (to bf16
+    rounding; tests/test_precision_ops.py). Its errors are fp8's; its latency is nobody's (not timed)."""
+    import dataclasses
+
+    from graphopt.passes.precision import ReducedPrecision
+    from graphopt.precision.target import PrecisionTarget
+
+    return ReducedPrecision("fp8", target=dataclasses.replace(PrecisionTarget.detect(device), fp8=True))
+
+
 def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) -> dict:
     torch.manual_seed(0)  # the same random weights whichever models this invocation runs, and in which order
     model, make, pick, is_lm, desc = builder(args.device, args.quick)
     example = make(torch.Generator().manual_seed(0))
     fresh = make(torch.Generator().manual_seed(123))
+    if args.batch:  # the first rows of the same inputs
+        example, fresh = (tuple(x[:args.batch] for x in example), tuple(x[:args.batch] for x in fresh))
+        desc = f"{desc.split(', batch')[0]}, batch {args.batch} (of the GPU run's inputs), seq {example[0].shape[-1]}"
     budget = ErrorBudget(rel_l2=args.error_budget, top1=args.top1 if is_lm else None)
+    untimed: set[str] = set()
     variants = {"fp32": model}
     notes, results = {}, {}
     if args.device == "cpu" and not args.no_references:
@@ -288,8 +306,14 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
         variants["torch.ao dynamic"] = torch_ao_dynamic(model)
     for mode in modes:
         t0 = time.perf_counter()
-        result = graphopt.optimize(model, example, precision=mode, error_budget=budget,
-                                   n_random_inputs=args.random_inputs)
+        if mode == "fp8" and args.emulate_fp8:
+            result = graphopt.optimize(model, example, passes=[*default_pipeline(), emulated_fp8_pass(args.device)],
+                                       error_budget=budget, n_random_inputs=args.random_inputs)
+            mode = "fp8 (emulated)"
+            untimed.add(mode)
+        else:
+            result = graphopt.optimize(model, example, precision=mode, error_budget=budget,
+                                       n_random_inputs=args.random_inputs)
         rec = result.report.record("precision")
         counts = {}
         for e in result.report.extra.get("precision", []):
@@ -312,7 +336,7 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
     with torch.no_grad():
         ref = pick(model(*fresh))
         errs = {k: errors(ref, pick(m(*fresh)), is_lm) for k, m in variants.items()}
-    fns = {k: (lambda m=m: m(*example)) for k, m in variants.items()}
+    fns = {k: (lambda m=m: m(*example)) for k, m in variants.items() if k not in untimed}
     load_before = os.getloadavg()
     times = time_round_robin(fns, args.runs, args.warmup, args.device)
     load_after = os.getloadavg()
@@ -320,12 +344,13 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
     base = times["fp32"]
     for k in variants:
         rel, top1 = errs[k]
-        t = times[k]
-        rows.append({"variant": k, "ms": round(t["min"] * 1e3, 1), "median_ms": round(t["median"] * 1e3, 1),
-                     "cpu_ms": round(t["cpu"] * 1e3, 1), "speedup": round(base["min"] / t["min"], 2),
-                     "speedup_median": round(base["median"] / t["median"], 2),
-                     "speedup_cpu": round(base["cpu"] / t["cpu"], 2),
-                     "rel_l2": rel, "top1": top1, **({"plan": notes[k]} if k in notes else {})})
+        t = times.get(k)
+        timing = {"ms": None, "median_ms": None, "cpu_ms": None, "speedup": None, "speedup_median": None,
+                  "speedup_cpu": None} if t is None else {
+            "ms": round(t["min"] * 1e3, 1), "median_ms": round(t["median"] * 1e3, 1),
+            "cpu_ms": round(t["cpu"] * 1e3, 1), "speedup": round(base["min"] / t["min"], 2),
+            "speedup_median": round(base["median"] / t["median"], 2), "speedup_cpu": round(base["cpu"] / t["cpu"], 2)}
+        rows.append({"variant": k, **timing, "rel_l2": rel, "top1": top1, **({"plan": notes[k]} if k in notes else {})})
     out = {"model": name, "description": desc, "rows": rows, "threads": torch.get_num_threads(),
            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after]}
     if args.onnx:
@@ -354,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", action="store_true",
                    help="also export every plan to ONNX (checked) and time it in onnxruntime beside the plain "
                    "torch.onnx.export of the fp32 model")
+    p.add_argument("--emulate-fp8", action="store_true",
+                   help="run the fp8 mode where there is no fp8 kernel (a CPU) through the op's reference: "
+                   "fp8's errors, measured without a GPU; not timed")
+    p.add_argument("--batch", type=int, default=0, help="use only the first N rows of the model's inputs")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -391,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = ", ".join(f"{k}: {v}" for k, v in sorted(plan.get("nodes", {}).items()))
             status = plan.get("status", "")
             top1 = "" if r["top1"] is None else f"{r['top1']:.4f}"
-            print(f"| {r['variant']} | {r['ms']} | {r['speedup']}x | {r['median_ms']} | {r['speedup_median']}x | "
-                  f"{r['cpu_ms']} | {r['speedup_cpu']}x | {r['rel_l2']:.2e} | {top1} | "
+            timed = (f"{r['ms']} | {r['speedup']}x | {r['median_ms']} | {r['speedup_median']}x | {r['cpu_ms']} | "
+                     f"{r['speedup_cpu']}x" if r["ms"] is not None else "not timed | | | | |")
+            print(f"| {r['variant']} | {timed} | {r['rel_l2']:.2e} | {top1} | "
                   f"{status}{' (' + summary + ')' if summary else ''} |")
         for r in res["rows"]:
             for n in r.get("plan", {}).get("notes", []):

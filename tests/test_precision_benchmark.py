@@ -60,3 +60,17 @@ def test_unknown_model_is_an_error(capsys):
     with pytest.raises(SystemExit):
         _benchmark().main(["--model", "resnet"])
     assert "choose from bert, gpt2, llama" in capsys.readouterr().err
+
+
+def test_fp8_numerics_emulated_on_the_cpu(tmp_path):
+    """--emulate-fp8: the fp8 plan runs through the op's reference (no fp8 kernel here), holds the
+    budget on fresh inputs, and is not timed (its latency would be nobody's)."""
+    out = tmp_path / "fp8.json"
+    assert _benchmark().main(["--quick", "--model", "llama", "--modes", "fp8", "--emulate-fp8", "--batch", "1",
+                              "--error-budget", "0.1", "--top1", "0.7", "--runs", "1", "--warmup", "0",
+                              "--no-references", "--json", str(out)]) == 0
+    rows = _rows(out)
+    fp8 = rows["fp8 (emulated)"]
+    assert fp8["plan"]["status"] == "applied" and fp8["plan"]["nodes"].get("fp8", 0) >= 1, fp8["plan"]
+    assert fp8["ms"] is None and rows["fp32"]["ms"] is not None
+    assert 1e-3 < fp8["rel_l2"] <= 0.1 * 1.25 and fp8["top1"] >= 0.7
