@@ -295,7 +295,7 @@ def run_model(name: str, builder, modes: list[str], args: argparse.Namespace) ->
     fresh = make(torch.Generator().manual_seed(123))
     if args.batch:  # the first rows of the same inputs
         example, fresh = (tuple(x[:args.batch] for x in example), tuple(x[:args.batch] for x in fresh))
-        desc = f"{desc.split(', batch')[0]}, batch {args.batch} (of the GPU run's inputs), seq {example[0].shape[-1]}"
+        desc = f"{desc.split(', batch')[0]}, batch {args.batch} (its first rows), seq {example[0].shape[-1]}"
     budget = ErrorBudget(rel_l2=args.error_budget, top1=args.top1 if is_lm else None)
     untimed: set[str] = set()
     variants = {"fp32": model}
