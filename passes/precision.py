@@ -34,7 +34,8 @@ Every mode then runs the error-budget search (:mod:`graphopt.precision.search`):
 nodes are converted, the model is measured against ``ctx.error_budget`` (relative
 L2 of the outputs, top-1 agreement when set) on the example and fresh inputs, and
 when that is over, the nodes whose conversion alone costs the model the most
-error go back to fp32 until the budget holds. The pass has
+error (per second or FLOP it saves; first those that alone break the budget)
+go back to fp32 until the budget holds. The pass has
 ``uses_error_budget``: the verification instrument holds it to that budget
 (default ``ErrorBudget(rel_l2=1e-2)`` when none is given).
 
@@ -188,12 +189,9 @@ class ReducedPrecision(Pass):
         def order() -> list[str]:
             if by_model:
                 run.model_errors = run.model_sensitivity(plan, verifier)
-                errors = run.model_errors
-            else:
-                errors = {n: run.local_error(n, plan[n]) for n in plan}
-            # what a node costs in error per second it saves (FLOPs without timings) goes back first
-            return sorted(plan, key=lambda n: (errors[n] / run.saved_seconds(n, plan[n]),
-                                               run.local_error(n, plan[n])), reverse=True)
+                return run.ranked(plan, run.model_errors, search_budget.rel_l2)
+            # own errors: no whole-model measurement says which node alone breaks the budget
+            return run.ranked(plan, {n: run.local_error(n, plan[n]) for n in plan}, None)
 
         kept, steps = search_kept(order, measure)
         failing = [s for s in steps if not s.numerics.ok]
@@ -465,6 +463,21 @@ class _Run:
                 reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason
 
+    def ranked(self, nodes: dict[str, str], errors: dict[str, float], target: float | None) -> list[str]:
+        """``nodes`` (name -> precision) most error-costly first, the order the search keeps them in fp32.
+
+        First every node whose whole-model error alone exceeds ``target`` (it
+        can never be converted), then by error per second saved (per FLOP
+        without timings). Without the first rule a node that alone breaks the
+        budget but saves much (an LM head) ranks as the cheapest, stays
+        converted in every trial, and the bisection ends with nothing
+        converted although other nodes fit (fp8 on the benchmark Llama).
+        ``target`` None: no whole-model errors to judge by (own errors).
+        """
+        return sorted(nodes, key=lambda n: (target is not None and errors[n] > target,
+                                            errors[n] / self.saved_seconds(n, nodes[n]),
+                                            self.local_error(n, nodes[n])), reverse=True)
+
     def saved_seconds(self, name: str, precision: str) -> float:
         """What converting ``name`` to ``precision`` saves, for ranking: measured seconds per call over fp32
         where the speed was timed (auto); else the node's FLOPs, a proxy proportional to the saving of a
@@ -511,9 +524,8 @@ class _Run:
             return verifier.check(trial, budget)
 
         def order() -> list[str]:
-            errors = self.model_sensitivity({n: c for n, (c, _) in second.items()}, verifier)
-            return sorted(second, key=lambda n: (errors[n] / self.saved_seconds(n, second[n][0]),
-                                                 self.local_error(n, second[n][0])), reverse=True)
+            choices = {n: c for n, (c, _) in second.items()}
+            return self.ranked(choices, self.model_sensitivity(choices, verifier), budget.rel_l2)
 
         left, steps = search_kept(order, measure)
         moved = [n for n in second if n not in left]

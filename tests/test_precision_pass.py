@@ -455,3 +455,32 @@ def test_pair_safe_option_must_be_a_bool():
     gm, ctx = _pass_ctx(model, args, precision="int8", precision_int8_pair_safe="maybe")
     with pytest.raises(ValueError, match="give True or False"):
         ReducedPrecision("int8")(ir.copy_graph_module(gm), ctx)
+
+
+class BigAloneOverBudget(nn.Module):
+    """``big`` (16x the tokens) alone puts the model over budget in int8; ``small`` is damped 5x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.big, self.small = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        many = x.unsqueeze(1).expand(-1, 16, -1)
+        return self.big(many).mean(1) + 0.2 * self.small(x)
+
+
+def test_a_node_over_budget_alone_is_kept_first_so_the_others_are_tried():
+    """Per FLOP, ``big`` saves the most and ranks as the cheapest to convert, but alone it breaks the
+    budget: kept last, it would stay converted in every trial and the bisection would end with nothing
+    converted. Ranked first because its whole-model error alone is over the target, it is kept and
+    ``small``, which fits, is converted."""
+    model = BigAloneOverBudget().eval()
+    args = (torch.randn(32, 64, generator=torch.Generator().manual_seed(1)),)
+    gm, ctx = _pass_ctx(model, args, budget=0.01, precision="int8")
+    target = PrecisionTarget(torch.device("cpu"), "per_token_u7", False, frozenset(), False)
+    res = ReducedPrecision("int8", target=target)(ir.copy_graph_module(gm), ctx)
+    plan = {e["module"]: e for e in ctx.report.extra["precision"]}
+    assert res.modified, res.notes
+    assert plan["small"]["precision"] == "int8" and plan["big"]["precision"] == "fp32", plan
+    assert "with it alone in int8" in plan["big"]["reason"], plan["big"]["reason"]
