@@ -118,6 +118,8 @@ class OnnxExport:
     seconds: dict[str, float] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: what onnxruntime was compared with: "torch's graph", or "the original model" (a precision result)
+    checked_against: str = "torch's graph"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -130,7 +132,8 @@ class OnnxExport:
         parts = [f"{os.path.basename(self.path)} (opset {self.opset}, {sum(self.op_counts.values())} nodes)"]
         if self.numerics is not None:
             status = "ok" if self.numerics.ok else "MISMATCH"
-            parts.append(f"onnxruntime vs torch {status}: {self.numerics.summary()} over "
+            against = "torch" if self.checked_against == "torch's graph" else self.checked_against
+            parts.append(f"onnxruntime vs {against} {status}: {self.numerics.summary()} over "
                          f"{self.numerics.inputs_checked} input sets")
         if self.speed:
             parts.append(f"onnxruntime median {self.speed['graphopt']['median_ms']:.1f} ms vs plain export "
@@ -536,6 +539,7 @@ def export_onnx(
             spec_module = ep.module()
             precision = compute_precision(ep)
             reference, against, floor = _check_reference(precision, module, baseline, _budget_of(result_or_module))
+            info.checked_against = against
             if precision:
                 info.notes.append(f"the graph computes in {precision}: float outputs checked against {against} "
                                   f"at relative L2 {floor:.0e}" + (" (the error budget the precision pass held)"

@@ -100,7 +100,9 @@ def _onnx_section(onnx: dict[str, Any]) -> list[str]:
         status = "ok" if n["ok"] else f"MISMATCH ({n['reason']})"
         tol = ", ".join(f"{k} {v:.0e}" for k, v in (onnx.get("tolerance") or {}).items())
         shapes = "; ".join(", ".join(_shape(s) for s in case) for case in onnx.get("checked_shapes") or [])
-        lines += ["", f"**onnxruntime vs torch:** {status}: {_numerics_line(n)} over {n['inputs_checked']} input "
+        against = onnx.get("checked_against", "torch's graph")
+        against = "torch" if against == "torch's graph" else against
+        lines += ["", f"**onnxruntime vs {against}:** {status}: {_numerics_line(n)} over {n['inputs_checked']} input "
                       f"sets (relative L2 tolerance {tol}; input shapes {shapes})."]
     speed = onnx.get("speed")
     if speed:

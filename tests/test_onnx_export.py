@@ -156,6 +156,7 @@ def test_int8_operator_from_the_precision_pass_exports_through_its_translation(t
     assert info.numerics.ok and 1e-4 < info.numerics.rel_l2 <= 0.05
     assert info.tolerance == {"float32": 0.05}
     assert any("against the original model" in n for n in info.notes), info.notes
+    assert info.checked_against == "the original model" and "onnxruntime vs the original model ok" in info.summary()
     assert onnx_io.compute_precision(torch.export.export(result.module, args, strict=False)) == "int8"
     # and the translation is the same arithmetic as torch's int8 graph (two layers: no room to drift)
     fresh = torch.randn(*args[0].shape, generator=torch.Generator().manual_seed(3))
@@ -178,3 +179,4 @@ def test_a_precision_result_outside_its_budget_in_onnxruntime_is_refused(tmp_pat
     info = graphopt.export_onnx(result.module, tmp_path / "plain.onnx", args)
     assert info.tolerance == {"float32": 1e-2} and info.numerics.rel_l2 <= 1e-4
     assert any("against torch's graph" in n for n in info.notes), info.notes
+    assert "onnxruntime vs torch ok" in info.summary()
