@@ -6,7 +6,8 @@ graphopt's attention fusion turns attention into
 onnxruntime 1.32's CPU kernel for a *causal* ``Attention`` is slower than its
 contrib ``GroupQueryAttention`` kernel, which applies the causal mask while it
 computes instead of materialising it (measured in ``benchmarks/onnx_speed.py``;
-figures in ``benchmarks/RESULTS.md``). So, for onnxruntime only:
+figures in ``benchmarks/RESULTS.md``). So, for onnxruntime only (and, after
+it, the int8 epilogue fold of :mod:`graphopt.onnx_int8`):
 
     Attention(q, k, v, is_causal=1)            # q, k, v: (B, H, S, D), self-attention
       -> Transpose(GroupQueryAttention(
@@ -140,6 +141,8 @@ def apply_onnxruntime_rewrites(model: ir.Model) -> tuple[dict[str, int], list[De
     import onnxscript.optimizer
     from onnxscript.rewriter import rewrite
 
+    from graphopt.onnx_int8 import DequantizeInIntegerMatMul
+
     declined: list[Declined] = []
     rule = CausalAttentionToGroupQueryAttention.rule(declined)
     before = _count(model, "Attention", "")
@@ -147,11 +150,15 @@ def apply_onnxruntime_rewrites(model: ir.Model) -> tuple[dict[str, int], list[De
     applied = before - _count(model, "Attention", "")
     if applied:
         onnxscript.optimizer.optimize(model)
-    log.info("onnxruntime rewrites: %d causal attention -> GroupQueryAttention, %d declined", applied,
-             len(declined))
+    # after the optimizer: it has no kernel for the contrib op to fold it with
+    folded_before = _count(model, "MatMulIntegerToFloat", "com.microsoft")
+    rewrite(model, pattern_rewrite_rules=[DequantizeInIntegerMatMul.rule(True), DequantizeInIntegerMatMul.rule(False)])
+    int8 = _count(model, "MatMulIntegerToFloat", "com.microsoft") - folded_before
+    log.info("onnxruntime rewrites: %d causal attention -> GroupQueryAttention (%d declined), %d int8 matmuls "
+             "dequantized in MatMulIntegerToFloat", applied, len(declined), int8)
     # the rewriter may look at a site more than once; report each once
     unique = list({(d.site, d.reason): d for d in declined}.values())
-    return {"causal_attention_to_gqa": applied}, unique
+    return {"causal_attention_to_gqa": applied, "int8_matmul_to_float": int8}, unique
 
 
 def _count(model: ir.Model, op_type: str, domain: str) -> int:
