@@ -67,7 +67,7 @@ from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
 from graphopt.precision.quantize import LinearSite, QuantizedWeights, input_shift, linear_sites, replace_site
 from graphopt.precision.replay import SuffixReplay, recorded_bytes, writes_in_place
-from graphopt.precision.search import relative_l2, search_kept
+from graphopt.precision.search import describe_steps, relative_l2, search_kept
 from graphopt.precision.speed import choose_precision, time_interleaved
 from graphopt.precision.target import PrecisionTarget
 from graphopt.report import Declined
@@ -215,8 +215,7 @@ class ReducedPrecision(Pass):
         notes = [budget_note, f"target: {target.describe()}"] + run.notes + [
                  f"search: {len(steps)} whole-model checks" + (
                      f" (ranked by {len(run.model_errors)} single-node whole-model runs)" if run.model_errors else "")
-                 + ", " + ", ".join(
-                     f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps)]
+                 + ", " + describe_steps(steps)]
         if fallback_note:
             notes.append(fallback_note)
         if mode == "auto" or speed_check:
@@ -278,6 +277,8 @@ class _Run:
                       else "which this target's kernel runs exactly")
             self.notes.append(f"int8 weights: {kind}, {source}")
         self.speed_note = ""
+        self._replay_tried = False  # the suffix replay is set up on first use (model_sensitivity)
+        self._replay_cache: SuffixReplay | None = None
         self.float_dtype = FLOAT_DTYPES.get(mode, torch.bfloat16)
 
     # -- candidates
@@ -364,8 +365,8 @@ class _Run:
         return out
 
     def _replay(self, args: tuple, kwargs: dict) -> SuffixReplay | None:
-        if not hasattr(self, "_replay_cache"):
-            self._replay_cache = None
+        if not self._replay_tried:
+            self._replay_tried = True
             writes = writes_in_place(self.gm)
             if recorded_bytes(self.gm) > REPLAY_MAX_BYTES:
                 self.notes.append(f"single-node runs rebuild the graph: its values exceed "
@@ -540,8 +541,7 @@ class _Run:
         note = (f"fallback: {len(moved)} of {len(second)} nodes kept out of their fastest precision run in the next "
                 f"fastest ({counts or 'none'}); {len(steps)} whole-model checks"
                 + (f" (ranked by error per ms saved, {len(second)} single-node runs)" if len(steps) > 1 else "")
-                + ", "
-                + ", ".join(f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps))
+                + ", " + describe_steps(steps))
         return (kept - set(moved)), note
 
     def _signature(self, name: str) -> tuple:

@@ -421,33 +421,37 @@ def test_plain_int8_weights_are_more_accurate_than_pair_safe():
     assert errors[False] < errors[True], errors
 
 
-class WideAndNarrow(nn.Module):
-    """Two linears of equal shape on parallel paths; ``b`` runs on 16x the tokens (16x the FLOPs)
-    and costs the model a little more error in int8 than ``a``."""
+class NarrowAndWide(nn.Module):
+    """Two linears of equal shape on parallel paths; ``wide`` runs on 16x the tokens (16x the FLOPs):
+    ``narrow_weight * narrow(x) + wide_weight * mean(wide(x repeated 16 times))``."""
 
-    def __init__(self) -> None:
+    def __init__(self, narrow_weight: float, wide_weight: float) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.narrow, self.wide = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.narrow_weight, self.wide_weight = narrow_weight, wide_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         many = x.unsqueeze(1).expand(-1, 16, -1)
-        return self.a(x) + 1.2 * self.b(many).mean(1)
+        return self.narrow_weight * self.narrow(x) + self.wide_weight * self.wide(many).mean(1)
+
+
+def _int8_plan_of(model: nn.Module, budget: float):
+    args = (torch.randn(32, 64, generator=torch.Generator().manual_seed(1)),)
+    gm, ctx = _pass_ctx(model.eval(), args, budget=budget, precision="int8")
+    target = PrecisionTarget(torch.device("cpu"), "per_token_u7", False, frozenset(), False)
+    res = ReducedPrecision("int8", target=target)(ir.copy_graph_module(gm), ctx)
+    return res, {e["module"]: e for e in ctx.report.extra["precision"]}
 
 
 def test_search_keeps_the_node_that_saves_least_per_unit_of_error():
-    """Only one of the two fits the budget in int8. Ranked by error alone the search would keep ``b``
-    (the larger error) and convert ``a``; ranked by error per FLOP saved (int8 without timings) it
-    keeps the small ``a`` and converts ``b``, which saves 16x the work."""
-    model = WideAndNarrow().eval()
-    args = (torch.randn(32, 64, generator=torch.Generator().manual_seed(1)),)
-    gm, ctx = _pass_ctx(model, args, budget=0.014, precision="int8")
-    target = PrecisionTarget(torch.device("cpu"), "per_token_u7", False, frozenset(), False)
-    res = ReducedPrecision("int8", target=target)(ir.copy_graph_module(gm), ctx)
+    """Only one of the two fits the budget in int8; ``wide`` costs the model a little more error. Ranked
+    by error alone the search would keep ``wide`` and convert ``narrow``; ranked by error per FLOP saved
+    (int8 without timings) it keeps ``narrow`` and converts ``wide``, which saves 16x the work."""
+    res, plan = _int8_plan_of(NarrowAndWide(1.0, 1.2), budget=0.014)
     assert res.modified
-    plan = {e["module"]: e for e in ctx.report.extra["precision"]}
-    assert plan["b"]["precision"] == "int8" and plan["a"]["precision"] == "fp32", plan
-    assert "over budget" in plan["a"]["reason"]
+    assert plan["wide"]["precision"] == "int8" and plan["narrow"]["precision"] == "fp32", plan
+    assert "over budget" in plan["narrow"]["reason"]
 
 
 def test_pair_safe_option_must_be_a_bool():
@@ -457,30 +461,12 @@ def test_pair_safe_option_must_be_a_bool():
         ReducedPrecision("int8")(ir.copy_graph_module(gm), ctx)
 
 
-class BigAloneOverBudget(nn.Module):
-    """``big`` (16x the tokens) alone puts the model over budget in int8; ``small`` is damped 5x."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.big, self.small = nn.Linear(64, 64), nn.Linear(64, 64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        many = x.unsqueeze(1).expand(-1, 16, -1)
-        return self.big(many).mean(1) + 0.2 * self.small(x)
-
-
 def test_a_node_over_budget_alone_is_kept_first_so_the_others_are_tried():
-    """Per FLOP, ``big`` saves the most and ranks as the cheapest to convert, but alone it breaks the
-    budget: kept last, it would stay converted in every trial and the bisection would end with nothing
-    converted. Ranked first because its whole-model error alone is over the target, it is kept and
-    ``small``, which fits, is converted."""
-    model = BigAloneOverBudget().eval()
-    args = (torch.randn(32, 64, generator=torch.Generator().manual_seed(1)),)
-    gm, ctx = _pass_ctx(model, args, budget=0.01, precision="int8")
-    target = PrecisionTarget(torch.device("cpu"), "per_token_u7", False, frozenset(), False)
-    res = ReducedPrecision("int8", target=target)(ir.copy_graph_module(gm), ctx)
-    plan = {e["module"]: e for e in ctx.report.extra["precision"]}
+    """Per FLOP, ``wide`` saves the most and ranks as the cheapest to convert, but alone it breaks the
+    budget (``narrow`` is damped 5x): kept last, it would stay converted in every trial and the bisection
+    would end with nothing converted. Ranked first because its whole-model error alone is over the
+    target, it is kept and ``narrow``, which fits, is converted."""
+    res, plan = _int8_plan_of(NarrowAndWide(0.2, 1.0), budget=0.01)
     assert res.modified, res.notes
-    assert plan["small"]["precision"] == "int8" and plan["big"]["precision"] == "fp32", plan
-    assert "with it alone in int8" in plan["big"]["reason"], plan["big"]["reason"]
+    assert plan["narrow"]["precision"] == "int8" and plan["wide"]["precision"] == "fp32", plan
+    assert "with it alone in int8" in plan["wide"]["reason"], plan["wide"]["reason"]

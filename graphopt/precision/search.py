@@ -41,6 +41,11 @@ def relative_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     return diff / denom if denom > 0 else (0.0 if diff == 0 else float("inf"))
 
 
+def describe_steps(steps: Sequence[SearchStep]) -> str:
+    """``k=0: rel_l2 ... (over), k=12: ...``: each measurement of a search, for the report's notes."""
+    return ", ".join(f"k={s.kept}: {s.numerics.summary()}{'' if s.numerics.ok else ' (over)'}" for s in steps)
+
+
 def search_kept(order: Sequence[str] | Callable[[], Sequence[str]], measure: Callable[[set[str]], Numerics]
                 ) -> tuple[set[str], list[SearchStep]]:
     """Smallest prefix of ``order`` (most costly first) to keep in fp32 so that ``measure(kept).ok``.
