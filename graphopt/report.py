@@ -9,21 +9,11 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
+from graphopt.pattern import Declined
 from graphopt.verify import Numerics
-
-
-@dataclass
-class Declined:
-    """A site a pass looked at and left alone."""
-
-    site: str  # node name or a short description of the site
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 @dataclass
