@@ -285,3 +285,79 @@ def erase_dead(gm: fx.GraphModule) -> int:
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
     return before - len(gm.graph.nodes)
+
+
+# --- constants: values fixed for every call (constant folding, mask evaluation, weight reads) ---
+
+#: ops whose result depends only on the input's shape, dtype and device
+SHAPE_ONLY_OPS = {
+    aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
+    aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,
+}
+
+
+def _static_shape(node: fx.Node) -> bool:
+    return shape_of(node) is not None
+
+
+def foldable_op(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.is_impure():
+        return False
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return node.target.__name__ == "getitem" if hasattr(node.target, "__name__") else False
+    if torch.Tag.nondeterministic_seeded in node.target.tags:
+        return False
+    return not node.target._schema.is_mutable
+
+
+def constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value is fixed for every call (given static input shapes)."""
+    const: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const.add(node)
+        elif node.op == "call_function" and foldable_op(node):
+            if node.target in SHAPE_ONLY_OPS and _static_shape(node):
+                const.add(node)
+            elif all(inp in const for inp in node.all_input_nodes):
+                const.add(node)
+    return const
+
+
+def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], const: set[fx.Node]) -> dict[fx.Node, Any]:
+    """Evaluate ``nodes`` (constants) by running their constant upstream eagerly."""
+    env: dict[fx.Node, Any] = {}
+
+    def value(n: fx.Node) -> Any:
+        if n in env:
+            return env[n]
+        stack = [n]
+        while stack:
+            cur = stack[-1]
+            if cur in env:
+                stack.pop()
+                continue
+            if cur.op == "get_attr":
+                env[cur] = get_attr_value(gm, cur)
+                stack.pop()
+                continue
+            if cur.target in SHAPE_ONLY_OPS:
+                proto = cur.args[0]
+                val = tensor_meta(proto)
+                real = torch.empty(val.shape, dtype=val.dtype, device=val.device)
+                args = (real,) + tuple(cur.args[1:])
+                env[cur] = cur.target(*args, **cur.kwargs)
+                stack.pop()
+                continue
+            missing = [i for i in cur.all_input_nodes if i not in env]
+            if missing:
+                stack.extend(missing)
+                continue
+            args = fx.node.map_arg(cur.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(cur.kwargs, lambda a: env[a])
+            env[cur] = cur.target(*args, **kwargs)
+            stack.pop()
+        return env[n]
+
+    with torch.no_grad():
+        return {n: value(n) for n in nodes}

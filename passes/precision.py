@@ -61,7 +61,7 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.cost import node_cost
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
-from graphopt.passes.cleanup.constant_folding import constant_nodes
+from graphopt.ir import constant_nodes
 from graphopt.precision.calibrate import Calibration, calibrate
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason

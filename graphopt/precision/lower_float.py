@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.ir import constant_nodes, evaluate
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.ops_classes import (
     FOLLOW_OPS,
@@ -73,7 +74,6 @@ def plan_regions(gm: fx.GraphModule, compute: set[str], dtype: torch.dtype, cal:
                  keep_residual_fp32: bool = True) -> tuple[set[fx.Node], set[fx.Node], dict[str, str]]:
     """Decide which nodes produce low-precision values and which compute nodes are fp16-scaled."""
     # imported here: graphopt.passes imports this module (at the top the import would be circular)
-    from graphopt.passes.cleanup.constant_folding import constant_nodes
     const = constant_nodes(gm)
     low: set[fx.Node] = set()
     scaled: set[fx.Node] = set()
@@ -111,7 +111,6 @@ def lower_float(gm: fx.GraphModule, compute: set[str], dtype: torch.dtype, cal: 
                 keep_residual_fp32: bool = True) -> LoweringResult:
     """Rewrite ``gm`` in place so the ``compute`` nodes (names) run in ``dtype``; see the module docstring."""
     # imported here: graphopt.passes imports this module (at the top the import would be circular)
-    from graphopt.passes.cleanup.constant_folding import constant_nodes, evaluate
     low, scaled, kept = plan_regions(gm, compute, dtype, cal, keep_residual_fp32)
     const = constant_nodes(gm)
     result = LoweringResult(kept=kept)

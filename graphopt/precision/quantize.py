@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.ir import constant_nodes, evaluate
 from graphopt.ops import fp8_linear, int8_linear
 
 aten = torch.ops.aten
@@ -73,7 +74,6 @@ def input_shift(x: torch.Tensor, min_gain: float = SHIFT_MIN_GAIN) -> tuple[torc
 def linear_site(gm: fx.GraphModule, node: fx.Node, const: set[fx.Node]) -> LinearSite | str:
     """The site at ``node`` or the reason it is not one."""
     # imported here: graphopt.passes imports this module (at the top the import would be circular)
-    from graphopt.passes.cleanup.constant_folding import evaluate
     t = node.target
     if t == aten.linear.default:
         x, w = node.args[0], node.args[1]
@@ -112,7 +112,6 @@ def linear_site(gm: fx.GraphModule, node: fx.Node, const: set[fx.Node]) -> Linea
 def linear_sites(gm: fx.GraphModule) -> tuple[dict[str, LinearSite], dict[str, str]]:
     """({node name: site}, {node name: reason declined}) over every linear/matmul node."""
     # imported here: graphopt.passes imports this module (at the top the import would be circular)
-    from graphopt.passes.cleanup.constant_folding import constant_nodes
     const = constant_nodes(gm)
     sites, declined = {}, {}
     for node in gm.graph.nodes:

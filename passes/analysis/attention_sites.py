@@ -20,7 +20,7 @@ only flatten batch*heads are looked through (so the rewrite works on
 scale, and a key/value repeated for grouped-query attention (``repeat_kv``:
 ``unsqueeze -> expand -> reshape``, or ``repeat_interleave`` over the heads)
 is recognised. A mask that depends on no input is evaluated once (with
-:func:`graphopt.passes.cleanup.constant_folding.evaluate`) and recognised as
+:func:`graphopt.ir.evaluate`) and recognised as
 causal (so the rewrite can pass ``is_causal=True`` and drop it) or as no mask
 at all.
 
@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.ir import constant_nodes, evaluate
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -273,7 +274,6 @@ class _Constants:
     """Which nodes depend on no input, and their values (evaluated at most once)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        from graphopt.passes.cleanup.constant_folding import constant_nodes
 
         self.gm = gm
         self.nodes = constant_nodes(gm)
@@ -284,7 +284,6 @@ class _Constants:
         return not isinstance(node, fx.Node) or node in self.nodes
 
     def value(self, node: fx.Node) -> torch.Tensor | None:
-        from graphopt.passes.cleanup.constant_folding import evaluate
 
         if node not in self._values:
             val = ir.tensor_meta(node)

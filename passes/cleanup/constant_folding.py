@@ -21,12 +21,12 @@ call), random ops, impure ops.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.ir import constant_nodes, evaluate
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.report import Declined
 
@@ -34,86 +34,12 @@ aten = torch.ops.aten
 
 DEFAULT_MAX_BYTES = 16 * 2**20
 
-#: ops whose result depends only on the input's shape, dtype and device
-SHAPE_ONLY_OPS = {
-    aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
-    aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,
-}
-
-
 def _size(nbytes: int) -> str:
     """``'12.0 MiB'``, ``'3.5 KiB'``, ``'64 B'`` (small caps read '0.0 MiB' otherwise)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
     return f"{nbytes} B"
-
-
-def _static(node: fx.Node) -> bool:
-    return ir.shape_of(node) is not None
-
-
-def _foldable_op(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.is_impure():
-        return False
-    if not isinstance(node.target, torch._ops.OpOverload):
-        return node.target.__name__ == "getitem" if hasattr(node.target, "__name__") else False
-    if torch.Tag.nondeterministic_seeded in node.target.tags:
-        return False
-    return not node.target._schema.is_mutable
-
-
-def constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose value is fixed for every call (given static input shapes)."""
-    const: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            const.add(node)
-        elif node.op == "call_function" and _foldable_op(node):
-            if node.target in SHAPE_ONLY_OPS and _static(node):
-                const.add(node)
-            elif all(inp in const for inp in node.all_input_nodes):
-                const.add(node)
-    return const
-
-
-def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], const: set[fx.Node]) -> dict[fx.Node, Any]:
-    """Evaluate ``nodes`` (constants) by running their constant upstream eagerly."""
-    env: dict[fx.Node, Any] = {}
-
-    def value(n: fx.Node) -> Any:
-        if n in env:
-            return env[n]
-        stack = [n]
-        while stack:
-            cur = stack[-1]
-            if cur in env:
-                stack.pop()
-                continue
-            if cur.op == "get_attr":
-                env[cur] = ir.get_attr_value(gm, cur)
-                stack.pop()
-                continue
-            if cur.target in SHAPE_ONLY_OPS:
-                proto = cur.args[0]
-                val = ir.tensor_meta(proto)
-                real = torch.empty(val.shape, dtype=val.dtype, device=val.device)
-                args = (real,) + tuple(cur.args[1:])
-                env[cur] = cur.target(*args, **cur.kwargs)
-                stack.pop()
-                continue
-            missing = [i for i in cur.all_input_nodes if i not in env]
-            if missing:
-                stack.extend(missing)
-                continue
-            args = fx.node.map_arg(cur.args, lambda a: env[a])
-            kwargs = fx.node.map_arg(cur.kwargs, lambda a: env[a])
-            env[cur] = cur.target(*args, **kwargs)
-            stack.pop()
-        return env[n]
-
-    with torch.no_grad():
-        return {n: value(n) for n in nodes}
 
 
 class ConstantFolding(Pass):
