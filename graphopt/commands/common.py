@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,21 +51,17 @@ def load_model(spec: str) -> Any:
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    from graphopt.specs import _parse_value
+    from graphopt.specs import parse_value
 
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--option {pair!r}: write it as key=value")
-        out[key.replace("-", "_")] = _parse_value(value)
+        out[key.replace("-", "_")] = parse_value(value)
     return out
 
 
 def fail(message: str) -> None:
     raise UsageError(message)
 
-
-def exit_with(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
-    sys.exit(code)
