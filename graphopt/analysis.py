@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import NodeCost, Target, get_target, node_dtype, tensors_in, val_of, shape
 from graphopt.memory import MemoryProfile, measure_peak_memory, peak_memory
 from graphopt.pass_infra import OptimizeContext
@@ -342,7 +342,7 @@ def analyze(
             raise ValueError("profile=True runs the graph: pass example_inputs (or an OptimizeResult)")
         times = profile_nodes(gm, flat, runs=profile_runs)
         for node in gm.graph.nodes:
-            cost = node.meta.get("cost")
+            cost = node.meta.get(meta.COST)
             if isinstance(cost, NodeCost) and node.op == "call_function":
                 cost.measured_s = times.get(node.name, 0.0)
         measured_total = sum(times.values())
@@ -359,7 +359,7 @@ def analyze(
     if profile:
         memory.measured_peak_bytes, memory.measured_method = measure_peak_memory(gm, args or (), kwargs)
 
-    costs = {n: n.meta["cost"] for n in gm.graph.nodes if isinstance(n.meta.get("cost"), NodeCost)}
+    costs = {n: n.meta[meta.COST] for n in gm.graph.nodes if isinstance(n.meta.get(meta.COST), NodeCost)}
     predicted_total = sum(c.predicted_s for c in costs.values())
     ranked_total = measured_total if profile else predicted_total
     reports = []

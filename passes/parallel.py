@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.passes.analysis.linear_sites import LinearSite, find_linear_sites
 from graphopt.report import Declined
@@ -238,7 +238,7 @@ def _merge(gm: fx.GraphModule, sites: list[LinearSite], label: str) -> fx.Node:
         pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(sites))]
     for node in (w_node, merged, split, *pieces):
         node.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    merged.meta["merged_from"] = label  # how the tensor-parallel plan and the report name it
+    merged.meta[meta.MERGED_FROM] = label  # how the tensor-parallel plan and the report name it
     for site, piece in zip(sites, pieces):
         site.node.replace_all_uses_with(piece)
         graph.erase_node(site.node)

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import node_cost
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.ir import constant_nodes
@@ -136,7 +136,7 @@ class ReducedPrecision(Pass):
         if mode not in MODES:
             raise ValueError(f"precision={mode!r}: choose one of {MODES}")
         target = self.target or PrecisionTarget.detect(ctx.device)
-        if any("graphopt_precision" in n.meta for n in gm.graph.nodes):
+        if any(meta.PRECISION in n.meta for n in gm.graph.nodes):
             return PassResult(gm, False, ["graph already has a precision plan; nothing to do"])
         not_fp32 = _non_fp32_weights(gm)
         if not_fp32:
@@ -234,7 +234,7 @@ class ReducedPrecision(Pass):
         notes += [f"{e.node} ({e.module or 'top'}): {e.precision}: {e.reason}" for e in run.entries()
                   if e.precision != "fp32"]
         ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
-        involved = [n.name for n in out.graph.nodes if n.meta.get("graphopt_precision") not in (None, "fp32")]
+        involved = [n.name for n in out.graph.nodes if n.meta.get(meta.PRECISION) not in (None, "fp32")]
         return PassResult(out, True, notes, declined + run.declined_nodes(), involved)
 
 
@@ -589,8 +589,8 @@ class _Run:
         out = ir.copy_graph_module(out)  # drop attributes the new graph no longer uses
         if final:
             for node in out.graph.nodes:
-                if node.name in self.choice and "graphopt_precision" not in node.meta:
-                    node.meta["graphopt_precision"] = self.choice[node.name]
+                if node.name in self.choice and meta.PRECISION not in node.meta:
+                    node.meta[meta.PRECISION] = self.choice[node.name]
             out.graph.lint()
             out.recompile()
         return out

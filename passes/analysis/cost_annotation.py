@@ -1,7 +1,7 @@
 """Cost annotation: FLOPs, bytes, roofline bound and predicted time of every node.
 
 Writes (no rewrite; ``modified`` is always False):
-    node.meta["cost"] = NodeCost(flops, bytes_read, bytes_written, category, bound, predicted_s)
+    node.meta[meta.COST] = NodeCost(flops, bytes_read, bytes_written, category, bound, predicted_s)
     ctx.target        = the Target used (measured once per machine and cached, see graphopt.cost)
     ctx.cache["costs"] = {node name: NodeCost}
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from graphopt import meta
 from graphopt.cost import Target, annotate_costs, get_target
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 

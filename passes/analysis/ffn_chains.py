@@ -5,7 +5,7 @@ Finds (no rewrite):
     act(linear(x, Wg)) * linear(x, Wu) -> linear(., Wd)         gated FFN (Llama's SwiGLU, GeGLU)
 
 Writes ``ctx.cache["ffn_chains"] = [FFNChain, ...]`` and, on every node of a
-chain, ``node.meta["ffn_chain"] = <index>``.
+chain, ``node.meta[meta.FFN_CHAIN] = <index>``.
 
 The search: from each *weight matmul* (a matmul-family node whose right-hand
 operand is a constant, through views), BFS forward over the networkx view
@@ -32,7 +32,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import alias_root, alias_source, shape, val_of
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.passes.analysis.hot_matmuls import weight_operand
@@ -210,7 +210,7 @@ class FFNChains(Pass):
         chains = find_ffn_chains(gm)
         for i, chain in enumerate(chains):
             for node in chain.nodes:
-                node.meta["ffn_chain"] = i
+                node.meta[meta.FFN_CHAIN] = i
         ctx.cache["ffn_chains"] = chains
         gated = sum(c.gated for c in chains)
         return PassResult(gm, False, [f"{len(chains)} FFN chains ({gated} gated)"],

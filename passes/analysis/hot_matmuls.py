@@ -2,7 +2,7 @@
 
 Writes (no rewrite):
     ctx.cache["hot_matmuls"] = [HotMatmul, ...]   largest share first
-    node.meta["hot_rank"]    = 1, 2, ... on those nodes
+    node.meta[meta.HOT_RANK]    = 1, 2, ... on those nodes
 
 The time is the measured one (``NodeCost.measured_s``) where every node was
 profiled, else the roofline prediction; the share is of the whole graph's
@@ -10,7 +10,7 @@ time. Each site records its nodes: the matmul and the constant weight it reads
 (through views), so a rewrite (blocking, parallel split, precision) and the
 viewer can find them.
 
-Declines: nothing. Needs ``node.meta["cost"]``; runs cost annotation first
+Declines: nothing. Needs ``node.meta[meta.COST]``; runs cost annotation first
 when it is missing.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import NodeCost, alias_root
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 
@@ -57,7 +57,7 @@ def node_time(cost: NodeCost, measured: bool) -> float:
 
 
 def all_measured(gm: fx.GraphModule) -> bool:
-    costs = [n.meta.get("cost") for n in gm.graph.nodes if n.op == "call_function"]
+    costs = [n.meta.get(meta.COST) for n in gm.graph.nodes if n.op == "call_function"]
     return bool(costs) and all(c is not None and c.measured_s is not None for c in costs)
 
 
@@ -77,7 +77,7 @@ def find_hot_matmuls(gm: fx.GraphModule, measured: bool | None = None) -> list[H
     """Matmul-class nodes by share of total time, largest first."""
     if measured is None:
         measured = all_measured(gm)
-    costs = {n: n.meta["cost"] for n in gm.graph.nodes if isinstance(n.meta.get("cost"), NodeCost)}
+    costs = {n: n.meta[meta.COST] for n in gm.graph.nodes if isinstance(n.meta.get(meta.COST), NodeCost)}
     total = sum(node_time(c, measured) for c in costs.values()) or 1.0
     out = []
     for node, cost in costs.items():
@@ -96,13 +96,13 @@ class HotMatmuls(Pass):
     kind = "analysis"
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
-        if not all(isinstance(n.meta.get("cost"), NodeCost) for n in gm.graph.nodes):
+        if not all(isinstance(n.meta.get(meta.COST), NodeCost) for n in gm.graph.nodes):
             from graphopt.passes.analysis.cost_annotation import CostAnnotation
 
             CostAnnotation()(gm, ctx)
         hot = find_hot_matmuls(gm)
         for rank, h in enumerate(hot, 1):
-            h.node.meta["hot_rank"] = rank
+            h.node.meta[meta.HOT_RANK] = rank
         ctx.cache["hot_matmuls"] = hot
         share = sum(h.share for h in hot)
         return PassResult(gm, False, [f"{len(hot)} matmul-class nodes, {share:.0%} of the time"],
