@@ -33,11 +33,12 @@ from urllib.parse import parse_qsl
 import torch
 
 from graphopt import examples_models
+from graphopt.errors import BadInput
 
 log = logging.getLogger(__name__)
 
 
-class SpecError(ValueError):
+class SpecError(BadInput, ValueError):
     """A model spec that cannot be read or built; the message says what to do."""
 
 

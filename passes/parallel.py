@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir, meta
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.linear_sites import LinearSite, find_linear_sites
 from graphopt.report import Declined
 
@@ -249,8 +249,9 @@ class MergeMatmuls(Pass):
     name = "merge_matmuls"
     summary = "merge matmuls that share an input (q/k/v, gate/up) into one matmul and a split, where faster"
     options = {
-        "merge_matmuls_policy": "'measure' (default: merge where a micro-benchmark on the device is faster), "
-        "'always' or 'off'",
+        "merge_matmuls_policy": Option("'measure' (default: merge where a micro-benchmark on the device is "
+                                       "faster; under int8/fp8/auto precision: merge), 'always' or 'off'",
+                                       str, None, POLICIES),
     }
 
     def __init__(self, decide: Callable[[MergeCandidate], MergeDecision] | None = None) -> None:
@@ -265,8 +266,6 @@ class MergeMatmuls(Pass):
                       f"for the merged matmul instead of once per matmul")
             return lambda c: MergeDecision(True, reason)
         policy = policy or "measure"
-        if policy not in POLICIES:
-            raise ValueError(f"merge_matmuls_policy={policy!r}; choose one of {', '.join(POLICIES)}")
         if policy == "off":
             return None
         if policy == "always":

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from graphopt.errors import BadInput
+
 #: messages and progress go to stderr, results (tables, JSON) to stdout
 #: (soft_wrap: an error stays one line however narrow the terminal, so it can be grepped)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -17,8 +19,8 @@ if not out_console.is_terminal:  # piped or logged: do not squeeze tables into 8
     out_console = Console(highlight=False, width=140)
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+class UsageError(BadInput):
+    """Bad input on the command line: printed as one line, exit code 2."""
 
 
 def add_spec_argument(parser: argparse.ArgumentParser) -> None:

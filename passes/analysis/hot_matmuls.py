@@ -1,7 +1,7 @@
 """Hot matmuls: matmul-class nodes ranked by their share of the graph's time.
 
 Writes (no rewrite):
-    ctx.cache["hot_matmuls"] = [HotMatmul, ...]   largest share first
+    ctx.analysis(HotMatmuls, gm) -> [HotMatmul, ...]   largest share first
     node.meta[meta.HOT_RANK]    = 1, 2, ... on those nodes
 
 The time is the measured one (``NodeCost.measured_s``) where every node was
@@ -23,7 +23,8 @@ import torch.fx as fx
 
 from graphopt import ir, meta
 from graphopt.cost import NodeCost, alias_root
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import AnalysisPass, OptimizeContext, PassResult
+from graphopt.passes.analysis.cost_annotation import CostAnnotation
 
 #: operand index of the weight (right-hand side) of each matmul-family target
 _RHS = {"addmm": 2, "baddbmm": 2}
@@ -90,20 +91,19 @@ def find_hot_matmuls(gm: fx.GraphModule, measured: bool | None = None) -> list[H
     return out
 
 
-class HotMatmuls(Pass):
+class HotMatmuls(AnalysisPass["list[HotMatmul]"]):
     name = "hot_matmuls"
     summary = "rank matmul/conv/attention nodes by their share of predicted (or measured) time"
-    kind = "analysis"
 
-    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+    def analyze(self, gm: fx.GraphModule, ctx: OptimizeContext) -> list[HotMatmul]:
         if not all(isinstance(n.meta.get(meta.COST), NodeCost) for n in gm.graph.nodes):
-            from graphopt.passes.analysis.cost_annotation import CostAnnotation
-
-            CostAnnotation()(gm, ctx)
+            ctx.analysis(CostAnnotation, gm)
         hot = find_hot_matmuls(gm)
         for rank, h in enumerate(hot, 1):
             h.node.meta[meta.HOT_RANK] = rank
-        ctx.cache["hot_matmuls"] = hot
+        return hot
+
+    def describe(self, gm: fx.GraphModule, hot: list[HotMatmul], ctx: OptimizeContext) -> PassResult:
         share = sum(h.share for h in hot)
         return PassResult(gm, False, [f"{len(hot)} matmul-class nodes, {share:.0%} of the time"],
                           nodes_involved=[h.node.name for h in hot[:10]])
