@@ -13,11 +13,14 @@ from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
 from graphopt.onnx_io import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx
+from graphopt.errors import GraphoptError, OptionError
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
+    AnalysisPass,
     FunctionPass,
     Instrument,
     OptimizeContext,
+    Option,
     Pass,
     PassManager,
     PassResult,
@@ -30,18 +33,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "AnalysisPass",
     "analyze",
     "CaptureError",
     "Captured",
     "Declined",
     "ErrorBudget",
     "FunctionPass",
+    "GraphoptError",
     "Instrument",
     "OnnxExport",
     "OnnxExportError",
     "OnnxMismatchError",
     "OptimizeContext",
     "OptimizeResult",
+    "Option",
+    "OptionError",
     "Pass",
     "PassManager",
     "PassResult",

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import NodeCost, Target, get_target, node_dtype, tensors_in, val_of, shape
 from graphopt.memory import MemoryProfile, measure_peak_memory, peak_memory
 from graphopt.pass_infra import OptimizeContext
@@ -335,31 +335,30 @@ def analyze(
     flat = ir.flat_inputs(args, kwargs, gm) if args is not None else []
     ctx = OptimizeContext(args=args or (), kwargs=kwargs, flat_inputs=flat, device=device, target=target)
 
-    CostAnnotation()(gm, ctx)
+    ctx.analysis(CostAnnotation, gm)
     measured_total = None
     if profile:
         if args is None:
             raise ValueError("profile=True runs the graph: pass example_inputs (or an OptimizeResult)")
         times = profile_nodes(gm, flat, runs=profile_runs)
         for node in gm.graph.nodes:
-            cost = node.meta.get("cost")
+            cost = node.meta.get(meta.COST)
             if isinstance(cost, NodeCost) and node.op == "call_function":
                 cost.measured_s = times.get(node.name, 0.0)
         measured_total = sum(times.values())
-    for pass_ in (HotMatmuls(), FFNChains(), RepeatedBlocks()):
-        pass_(gm, ctx)
+    hot_matmuls = ctx.analysis(HotMatmuls, gm)  # after profiling: ranked by measured time when there is one
+    ffn_chains, repeated_blocks = ctx.analysis(FFNChains, gm), ctx.analysis(RepeatedBlocks, gm)
     try:
         sites = list(find_attention_sites(gm))
     except Exception as exc:  # the attention search must not take the whole analysis down
         log.warning("attention-site search failed: %s", exc)
         sites = []
-    ctx.cache["attention_sites"] = sites
 
     memory = peak_memory(gm)
     if profile:
         memory.measured_peak_bytes, memory.measured_method = measure_peak_memory(gm, args or (), kwargs)
 
-    costs = {n: n.meta["cost"] for n in gm.graph.nodes if isinstance(n.meta.get("cost"), NodeCost)}
+    costs = {n: n.meta[meta.COST] for n in gm.graph.nodes if isinstance(n.meta.get(meta.COST), NodeCost)}
     predicted_total = sum(c.predicted_s for c in costs.values())
     ranked_total = measured_total if profile else predicted_total
     reports = []
@@ -383,8 +382,7 @@ def analyze(
     reports.sort(key=lambda r: -(r.measured_s if profile and r.measured_s is not None else r.predicted_s))
     return Analysis(
         gm=gm, target=target, nodes=reports, memory=memory, attention_sites=sites,
-        ffn_chains=ctx.cache["ffn_chains"], repeated_blocks=ctx.cache["repeated_blocks"],
-        hot_matmuls=ctx.cache["hot_matmuls"],
+        ffn_chains=ffn_chains, repeated_blocks=repeated_blocks, hot_matmuls=hot_matmuls,
         total_flops=sum(c.flops for c in costs.values() if c.is_matmul_class),
         other_flops=sum(c.flops for c in costs.values() if not c.is_matmul_class),
         total_bytes=sum(c.bytes for c in costs.values()),

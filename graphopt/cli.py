@@ -22,7 +22,8 @@ from graphopt.commands import optimize as optimize_cmd
 from graphopt.commands import passes as passes_cmd
 from graphopt.commands import run as run_cmd
 from graphopt.commands import viz as viz_cmd
-from graphopt.commands.common import UsageError, err_console
+from graphopt.commands.common import err_console
+from graphopt.errors import GraphoptError
 
 #: subcommand modules, each with ``register(subparsers)``
 COMMANDS = [optimize_cmd, convert_cmd, passes_cmd, analyze_cmd, run_cmd, viz_cmd]
@@ -53,11 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.handler(args) or 0)
-    except UsageError as exc:
-        if args.debug:
-            raise
-        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-        return 2
     except CaptureError as exc:
         if args.debug:
             raise
@@ -69,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if first is not None:
             err_console.print("[dim](run with --debug to see each capture attempt)[/]")
         return 2
+    except GraphoptError as exc:  # bad input of any kind (spec, option, budget, command line): one line
+        if args.debug:
+            raise
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
     except FileNotFoundError as exc:
         if args.debug:
             raise

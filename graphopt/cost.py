@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt import meta
 from graphopt.ir import VIEW_OPS
 
 log = logging.getLogger(__name__)
@@ -660,12 +661,12 @@ def node_dtype(node: fx.Node) -> torch.dtype | None:
 
 
 def annotate_costs(gm: fx.GraphModule, target: Target | None = None) -> dict[str, NodeCost]:
-    """Write ``node.meta["cost"]`` (a :class:`NodeCost`, predicted on ``target``) for every node."""
+    """Write ``node.meta[meta.COST]`` (a :class:`NodeCost`, predicted on ``target``) for every node."""
     costs: dict[str, NodeCost] = {}
     for node in gm.graph.nodes:
         cost = node_cost(node)
         if target is not None:
             cost.predicted_s, cost.bound = target.predict(cost, node_dtype(node))
-        node.meta["cost"] = cost
+        node.meta[meta.COST] = cost
         costs[node.name] = cost
     return costs

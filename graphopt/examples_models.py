@@ -7,15 +7,14 @@
   Linear-ReLU-Linear.
 * ``mlp``: Linear-GELU-Linear.
 
-``load("nanogpt?n_layer=2&seq=64")`` returns a :class:`graphopt.specs.ModelSpec`.
+``BUILDERS`` maps each name to its factory; the spec ``examples:nanogpt?n_layer=2&seq=64``
+(:func:`graphopt.specs.load_spec`) calls it with the query's keys.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl
 
 import torch
 import torch.nn as nn
@@ -217,18 +216,3 @@ def mlp(batch: int = 8, d: int = 64, hidden: int = 256, seed: int = 0) -> tuple[
 
 
 BUILDERS = {"nanogpt": nanogpt, "cnn": cnn, "mlp": mlp}
-
-
-def load(text: str) -> Any:
-    """Build ``name?key=value&...`` into a :class:`graphopt.specs.ModelSpec`."""
-    from graphopt.specs import ModelSpec, SpecError, _parse_value
-
-    name, _, query = text.partition("?")
-    if name not in BUILDERS:
-        raise SpecError(f"unknown built-in example {name!r}; choose one of {sorted(BUILDERS)}")
-    opts = {k: _parse_value(v) for k, v in parse_qsl(query)}
-    try:
-        model, args = BUILDERS[name](**opts)
-    except TypeError as exc:
-        raise SpecError(f"examples:{name}: {exc}") from exc
-    return ModelSpec(name, model, args, {})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import networkx as nx
@@ -124,14 +124,6 @@ def writer_of(node: fx.Node) -> fx.Node | None:
             if user.op == "call_function" and user.target in VIEW_OPS and user.args and user.args[0] is cur:
                 stack.append(user)
     return None
-
-
-def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def output_node(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
 
 def tensor_meta(node: Any) -> torch.Tensor | None:
@@ -245,10 +237,6 @@ def is_returned(node: fx.Node) -> bool:
     return False
 
 
-def users_in_order(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
-
-
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """A ``networkx.DiGraph`` over node names, edges producer -> consumer.
 
@@ -273,11 +261,6 @@ def flat_inputs(args: Sequence[Any], kwargs: dict[str, Any] | None, gm: fx.Graph
         return list(tree_flatten_spec((tuple(args), kwargs), spec))
     leaves, _ = pytree.tree_flatten((tuple(args), kwargs))
     return leaves
-
-
-def nodes_by_target(gm: fx.GraphModule, targets: Iterable[Any]) -> list[fx.Node]:
-    ts = set(targets)
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ts]
 
 
 def erase_dead(gm: fx.GraphModule) -> int:

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from graphopt import meta
+
 log = logging.getLogger(__name__)
 
 #: max abs tolerance of the sharded output against one process, by dtype
@@ -166,9 +168,9 @@ def _worker(rank: int, cfg: dict[str, Any], results: Any) -> None:
             if rank == 0:
                 max_abs = _max_abs(cfg["reference"], _to(out, torch.device("cpu")))
                 results.put(("ok", {"max_abs": max_abs, "ranks": gathered,
-                                    "summary": sharded.meta["tensor_parallel"],
+                                    "summary": sharded.meta[meta.TENSOR_PARALLEL],
                                     "declined": [f"{d.site}: {d.reason}" for d in
-                                                 sharded.meta.get("tensor_parallel_declined", [])]}))
+                                                 sharded.meta.get(meta.TENSOR_PARALLEL_DECLINED, [])]}))
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # reported to the launcher, which raises it there

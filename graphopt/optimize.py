@@ -22,6 +22,7 @@ from graphopt.pass_infra import (
     PassManager,
     ProgressInstrument,
     VerifyInstrument,
+    check_options,
 )
 from graphopt.report import Report
 from graphopt.verify import ErrorBudget, Verifier
@@ -91,17 +92,6 @@ class OptimizeResult:
         return paths
 
 
-def _check_options(pipeline: Sequence[Pass], options: dict[str, Any]) -> None:
-    known: dict[str, str] = {}
-    for p in pipeline:
-        known.update(getattr(p, "options", {}) or {})
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise TypeError(
-            f"optimize() got unknown option(s) {unknown}; options the passes understand: {sorted(known) or 'none'}"
-        )
-
-
 def optimize(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | torch.Tensor,
@@ -126,8 +116,11 @@ def optimize(
     breaks numerics, and returns an :class:`OptimizeResult`. The user's model
     is not modified.
 
-    Pass options are keyword arguments (see ``graphopt passes``); an unknown
-    one is an error.
+    Pass options are keyword arguments (see ``graphopt passes``), checked
+    against the pipeline's declarations before any pass runs: an unknown one
+    raises :class:`graphopt.errors.UnknownOptionError` (a ``TypeError``), a
+    value a pass does not allow :class:`graphopt.errors.OptionError` (a
+    ``ValueError``).
 
     >>> import torch, graphopt
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1), torch.nn.ReLU())
@@ -164,7 +157,7 @@ def optimize(
         options=dict(options),
     )
     pipeline = list(passes) if passes is not None else pipelines.default_pipeline(ctx)
-    _check_options(pipeline, options)
+    check_options(pipeline, options)
     if verify:
         with eval_mode(model):
             ctx.verifier = Verifier(model, captured.args, captured.kwargs, gm, n_random=n_random_inputs)
@@ -175,10 +168,12 @@ def optimize(
 
     gm = PassManager(pipeline, all_instruments).run(gm, ctx)
     report.nodes_after = len(gm.graph.nodes)
+    applied = [p for p in pipeline if p.uses_error_budget
+               and (r := report.record(p.name)) is not None and r.status == "applied"]
+    if applied:  # the result is held to the budget its approximate passes spent (theirs by default)
+        ctx.error_budget = ctx.budget_for(applied[0])
     if ctx.verifier is not None:
-        applied_budget = any(p.uses_error_budget for p in pipeline
-                             if (r := report.record(p.name)) is not None and r.status == "applied")
-        report.final_numerics = ctx.verify(gm, ctx.error_budget if applied_budget else None)
+        report.final_numerics = ctx.verify(gm, ctx.error_budget if applied else None)
     report.total_seconds = time.perf_counter() - start
     log.info("optimized %s: %d -> %d nodes in %.2f s", report.model, report.nodes_before, report.nodes_after,
              report.total_seconds)

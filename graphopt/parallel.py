@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.capture import capture
 from graphopt.pass_infra import OptimizeContext
 from graphopt.passes.tensor_parallel import (
@@ -117,8 +117,8 @@ def shard(
         raise ShardingError(f"nothing to shard over {world} ranks: {reasons}")
     sharded = result.module
     _drop_unused_tensors(sharded)
-    sharded.meta["tensor_parallel_notes"] = list(result.notes)
-    sharded.meta["tensor_parallel_declined"] = list(result.declined)
+    sharded.meta[meta.TENSOR_PARALLEL_NOTES] = list(result.notes)
+    sharded.meta[meta.TENSOR_PARALLEL_DECLINED] = list(result.declined)
     log.info("rank %d/%d: %s", my_rank, world, "; ".join(result.notes))
     return sharded
 
@@ -168,7 +168,7 @@ def weight_bytes(module: torch.nn.Module) -> int:
 def sharded_weight_bytes(module: fx.GraphModule) -> int:
     """Bytes of the weight shards :func:`shard` created in ``module`` (this rank's part of the sharded weights)."""
     total = 0
-    for name in module.meta.get("tensor_parallel_shards", []):
+    for name in module.meta.get(meta.TENSOR_PARALLEL_SHARDS, []):
         t = getattr(module, name, None)
         if isinstance(t, torch.Tensor):
             total += t.numel() * t.element_size()

@@ -20,19 +20,28 @@ from __future__ import annotations
 import abc
 import itertools
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.pass_options import Option, check_options, declared_options
 from graphopt.report import Declined, PassRecord, Report
 from graphopt.verify import ErrorBudget, Numerics, Verifier
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "AnalysisPass", "DumpInstrument", "FunctionPass", "Instrument", "OptimizeContext", "Option", "Pass",
+    "PassManager", "PassResult", "ProgressInstrument", "VerifyInstrument", "check_options", "declared_options",
+]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,7 +63,12 @@ class OptimizeContext:
     verifier: Verifier | None = None
     report: Report = field(default_factory=Report)
     options: dict[str, Any] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)  # analyses shared between passes
+    #: analysis results by analysis pass class: ``(the module analysed, its result)`` (see :meth:`analysis`)
+    analyses: dict[type, tuple[fx.GraphModule, Any]] = field(default_factory=dict)
+    #: what instruments record during the run, by instrument class (e.g. ``viz.PassHistory``'s changes)
+    records: dict[type, list[Any]] = field(default_factory=dict)
+    #: measured timings shared by the passes of one optimization, keyed by what was timed
+    timings: dict[Any, Any] = field(default_factory=dict)
     #: True while the pass manager runs a group of exact passes that it verifies once, as a group
     deferring_verification: bool = False
     #: ``(module, budget, numerics)`` of the latest numeric check, so an identical check is not run twice
@@ -63,7 +77,30 @@ class OptimizeContext:
     progress: Callable[[str], None] | None = None
 
     def option(self, name: str, default: Any = None) -> Any:
+        """The value given for pass option ``name``, else ``default``."""
         return self.options.get(name, default)
+
+    def analysis(self, analysis: type[AnalysisPass[T]], gm: fx.GraphModule) -> T:
+        """The result of the analysis pass class ``analysis`` on ``gm``, run now unless already known.
+
+        Results are kept per class for the module they were computed on; the
+        pass manager forgets them when it adopts a modifying rewrite.
+
+        >>> from graphopt.passes.analysis.ffn_chains import FFNChains  # doctest: +SKIP
+        >>> chains = ctx.analysis(FFNChains, gm)                       # doctest: +SKIP
+        """
+        known = self.analyses.get(analysis)
+        if known is not None and known[0] is gm:
+            return known[1]
+        result = analysis().analyze(gm, self)
+        self.analyses[analysis] = (gm, result)
+        return result
+
+    def budget_for(self, pass_: Pass) -> ErrorBudget | None:
+        """The error budget ``pass_`` is held to: the one given, else the pass's default (None: exact)."""
+        if not pass_.uses_error_budget:
+            return None
+        return self.error_budget if self.error_budget is not None else pass_.default_error_budget
 
     def step(self, message: str) -> None:
         """Report a step of a long pass (the CLI shows it on its progress line)."""
@@ -107,7 +144,10 @@ class PassResult:
     pass created or rewrote (for the report and the viewer). ``numerics``: the
     pass's own check (``ctx.check_numerics``) of a module computing exactly what
     the returned one computes; the verification instrument then reuses it
-    instead of running the model again.
+    instead of running the model again. ``report_data``: the pass's own
+    sections of the report (e.g. ``{"precision": [...]}``), written into
+    ``report.extra`` by the pass infrastructure (the pass never writes the
+    report itself).
     """
 
     module: fx.GraphModule
@@ -116,22 +156,30 @@ class PassResult:
     declined: list[Declined] = field(default_factory=list)
     nodes_involved: list[str] = field(default_factory=list)
     numerics: Numerics | None = None
+    report_data: dict[str, Any] = field(default_factory=dict)
 
 
 class Pass(abc.ABC):
     """Base class of every graphopt pass.
 
     Subclasses set ``name`` and ``summary`` (one line, shown by
-    ``graphopt passes``), and implement :meth:`call`. Analysis passes set
-    ``kind = "analysis"``: they write ``node.meta`` / ``ctx.cache`` and return
-    ``modified=False``. Passes that trade accuracy for speed set
-    ``uses_error_budget = True`` and are verified against ``ctx.error_budget``.
+    ``graphopt passes``), declare their ``options`` (name -> :class:`Option`),
+    and implement :meth:`call`. Analysis passes derive from
+    :class:`AnalysisPass`. Passes that trade accuracy for speed set
+    ``uses_error_budget = True`` and are verified against ``ctx.error_budget``
+    (else their ``default_error_budget``; see :meth:`OptimizeContext.budget_for`).
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     kind: ClassVar[str] = "rewrite"
     uses_error_budget: ClassVar[bool] = False
+    default_error_budget: ClassVar[ErrorBudget | None] = None
+    options: ClassVar[Mapping[str, Option]] = {}
+
+    def option(self, ctx: OptimizeContext, name: str) -> Any:
+        """The value of this pass's option ``name``: the one given, else its declared default."""
+        return ctx.option(name, self.options[name].default)
 
     def requires(self, gm: fx.GraphModule, ctx: OptimizeContext) -> None:
         """Raise if ``gm`` is not something this pass can work on."""
@@ -144,10 +192,14 @@ class Pass(abc.ABC):
         """Run the pass on ``gm`` (which the pass may mutate) and say what it did."""
 
     def __call__(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        for name, option in self.options.items():
+            if name in ctx.options:
+                option.validate(name, ctx.options[name])
         self.requires(gm, ctx)
         result = self.call(gm, ctx)
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {self.name!r} returned {type(result).__name__}, expected PassResult")
+        ctx.report.extra.update(result.report_data)
         if result.modified:
             result.module.graph.lint()
             result.module.recompile()
@@ -158,6 +210,29 @@ class Pass(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+class AnalysisPass(Pass, Generic[T]):
+    """A pass that computes a typed result about the graph and never modifies it.
+
+    Subclasses implement :meth:`analyze` (it may also annotate ``node.meta``
+    with the keys of :mod:`graphopt.meta`); other passes and the API ask for
+    the result with ``ctx.analysis(TheClass, gm)``, which runs it once per
+    module. :meth:`describe` turns the result into the pass's notes.
+    """
+
+    kind: ClassVar[str] = "analysis"
+
+    @abc.abstractmethod
+    def analyze(self, gm: fx.GraphModule, ctx: OptimizeContext) -> T:
+        """Compute the result on ``gm`` (without modifying it)."""
+
+    def describe(self, gm: fx.GraphModule, result: T, ctx: OptimizeContext) -> PassResult:
+        """The :class:`PassResult` that reports ``result`` (notes, nodes involved); ``modified`` is False."""
+        return PassResult(gm, False)
+
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        return self.describe(gm, ctx.analysis(type(self), gm), ctx)
 
 
 class FunctionPass(Pass):
@@ -194,7 +269,7 @@ class VerifyInstrument(Instrument):
             return None
         if ctx.deferring_verification and not pass_.uses_error_budget:
             return None  # the pass manager checks the group's result once
-        budget = ctx.error_budget if pass_.uses_error_budget else None
+        budget = ctx.budget_for(pass_)
         if result.numerics is not None and budget is None:
             numerics = result.numerics
             ctx.last_check = (result.module, None, numerics)
@@ -208,15 +283,11 @@ class DumpInstrument(Instrument):
     """Write the graph's code after each modifying pass to ``directory``."""
 
     def __init__(self, directory: str) -> None:
-        import os
-
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self.count = 0
 
     def after_pass(self, pass_: Pass, result: PassResult, record: PassRecord, ctx: OptimizeContext) -> str | None:
-        import os
-
         if result.modified:
             self.count += 1
             path = os.path.join(self.directory, f"{self.count:02d}_{pass_.name}.py")
@@ -293,7 +364,8 @@ class PassManager:
                 gm = self.run_one(pass_, gm, ctx)
             return gm
         first_record = len(ctx.report.passes)
-        saved_cache = {k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in ctx.cache.items()}
+        saved_analyses = dict(ctx.analyses)
+        saved_records = {k: list(v) for k, v in ctx.records.items()}
         out = gm
         ctx.deferring_verification = True
         try:
@@ -315,8 +387,7 @@ class PassManager:
         log.info("passes %s together fail the numeric check (%s): checking them one by one",
                  ", ".join(p.name for p in group), numerics.reason)
         del ctx.report.passes[first_record:]
-        ctx.cache.clear()
-        ctx.cache.update(saved_cache)
+        ctx.analyses, ctx.records = saved_analyses, saved_records
         for pass_ in group:
             gm = self.run_one(pass_, gm, ctx)
         return gm
@@ -355,5 +426,6 @@ class PassManager:
         if result.modified:
             record.status = "applied"
             record.nodes_after = len(result.module.graph.nodes)
+            ctx.analyses.clear()  # computed on the module before this rewrite
             return result.module
         return gm

@@ -32,10 +32,13 @@ from urllib.parse import parse_qsl
 
 import torch
 
+from graphopt import examples_models
+from graphopt.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 
-class SpecError(ValueError):
+class SpecError(BadInput, ValueError):
     """A model spec that cannot be read or built; the message says what to do."""
 
 
@@ -50,7 +53,8 @@ class ModelSpec:
     exported_program: torch.export.ExportedProgram | None = None
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A ``key=value`` option's value: a bool, None, an int, a float, or the text itself."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -73,7 +77,7 @@ def _hf(spec: str) -> ModelSpec:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
         raise SpecError(f"{spec!r}: malformed options after '?' ({exc}); write them as key=value&key=value") from exc
-    opts = {k: _parse_value(v) for k, v in pairs}
+    opts = {k: parse_value(v) for k, v in pairs}
     try:
         import transformers
     except ImportError as exc:
@@ -183,6 +187,19 @@ def _load_pt2(path: str) -> ModelSpec:
     return ModelSpec(os.path.basename(path), ep.module(), tuple(args), dict(kwargs or {}), ep)
 
 
+def _example(text: str) -> ModelSpec:
+    """Build graphopt's example ``name?key=value&...`` (:data:`graphopt.examples_models.BUILDERS`)."""
+    name, _, query = text.partition("?")
+    if name not in examples_models.BUILDERS:
+        raise SpecError(f"unknown built-in example {name!r}; choose one of {sorted(examples_models.BUILDERS)}")
+    opts = {k: parse_value(v) for k, v in parse_qsl(query)}
+    try:
+        model, args = examples_models.BUILDERS[name](**opts)
+    except TypeError as exc:
+        raise SpecError(f"examples:{name}: {exc}") from exc
+    return ModelSpec(name, model, args, {})
+
+
 def load_exported_program(path: str) -> torch.export.ExportedProgram:
     """``torch.export.load``, first importing the modules whose output types the file names.
 
@@ -208,9 +225,7 @@ def load_spec(spec: str) -> ModelSpec:
     if spec.startswith("hf:"):
         return _hf(spec)
     if spec.startswith("examples:"):
-        from graphopt import examples_models
-
-        return examples_models.load(spec.split(":", 1)[1])
+        return _example(spec.split(":", 1)[1])
     if spec.endswith(".pt2"):
         return _load_pt2(spec)
     if ":" in spec:

@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.attention_sites import ASSERT_OPS, AttentionSite, find_attention_sites
 from graphopt.report import Declined
 
@@ -68,13 +68,11 @@ def sdpa_supports_enable_gqa() -> bool:
 def _use_enable_gqa(site: AttentionSite, ctx: OptimizeContext) -> bool:
     if not site.gqa or not sdpa_supports_enable_gqa():
         return False
-    mode = ctx.option("attention_gqa", "auto")
+    mode = FuseAttention().option(ctx, "attention_gqa")
     if mode == "enable_gqa":
         return True
     if mode == "expand":
         return False
-    if mode != "auto":
-        raise ValueError(f"attention_gqa={mode!r}: choose 'auto', 'enable_gqa' or 'expand'")
     # CPU: the flash kernel takes grouped heads, with or without a mask (measured faster than the
     # repeated k/v). CUDA: the flash kernel takes them but no explicit mask; with a mask sdpa would
     # fall back to the math kernel, slower than keeping the repeated k/v. Other devices: keep them.
@@ -257,23 +255,22 @@ class FuseAttention(Pass):
     name = "fuse_attention"
     summary = "rewrite hand-written attention (softmax(Q K^T) V) into scaled_dot_product_attention"
     options = {
-        "attention_fusion": "'on' (default) or 'off' (keep the attention as written)",
-        "attention_gqa": "grouped-query attention: 'auto' (enable_gqa on CPU, and on CUDA without a mask; "
-                         "else keep the repeated k/v), 'enable_gqa' or 'expand'",
-        "attention_verify": "'auto' (check all fused sites at once; when that fails, site by site), "
-                            "'site' (check after every site) or 'pass' (only the pass manager's check)",
+        "attention_fusion": Option("'on' (default) or 'off' (keep the attention as written)",
+                                   str, "on", ("on", "off")),
+        "attention_gqa": Option("grouped-query attention: 'auto' (enable_gqa on CPU, and on CUDA without a mask; "
+                                "else keep the repeated k/v), 'enable_gqa' or 'expand'",
+                                str, "auto", ("auto", "enable_gqa", "expand")),
+        "attention_verify": Option("'auto' (check all fused sites at once; when that fails, site by site), "
+                                   "'site' (check after every site) or 'pass' (only the pass manager's check)",
+                                   str, "auto", ("auto", "site", "pass")),
     }
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
-        switch = ctx.option("attention_fusion", "on")
-        if switch not in ("on", "off"):
-            raise ValueError(f"attention_fusion={switch!r}: choose 'on' or 'off'")
+        switch = self.option(ctx, "attention_fusion")
         if switch == "off":
             return PassResult(gm, False, ["switched off (attention_fusion='off')"])
         sites = find_attention_sites(gm)
-        mode = ctx.option("attention_verify", "auto")
-        if mode not in ("auto", "site", "pass"):
-            raise ValueError(f"attention_verify={mode!r}: choose 'auto', 'site' or 'pass'")
+        mode = self.option(ctx, "attention_verify")
         declined = [Declined(_site_name(s), s.declined) for s in sites if s.declined]
         candidates = [s for s in sites if not s.declined]
         fused: list[tuple[AttentionSite, fx.Node, list[fx.Node]]] = []

@@ -59,7 +59,8 @@ from graphopt import ir
 from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
 from graphopt.memory import measure_peak_memory
 from graphopt.node_builder import fake_mode_of
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.errors import BadInput
+from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.blockable_sites import (
     AttentionSite,
     BlockableSite,
@@ -74,7 +75,7 @@ from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_in
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockedOperators", "BlockedOptionError", "BudgetError", "Plan", "plan_blocking"]
+__all__ = ["BlockedOperators", "BudgetError", "Plan", "plan_blocking"]
 
 #: plan to this fraction of the budget: the allocator and kernels' own temporaries need room
 BUDGET_MARGIN = 0.9
@@ -89,7 +90,7 @@ def _mib(n: float) -> str:
     return f"{int(n)} B"
 
 
-class BudgetError(ValueError):
+class BudgetError(BadInput, ValueError):
     """No blocking plan brings the predicted peak under the memory budget.
 
     ``budget`` and ``reachable`` (the smallest predicted peak any plan
@@ -97,8 +98,6 @@ class BudgetError(ValueError):
     manager lets this error through (``abort_pipeline``) instead of rolling
     the pass back, so ``optimize()`` raises it.
     """
-
-    abort_pipeline = True
 
     def __init__(self, budget: int, reachable: int, peak_node: str, live: list[tuple[str, int]]) -> None:
         self.budget, self.reachable, self.peak_node, self.live = budget, reachable, peak_node, live
@@ -368,18 +367,14 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
     return result, declined
 
 
-class BlockedOptionError(ValueError):
-    """A ``blocked`` pass option graphopt cannot read (stops the pipeline: the user must fix it)."""
-
-    abort_pipeline = True
+def _unknown_kinds(value: str) -> str | None:
+    """Why ``blocked_kinds=value`` is not allowed (None: it is)."""
+    unknown = {k.strip() for k in value.split(",") if k.strip()} - set(KINDS)
+    return f"unknown kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}" if unknown else None
 
 
 def _kinds(ctx: OptimizeContext) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in str(ctx.option("blocked_kinds", ",".join(KINDS))).split(",") if k.strip())
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise BlockedOptionError(f"blocked_kinds: unknown kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
-    return kinds
+    return tuple(k.strip() for k in str(ctx.option("blocked_kinds", ",".join(KINDS))).split(",") if k.strip())
 
 
 def _time_module(gm: fx.GraphModule, ctx: OptimizeContext, repeats: int = 3) -> float:
@@ -399,16 +394,20 @@ class BlockedOperators(Pass):
     name = "blocked"
     summary = "block attention / FFN / LM head / matmul so peak memory fits memory_budget"
     options = {
-        "autotune": "time candidate blockings on the example inputs and keep the fastest (bool)",
-        "block_q": "query rows per block for blocked attention (forces blocking of every attention site)",
-        "block_kv": "keys per block for blocked attention (0: all keys, one softmax; with block_q)",
-        "block_ffn": "token rows per chunk for chunked FFNs (forces blocking of every FFN site)",
-        "block_lm_head": "token rows per chunk for chunked LM heads (forces every LM head + reduction)",
-        "block_matmul": "output rows per block for blocked linear/matmul (forces every matmul)",
-        "blocked_kinds": "site kinds the planner may block: comma list of attention,ffn,lm_head,matmul",
-        "measure_peak": "measure the real peak memory before and after (default: when a budget is set)",
-        "blocked_leaf_bytes": "attention biases/masks larger than this are recomputed per query block instead "
-                              "of kept whole, when their producers allow (bytes, default 1 MiB or budget/32)",
+        "autotune": Option("time candidate blockings on the example inputs and keep the fastest (bool)", bool),
+        "block_q": Option("query rows per block for blocked attention (forces blocking of every attention site)",
+                          int),
+        "block_kv": Option("keys per block for blocked attention (0: all keys, one softmax; with block_q)", int),
+        "block_ffn": Option("token rows per chunk for chunked FFNs (forces blocking of every FFN site)", int),
+        "block_lm_head": Option("token rows per chunk for chunked LM heads (forces every LM head + reduction)", int),
+        "block_matmul": Option("output rows per block for blocked linear/matmul (forces every matmul)", int),
+        "blocked_kinds": Option("site kinds the planner may block: comma list of attention,ffn,lm_head,matmul",
+                                str, ",".join(KINDS), check=_unknown_kinds),
+        "measure_peak": Option("measure the real peak memory before and after (default: when a budget is set)",
+                               bool),
+        "blocked_leaf_bytes": Option("attention biases/masks larger than this are recomputed per query block "
+                                     "instead of kept whole, when their producers allow (bytes, default 1 MiB "
+                                     "or budget/32)", int),
     }
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
@@ -446,10 +445,9 @@ class BlockedOperators(Pass):
                 if budget is not None and after > budget:
                     log.warning("blocked: measured peak %s is over the budget %s although %s was predicted",
                                 _mib(after), _mib(budget), _mib(plan.profile.peak_bytes))
-        ctx.report.extra["blocked"] = summary
         created = [n.name for n in new.graph.nodes
                    if n.op == "call_function" and getattr(n.target, "namespace", "") == "graphopt"]
-        return PassResult(new, True, notes, declined, created)
+        return PassResult(new, True, notes, declined, created, report_data={"blocked": summary})
 
     @staticmethod
     def _forced_sizes(ctx: OptimizeContext) -> dict[str, tuple[int, ...]]:

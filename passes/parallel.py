@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt import ir
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt import ir, meta
+from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.linear_sites import LinearSite, find_linear_sites
 from graphopt.report import Declined
 
@@ -238,7 +238,7 @@ def _merge(gm: fx.GraphModule, sites: list[LinearSite], label: str) -> fx.Node:
         pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(sites))]
     for node in (w_node, merged, split, *pieces):
         node.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    merged.meta["merged_from"] = label  # how the tensor-parallel plan and the report name it
+    merged.meta[meta.MERGED_FROM] = label  # how the tensor-parallel plan and the report name it
     for site, piece in zip(sites, pieces):
         site.node.replace_all_uses_with(piece)
         graph.erase_node(site.node)
@@ -249,8 +249,9 @@ class MergeMatmuls(Pass):
     name = "merge_matmuls"
     summary = "merge matmuls that share an input (q/k/v, gate/up) into one matmul and a split, where faster"
     options = {
-        "merge_matmuls_policy": "'measure' (default: merge where a micro-benchmark on the device is faster), "
-        "'always' or 'off'",
+        "merge_matmuls_policy": Option("'measure' (default: merge where a micro-benchmark on the device is "
+                                       "faster; under int8/fp8/auto precision: merge), 'always' or 'off'",
+                                       str, None, POLICIES),
     }
 
     def __init__(self, decide: Callable[[MergeCandidate], MergeDecision] | None = None) -> None:
@@ -265,8 +266,6 @@ class MergeMatmuls(Pass):
                       f"for the merged matmul instead of once per matmul")
             return lambda c: MergeDecision(True, reason)
         policy = policy or "measure"
-        if policy not in POLICIES:
-            raise ValueError(f"merge_matmuls_policy={policy!r}; choose one of {', '.join(POLICIES)}")
         if policy == "off":
             return None
         if policy == "always":

@@ -58,9 +58,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import node_cost
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.ir import constant_nodes
 from graphopt.precision.calibrate import Calibration, calibrate
 from graphopt.precision.lower_float import lower_float
@@ -108,35 +108,38 @@ class ReducedPrecision(Pass):
     name = "precision"
     summary = "reduced precision (bf16/fp16/int8/fp8/auto) within the error budget, chosen by measured speed"
     uses_error_budget = True
+    default_error_budget = DEFAULT_BUDGET
     options = {
-        "precision": "'bf16', 'fp16', 'int8', 'fp8' or 'auto' (fastest measured on the target within the budget)",
-        "precision_keep_residual_fp32": "keep the residual stream in fp32 under bf16/fp16 (default true)",
-        "precision_speed_check": "convert only ops measured faster than fp32 (default: on for auto, off otherwise)",
-        "precision_int8_shift": "int8: subtract the calibrated mean of inputs with a large shared component "
-                                "(default true)",
-        "precision_int8_pair_safe": "int8: quantize weights pair-safe, so the graph runs exactly on x86 kernels "
-                                    "without VNNI (default: only where this machine's kernel needs it)",
-        "precision_sensitivity": "how the search ranks nodes when the full plan is over budget: 'model' "
-                                 "(whole-model error of each node converted alone; default) or 'local' (own error)",
+        "precision": Option("'bf16', 'fp16', 'int8', 'fp8' or 'auto' (fastest measured on the target within "
+                            "the budget)", str, None, MODES),
+        "precision_keep_residual_fp32": Option("keep the residual stream in fp32 under bf16/fp16 (default true)",
+                                               bool, True),
+        "precision_speed_check": Option("convert only ops measured faster than fp32 (default: on for auto, off "
+                                        "otherwise)", bool),
+        "precision_int8_shift": Option("int8: subtract the calibrated mean of inputs with a large shared "
+                                       "component (default true)", bool, True),
+        "precision_int8_pair_safe": Option("int8: quantize weights pair-safe, so the graph runs exactly on x86 "
+                                           "kernels without VNNI (default: only where this machine's kernel "
+                                           "needs it)", bool),
+        "precision_sensitivity": Option("how the search ranks nodes when the full plan is over budget: 'model' "
+                                        "(whole-model error of each node converted alone; default) or 'local' "
+                                        "(own error)", str, "model", ("model", "local")),
     }
 
     def __init__(self, precision: str | None = None, target: PrecisionTarget | None = None,
                  timer: Callable[..., dict[str, float]] | None = None) -> None:
-        if precision is not None and precision not in MODES:
-            raise ValueError(f"precision={precision!r}: choose one of {MODES}")
+        self.options["precision"].validate("precision", precision)
         self.precision = precision
         self.target = target
         self.timer = timer or time_interleaved
 
     # ------------------------------------------------------------------ driver
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
-        mode = self.precision or ctx.option("precision")
+        mode = self.precision or self.option(ctx, "precision")
         if mode is None:
             return PassResult(gm, False, ["no precision requested (precision=...)"])
-        if mode not in MODES:
-            raise ValueError(f"precision={mode!r}: choose one of {MODES}")
         target = self.target or PrecisionTarget.detect(ctx.device)
-        if any("graphopt_precision" in n.meta for n in gm.graph.nodes):
+        if any(meta.PRECISION in n.meta for n in gm.graph.nodes):
             return PassResult(gm, False, ["graph already has a precision plan; nothing to do"])
         not_fp32 = _non_fp32_weights(gm)
         if not_fp32:
@@ -144,15 +147,14 @@ class ReducedPrecision(Pass):
                                                             "reduced precision starts from an fp32 model")])
         if mode == "fp8" and not target.fp8:
             return PassResult(gm, False, declined=[Declined("graph", target.fp8_unsupported_reason())])
+        budget = ctx.budget_for(self)
         if ctx.error_budget is None:
-            ctx.error_budget = DEFAULT_BUDGET
-            budget_note = f"no error_budget given: using rel_l2 <= {DEFAULT_BUDGET.rel_l2:g}"
+            budget_note = f"no error_budget given: using rel_l2 <= {budget.rel_l2:g}"
         else:
-            budget_note = f"error budget: rel_l2 <= {ctx.error_budget.rel_l2:g}" + (
-                f", top-1 >= {ctx.error_budget.top1:g}" if ctx.error_budget.top1 is not None else "")
-        budget = ctx.error_budget
+            budget_note = f"error budget: rel_l2 <= {budget.rel_l2:g}" + (
+                f", top-1 >= {budget.top1:g}" if budget.top1 is not None else "")
         speed_check = bool(ctx.option("precision_speed_check", mode == "auto"))
-        keep_residual = bool(ctx.option("precision_keep_residual_fp32", True))
+        keep_residual = bool(self.option(ctx, "precision_keep_residual_fp32"))
 
         run = _Run(self, gm, ctx, target, mode, keep_residual)
         declined = run.find_candidates()
@@ -161,7 +163,7 @@ class ReducedPrecision(Pass):
         verifier = ctx.verifier or Verifier(ir.copy_graph_module(gm), ctx.args, ctx.kwargs, gm)
         ctx.step(f"calibrating {len(run.options)} candidate nodes")
         run.calibrate([ir.flat_inputs(a, kw, gm) for a, kw in verifier.input_sets])
-        if ctx.option("precision_int8_shift", True):
+        if self.option(ctx, "precision_int8_shift"):
             run.choose_shifts()
         ctx.step("measuring each candidate's own error")
         run.measure_local_errors()
@@ -172,9 +174,8 @@ class ReducedPrecision(Pass):
             run.choose_requested()
         plan = {n: p for n, p in run.choice.items() if p != "fp32"}
         if not plan:
-            ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
             return PassResult(gm, False, [budget_note, f"target: {target.describe()}"],
-                              declined + run.declined_nodes())
+                              declined + run.declined_nodes(), report_data=run.report_data())
 
         search_budget = ErrorBudget(budget.rel_l2 * SEARCH_MARGIN, budget.top1)
 
@@ -183,7 +184,7 @@ class ReducedPrecision(Pass):
             trial = run.build({n: p for n, p in plan.items() if n not in kept})
             return verifier.check(trial, search_budget)
 
-        by_model = (ctx.option("precision_sensitivity", "model") == "model"
+        by_model = (self.option(ctx, "precision_sensitivity") == "model"
                     and len(plan) <= MAX_MODEL_SENSITIVITY_NODES)
 
         def order() -> list[str]:
@@ -224,8 +225,8 @@ class ReducedPrecision(Pass):
             if verdict is not None:
                 for name in final_plan:
                     run.keep(name, f"{verdict} (alone: {run.reasons.get(name, '')})")
-                ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
-                return PassResult(gm, False, notes + [verdict], declined + [Declined("graph", verdict)])
+                return PassResult(gm, False, notes + [verdict], declined + [Declined("graph", verdict)],
+                                  report_data=run.report_data())
             notes.append(run.speed_note)
         counts: dict[str, int] = {}
         for p in run.choice.values():
@@ -233,9 +234,9 @@ class ReducedPrecision(Pass):
         notes.append("precision per candidate node: " + ", ".join(f"{p}: {c}" for p, c in sorted(counts.items())))
         notes += [f"{e.node} ({e.module or 'top'}): {e.precision}: {e.reason}" for e in run.entries()
                   if e.precision != "fp32"]
-        ctx.report.extra["precision"] = [e.to_dict() for e in run.entries()]
-        involved = [n.name for n in out.graph.nodes if n.meta.get("graphopt_precision") not in (None, "fp32")]
-        return PassResult(out, True, notes, declined + run.declined_nodes(), involved)
+        involved = [n.name for n in out.graph.nodes if n.meta.get(meta.PRECISION) not in (None, "fp32")]
+        return PassResult(out, True, notes, declined + run.declined_nodes(), involved,
+                          report_data=run.report_data())
 
 
 def _non_fp32_weights(gm: fx.GraphModule) -> str:
@@ -256,9 +257,6 @@ class _Run:
         self.options: dict[str, list[str]] = {}  # candidate node -> precisions to consider
         self.sites: dict[str, LinearSite] = {}
         pair_safe = ctx.option("precision_int8_pair_safe", None)
-        if pair_safe is not None and not isinstance(pair_safe, bool):
-            raise ValueError(f"precision_int8_pair_safe={pair_safe!r}: give True or False (or leave it out to let "
-                             "the target's kernel decide)")
         self.weights = QuantizedWeights(target.int8_scheme,
                                         target.int8_pair_safe if pair_safe is None else pair_safe)
         self.choice: dict[str, str] = {}
@@ -357,7 +355,7 @@ class _Run:
                         got = replay.run(name, functools.partial(self._quantized_call, name, p))
                     else:
                         got = self.build({name: p})(*a, **kw)
-                    errs = compare_outputs(ref, got, self.ctx.error_budget)
+                    errs = compare_outputs(ref, got, self.ctx.budget_for(self.owner))
                     out[name] = max((e.rel_l2 for e in errs), default=0.0)
                 except Exception as exc:  # noqa: BLE001 - a node that breaks the model ranks first
                     log.info("%s alone in %s failed: %s", name, p, exc)
@@ -450,7 +448,7 @@ class _Run:
         return scheme
 
     def measure_speed(self) -> None:
-        cache = self.ctx.cache.setdefault("precision_timings", {})
+        cache = self.ctx.timings.setdefault("precision", {})
         for name, opts in self.options.items():
             opts = [p for p in opts if self.local_error(name, p) != float("inf")]
             key = (self._signature(name), tuple(opts))
@@ -589,13 +587,17 @@ class _Run:
         out = ir.copy_graph_module(out)  # drop attributes the new graph no longer uses
         if final:
             for node in out.graph.nodes:
-                if node.name in self.choice and "graphopt_precision" not in node.meta:
-                    node.meta["graphopt_precision"] = self.choice[node.name]
+                if node.name in self.choice and meta.PRECISION not in node.meta:
+                    node.meta[meta.PRECISION] = self.choice[node.name]
             out.graph.lint()
             out.recompile()
         return out
 
     # -- report
+    def report_data(self) -> dict[str, Any]:
+        """The pass's section of the report: every candidate node's precision and why."""
+        return {"precision": [e.to_dict() for e in self.entries()]}
+
     def entries(self) -> list[NodePlan]:
         out = []
         for name in self.choice:

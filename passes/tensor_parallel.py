@@ -63,7 +63,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.passes.analysis.linear_sites import LinearSite, find_linear_sites, linear_site
 from graphopt.report import Declined
@@ -769,7 +769,7 @@ def _set_arg(node: fx.Node, key: int | str, value: Any) -> None:
 
 def _constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor) -> fx.Node:
     target = ir.register_constant(gm, name, value)
-    gm.meta["tensor_parallel_shards"] = [*gm.meta.get("tensor_parallel_shards", []), target]
+    gm.meta[meta.TENSOR_PARALLEL_SHARDS] = [*gm.meta.get(meta.TENSOR_PARALLEL_SHARDS, []), target]
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(target)
     node.meta.update({k: v for k, v in before.meta.items() if k in ("nn_module_stack", "stack_trace")})
@@ -865,6 +865,6 @@ class TensorParallel(Pass):
                    "sharded_full_bytes": plan.sharded_weight_bytes(gm),
                    "allreduce_bytes": plan.communication()}
         involved = apply_plan(gm, plan, rank, group_name)
-        gm.meta["tensor_parallel"] = summary
+        gm.meta[meta.TENSOR_PARALLEL] = summary
         notes = [f"rank {rank}/{world}: sharded {len(plan.regions)} column -> row regions"] + plan.summary()
         return PassResult(gm, True, notes, plan.declined, involved)

@@ -101,4 +101,5 @@ def test_analysis_passes_do_not_modify(model):
         assert cls.kind == "analysis"
         assert result.modified is False
     assert gm.code == before
-    assert {"costs", "hot_matmuls", "ffn_chains", "repeated_blocks"} <= set(ctx.cache)
+    assert {passes.CostAnnotation, passes.HotMatmuls, passes.FFNChains, passes.RepeatedBlocks} <= set(ctx.analyses)
+    assert ctx.analysis(passes.FFNChains, gm) is ctx.analyses[passes.FFNChains][1]  # known: not run again

@@ -13,7 +13,8 @@ from graphopt.examples_models import nanogpt
 from graphopt.pass_infra import OptimizeContext
 from graphopt.passes.analysis.blocked_liveness import memory_profile
 from graphopt.passes.analysis.blockable_sites import find_blockable_sites
-from graphopt.passes.blocked import BlockedOperators, BlockedOptionError, BudgetError, plan_blocking
+from graphopt.errors import OptionError
+from graphopt.passes.blocked import BlockedOperators, BudgetError, plan_blocking
 from graphopt.row_slicing import RowSlicer, functionalize_inplace
 
 from _blocked_models import BiasedAttention, FFNStack, LMHeadReductions, gpt2, llama, rel_l2, t5_encoder
@@ -150,7 +151,7 @@ def test_declines_blocking_small_sites_without_budget():
 
 def test_unknown_kind_is_an_error():
     model, args = nanogpt(n_layer=1, seq=8)
-    with pytest.raises(BlockedOptionError, match="blocked_kinds"):
+    with pytest.raises(OptionError, match="blocked_kinds"):
         graphopt.optimize(model, args, blocked_kinds="attention,conv", verify=False)
 
 

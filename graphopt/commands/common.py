@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+
+from graphopt.errors import BadInput
 
 #: messages and progress go to stderr, results (tables, JSON) to stdout
 #: (soft_wrap: an error stays one line however narrow the terminal, so it can be grepped)
@@ -18,8 +19,8 @@ if not out_console.is_terminal:  # piped or logged: do not squeeze tables into 8
     out_console = Console(highlight=False, width=140)
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+class UsageError(BadInput):
+    """Bad input on the command line: printed as one line, exit code 2."""
 
 
 def add_spec_argument(parser: argparse.ArgumentParser) -> None:
@@ -52,21 +53,17 @@ def load_model(spec: str) -> Any:
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    from graphopt.specs import _parse_value
+    from graphopt.specs import parse_value
 
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--option {pair!r}: write it as key=value")
-        out[key.replace("-", "_")] = _parse_value(value)
+        out[key.replace("-", "_")] = parse_value(value)
     return out
 
 
 def fail(message: str) -> None:
     raise UsageError(message)
 
-
-def exit_with(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
-    sys.exit(code)

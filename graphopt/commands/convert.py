@@ -33,6 +33,7 @@ from typing import Any
 from graphopt.commands.common import UsageError, err_console, load_model, out_console, parse_options, step
 from graphopt.commands.optimize import add_optimize_arguments, check_output_dir, optimize_from_args
 from graphopt.commands.output_dir import staged_output_dir
+from graphopt.errors import UnknownOptionError
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         extra["precision_int8_pair_safe"] = True  # an ONNX file is portable: exact on CPUs without VNNI too
     try:
         _spec, result = optimize_from_args(args, spec=spec, dynamic_shapes=dynamic_shapes, **extra)
-    except UsageError as exc:
-        if "precision" in extra and "precision" in str(exc):
+    except UnknownOptionError as exc:
+        if "precision" in extra and "precision" in exc.names:
             raise UsageError(f"--precision {args.precision}: no pass in this build takes a precision option "
                              f"({exc})") from exc
         raise

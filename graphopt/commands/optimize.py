@@ -76,20 +76,13 @@ def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_sh
             elif ": " not in name:  # no live line (not a terminal): passes only, not every step inside one
                 err_console.print(f"[dim]  pass {name}[/]")
 
-        try:
-            result = graphopt.optimize(
-                spec.model, spec.args, spec.kwargs, passes=passes, verify=not args.no_verify,
-                memory_budget=args.memory_budget, error_budget=getattr(args, "error_budget", None),
-                dynamic_shapes=dynamic_shapes, progress=progress, **options,
-            )
-        except TypeError as exc:
-            if "unknown option" in str(exc):
-                raise UsageError(str(exc)) from exc
-            raise
-        except ValueError as exc:  # e.g. passes.blocked.BudgetError: a budget no plan meets
-            if getattr(exc, "abort_pipeline", False):
-                raise UsageError(str(exc)) from exc
-            raise
+        # an unknown or bad option (errors.OptionError), a budget no plan meets (passes.blocked.BudgetError):
+        # graphopt.errors.BadInput, which the CLI reports as one line
+        result = graphopt.optimize(
+            spec.model, spec.args, spec.kwargs, passes=passes, verify=not args.no_verify,
+            memory_budget=args.memory_budget, error_budget=getattr(args, "error_budget", None),
+            dynamic_shapes=dynamic_shapes, progress=progress, **options,
+        )
     result.report.model = spec.name
     return spec, result
 

@@ -57,13 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
         spec = load_model(args.spec)
         with step("optimizing"):
-            try:
-                subject = graphopt.optimize(spec.model, spec.args, spec.kwargs, passes=select_passes(args.passes),
-                                            instruments=[PassHistory()], **parse_options(args.option))
-            except TypeError as exc:
-                if "unknown option" in str(exc):
-                    raise UsageError(str(exc)) from exc
-                raise
+            subject = graphopt.optimize(spec.model, spec.args, spec.kwargs, passes=select_passes(args.passes),
+                                        instruments=[PassHistory()], **parse_options(args.option))
         subject.report.model = spec.name
         title = spec.name
     else:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.ir import constant_nodes, evaluate
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.ops_classes import (
@@ -196,7 +196,7 @@ def _emit_scaled(new: fx.Graph, node: fx.Node, as32: Any, aslow: Any, dtype: tor
     gain = out_max / in_max
     target = FP16_MAX / FP16_SCALE_TARGET
     c = max(1.0 / target, gain / target)
-    meta = {"nn_module_stack": node.meta.get("nn_module_stack", {}), "stack_trace": node.meta.get("stack_trace")}
+    origin = {"nn_module_stack": node.meta.get("nn_module_stack", {}), "stack_trace": node.meta.get("stack_trace")}
     x32 = as32(x)
     amax = new.call_function(aten.amax.default, (new.call_function(aten.abs.default, (x32,)),))
     s = new.call_function(aten.clamp.default, (new.call_function(aten.mul.Tensor, (amax, c)), 1.0))
@@ -214,8 +214,8 @@ def _emit_scaled(new: fx.Graph, node: fx.Node, as32: Any, aslow: Any, dtype: tor
     if bias is not None:
         y32 = new.call_function(aten.add.Tensor, (y32, as32(bias)))
     for n in (amax, s, xs, y, y32):
-        n.meta.update(meta)
-    y32.meta["graphopt_precision"] = "fp16 (scaled)"
+        n.meta.update(origin)
+    y32.meta[meta.PRECISION] = "fp16 (scaled)"
     return y32
 
 

@@ -73,11 +73,6 @@ def is_float_tensor(node: object) -> bool:
     return val is not None and val.dtype.is_floating_point
 
 
-def float_dtype_of(node: object) -> torch.dtype | None:
-    val = ir.tensor_meta(node)
-    return val.dtype if val is not None and val.dtype.is_floating_point else None
-
-
 def island_reason(node: fx.Node) -> str | None:
     """Why ``node`` stays fp32 (None: it may run in low precision)."""
     return ISLAND_OPS.get(node.target) if node.op == "call_function" else None

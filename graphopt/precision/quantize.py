@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.ir import constant_nodes, evaluate
 from graphopt.ops import fp8_linear, int8_linear
 
@@ -199,7 +199,7 @@ def replace_site(gm: fx.GraphModule, site: LinearSite, precision: str, weights: 
     for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
         if key in node.meta:
             new.meta[key] = node.meta[key]
-    new.meta["graphopt_precision"] = precision
+    new.meta[meta.PRECISION] = precision
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     by_name[site.node.name] = new

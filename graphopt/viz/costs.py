@@ -1,7 +1,7 @@
-"""Per-node costs for the viewer: read ``node.meta["cost"]``, or estimate.
+"""Per-node costs for the viewer: read ``node.meta[meta.COST]``, or estimate.
 
 The cost model proper is :mod:`graphopt.cost` (its annotation pass writes a
-``NodeCost`` into ``node.meta["cost"]``). This module only *reads* that, by
+``NodeCost`` into ``node.meta[meta.COST]``). This module only *reads* that, by
 attribute name (``flops``, ``bytes_read``, ``bytes_written``, ``intensity``,
 ``bound``, ``predicted_s``, ``measured_s``), so the viewer works with any
 object that has them, including a plain dict.
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 
 aten = torch.ops.aten
 
@@ -41,8 +41,8 @@ _FREE = {aten.embedding.default}
 
 
 def read_cost(node: fx.Node) -> dict[str, Any] | None:
-    """The cost fields of ``node.meta["cost"]`` as a dict, or None when it has none."""
-    cost = node.meta.get("cost")
+    """The cost fields of ``node.meta[meta.COST]`` as a dict, or None when it has none."""
+    cost = node.meta.get(meta.COST)
     if cost is None:
         return None
     out: dict[str, Any] = {}

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.viz.costs import node_costs
 from graphopt.viz.diff import NodeMatch, PassChange, match_nodes, pass_changes
 from graphopt.viz.sites import Site, collect_sites
@@ -66,11 +66,10 @@ def _shape_dtype(value: Any) -> tuple[Any, Any]:
 
 
 def precision_of(node: fx.Node) -> str | None:
-    """The precision an op computes in: int8/fp8 for such kernels, else its output dtype."""
-    op = ir.op_name(node).lower()
-    for tag in ("int8", "fp8", "int4", "bf16", "fp16"):
-        if node.op == "call_function" and tag in op:
-            return tag
+    """The precision an op computes in: the one the precision pass gave it, else its output dtype."""
+    given = node.meta.get(meta.PRECISION)
+    if given not in (None, "fp32") and node.op == "call_function":  # a candidate kept in fp32 shows its dtype
+        return str(given)
     val = node.meta.get("val")
     if isinstance(val, (list, tuple)):
         val = next((v for v in val if isinstance(v, torch.Tensor)), None)

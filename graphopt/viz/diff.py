@@ -25,9 +25,6 @@ from graphopt import ir
 from graphopt.pass_infra import Instrument, OptimizeContext, Pass, PassResult
 from graphopt.report import PassRecord
 
-#: where :class:`PassHistory` keeps its records in ``OptimizeContext.cache``
-HISTORY_KEY = "graphopt.viz.pass_history"
-
 
 @dataclass
 class NodeMatch:
@@ -85,7 +82,7 @@ class PassHistory(Instrument):
     Hand it to :func:`graphopt.optimize` (``instruments=[PassHistory()]``);
     :func:`graphopt.visualize` then attributes each removed/added node of the
     before/after view to the pass that did it. The records are kept in
-    ``result.context.cache[HISTORY_KEY]``.
+    ``result.context.records[PassHistory]``.
     """
 
     def __init__(self) -> None:
@@ -104,7 +101,7 @@ class PassHistory(Instrument):
             added=[n for n in after if n not in self._before],
             rewritten=[n for n, sig in after.items() if n in self._before and self._before[n] != sig],
         )
-        ctx.cache.setdefault(HISTORY_KEY, []).append(change)
+        ctx.records.setdefault(PassHistory, []).append(change)
         return None
 
 
@@ -115,5 +112,5 @@ def _signature(node: fx.Node) -> tuple[str, tuple[str, ...]]:
 def pass_changes(result: Any) -> list[PassChange]:
     """The :class:`PassChange` list of an optimization (empty without :class:`PassHistory`)."""
     context = getattr(result, "context", None)
-    cache = getattr(context, "cache", None) or {}
-    return list(cache.get(HISTORY_KEY, []))
+    records = getattr(context, "records", None) or {}
+    return list(records.get(PassHistory, []))

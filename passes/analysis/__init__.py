@@ -1,1 +1,2 @@
-"""Analysis passes: they annotate ``node.meta`` and ``ctx.cache`` and never modify the graph."""
+"""Analysis passes: they return a typed result (``ctx.analysis(TheClass, gm)``), annotate ``node.meta``
+(keys in :mod:`graphopt.meta`) and never modify the graph."""

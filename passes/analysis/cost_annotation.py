@@ -1,9 +1,9 @@
 """Cost annotation: FLOPs, bytes, roofline bound and predicted time of every node.
 
 Writes (no rewrite; ``modified`` is always False):
-    node.meta["cost"] = NodeCost(flops, bytes_read, bytes_written, category, bound, predicted_s)
+    node.meta[meta.COST] = NodeCost(flops, bytes_read, bytes_written, category, bound, predicted_s)
     ctx.target        = the Target used (measured once per machine and cached, see graphopt.cost)
-    ctx.cache["costs"] = {node name: NodeCost}
+Returns (``ctx.analysis(CostAnnotation, gm)``): ``{node name: NodeCost}``.
 
 Declines: nothing; a node without ``meta["val"]`` (or a non-tensor value)
 costs nothing, and a graphopt op without a registered cost counts its bytes
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from graphopt.cost import Target, annotate_costs, get_target
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.cost import NodeCost, Target, annotate_costs, get_target
+from graphopt.pass_infra import AnalysisPass, OptimizeContext, PassResult
 
 
 def target_for(ctx: OptimizeContext) -> Target:
@@ -25,13 +25,13 @@ def target_for(ctx: OptimizeContext) -> Target:
     return ctx.target
 
 
-class CostAnnotation(Pass):
+class CostAnnotation(AnalysisPass["dict[str, NodeCost]"]):
     name = "cost_annotation"
     summary = "annotate each node with FLOPs, bytes, roofline bound and predicted time"
-    kind = "analysis"
 
-    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
-        costs = annotate_costs(gm, target_for(ctx))
-        ctx.cache["costs"] = costs
+    def analyze(self, gm: fx.GraphModule, ctx: OptimizeContext) -> dict[str, NodeCost]:
+        return annotate_costs(gm, target_for(ctx))
+
+    def describe(self, gm: fx.GraphModule, costs: dict[str, NodeCost], ctx: OptimizeContext) -> PassResult:
         total = sum(c.predicted_s for c in costs.values())
         return PassResult(gm, False, [f"predicted {total * 1e3:.3f} ms on {ctx.target.name}"])

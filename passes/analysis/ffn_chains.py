@@ -4,8 +4,8 @@ Finds (no rewrite):
     linear(x, W1) -> act -> linear(., W2)                       plain FFN (GPT-2, BERT, nanoGPT)
     act(linear(x, Wg)) * linear(x, Wu) -> linear(., Wd)         gated FFN (Llama's SwiGLU, GeGLU)
 
-Writes ``ctx.cache["ffn_chains"] = [FFNChain, ...]`` and, on every node of a
-chain, ``node.meta["ffn_chain"] = <index>``.
+Returns ``[FFNChain, ...]`` (``ctx.analysis(FFNChains, gm)``) and writes, on every node of a
+chain, ``node.meta[meta.FFN_CHAIN] = <index>``.
 
 The search: from each *weight matmul* (a matmul-family node whose right-hand
 operand is a constant, through views), BFS forward over the networkx view
@@ -32,9 +32,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import alias_root, alias_source, shape, val_of
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import AnalysisPass, OptimizeContext, PassResult
 from graphopt.passes.analysis.hot_matmuls import weight_operand
 
 aten = torch.ops.aten
@@ -201,17 +201,18 @@ def _chain(start: fx.Node, end: fx.Node, reached: set[str], g: nx.DiGraph,
     return FFNChain(up, end, acts, gate, nodes, d_in, _last_dim(start))
 
 
-class FFNChains(Pass):
+class FFNChains(AnalysisPass["list[FFNChain]"]):
     name = "ffn_chains"
     summary = "find linear -> activation -> linear chains (and gated variants) by BFS/DFS"
-    kind = "analysis"
 
-    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+    def analyze(self, gm: fx.GraphModule, ctx: OptimizeContext) -> list[FFNChain]:
         chains = find_ffn_chains(gm)
         for i, chain in enumerate(chains):
             for node in chain.nodes:
-                node.meta["ffn_chain"] = i
-        ctx.cache["ffn_chains"] = chains
+                node.meta[meta.FFN_CHAIN] = i
+        return chains
+
+    def describe(self, gm: fx.GraphModule, chains: list[FFNChain], ctx: OptimizeContext) -> PassResult:
         gated = sum(c.gated for c in chains)
         return PassResult(gm, False, [f"{len(chains)} FFN chains ({gated} gated)"],
                           nodes_involved=[n.name for c in chains for n in c.nodes])

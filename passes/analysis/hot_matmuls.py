@@ -1,8 +1,8 @@
 """Hot matmuls: matmul-class nodes ranked by their share of the graph's time.
 
 Writes (no rewrite):
-    ctx.cache["hot_matmuls"] = [HotMatmul, ...]   largest share first
-    node.meta["hot_rank"]    = 1, 2, ... on those nodes
+    ctx.analysis(HotMatmuls, gm) -> [HotMatmul, ...]   largest share first
+    node.meta[meta.HOT_RANK]    = 1, 2, ... on those nodes
 
 The time is the measured one (``NodeCost.measured_s``) where every node was
 profiled, else the roofline prediction; the share is of the whole graph's
@@ -10,7 +10,7 @@ time. Each site records its nodes: the matmul and the constant weight it reads
 (through views), so a rewrite (blocking, parallel split, precision) and the
 viewer can find them.
 
-Declines: nothing. Needs ``node.meta["cost"]``; runs cost annotation first
+Declines: nothing. Needs ``node.meta[meta.COST]``; runs cost annotation first
 when it is missing.
 """
 
@@ -21,9 +21,10 @@ from typing import Any
 
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import NodeCost, alias_root
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import AnalysisPass, OptimizeContext, PassResult
+from graphopt.passes.analysis.cost_annotation import CostAnnotation
 
 #: operand index of the weight (right-hand side) of each matmul-family target
 _RHS = {"addmm": 2, "baddbmm": 2}
@@ -57,7 +58,7 @@ def node_time(cost: NodeCost, measured: bool) -> float:
 
 
 def all_measured(gm: fx.GraphModule) -> bool:
-    costs = [n.meta.get("cost") for n in gm.graph.nodes if n.op == "call_function"]
+    costs = [n.meta.get(meta.COST) for n in gm.graph.nodes if n.op == "call_function"]
     return bool(costs) and all(c is not None and c.measured_s is not None for c in costs)
 
 
@@ -77,7 +78,7 @@ def find_hot_matmuls(gm: fx.GraphModule, measured: bool | None = None) -> list[H
     """Matmul-class nodes by share of total time, largest first."""
     if measured is None:
         measured = all_measured(gm)
-    costs = {n: n.meta["cost"] for n in gm.graph.nodes if isinstance(n.meta.get("cost"), NodeCost)}
+    costs = {n: n.meta[meta.COST] for n in gm.graph.nodes if isinstance(n.meta.get(meta.COST), NodeCost)}
     total = sum(node_time(c, measured) for c in costs.values()) or 1.0
     out = []
     for node, cost in costs.items():
@@ -90,20 +91,19 @@ def find_hot_matmuls(gm: fx.GraphModule, measured: bool | None = None) -> list[H
     return out
 
 
-class HotMatmuls(Pass):
+class HotMatmuls(AnalysisPass["list[HotMatmul]"]):
     name = "hot_matmuls"
     summary = "rank matmul/conv/attention nodes by their share of predicted (or measured) time"
-    kind = "analysis"
 
-    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
-        if not all(isinstance(n.meta.get("cost"), NodeCost) for n in gm.graph.nodes):
-            from graphopt.passes.analysis.cost_annotation import CostAnnotation
-
-            CostAnnotation()(gm, ctx)
+    def analyze(self, gm: fx.GraphModule, ctx: OptimizeContext) -> list[HotMatmul]:
+        if not all(isinstance(n.meta.get(meta.COST), NodeCost) for n in gm.graph.nodes):
+            ctx.analysis(CostAnnotation, gm)
         hot = find_hot_matmuls(gm)
         for rank, h in enumerate(hot, 1):
-            h.node.meta["hot_rank"] = rank
-        ctx.cache["hot_matmuls"] = hot
+            h.node.meta[meta.HOT_RANK] = rank
+        return hot
+
+    def describe(self, gm: fx.GraphModule, hot: list[HotMatmul], ctx: OptimizeContext) -> PassResult:
         share = sum(h.share for h in hot)
         return PassResult(gm, False, [f"{len(hot)} matmul-class nodes, {share:.0%} of the time"],
                           nodes_involved=[h.node.name for h in hot[:10]])

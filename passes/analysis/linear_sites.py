@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 
 aten = torch.ops.aten
 
@@ -64,7 +64,7 @@ class LinearSite:
     @property
     def label(self) -> str:
         """The module path (``model.layers.0.self_attn.q_proj``), or the group a merged matmul came from."""
-        return self.node.meta.get("merged_from") or self.module_path or self.node.name
+        return self.node.meta.get(meta.MERGED_FROM) or self.module_path or self.node.name
 
 
 def _constant_2d(node: object) -> tuple[fx.Node, bool] | None:

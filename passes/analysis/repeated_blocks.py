@@ -7,8 +7,8 @@ dtypes, wired the same way inside the block, reading the same kinds of
 outside values. Only the outermost repeated level is reported (a GPT-2
 model's ``h.0``, ``h.1``, not the attention modules inside them).
 
-Writes ``ctx.cache["repeated_blocks"] = [RepeatedBlock, ...]`` and, on the
-nodes of each instance, ``node.meta["repeated_block"] = (group index, instance index)``.
+Returns ``[RepeatedBlock, ...]`` (``ctx.analysis(RepeatedBlocks, gm)``) and writes, on the
+nodes of each instance, ``node.meta[meta.REPEATED_BLOCK] = (group index, instance index)``.
 
 Declines: modules with fewer than ``MIN_NODES`` compute nodes (a lone
 ``Linear`` or ``LayerNorm`` is not a layer); a group left with fewer than two
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import ir
+from graphopt import ir, meta
 from graphopt.cost import NodeCost, shape, val_of
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import AnalysisPass, OptimizeContext, PassResult
 
 #: a module instance needs this many call_function nodes to count as a block
 MIN_NODES = 4
@@ -48,7 +48,7 @@ class RepeatedBlock:
         return len(self.instances)
 
     def flops_per_instance(self) -> int:
-        costs = [n.meta.get("cost") for n in self.nodes[0]] if self.nodes else []
+        costs = [n.meta.get(meta.COST) for n in self.nodes[0]] if self.nodes else []
         return sum(c.flops for c in costs if isinstance(c, NodeCost))
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,18 +127,19 @@ def find_repeated_blocks(gm: fx.GraphModule, min_nodes: int = MIN_NODES) -> list
     return kept
 
 
-class RepeatedBlocks(Pass):
+class RepeatedBlocks(AnalysisPass["list[RepeatedBlock]"]):
     name = "repeated_blocks"
     summary = "recognise layers that repeat the same structure (nn_module_stack + structural hash)"
-    kind = "analysis"
 
-    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+    def analyze(self, gm: fx.GraphModule, ctx: OptimizeContext) -> list[RepeatedBlock]:
         blocks = find_repeated_blocks(gm)
         for gi, block in enumerate(blocks):
             for ii, nodes in enumerate(block.nodes):
                 for node in nodes:
-                    node.meta["repeated_block"] = (gi, ii)
-        ctx.cache["repeated_blocks"] = blocks
+                    node.meta[meta.REPEATED_BLOCK] = (gi, ii)
+        return blocks
+
+    def describe(self, gm: fx.GraphModule, blocks: list[RepeatedBlock], ctx: OptimizeContext) -> PassResult:
         notes = [f"{b.count} x {b.module_class} ({', '.join(b.instances[:3])}{', ...' if b.count > 3 else ''})"
                  for b in blocks] or ["no repeated blocks"]
         return PassResult(gm, False, notes)

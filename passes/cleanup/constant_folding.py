@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.ir import constant_nodes, evaluate
-from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.report import Declined
 
 aten = torch.ops.aten
@@ -45,10 +45,11 @@ def _size(nbytes: int) -> str:
 class ConstantFolding(Pass):
     name = "constant_folding"
     summary = "precompute subgraphs that depend on no input (size-capped)"
-    options = {"constant_fold_max_bytes": "largest tensor constant folding may create (bytes, default 16 MiB)"}
+    options = {"constant_fold_max_bytes": Option("largest tensor constant folding may create (bytes, default 16 MiB)",
+                                                 int, DEFAULT_MAX_BYTES)}
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
-        max_bytes = int(ctx.option("constant_fold_max_bytes", DEFAULT_MAX_BYTES))
+        max_bytes = int(self.option(ctx, "constant_fold_max_bytes"))
         const = constant_nodes(gm)
         frontier: list[fx.Node] = []
         visited: set[fx.Node] = set()
