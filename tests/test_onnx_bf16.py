@@ -1,4 +1,4 @@
-"""graphopt.onnx_bf16: bf16 arithmetic computed in float32 between casts, so onnxruntime's CPU provider runs it."""
+"""graphopt.onnx.bf16: bf16 arithmetic computed in float32 between casts, so onnxruntime's CPU provider runs it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt.onnx_bf16 import BF16_NATIVE, compute_bf16_in_float32
+from graphopt.onnx.bf16 import BF16_NATIVE, compute_bf16_in_float32
 from onnx_support import rel_l2, run_onnx
 
 BF16 = TensorProto.BFLOAT16
@@ -141,5 +141,5 @@ def test_standard_target_keeps_bf16_operators(tmp_path):
     assert "bf16_in_float32" not in info.rewrites
     proto = onnx.load(str(tmp_path / "std.onnx"))
     assert _arithmetic_with_bf16(ir.from_proto(proto))
-    with pytest.raises(graphopt.onnx_io.OnnxExportError, match="target='onnxruntime'"):
+    with pytest.raises(graphopt.OnnxExportError, match="target='onnxruntime'"):
         graphopt.export_onnx(result, tmp_path / "std2.onnx", target="standard")

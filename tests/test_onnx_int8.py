@@ -1,4 +1,4 @@
-"""graphopt.onnx_int8: the int8 linear's dequantization folded into com.microsoft.MatMulIntegerToFloat."""
+"""graphopt.onnx.int8: the int8 linear's dequantization folded into com.microsoft.MatMulIntegerToFloat."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.onnx_rewrites import apply_onnxruntime_rewrites
+from graphopt.onnx.rewrites import rewrite_for_onnxruntime
 from onnx_support import run_onnx
 from test_precision_ops import _QuantModule
 
@@ -49,7 +49,7 @@ def test_fold_is_idempotent(tmp_path):
     graphopt.export_onnx(_QuantModule(w, torch.zeros(48), "per_token_sym_u8"), tmp_path / "m.onnx", (x,))
     model = onnx_ir.load(str(tmp_path / "m.onnx"))
     before = _ops(tmp_path / "m.onnx")
-    counts, _ = apply_onnxruntime_rewrites(model)
+    counts = rewrite_for_onnxruntime(model).counts
     assert counts["int8_matmul_to_float"] == 0  # already folded: nothing new
     onnx_ir.save(model, str(tmp_path / "again.onnx"))
     assert _ops(tmp_path / "again.onnx") == before
