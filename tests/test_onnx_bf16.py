@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt.onnx.bf16 import BF16_NATIVE, compute_bf16_in_float32
+from graphopt.onnx.bf16 import BF16_NATIVE, ComputeBf16InFloat32, compute_bf16_in_float32
 from onnx_support import rel_l2, run_onnx
 
 BF16 = TensorProto.BFLOAT16
@@ -103,6 +103,22 @@ def test_nothing_to_do_without_bf16():
             v.type = ir.TensorType(ir.DataType.FLOAT)
     assert compute_bf16_in_float32(model) == 0
     assert not any(n.op_type == "Cast" for n in model.graph)
+
+
+def test_node_whose_attribute_fixes_its_output_type_is_declined_with_the_reason():
+    nodes = [helper.make_node("EyeLike", ["x"], ["eye"], name="eye_like", dtype=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "x"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", BF16, [4, 4])],
+                              [helper.make_tensor_value_info("eye", TensorProto.FLOAT, [4, 4]),
+                               helper.make_tensor_value_info("y", BF16, [4, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    bf16_pass = ComputeBf16InFloat32()
+    assert bf16_pass(model).modified and bf16_pass.rewritten == 1  # the Add
+    assert [(d.site, d.reason) for d in bf16_pass.declined] == [
+        ("eye_like", "an attribute fixes its output type: left in bf16")]
+    again = ComputeBf16InFloat32()
+    assert not again(model).modified  # idempotent: the Add now computes in float32
 
 
 class _Bf16Linear(torch.nn.Module):
