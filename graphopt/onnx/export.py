@@ -214,8 +214,8 @@ def _torch_export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if dynamic_shapes is not None and ("specialized" in str(exc) or "Constraints violated" in str(exc)):
-            hint = STATIC_CAPTURE_HINT if from_result else "the model fixes that size in its code; export " \
-                                                           "without it in dynamic"
+            hint = (STATIC_CAPTURE_HINT if from_result
+                    else "the model fixes that size in its code; export without it in dynamic")
             raise OnnxExportError(f"cannot make the asked axes dynamic: {first}; {hint}") from exc
         raise OnnxExportError(f"torch.export failed before ONNX translation: {type(exc).__name__}: {first}") from exc
 
