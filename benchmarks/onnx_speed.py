@@ -3,7 +3,7 @@
 All ONNX models of a row run in this one process, in onnxruntime sessions with
 the same session options (all graph optimizations; --threads sets the intra-op
 thread count, default onnxruntime's), runs interleaved round by round
-(graphopt.onnx_speed.compare_latency); the figure is the median of --runs
+(graphopt.onnx.speed.compare_latency); the figure is the median of --runs
 runs (>= 10). "vs plain" = plain median / model median.
 
 Rows (batch 1, --seq tokens, default 1024):
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.examples_models import nanogpt, use_sdpa_attention
-from graphopt.onnx_io import export_plain
-from graphopt.onnx_speed import compare_latency, describe_session_options, session_options
+from graphopt.onnx import export_plain
+from graphopt.onnx.speed import compare_latency, describe_session_options, session_options
 
 
 def gpt2(seq: int, attn: str = "eager", head: bool = True) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:

@@ -241,8 +241,8 @@ def onnx_rows(model, example, fresh, results: dict, is_lm: bool, args: argparse.
     import shutil
     import tempfile
 
-    from graphopt.onnx_io import export_plain
-    from graphopt.onnx_speed import compare_latency, make_session, session_options
+    from graphopt.onnx import export_plain
+    from graphopt.onnx.speed import compare_latency, make_session, session_options
 
     tmp = tempfile.mkdtemp(prefix="precision-onnx-")
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
-from graphopt.onnx_io import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx
+from graphopt.onnx import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx, record_onnx_export
 from graphopt.errors import GraphoptError, OptionError
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
@@ -56,5 +56,6 @@ __all__ = [
     "capture",
     "export_onnx",
     "optimize",
+    "record_onnx_export",
     "visualize",
 ]

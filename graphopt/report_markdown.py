@@ -1,8 +1,8 @@
 """Markdown rendering of a :class:`graphopt.report.Report` (``Report.to_markdown()``).
 
 Sections: summary, passes (table), final check, declined sites, rolled-back
-passes, then one section per ``report.extra`` entry -- ``extra["onnx"]`` (from
-:func:`graphopt.export_onnx`) gets its own layout (file, inputs and outputs,
+passes, then one section per ``report.extra`` entry -- ``extra["onnx"]`` (an
+export recorded with :func:`graphopt.onnx.record_onnx_export`) gets its own layout (file, inputs and outputs,
 ops, rewrites, the onnxruntime check and the speed comparison); any other
 entry is shown as JSON.
 """

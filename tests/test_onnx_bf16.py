@@ -1,4 +1,4 @@
-"""graphopt.onnx_bf16: bf16 arithmetic computed in float32 between casts, so onnxruntime's CPU provider runs it."""
+"""graphopt.onnx.bf16: bf16 arithmetic computed in float32 between casts, so onnxruntime's CPU provider runs it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt.onnx_bf16 import BF16_NATIVE, compute_bf16_in_float32
+from graphopt.onnx.bf16 import BF16_NATIVE, ComputeBf16InFloat32, compute_bf16_in_float32
 from onnx_support import rel_l2, run_onnx
 
 BF16 = TensorProto.BFLOAT16
@@ -105,6 +105,22 @@ def test_nothing_to_do_without_bf16():
     assert not any(n.op_type == "Cast" for n in model.graph)
 
 
+def test_node_whose_attribute_fixes_its_output_type_is_declined_with_the_reason():
+    nodes = [helper.make_node("EyeLike", ["x"], ["eye"], name="eye_like", dtype=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "x"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", BF16, [4, 4])],
+                              [helper.make_tensor_value_info("eye", TensorProto.FLOAT, [4, 4]),
+                               helper.make_tensor_value_info("y", BF16, [4, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    bf16_pass = ComputeBf16InFloat32()
+    assert bf16_pass(model).modified and bf16_pass.rewritten == 1  # the Add
+    assert [(d.site, d.reason) for d in bf16_pass.declined] == [
+        ("eye_like", "an attribute fixes its output type: left in bf16")]
+    again = ComputeBf16InFloat32()
+    assert not again(model).modified  # idempotent: the Add now computes in float32
+
+
 class _Bf16Linear(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -141,5 +157,5 @@ def test_standard_target_keeps_bf16_operators(tmp_path):
     assert "bf16_in_float32" not in info.rewrites
     proto = onnx.load(str(tmp_path / "std.onnx"))
     assert _arithmetic_with_bf16(ir.from_proto(proto))
-    with pytest.raises(graphopt.onnx_io.OnnxExportError, match="target='onnxruntime'"):
+    with pytest.raises(graphopt.OnnxExportError, match="target='onnxruntime'"):
         graphopt.export_onnx(result, tmp_path / "std2.onnx", target="standard")

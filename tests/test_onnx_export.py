@@ -11,7 +11,7 @@ import torch
 import graphopt
 import graphopt.examples_models
 import graphopt.verify
-from graphopt import onnx_io
+from graphopt import onnx as graphopt_onnx
 from graphopt.specs import load_spec
 from onnx_support import rel_l2, run_onnx, torch_leaves
 
@@ -46,9 +46,9 @@ def _fresh_inputs(example: list[torch.Tensor], batch: int, seq: int, seed: int =
 def test_optimized_model_exports_and_matches_torch_at_other_shapes(name, tmp_path):
     spec_text, dynamic = MODELS[name]
     spec = load_spec(spec_text)
-    args, kwargs = onnx_io.widen_for_dynamic(spec.args, spec.kwargs, dynamic)
+    args, kwargs = graphopt_onnx.widen_for_dynamic(spec.args, spec.kwargs, dynamic)
     result = graphopt.optimize(spec.model, args, kwargs,
-                               dynamic_shapes=onnx_io.dynamic_shapes_for(spec.model, args, kwargs, dynamic))
+                               dynamic_shapes=graphopt_onnx.dynamic_shapes_for(spec.model, args, kwargs, dynamic))
     path = tmp_path / "model.onnx"
     info = graphopt.export_onnx(result, path, dynamic=dynamic)
 
@@ -64,6 +64,8 @@ def test_optimized_model_exports_and_matches_torch_at_other_shapes(name, tmp_pat
         assert dims[0] == "batch", dims
         if "seq" in dynamic:
             assert dims[1] == "seq", dims
+    assert "onnx" not in result.report.extra  # export_onnx returns the export; the caller records it
+    graphopt.record_onnx_export(result.report, info)
     assert result.report.extra["onnx"]["numerics"]["ok"]
 
     # independently of graphopt's check: other shapes, compared with the user's original model
@@ -100,30 +102,30 @@ def test_dynamic_axes_on_a_statically_captured_result_say_how_to_fix_it(tmp_path
 
 def test_dynamic_axis_names_are_checked():
     with pytest.raises(ValueError, match="batch and/or seq"):
-        onnx_io.parse_dynamic("batch,time")
-    assert onnx_io.parse_dynamic("seq, batch") == ("seq", "batch")
-    assert onnx_io.parse_dynamic(None) == ()
+        graphopt_onnx.parse_dynamic("batch,time")
+    assert graphopt_onnx.parse_dynamic("seq, batch") == ("seq", "batch")
+    assert graphopt_onnx.parse_dynamic(None) == ()
 
 
 def test_axes_of_input_follow_the_layout():
-    assert onnx_io.axes_of_input(torch.zeros(2, 5, dtype=torch.long), ("batch", "seq")) == {0: "batch", 1: "seq"}
-    assert onnx_io.axes_of_input(torch.zeros(2, 5, 8), ("batch", "seq")) == {0: "batch", 1: "seq"}
-    assert onnx_io.axes_of_input(torch.zeros(2, 3, 32, 32), ("batch", "seq")) == {0: "batch"}  # image
-    assert onnx_io.axes_of_input(torch.zeros(2, 64), ("seq",)) == {}  # (batch, features)
+    assert graphopt_onnx.axes_of_input(torch.zeros(2, 5, dtype=torch.long), ("batch", "seq")) == {0: "batch", 1: "seq"}
+    assert graphopt_onnx.axes_of_input(torch.zeros(2, 5, 8), ("batch", "seq")) == {0: "batch", 1: "seq"}
+    assert graphopt_onnx.axes_of_input(torch.zeros(2, 3, 32, 32), ("batch", "seq")) == {0: "batch"}  # image
+    assert graphopt_onnx.axes_of_input(torch.zeros(2, 64), ("seq",)) == {}  # (batch, features)
 
 
 def test_size_one_axes_are_widened_for_export():
     ids = torch.tensor([[3, 4, 5]])
-    (wide,), _ = onnx_io.widen_for_dynamic((ids,), {}, "batch")
+    (wide,), _ = graphopt_onnx.widen_for_dynamic((ids,), {}, "batch")
     assert wide.shape == (2, 3) and torch.equal(wide[1], ids[0])
-    (same,), _ = onnx_io.widen_for_dynamic((ids,), {}, None)
+    (same,), _ = graphopt_onnx.widen_for_dynamic((ids,), {}, None)
     assert same is ids
 
 
 def test_a_seq_axis_no_input_has_is_refused():
     model, args = graphopt.examples_models.cnn(batch=2, width=4)
     with pytest.raises(ValueError, match="no input has a 'seq' axis"):
-        onnx_io.dynamic_shapes_for(model, args, {}, "batch,seq")
+        graphopt_onnx.dynamic_shapes_for(model, args, {}, "batch,seq")
 
 
 class HalfLinear(torch.nn.Module):
@@ -158,7 +160,7 @@ def test_int8_operator_from_the_precision_pass_exports_through_its_translation(t
     assert info.tolerance == {"float32": 0.05}
     assert any("against the original model" in n for n in info.notes), info.notes
     assert info.checked_against == "the original model" and "onnxruntime vs the original model ok" in info.summary()
-    assert onnx_io.compute_precision(torch.export.export(result.module, args, strict=False)) == "int8"
+    assert graphopt_onnx.compute_precision(torch.export.export(result.module, args, strict=False)) == "int8"
     # and the translation is the same arithmetic as torch's int8 graph (two layers: no room to drift)
     fresh = torch.randn(*args[0].shape, generator=torch.Generator().manual_seed(3))
     (got,) = run_onnx(str(tmp_path / "int8.onnx"), [fresh])
@@ -173,7 +175,7 @@ def test_a_precision_result_outside_its_budget_in_onnxruntime_is_refused(tmp_pat
     model, args = graphopt.examples_models.mlp(batch=8)
     result = graphopt.optimize(model, args, precision="int8", error_budget=0.05)
     result.context.error_budget = graphopt.verify.ErrorBudget(rel_l2=1e-6)
-    with pytest.raises(onnx_io.OnnxMismatchError, match="differ from the original model"):
+    with pytest.raises(graphopt_onnx.OnnxMismatchError, match="differ from the original model"):
         graphopt.export_onnx(result, tmp_path / "int8.onnx")
     assert not (tmp_path / "int8.onnx").exists()
     # a plain module computing in int8 has no budget: compared with its own graph, at int8's tolerance

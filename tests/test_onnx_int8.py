@@ -1,4 +1,4 @@
-"""graphopt.onnx_int8: the int8 linear's dequantization folded into com.microsoft.MatMulIntegerToFloat."""
+"""graphopt.onnx.int8: the int8 linear's dequantization folded into com.microsoft.MatMulIntegerToFloat."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.onnx_rewrites import apply_onnxruntime_rewrites
+from graphopt.onnx.int8 import MatMulIntegerToFloatPass
+from graphopt.onnx.rewrites import rewrite_for_onnxruntime
 from onnx_support import run_onnx
 from test_precision_ops import _QuantModule
 
@@ -32,6 +33,7 @@ def test_fold_is_exact_and_only_where_the_scale_is_a_constant_vector(tmp_path, s
     ops, std_ops = _ops(tmp_path / "ort.onnx"), _ops(tmp_path / "std.onnx")
     assert "MatMulInteger" in std_ops and "com.microsoft.MatMulIntegerToFloat" not in std_ops
     assert std_info.rewrites == {}
+    assert ort_info.declined == []  # an fbgemm scheme's run-time scale is another pattern, not a decline
     if FOLDED[scheme]:
         assert ort_info.rewrites["int8_matmul_to_float"] == 1
         assert "com.microsoft.MatMulIntegerToFloat" in ops and "MatMulInteger" not in ops
@@ -49,7 +51,37 @@ def test_fold_is_idempotent(tmp_path):
     graphopt.export_onnx(_QuantModule(w, torch.zeros(48), "per_token_sym_u8"), tmp_path / "m.onnx", (x,))
     model = onnx_ir.load(str(tmp_path / "m.onnx"))
     before = _ops(tmp_path / "m.onnx")
-    counts, _ = apply_onnxruntime_rewrites(model)
+    counts = rewrite_for_onnxruntime(model).counts
     assert counts["int8_matmul_to_float"] == 0  # already folded: nothing new
     onnx_ir.save(model, str(tmp_path / "again.onnx"))
     assert _ops(tmp_path / "again.onnx") == before
+
+
+def _int8_epilogue(scale_shape: list[int]) -> onnx_ir.Model:
+    """Mul(Cast(MatMulInteger(q, W, zp), FLOAT), scale) with a constant scale of ``scale_shape``."""
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("W", TensorProto.INT8, [8, 4], np.ones(32, np.int8).tobytes(), raw=True)
+    zp = helper.make_tensor("zp", TensorProto.UINT8, [], [128])
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, scale_shape, [0.5] * int(np.prod(scale_shape)))
+    nodes = [helper.make_node("MatMulInteger", ["q", "W", "zp"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["acc_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["acc_f", "scale"], ["y"], name="epilogue")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("q", TensorProto.UINT8, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              initializer=[w, zp, scale])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return onnx_ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_pass_folds_a_vector_scale_and_declines_another_with_its_reason():
+    folded = _int8_epilogue([4])
+    fold = MatMulIntegerToFloatPass()
+    assert fold(folded).modified and fold.rewritten == 1 and fold.declined == []
+    again = MatMulIntegerToFloatPass()
+    assert not again(folded).modified and again.rewritten == 0  # idempotent
+
+    kept = _int8_epilogue([1, 4])
+    decline = MatMulIntegerToFloatPass()
+    assert not decline(kept).modified and decline.rewritten == 0
+    assert [(d.site, d.reason) for d in decline.declined] == [("epilogue", "the weight scale is not a vector")]

@@ -1,4 +1,4 @@
-"""graphopt.onnx_reader: an .onnx file as nodes, shapes, initializer sizes, FLOPs and a networkx view."""
+"""graphopt.onnx.reader: an .onnx file as nodes, shapes, initializer sizes, FLOPs and a networkx view."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 import graphopt
 import graphopt.examples_models
-from graphopt.onnx_reader import load_onnx
+from graphopt.onnx.reader import load_onnx
 from onnx_support import use_sdpa_attention
 
 

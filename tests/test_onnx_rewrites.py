@@ -1,4 +1,4 @@
-"""graphopt.onnx_rewrites: causal Attention -> com.microsoft.GroupQueryAttention for onnxruntime."""
+"""graphopt.onnx.gqa: causal Attention -> com.microsoft.GroupQueryAttention for onnxruntime."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import onnx_io
+from graphopt import onnx as graphopt_onnx
 from graphopt.examples_models import nanogpt
 from onnx_support import GQACausalAttention, MaskedAttention, rel_l2, run_onnx, use_sdpa_attention
 
@@ -20,7 +20,7 @@ def _ops(path) -> list[str]:
 def sdpa_result():
     model, args = nanogpt(n_layer=2, n_embd=64, seq=16, batch=2)
     use_sdpa_attention(model)
-    dyn = onnx_io.dynamic_shapes_for(model, args, {}, "batch,seq")
+    dyn = graphopt_onnx.dynamic_shapes_for(model, args, {}, "batch,seq")
     return model, args, graphopt.optimize(model, args, dynamic_shapes=dyn)
 
 

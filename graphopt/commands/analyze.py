@@ -7,7 +7,7 @@ repeated blocks). ``--json`` prints the documented JSON instead
 (docs/analysis.md); ``--profile`` runs the model to measure each node's time
 and the peak of torch's allocations.
 
-An ``.onnx`` file is read without running it (graphopt.onnx_reader): op
+An ``.onnx`` file is read without running it (graphopt.onnx.reader): op
 counts, FLOPs per node (MatMul, Gemm, Conv, attention ops), the heaviest
 nodes and the weight size; ``--dim batch=1`` sizes symbolic axes.
 """
@@ -88,7 +88,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     """``graphopt analyze model.onnx``: what the file computes, read without running it."""
     from rich.table import Table
 
-    from graphopt.onnx_reader import load_onnx
+    from graphopt.onnx.reader import load_onnx
 
     if args.profile or args.target:
         raise UsageError("--profile and --target need a PyTorch model; an .onnx file is only read "

@@ -33,7 +33,19 @@ from typing import Any
 from graphopt.commands.common import UsageError, err_console, load_model, out_console, parse_options, step
 from graphopt.commands.optimize import add_optimize_arguments, check_output_dir, optimize_from_args
 from graphopt.commands.output_dir import staged_output_dir
-from graphopt.errors import UnknownOptionError
+from graphopt.onnx import (
+    TARGETS,
+    OnnxExport,
+    OnnxExportError,
+    OnnxMismatchError,
+    dynamic_shapes_for,
+    export_onnx,
+    parse_dynamic,
+    record_onnx_export,
+    widen_for_dynamic,
+)
+from graphopt.optimize import OptimizeResult
+from graphopt.viz import visualize
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +61,6 @@ def register(sub: Any) -> None:
     p = sub.add_parser("convert", help="optimize a model and export a checked ONNX model (+ .pt2, reports)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_optimize_arguments(p)
-    from graphopt.onnx_io import TARGETS
-
     p.add_argument("--opset", type=int, metavar="N",
                    help="ai.onnx opset (default: 23 when the graph has fused attention, else torch.onnx's default)")
     p.add_argument("--dynamic", metavar="AXES", help="dynamic axes: batch, seq or batch,seq")
@@ -60,19 +70,14 @@ def register(sub: Any) -> None:
     p.add_argument("--no-speed", action="store_true",
                    help="skip timing the plain torch.onnx export of the original against graphopt's")
     p.add_argument("--speed-runs", type=int, default=10, metavar="N", help="timed runs per model (default 10)")
-    if not any("--precision" in a.option_strings for a in p._actions):
-        p.add_argument("--precision", metavar="P", help="reduced precision for the precision passes "
-                                                         "(given to them as the 'precision' option)")
-        p.set_defaults(_convert_passes_precision=True)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphopt import onnx_io
-
+    """Optimize, save model.pt2, export and check model.onnx, write the reports; the exit code."""
     check_output_dir(args.output, args.force)  # refuse early, before the slow work
     try:
-        axes = onnx_io.parse_dynamic(args.dynamic)
+        axes = parse_dynamic(args.dynamic)
     except ValueError as exc:
         raise UsageError(f"--dynamic: {exc}") from exc
     if args.opset is not None and not 7 <= args.opset <= 30:
@@ -80,23 +85,15 @@ def run(args: argparse.Namespace) -> int:
     spec = load_model(args.spec)
     dynamic_shapes = None
     if axes:
-        spec.args, spec.kwargs = onnx_io.widen_for_dynamic(spec.args, spec.kwargs, axes)
+        spec.args, spec.kwargs = widen_for_dynamic(spec.args, spec.kwargs, axes)
         try:
-            dynamic_shapes = onnx_io.dynamic_shapes_for(spec.model, spec.args, spec.kwargs, axes)
+            dynamic_shapes = dynamic_shapes_for(spec.model, spec.args, spec.kwargs, axes)
         except ValueError as exc:
             raise UsageError(f"--dynamic: {exc}") from exc
     extra = {}
-    if getattr(args, "_convert_passes_precision", False) and args.precision:
-        extra["precision"] = args.precision
-    if getattr(args, "precision", None) and "precision_int8_pair_safe" not in parse_options(args.option):
+    if args.precision and "precision_int8_pair_safe" not in parse_options(args.option):
         extra["precision_int8_pair_safe"] = True  # an ONNX file is portable: exact on CPUs without VNNI too
-    try:
-        _spec, result = optimize_from_args(args, spec=spec, dynamic_shapes=dynamic_shapes, **extra)
-    except UnknownOptionError as exc:
-        if "precision" in extra and "precision" in exc.names:
-            raise UsageError(f"--precision {args.precision}: no pass in this build takes a precision option "
-                             f"({exc})") from exc
-        raise
+    _spec, result = optimize_from_args(args, spec=spec, dynamic_shapes=dynamic_shapes, **extra)
     report = result.report
     try:
         with staged_output_dir(args.output, args.force) as staging:
@@ -107,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 result.save(staging)
             with step("exporting model.onnx and checking it in onnxruntime"):
                 info = _export(result, os.path.join(staging, "model.onnx"), args, axes)
+            record_onnx_export(report, info)
             # the report names the files where they will be, not where they were staged
             onnx_part = report.extra["onnx"]
             onnx_part["path"] = os.path.join(args.output, "model.onnx")
@@ -126,14 +124,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(result: Any, path: str, args: argparse.Namespace, axes: tuple[str, ...]) -> Any:
-    from graphopt.onnx_io import OnnxExportError, OnnxMismatchError, export_onnx
-
+def _export(result: OptimizeResult, path: str, args: argparse.Namespace, axes: tuple[str, ...]) -> OnnxExport:
+    """Export and check; a mismatch (recorded in the report) is a :class:`CheckFailed`, any other failure exit 2."""
     try:
         return export_onnx(result, path, dynamic=axes, opset=args.opset, target=args.target,
                            compare_speed=not args.no_speed, speed_runs=args.speed_runs)
     except OnnxMismatchError as exc:
-        result.report.extra["onnx"] = exc.export.to_dict()
+        record_onnx_export(result.report, exc.export)
         raise CheckFailed(str(exc)) from exc
     except OnnxExportError as exc:
         raise UsageError(f"conversion failed, nothing was written: {exc}") from exc
@@ -143,13 +140,8 @@ def _export(result: Any, path: str, args: argparse.Namespace, axes: tuple[str, .
                          f"(--debug shows the traceback)") from exc
 
 
-def write_graph_html(result: Any, path: str) -> str:
-    """Write the viewer's page with ``graphopt.visualize(result, path)``; a note when it is skipped."""
-    import graphopt
-
-    visualize = getattr(graphopt, "visualize", None)
-    if visualize is None:
-        return "graph.html skipped: the graph viewer (graphopt.visualize) is not in this build yet"
+def write_graph_html(result: OptimizeResult, path: str) -> str:
+    """Write the viewer's page with ``graphopt.visualize(result, path)``; a note when it fails."""
     try:
         visualize(result, path)
     except Exception as exc:  # the viewer is auxiliary: the checked model still stands

@@ -5,7 +5,7 @@ reference implementation, a fake kernel (so graphs stay exportable and
 ``.pt2`` files reload) and an ONNX translation. Each module defines
 ``ONNX_TRANSLATIONS: dict[OpOverload, onnxscript function]``; they are listed
 here explicitly and gathered by :func:`onnx_translations`, which
-:mod:`graphopt.onnx_io` hands to ``torch.onnx.export(custom_translation_table=...)``.
+:func:`graphopt.onnx.export_onnx` hands to ``torch.onnx.export(custom_translation_table=...)``.
 
 Importing :mod:`graphopt` imports this package, so a saved ``.pt2`` that uses
 graphopt operators loads after ``import graphopt``.

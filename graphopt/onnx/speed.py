@@ -1,4 +1,4 @@
-"""onnxruntime latency of several ONNX models side by side, in one process.
+"""onnxruntime latency of several ONNX models side by side, in one process; the plain export to compare with.
 
 Every model gets its own ``InferenceSession`` with the *same* session options;
 runs are interleaved round by round (the order rotates each round), so a
@@ -7,18 +7,29 @@ during the noise. The median over ``runs`` is the figure to quote.
 
 >>> stats = compare_latency({"plain": "plain.onnx", "graphopt": "model.onnx"}, feeds)  # doctest: +SKIP
 >>> stats["graphopt"].median_ms                                                       # doctest: +SKIP
+
+:func:`export_plain` is the baseline: ``torch.onnx.export`` of the original
+model with torch.onnx's defaults; :func:`compare_with_plain_export` times it
+against graphopt's file (``export_onnx(..., compare_speed=True)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from graphopt.onnx.files import save_model
+from graphopt.onnx.torch_run import as_tuple, inference, to_numpy
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,7 @@ class Latency:
 
 def session_options(threads: int | None = None) -> Any:
     """onnxruntime's default session options (all graph optimizations), optionally with a thread count."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: keeps `import graphopt` (and the CLI's start-up) free of onnxruntime
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -47,6 +58,7 @@ def session_options(threads: int | None = None) -> Any:
 
 
 def describe_session_options(so: Any) -> dict[str, Any]:
+    """The session options that matter for a timing, as the report shows them."""
     return {
         "graph_optimization_level": str(so.graph_optimization_level).rsplit(".", 1)[-1],
         "intra_op_num_threads": so.intra_op_num_threads or f"default ({os.cpu_count()} cores visible)",
@@ -56,7 +68,8 @@ def describe_session_options(so: Any) -> dict[str, Any]:
 
 def make_session(model: str | bytes | os.PathLike[str], so: Any = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
-    import onnxruntime as ort
+    """An onnxruntime ``InferenceSession`` for a file (or serialized model) with ``so`` (default options)."""
+    import onnxruntime as ort  # lazy: keeps `import graphopt` (and the CLI's start-up) free of onnxruntime
 
     model = os.fspath(model) if not isinstance(model, bytes) else model
     return ort.InferenceSession(model, so if so is not None else session_options(), providers=list(providers))
@@ -102,3 +115,42 @@ def compare_latency(
             sessions[name].run(None, feeds[name])
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: Latency(statistics.median(ts), min(ts), statistics.fmean(ts), len(ts)) for name, ts in times.items()}
+
+
+def export_plain(model_or_program: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+                 path: str | os.PathLike[str] | None = None, opset: int | None = None) -> Any:
+    """The plain ``torch.onnx.export`` (dynamo) of a model, with torch.onnx's defaults; saved when ``path``."""
+    is_module = isinstance(model_or_program, torch.nn.Module)
+    with inference(model_or_program), torch.no_grad(), contextlib.redirect_stdout(None):
+        program = torch.onnx.export(model_or_program, as_tuple(args) if is_module else (),
+                                    kwargs=dict(kwargs or {}) if is_module else None, dynamo=True,
+                                    opset_version=opset, verbose=False)
+    if path is not None:
+        save_model(program.model, os.fspath(path))
+    return program
+
+
+def compare_with_plain_export(baseline: Any, args: tuple, kwargs: dict, graphopt_path: str,
+                              tensors: list[torch.Tensor], scratch: str, runs: int,
+                              threads: int | None) -> dict[str, Any]:
+    """Time :func:`export_plain` of ``baseline`` against the file at ``graphopt_path`` (what the report shows).
+
+    The plain file is built in a temporary directory under ``scratch`` and removed.
+    """
+    plain_dir = tempfile.mkdtemp(prefix="plain-", dir=scratch)
+    plain_path = os.path.join(plain_dir, "plain.onnx")
+    export_plain(baseline, args, kwargs, plain_path)
+    so = session_options(threads)
+    feed = [to_numpy(x) for x in tensors]
+    stats = compare_latency({"plain": plain_path, "graphopt": graphopt_path}, feed, runs=runs, so=so)
+    shutil.rmtree(plain_dir, ignore_errors=True)
+    plain, ours = stats["plain"], stats["graphopt"]
+    return {
+        "plain": plain.to_dict(),
+        "graphopt": ours.to_dict(),
+        "speedup": round(plain.median_ms / ours.median_ms, 3) if ours.median_ms > 0 else None,
+        "inputs": [list(x.shape) for x in tensors],
+        "session_options": describe_session_options(so),
+        "method": "one process, same session options, runs interleaved; plain = torch.onnx.export of the "
+                  "original model with its defaults",
+    }

@@ -142,7 +142,7 @@ def load_onnx(path: str | os.PathLike[str], *, infer_shapes: bool = True,
     intermediate shapes. ``dims``: sizes for symbolic axes (``{"batch": 1}``)
     used for shapes and FLOPs.
     """
-    import onnx
+    import onnx  # lazy: keeps `import graphopt` (and the CLI's start-up) free of onnx
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -181,7 +181,7 @@ def load_onnx(path: str | os.PathLike[str], *, infer_shapes: bool = True,
 
 
 def _with_inferred_shapes(path: str, model: Any) -> Any:
-    import onnx
+    import onnx  # lazy: keeps `import graphopt` (and the CLI's start-up) free of onnx
 
     fd, scratch = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
@@ -196,7 +196,7 @@ def _with_inferred_shapes(path: str, model: Any) -> Any:
 
 
 def _dtype_name(elem_type: int) -> str:
-    import onnx
+    import onnx  # lazy: keeps `import graphopt` (and the CLI's start-up) free of onnx
 
     try:
         return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
@@ -216,7 +216,7 @@ def _tensor_info(vi: Any, dims: Mapping[str, int]) -> TensorInfo:
 
 
 def _initializer_info(init: Any) -> TensorInfo:
-    import onnx
+    import onnx  # lazy: keeps `import graphopt` (and the CLI's start-up) free of onnx
 
     shape = tuple(int(d) for d in init.dims)
     try:

@@ -20,26 +20,27 @@ median, 3-5 %. The per-token scale and the bias stay separate ops (they vary
 per row, which ``MatMulIntegerToFloat``'s ``a_scale`` -- a scalar or one per
 column of A -- cannot express).
 
-Declined (the pattern does not match, so nothing changes): a weight scale that
-is not a constant float32 vector, a ``B`` that is not 2-D, and the fbgemm
-schemes (``per_token_u8`` / ``u7``), whose float scale is the product of a
-per-tensor run-time scale and the weight scales.
+Not this pattern (nothing to report): the fbgemm schemes (``per_token_u8`` /
+``u7``), whose float scale is the product of a per-tensor run-time scale and
+the weight scales -- a run-time value, not a constant. Declined, with the
+reason recorded: a constant weight scale that is not a float32 vector, a ``B``
+that is not 2-D.
 
 Written with onnxscript's rewriter (``pattern / check / rewrite``), as
-:mod:`graphopt.onnx_rewrites` is.
+:mod:`graphopt.onnx.gqa` is; :class:`MatMulIntegerToFloatPass` runs it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchResult
+
+from graphopt.onnx.rules import CheckedRule, RulesPass
 
 
-class DequantizeInIntegerMatMul(pattern.RewriteRuleClassBase):
+class DequantizeInIntegerMatMul(CheckedRule):
     """``Mul(Cast(MatMulInteger(q, W, zp)), w_scale)`` -> ``com.microsoft.MatMulIntegerToFloat``.
 
     ``with_zero_point=False`` matches the two-input ``MatMulInteger(q, W)`` of the
@@ -53,18 +54,30 @@ class DequantizeInIntegerMatMul(pattern.RewriteRuleClassBase):
         product = op.MatMulInteger(q, weight, zero_point) if self.with_zero_point else op.MatMulInteger(q, weight)
         return op.Mul(op.Cast(product, to=ir.DataType.FLOAT), scale)
 
-    def check(self, context: Any, q: ir.Value, weight: ir.Value, scale: ir.Value, zero_point: Any = None,
-              **_: Any) -> MatchResult:
-        result = MatchResult()
-        if scale.const_value is None or scale.shape is None or len(scale.shape) != 1:
-            return result.fail("the weight scale is not a constant vector")
+    def matches(self, context: Any, scale: ir.Value, **_: Any) -> bool:
+        return scale.const_value is not None  # a run-time scale: an fbgemm scheme, another epilogue
+
+    def decline_reason(self, context: Any, q: ir.Value, weight: ir.Value, scale: ir.Value,
+                       zero_point: Any = None, **_: Any) -> str | None:
+        if scale.shape is None or len(scale.shape) != 1:
+            return "the weight scale is not a vector"
         if scale.dtype != ir.DataType.FLOAT:
-            return result.fail("the weight scale is not float32")
+            return "the weight scale is not float32"
         if weight.shape is None or len(weight.shape) != 2:
-            return result.fail("B is not 2-D")
-        return result
+            return "B is not 2-D"
+        return None
 
     def rewrite(self, op: Any, q: ir.Value, weight: ir.Value, scale: ir.Value, zero_point: Any = None) -> Any:
         one = op.Constant(value=ir.tensor(np.array(1.0, dtype=np.float32)))
         inputs = (q, weight, one, scale) + ((zero_point,) if self.with_zero_point else ())
         return op.MatMulIntegerToFloat(*inputs, _domain="com.microsoft")
+
+
+class MatMulIntegerToFloatPass(RulesPass):
+    """Fold an int8 linear's int32-to-float dequantization into ``com.microsoft.MatMulIntegerToFloat``."""
+
+    name: ClassVar[str] = "int8_matmul_to_float"
+    counted_op: ClassVar[tuple[str, str]] = ("com.microsoft", "MatMulIntegerToFloat")
+
+    def rules(self) -> list[DequantizeInIntegerMatMul]:
+        return [DequantizeInIntegerMatMul(with_zero_point=True), DequantizeInIntegerMatMul(with_zero_point=False)]
