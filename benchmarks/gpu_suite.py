@@ -36,7 +36,9 @@ passes to the next, and a section that reaches its deadline is interrupted
 The script runs from a checkout without graphopt installed: when
 ``graphopt.passes`` cannot be imported it puts the repository root on
 ``sys.path`` and maps ``graphopt.passes`` to the top-level ``passes/`` folder
-(what pyproject's package-dir does for an install).
+(what pyproject's package-dir does for an install). The graphopt commit
+comes from ``git rev-parse HEAD``, or ``$GRAPHOPT_COMMIT`` for a copy without
+``.git``.
 """
 
 from __future__ import annotations
@@ -173,8 +175,12 @@ class Suite:
         """False (and ``where[what]`` says so) when the section has less than ``seconds`` left."""
         if self.left() >= seconds:
             return True
-        where[what] = {"status": "skipped: time budget", "needed_s": round(seconds, 1),
-                       "left_s": round(max(self.left(), 0.0), 1)}
+        skipped = {"status": "skipped: time budget", "needed_s": round(seconds, 1),
+                   "left_s": round(max(self.left(), 0.0), 1)}
+        if what == "status":  # a whole case: its status line, the figures beside it
+            where.update(status=skipped["status"], needed_s=skipped["needed_s"], left_s=skipped["left_s"])
+        else:
+            where[what] = skipped
         self.log(f"  {what}: skipped: time budget (needs ~{seconds:.0f} s, {max(self.left(), 0):.0f} s left)")
         self.save()
         return False
@@ -234,6 +240,8 @@ def environment(device: str) -> dict[str, Any]:
                            "host_cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                            "torch_threads": torch.get_num_threads()}
     try:
+        if os.environ.get("GRAPHOPT_COMMIT"):  # a copy without .git: the caller names the commit
+            raise OSError("named by GRAPHOPT_COMMIT")
         env["graphopt_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                                 text=True, timeout=10).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -241,7 +249,7 @@ def environment(device: str) -> dict[str, Any]:
         if env["graphopt_commit"] != "unknown" and dirty.returncode == 0 and dirty.stdout.strip():
             env["graphopt_commit"] += " (with uncommitted changes)"
     except (OSError, subprocess.SubprocessError):
-        env["graphopt_commit"] = "unknown"
+        env["graphopt_commit"] = os.environ.get("GRAPHOPT_COMMIT") or "unknown"
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -269,7 +277,8 @@ def environment(device: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- measuring
 
-def time_ms(suite: Suite, fn: Callable[[], Any], runs: int | None = None, warmup: int | None = None) -> dict[str, float]:
+def time_ms(suite: Suite, fn: Callable[[], Any], runs: int | None = None,
+            warmup: int | None = None) -> dict[str, float]:
     """Median and fastest milliseconds per call after warm-up: CUDA events on a GPU, the wall clock on a CPU.
 
     The run count shrinks for slow calls so that one variant takes at most ~3 s of timing.
@@ -368,14 +377,16 @@ def step(suite: Suite, where: dict[str, Any], name: str):
     suite.save()
 
 
-def measure(suite: Suite, fn: Callable[[], Any], ref: torch.Tensor | None, first_s: float | None = None) -> dict[str, Any]:
-    """Time, peak memory and error against ``ref`` of one variant (its first call already made or not)."""
+def measure(suite: Suite, fn: Callable[[], Any], ref: torch.Tensor | None,
+            compiled: bool = False) -> dict[str, Any]:
+    """Time, peak memory and error against ``ref`` of one variant (``compiled``: its first call, the
+    compilation, was made and timed already)."""
     with torch.no_grad():
         t0 = time.perf_counter()
         out = first_tensor(fn())
         suite.sync()
         row: dict[str, Any] = {}
-        if first_s is None:
+        if not compiled:
             row["first_call_s"] = round(time.perf_counter() - t0, 2)
         if ref is not None:
             row["rel_l2"] = rel_l2(ref, out)
@@ -422,8 +433,10 @@ def attention_section(suite: Suite, sec: dict[str, Any]) -> None:
                 gm = result.module
                 rows["graphopt"] = {"optimize_s": case["graphopt"]["optimize_s"],
                                     **measure(suite, lambda: gm(ids), ref)}
-            compiled_variants = [("compile(eager)", lambda: eager), ("compile(sdpa)", lambda: sdpa),
-                                 ("compile(graphopt)", lambda: result.module if result is not None else None)]
+            # the issue's targets first: compile(graphopt) vs min(sdpa, compile(sdpa)), then the peers' compile
+            compiled_variants = [("compile(sdpa)", lambda: sdpa),
+                                 ("compile(graphopt)", lambda: result.module if result is not None else None),
+                                 ("compile(eager)", lambda: eager)]
             for name, target in compiled_variants:
                 if not suite.need(suite.compile_estimate, rows, name):
                     continue
@@ -438,7 +451,7 @@ def attention_section(suite: Suite, sec: dict[str, Any]) -> None:
                         suite.sync()
                         compile_s = time.perf_counter() - t0
                     suite.compile_estimate = max(suite.compile_estimate * 0.5, compile_s * 1.2)
-                    rows[name] = {"compile_s": round(compile_s, 1), **measure(suite, lambda: compiled(ids), ref, 0.0)}
+                    rows[name] = {"compile_s": round(compile_s, 1), **measure(suite, lambda: compiled(ids), ref, compiled=True)}
             case["status"] = "done"
         except TimeBudget:
             case["status"] = "interrupted: time budget"
@@ -725,7 +738,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                 secs_s = r.get("compile_s", r.get("optimize_s", ""))
                 ratio = _f(r["ms"] / base, ".2f") if base and "ms" in r else ""
                 out.append(f"| {case['model']} | {case['seq']} | {case['batch']} | {name} | {_f(r.get('ms'), '.2f')} | "
-                           f"{ratio} | {_gib(r.get('peak_bytes'))} | {_f(r.get('rel_l2'), '.1e')} | {secs_s} | {peer} | "
+                           f"{ratio} | {_gib(r.get('peak_bytes'))} | {_f(r.get('rel_l2'), '.1e')} | {secs_s} | "
+                           f"{peer} | "
                            f"{_status(r)} |")
         notes = []
         for case in att.get("cases", []):
@@ -741,7 +755,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                         f"{rows['graphopt']['ms'] / rows['sdpa']['ms']:.3f}, memory "
                         f"{rows['graphopt']['peak_bytes'] / max(rows['sdpa']['peak_bytes'], 1):.3f}")
                 if "ms" in rows.get("compile(eager)", {}):
-                    line += f"; graphopt / compile(eager) time {rows['graphopt']['ms'] / rows['compile(eager)']['ms']:.3f}"
+                    ratio = rows["graphopt"]["ms"] / rows["compile(eager)"]["ms"]
+                    line += f"; graphopt / compile(eager) time {ratio:.3f}"
                 if "ms" in rows.get("compile(graphopt)", {}):
                     best = min(rows[k]["ms"] for k in ("sdpa", "compile(sdpa)") if "ms" in rows.get(k, {}))
                     line += (f"; compile(graphopt) / min(sdpa, compile(sdpa)) "
@@ -791,8 +806,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                        f"{_f(r.get('rel_l2'), '.1e')} | {status} |")
     gen = secs.get("generation")
     if gen:
-        out += ["", f"### Generation (Llama LM, prompt {gen.get('prompt')}, {gen.get('new_tokens')} new tokens, greedy)",
-                ""]
+        out += ["", f"### Generation (Llama LM, prompt {gen.get('prompt')}, {gen.get('new_tokens')} new tokens, "
+                "greedy)", ""]
         if gen.get("status") not in (None, "done"):
             out.append(f"Section: {_status(gen)}")
         out += ["| variant | prefill ms | decode tokens/s | decode ms/step | x eager decode | warm-up s | status |",
@@ -807,10 +822,6 @@ def render_markdown(data: dict[str, Any]) -> str:
         out.append("")
         out.append("decode tokens/s counts every sequence of the batch; transformers' static cache + compile is "
                    "the bar for graphopt's decode (issue 19).")
-    for name in SECTIONS:
-        s = secs.get(name)
-        if s and s.get("status") and s["status"].startswith("skipped"):
-            out.append(f"\n{name}: {s['status']}")
     out += ["", end, ""]
     return "\n".join(out)
 

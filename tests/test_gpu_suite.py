@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -52,13 +53,14 @@ def test_smoke_run_from_a_checkout_without_install(tmp_path):
     script = _copy_checkout(str(tmp_path / "repo"))
     out = tmp_path / "out"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRAPHOPT_COMMIT")}
     env["PYTHONUNBUFFERED"] = "1"
-    start = time.monotonic()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-c", _WITHOUT_INSTALL, script, "--smoke", "--out", str(out),
                            "--total-seconds", "240"], cwd=str(out), env=env, capture_output=True, text=True,
                           timeout=600)
-    took = time.monotonic() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "gpu_suite.json").read_text())
     md = (out / "gpu_suite.md").read_text()
@@ -103,7 +105,8 @@ def test_smoke_run_from_a_checkout_without_install(tmp_path):
     for heading in ("### Attention", "### Precision", "### Blocked", "### Generation"):
         assert heading in md
     assert "| llama | 64 | 1 | compile(graphopt) |" in md
-    assert took < 120, f"the smoke run took {took:.0f} s; keep it well under a minute"
+    # CPU seconds, not wall time, so a loaded runner does not fail it: about 20 s wall on an idle 2-core machine
+    assert cpu_s < 90, f"the smoke run used {cpu_s:.0f} CPU seconds; keep it well under a minute"
 
 
 def _load_suite():
