@@ -451,7 +451,8 @@ def attention_section(suite: Suite, sec: dict[str, Any]) -> None:
                         suite.sync()
                         compile_s = time.perf_counter() - t0
                     suite.compile_estimate = max(suite.compile_estimate * 0.5, compile_s * 1.2)
-                    rows[name] = {"compile_s": round(compile_s, 1), **measure(suite, lambda: compiled(ids), ref, compiled=True)}
+                    rows[name] = {"compile_s": round(compile_s, 1),
+                                  **measure(suite, lambda: compiled(ids), ref, compiled=True)}
             case["status"] = "done"
         except TimeBudget:
             case["status"] = "interrupted: time budget"
@@ -772,7 +773,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         out += ["", f"### Precision (Llama LM, batch 1, T{pre.get('seq')}, from the fp32 model)", ""]
         if pre.get("status") not in (None, "done"):
             out.append(f"Section: {_status(pre)}")
-        out += ["| variant | ms | x fp32 | peak GiB | rel L2 vs fp32 | top-1 vs fp32 | optimize s | plan | status |",
+        out += ["| variant | ms | speed-up vs fp32 | peak GiB | rel L2 vs fp32 | top-1 vs fp32 | optimize s | plan "
+                "| status |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         rows = pre.get("rows", {})
         base = rows.get("fp32 eager", {}).get("ms")
@@ -788,8 +790,10 @@ def render_markdown(data: dict[str, Any]) -> str:
                        f"{summary} | {_status(r)} |")
     blk = secs.get("blocked")
     if blk:
+        budget = _gib(blk.get("budget_bytes"))
+        budget += "" if budget.endswith("MiB") or not budget else " GiB"
         out += ["", f"### Blocked (Llama, batch 1, T{blk.get('seq')}, budget {blk.get('fraction', 0.25):.0%} of "
-                f"eager's peak = {_gib(blk.get('budget_bytes'))} GiB)", ""]
+                f"eager's peak = {budget})", ""]
         if blk.get("status") not in (None, "done"):
             out.append(f"Section: {_status(blk)}")
         out += ["| variant | ms | x eager | peak allocated GiB | peak reserved GiB | predicted GiB | rel L2 vs eager "

@@ -105,8 +105,9 @@ def test_smoke_run_from_a_checkout_without_install(tmp_path):
     for heading in ("### Attention", "### Precision", "### Blocked", "### Generation"):
         assert heading in md
     assert "| llama | 64 | 1 | compile(graphopt) |" in md
-    # CPU seconds, not wall time, so a loaded runner does not fail it: about 20 s wall on an idle 2-core machine
-    assert cpu_s < 90, f"the smoke run used {cpu_s:.0f} CPU seconds; keep it well under a minute"
+    # CPU seconds, not wall time, so a loaded runner does not fail it (about 20 s wall, 45 CPU s
+    # on an idle 2-core machine)
+    assert cpu_s < 150, f"the smoke run used {cpu_s:.0f} CPU seconds; keep it well under a minute"
 
 
 def _load_suite():
