@@ -379,11 +379,15 @@ def _kinds(ctx: OptimizeContext) -> tuple[str, ...]:
 
 def _time_module(gm: fx.GraphModule, ctx: OptimizeContext, repeats: int = 3) -> float:
     times = []
+    # CUDA runs asynchronously: without a synchronize the clock would time the kernel launches only
+    sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         gm(*ctx.args, **ctx.kwargs)  # warm-up
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             gm(*ctx.args, **ctx.kwargs)
+            sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
