@@ -65,7 +65,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
-from graphopt.passes.analysis.linear_sites import LinearSite, find_linear_sites, linear_site
+from graphopt.passes.analysis.sites.linear import LinearSite, find_linear_sites, linear_site
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class _Propagation:
         if node.op != "call_function":
             raise _Decline(f"{_where(node)} ({node.op}) takes a sharded value")
         site = linear_site(node)
-        if site is not None and site.input in self.states:
+        if site is not None and site.declined is None and site.input in self.states:
             self._row(node, site, self.states[site.input])
             return None
         t = node.target
