@@ -14,19 +14,18 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.cost import node_cost
 from graphopt.pass_infra import OptimizeContext
-from graphopt.ir import constant_nodes
-from graphopt.precision.calibrate import Calibration, calibrate
+from graphopt.precision.calibrate import Calibration
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
+from graphopt.passes.precision.measurements import NodeMeasurements
 from graphopt.passes.precision.quantized_linears import (
     QuantizableLinear,
     QuantizedWeights,
     quantizable_linears,
     replace_site,
 )
-from graphopt.precision.quantize import input_shift
 from graphopt.precision.replay import SuffixReplay, recorded_bytes, writes_in_place
-from graphopt.precision.search import describe_steps, relative_l2, search_kept
+from graphopt.precision.search import describe_steps, search_kept
 from graphopt.precision.speed import choose_precision
 from graphopt.precision.target import PrecisionTarget
 from graphopt.report import Declined
@@ -68,7 +67,7 @@ def non_fp32_weights(gm: fx.GraphModule) -> str:
     return ", ".join(sorted(dtypes))
 
 
-class PrecisionRun:
+class PrecisionRun(NodeMeasurements):
     """State of one ``precision`` pass run: candidates, measurements, choices."""
 
     def __init__(self, timer: Callable[..., dict[str, float]], gm: fx.GraphModule, ctx: OptimizeContext,
@@ -139,29 +138,7 @@ class PrecisionRun:
                     declined.append(Declined(node.name, f"kept fp32: {reason}"))
         return declined
 
-    # -- measurements
-    def calibrate(self, input_sets: list[list[Any]]) -> None:
-        self.cal = calibrate(self.gm, input_sets, self.options)
-
-    def choose_shifts(self) -> None:
-        """int8 sites whose calibrated input has a large shared component get an input shift."""
-        shifted = 0
-        for name, opts in self.options.items():
-            if "int8" not in opts or name not in self.cal.args:
-                continue
-            args, _ = self.cal.args[name]
-            x = args[1] if self.nodes[name].target == torch.ops.aten.addmm.default else args[0]
-            if not isinstance(x, torch.Tensor):
-                continue
-            mu, gain = input_shift(x)
-            if mu is not None:
-                self.weights.shifts[name] = mu
-                self.shift_gain[name] = gain
-                shifted += 1
-        if shifted:
-            self.notes.append(f"int8 input shift (calibrated channel means, W @ mu folded into the bias) on "
-                              f"{shifted} of {sum('int8' in o for o in self.options.values())} linears")
-
+    # -- whole-model measurements (single nodes: NodeMeasurements)
     def model_sensitivity(self, plan: dict[str, str], verifier: Verifier) -> dict[str, float]:
         """Whole-model error with each node of ``plan`` converted alone, on the example inputs.
 
@@ -200,92 +177,6 @@ class PrecisionRun:
             else:
                 self._replay_cache = SuffixReplay(self.gm, ir.flat_inputs(args, kwargs, self.gm))
         return self._replay_cache
-
-    def _quantized_call(self, name: str, precision: str, args: tuple, kwargs: dict) -> Any:
-        """The int8/fp8 replacement of linear site ``name`` on concrete arguments of the original node."""
-        node = self.nodes[name]
-        addmm = node.target == torch.ops.aten.addmm.default
-        x = args[1] if addmm else args[0]
-        bias = (args[0] if addmm
-                else (args[2] if len(args) > 2 else kwargs.get("bias")) if node.target == torch.ops.aten.linear.default
-                else None)
-        return self.weights.call(self.sites[name], precision, x, bias)
-
-    def _isolated(self, name: str, precision: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
-        """(low-precision call, fp32 call) of one node on its recorded arguments."""
-        node = self.nodes[name]
-        args, kwargs = self.cal.args[name]
-        ref = lambda: node.target(*args, **kwargs)  # noqa: E731
-        if precision == "fp32":
-            return ref, ref
-        if precision in ("int8", "fp8"):
-            self.weights.get(self.sites[name], precision)
-            return (lambda: self._quantized_call(name, precision, args, kwargs)), ref
-        dtype = FLOAT_DTYPES[precision]
-        const = self._const
-        graph_args = list(node.args) + list(node.kwargs.values())
-        values = list(args) + list(kwargs.values())
-        low_values = [v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point
-                      and isinstance(g, fx.Node) and g in const else v for g, v in zip(graph_args, values)]
-        n_args = len(args)
-        keys = list(kwargs)
-
-        def low() -> Any:
-            vals = [v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v
-                    for v in low_values]
-            out = node.target(*vals[:n_args], **dict(zip(keys, vals[n_args:])))
-            return out.float() if isinstance(out, torch.Tensor) else out
-        return low, ref
-
-    @property
-    def _const(self) -> set[fx.Node]:
-        if not hasattr(self, "_const_cache"):
-            self._const_cache = constant_nodes(self.gm)
-        return self._const_cache
-
-    def measure_local_errors(self) -> None:
-        with torch.no_grad():
-            for name, opts in self.options.items():
-                low_ref = None
-                for p in opts:
-                    low, ref = self._isolated(name, p)
-                    if low_ref is None:
-                        low_ref = ref()
-                    try:
-                        self.errors[(name, p)] = relative_l2(low(), low_ref)
-                    except Exception as exc:  # the op has no low-precision kernel here
-                        log.info("%s in %s failed: %s", name, p, exc)
-                        self.errors[(name, p)] = float("inf")
-
-    def local_error(self, name: str, precision: str) -> float:
-        return self.errors.get((name, precision), float("inf"))
-
-    def choose_requested(self) -> None:
-        for name, opts in self.options.items():
-            p = opts[0]
-            self.choice[name] = p
-            self.reasons[name] = f"requested ({self._int8_detail(name)})" if p == "int8" else "requested"
-
-    def _int8_detail(self, name: str) -> str:
-        scheme = self.target.int8_scheme or "reference kernel"
-        if name in self.weights.shifts:
-            return f"{scheme}, input shifted: per-token range x{self.shift_gain.get(name, 1.0):.2f}"
-        return scheme
-
-    def measure_speed(self) -> None:
-        cache = self.ctx.cache.setdefault("precision_timings", {})
-        for name, opts in self.options.items():
-            opts = [p for p in opts if self.local_error(name, p) != float("inf")]
-            key = (self._signature(name), tuple(opts))
-            if key not in cache:
-                fns = {"fp32": self._isolated(name, "fp32")[0]}
-                fns.update({p: self._isolated(name, p)[0] for p in opts})
-                cache[key] = self.timer(fns, device=self.target.device)
-            self.timings[name] = cache[key]
-            choice, reason = choose_precision(cache[key], self._min_speedup)
-            if choice == "int8":
-                reason += f" ({self._int8_detail(name)})"
-            self.choice[name], self.reasons[name] = choice, reason
 
     def ranked(self, nodes: dict[str, str], errors: dict[str, float], target: float | None) -> list[str]:
         """``nodes`` (name -> precision) most error-costly first, the order the search keeps them in fp32.
@@ -366,13 +257,6 @@ class PrecisionRun:
                 + (f" (ranked by error per ms saved, {len(second)} single-node runs)" if len(steps) > 1 else "")
                 + ", " + describe_steps(steps))
         return (kept - set(moved)), note
-
-    def _signature(self, name: str) -> tuple:
-        node = self.nodes[name]
-        args, kwargs = self.cal.args[name]
-        shapes = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
-                       for a in list(args) + list(kwargs.values()))
-        return (str(node.target), shapes, self.target.int8_scheme, name in self.weights.shifts)
 
     def whole_graph_speed(self, out: fx.GraphModule) -> str | None:
         """Time the plan against fp32 end to end; a reason when it is not faster."""
