@@ -48,7 +48,7 @@ from graphopt.cost import alias_root, alias_source, shape, val_of
 from graphopt.opsets import is_passthrough
 from graphopt.ops._blocking import ACTIVATIONS as BLOCKED_ACTIVATIONS
 from graphopt.passes.analysis.hot_matmuls import weight_operand
-from graphopt.passes.analysis.sites.linear import LinearSite, linear_site
+from graphopt.passes.analysis.sites.linear import LINEAR_OPS, LinearSite, linear_site
 from graphopt.passes.analysis.sites.walk import dtype_of, keeps_last_dim, real_users
 from graphopt.pattern import Decline
 
@@ -58,8 +58,6 @@ __all__ = ["FFNChain", "find_ffn_chains", "FFNSite", "ffn_site", "is_weight_matm
 
 _SINGLE_OP_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.sigmoid.default: "sigmoid",
                           aten.tanh.default: "tanh"}
-
-_WEIGHT_MATMULS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 
 #: pointwise ops that make a chain non-linear
 ACTIVATION_OP_NAMES = frozenset({
@@ -113,7 +111,8 @@ class FFNChain:
 
 
 def is_weight_matmul(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _WEIGHT_MATMULS and weight_operand(node) is not None
+    """A linear-family node whose right-hand operand is a constant (through views)."""
+    return node.op == "call_function" and node.target in LINEAR_OPS and weight_operand(node) is not None
 
 
 def activation_operand(node: fx.Node) -> fx.Node | None:
@@ -342,6 +341,11 @@ def _identify_activation(gm: fx.GraphModule, base: fx.Node, region: list[fx.Node
 
 
 def ffn_site(gm: fx.GraphModule, out: LinearSite) -> FFNSite | None:
+    """The FFN site that ends at the linear ``out``, or None when ``out`` ends none.
+
+    Raises :class:`Decline` when the chain is an FFN but its activation is not
+    one graphopt's chunked FFN computes.
+    """
     nodes: list[fx.Node] = []
     top = _strip_row_views(out.input, nodes)
     if not isinstance(top, fx.Node) or top.op != "call_function":

@@ -37,7 +37,7 @@ from graphopt.opsets import SPLITS, TRANSPOSES, is_parameter_view
 
 aten = torch.ops.aten
 
-__all__ = ["LinearSite", "linear_site", "find_linear_sites"]
+__all__ = ["LINEAR_OPS", "LinearSite", "linear_site", "find_linear_sites"]
 
 #: the ops a linear site is computed by
 LINEAR_OPS = frozenset({aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default})
