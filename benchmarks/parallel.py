@@ -28,7 +28,7 @@ import torch
 
 import graphopt
 from graphopt.passes import cleanup_pipeline
-from graphopt.passes.parallel import MergeMatmuls, MergeShape, measure_merge
+from graphopt.passes.merge_matmuls import MergeMatmuls, MergeShape, measure_merge
 
 
 def llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, seq: int, device: str):

@@ -54,6 +54,7 @@ import torch.fx as fx
 
 from graphopt import meta
 from graphopt.ir import VIEW_OPS
+from graphopt.opsets import MATMUL_OPS, SOFTMAX_FORMS_INCLUDING_SAFE, is_inactive_dropout
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +249,7 @@ def alias_source(node: fx.Node) -> fx.Node | None:
     if target in VIEW_OPS:
         return first
     if target is aten.dropout.default:
-        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        return first if (train is False or p == 0) else None
+        return first if is_inactive_dropout(node) else None
     if target is aten.contiguous.default:
         v = val_of(first)
         return first if isinstance(v, torch.Tensor) and _is_contiguous(v) else None
@@ -349,16 +348,13 @@ def _sdpa_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return 2 * batch_heads * L * S * E + 2 * batch_heads * L * S * Ev
 
 
-_MATMUL = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-           aten.matmul.default, aten.linear.default, aten._scaled_mm.default}
+_MATMUL = MATMUL_OPS | {aten._scaled_mm.default}
 _CONV = {aten.convolution.default, aten._convolution.default, aten.conv1d.default, aten.conv2d.default,
          aten.conv3d.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
          aten.conv_transpose3d.input, aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 _SDPA = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
          aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
          aten._scaled_dot_product_cudnn_attention.default}
-_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-            aten._safe_softmax.default}
 _NORM = {aten.layer_norm.default, aten.native_layer_norm.default, aten.batch_norm.default,
          aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default,
          aten.group_norm.default, aten.native_group_norm.default, aten.instance_norm.default}
@@ -441,7 +437,7 @@ def node_cost(node: fx.Node) -> NodeCost:
         q, k, v = _arg_val(node, 0), _arg_val(node, 1), _arg_val(node, 2)
         if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             return make(_sdpa_flops(q, k, v), "attention")
-    if target in _SOFTMAX:
+    if target in SOFTMAX_FORMS_INCLUDING_SAFE:
         return make(5 * n_out, "softmax")
     if target in _NORM:
         x = _arg_val(node, 0)

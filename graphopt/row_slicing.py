@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import CASTS_INCLUDING_DEVICE, DTYPE_CASTS, IDENTITY_LIKE, RESHAPES, is_inactive_dropout
 from graphopt.node_builder import NodeBuilder, fake_mode_of, set_fake_val
 
 aten = torch.ops.aten
@@ -42,16 +43,14 @@ __all__ = ["RowSlicer", "DEFAULT_LEAF_BYTES"]
 
 DEFAULT_LEAF_BYTES = 1 << 20
 
-_UNARY_LIKE = {
-    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.clone.default,
-    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.full_like.default,
+_UNARY_LIKE = CASTS_INCLUDING_DEVICE | IDENTITY_LIKE | {
+    aten.full_like.default,
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
     aten.lift_fresh_copy.default,
     # elementwise ops the pointwise tag misses
     aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, aten.__and__.Tensor, aten.__or__.Tensor,
     aten.__xor__.Tensor,
 }
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _nbytes(node: fx.Node) -> int:
@@ -283,7 +282,7 @@ class RowSlicer:
         if t in (aten.add.Tensor, aten.sub.Tensor) and isinstance(a[1], (int, float)) \
                 and node.kwargs.get("alpha", 1) == 1:
             return self._position_axis(a[0], depth + 1)
-        if t in (aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.clone.default):
+        if t in DTYPE_CASTS or t in (aten.alias.default, aten.clone.default):
             return self._position_axis(a[0], depth + 1)
         if t is aten.unsqueeze.default:
             inner = self._position_axis(a[0], depth + 1)
@@ -291,7 +290,7 @@ class RowSlicer:
                 return None
             d = _norm(a[1], len(shape))
             return inner if inner < d else inner + 1
-        if t in _RESHAPES or t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        if t in RESHAPES or t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
             inner = self._position_axis(a[0], depth + 1)
             mapping = _squeeze_map(ir.shape_of(a[0]), shape)
             if inner is None or mapping is None:
@@ -385,13 +384,13 @@ class RowSlicer:
             if d == axis and step != 1:
                 raise _Unsupported("strided slice along the sliced axis")
             return [(args[0], axis)]
-        if target in _RESHAPES:
+        if target in RESHAPES:
             mapping = _squeeze_map(ir.shape_of(args[0]), out_shape)
             if mapping is None or axis not in mapping:
                 raise _Unsupported(f"{ir.op_name(node)} {ir.shape_of(args[0])} -> {out_shape} mixes the axis")
             return [(args[0], mapping[axis])]
         if target is aten.dropout.default:
-            if args[2] and args[1] > 0:
+            if not is_inactive_dropout(node):
                 raise _Unsupported("dropout in training mode")
             return [(args[0], axis)]
         if _is_pointwise(target):
@@ -459,7 +458,7 @@ class RowSlicer:
             sizes = list(args[1])
             sizes[axis] = stop - start
             args[1] = sizes
-        elif target in _RESHAPES:
+        elif target in RESHAPES:
             mapping = _squeeze_map(ir.shape_of(args[0]), shape)
             args[0] = sub(args[0], mapping[axis])
             new_shape = list(shape)

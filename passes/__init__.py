@@ -22,7 +22,7 @@ from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
 from graphopt.passes.cleanup.fold_conv_bn import FoldConvBatchNorm
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
-from graphopt.passes.parallel import MergeMatmuls
+from graphopt.passes.merge_matmuls import MergeMatmuls
 from graphopt.passes.precision import ReducedPrecision
 from graphopt.passes.tensor_parallel import TensorParallel
 

@@ -157,7 +157,7 @@ def _signature(site: BlockableSite) -> tuple:
         return (site.kind, shapes(site.output, *site.output.args[:2]))
     if isinstance(site, FFNSite):
         return (site.kind, shapes(site.x), site.hidden, site.lin_gate is not None, site.activation)
-    return (site.kind, site.reduction, shapes(site.logits_view, site.head.x), site.normalize, site.upcast)
+    return (site.kind, site.reduction, shapes(site.logits_view, site.head.input), site.normalize, site.upcast)
 
 
 class _Planner:

@@ -33,10 +33,10 @@ from graphopt.passes.analysis.blockable_sites import (
     AttentionSite,
     BlockableSite,
     FFNSite,
-    LinearLike,
     LMHeadSite,
     MatmulSite,
 )
+from graphopt.passes.analysis.sites.linear import LinearSite
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer
 
 aten = torch.ops.aten
@@ -51,8 +51,8 @@ def remap_site(site: BlockableSite, nodes_by_name: dict[str, fx.Node]) -> Blocka
     def convert(value: Any) -> Any:
         if isinstance(value, fx.Node):
             return nodes_by_name[value.name]
-        if isinstance(value, LinearLike):
-            return LinearLike(*(convert(getattr(value, f.name)) for f in dataclasses.fields(value)))
+        if isinstance(value, LinearSite):
+            return LinearSite(**{f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)})
         if isinstance(value, list):
             return [convert(v) for v in value]
         return value
@@ -142,7 +142,7 @@ def _rewrite_attention(gm: fx.GraphModule, site: AttentionSite, cfg: BlockConfig
 
 # ---------------------------------------------------------------- FFN / LM head / matmul
 
-def _weight_out_in(lin: LinearLike | None, b: NodeBuilder) -> fx.Node | None:
+def _weight_out_in(lin: LinearSite | None, b: NodeBuilder) -> fx.Node | None:
     """The weight in ``(out, in)`` layout (views: a transpose, a slice of a merged weight)."""
     if lin is None:
         return None
@@ -152,7 +152,7 @@ def _weight_out_in(lin: LinearLike | None, b: NodeBuilder) -> fx.Node | None:
     return b.call(aten.t.default, w) if lin.weight_is_in_out else w
 
 
-def _bias(lin: LinearLike | None, b: NodeBuilder) -> fx.Node | None:
+def _bias(lin: LinearSite | None, b: NodeBuilder) -> fx.Node | None:
     if lin is None or lin.bias is None:
         return None
     return b.call(aten.slice.Tensor, lin.bias, 0, *lin.out_slice) if lin.out_slice is not None else lin.bias
@@ -166,7 +166,7 @@ def _rewrite_ffn(site: FFNSite, cfg: BlockConfig, b: NodeBuilder) -> fx.Node:
 
 
 def _rewrite_lm_head(site: LMHeadSite, cfg: BlockConfig, b: NodeBuilder) -> fx.Node | None:
-    hidden = site.head.x
+    hidden = site.head.input
     lead = list(ir.shape_of(site.logits_view)[:-1])
     if list(ir.shape_of(hidden)[:-1]) != lead:
         hidden = b.call(aten.reshape.default, hidden, lead + [ir.shape_of(hidden)[-1]])
@@ -189,7 +189,7 @@ def _rewrite_lm_head(site: LMHeadSite, cfg: BlockConfig, b: NodeBuilder) -> fx.N
 def _rewrite_matmul(site: MatmulSite, cfg: BlockConfig, b: NodeBuilder) -> fx.Node:
     rows, cols, k = cfg.sizes
     if site.linear is not None:
-        return b.call(graphopt_ops.blocked_linear.default, site.linear.x, _weight_out_in(site.linear, b),
+        return b.call(graphopt_ops.blocked_linear.default, site.linear.input, _weight_out_in(site.linear, b),
                       site.linear.bias, rows, cols, k)
     return b.call(graphopt_ops.blocked_matmul.default, site.output.args[0], site.output.args[1], rows, cols, k)
 

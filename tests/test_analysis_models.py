@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import graphopt
 from graphopt.cost import Target, annotate_costs
-from graphopt.passes.analysis.ffn_chains import find_ffn_chains
+from graphopt.passes.analysis.sites.ffn import find_ffn_chains
 from graphopt.passes.analysis.hot_matmuls import find_hot_matmuls
 from graphopt.passes.analysis.repeated_blocks import find_repeated_blocks
 from graphopt.specs import load_spec

@@ -13,7 +13,7 @@ from graphopt import ir
 from graphopt.examples_models import nanogpt
 from graphopt.pass_infra import OptimizeContext
 from graphopt.passes import default_pipeline
-from graphopt.passes.parallel import MergeCandidate, MergeDecision, MergeMatmuls, MergeShape, measured_decision
+from graphopt.passes.merge_matmuls import MergeCandidate, MergeDecision, MergeMatmuls, MergeShape, measured_decision
 
 aten = torch.ops.aten
 
@@ -157,7 +157,7 @@ def test_measured_slower_is_declined_with_the_ratio():
 
 
 def test_measured_decision_uses_the_micro_benchmark(monkeypatch):
-    from graphopt.passes import parallel as mod
+    from graphopt.passes import merge_matmuls as mod
 
     shape = MergeShape(8, 64, (64, 32, 32), torch.float32, False, "cpu")
     candidate = MergeCandidate([], shape, torch.device("cpu"))
@@ -170,7 +170,7 @@ def test_measured_decision_uses_the_micro_benchmark(monkeypatch):
 
 
 def test_measure_merge_times_both_and_caches():
-    from graphopt.passes.parallel import _TIMINGS, measure_merge
+    from graphopt.passes.merge_matmuls import _TIMINGS, measure_merge
 
     shape = MergeShape(4, 32, (32, 16), torch.float32, True, "cpu")
     sep, merged = measure_merge(shape, rounds=2, budget_seconds=0.05)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.passes.parallel import MergeDecision, MergeMatmuls
+from graphopt.passes.merge_matmuls import MergeDecision, MergeMatmuls
 
 aten = torch.ops.aten
 

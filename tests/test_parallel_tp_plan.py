@@ -153,7 +153,7 @@ def test_communication_table_scales_as_a_ring_all_reduce():
 
 
 def test_merged_qkv_is_sharded_block_by_block():
-    from graphopt.passes.parallel import MergeDecision, MergeMatmuls
+    from graphopt.passes.merge_matmuls import MergeDecision, MergeMatmuls
 
     model, args = tiny_llama(layers=1)
     merged = graphopt.optimize(model, args, passes=[MergeMatmuls(decide=lambda c: MergeDecision(True, "test"))])

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-import graphopt.passes.precision as precision_pass
+import graphopt.passes.precision.run as precision_run
 from graphopt import ir
 from graphopt.precision.replay import SuffixReplay, recorded_bytes
 
@@ -71,7 +71,7 @@ def test_the_search_ranks_the_same_with_and_without_replay(monkeypatch):
     from test_precision_pass import _model
 
     def plan_of(max_bytes):
-        monkeypatch.setattr(precision_pass, "REPLAY_MAX_BYTES", max_bytes)
+        monkeypatch.setattr(precision_run, "REPLAY_MAX_BYTES", max_bytes)
         model, args = _model()
         result = graphopt.optimize(model, args, precision="int8", error_budget=4e-3)
         rec = result.report.record("precision")

@@ -6,8 +6,9 @@
   which follow their inputs' precision.
 * :mod:`.calibrate` -- one fp32 run recording each candidate's inputs and
   every value's range.
-* :mod:`.quantize` -- linear sites with constant weights -> ``graphopt::int8_linear``
-  / ``graphopt::fp8_linear``.
+* :mod:`.quantize` -- the int8 input shift and the pair-safe weight check (the
+  quantized linear rewrite itself, built on the site layer, is
+  ``graphopt.passes.precision.quantized_linears``).
 * :mod:`.lower_float` -- bf16/fp16 regions with fp32 islands, casts at their
   borders, fp16 overflow scaling, redundant cast pairs removed.
 * :mod:`.speed` -- microbenchmarks and the measured decision

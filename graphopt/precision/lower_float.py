@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from graphopt import ir, meta
 from graphopt.ir import constant_nodes, evaluate
+from graphopt.opsets import DTYPE_CASTS
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.ops_classes import (
     FOLLOW_OPS,
@@ -47,7 +48,6 @@ FP16_HEADROOM = 4.0
 #: a scaled fp16 matmul aims its input and output maxima at 65504 / this
 FP16_SCALE_TARGET = 16.0
 
-_CASTS = {aten._to_copy.default, aten.to.dtype}
 
 
 @dataclass
@@ -223,10 +223,10 @@ def remove_redundant_casts(gm: fx.GraphModule) -> int:
     """``cast(cast(x, wider), dtype(x)) -> x``: the round trip through a wider type is lossless."""
     removed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _CASTS or not node.args:
+        if node.op != "call_function" or node.target not in DTYPE_CASTS or not node.args:
             continue
         inner = node.args[0]
-        if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.target not in _CASTS:
+        if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.target not in DTYPE_CASTS:
             continue
         src = inner.args[0] if inner.args else None
         to = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
@@ -245,7 +245,7 @@ def remove_redundant_casts(gm: fx.GraphModule) -> int:
 def _dtype_of(node: Any) -> torch.dtype | None:
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "call_function" and node.target in _CASTS:
+    if node.op == "call_function" and node.target in DTYPE_CASTS:
         return node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
     val = ir.tensor_meta(node)
     return val.dtype if val is not None else None

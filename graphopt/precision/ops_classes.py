@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import SOFTMAX_FORMS_INCLUDING_SAFE
 
 aten = torch.ops.aten
 
@@ -36,9 +37,6 @@ COMPUTE_OPS = {
 #: ops whose weight-bearing form has a scaled fp16 variant (x / s, op in fp16, * s)
 SCALABLE_OPS = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default}
 
-_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-            aten._safe_softmax.default} if hasattr(aten, "_safe_softmax") else {
-            aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
           aten.native_group_norm.default, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
           aten.instance_norm.default}
@@ -52,7 +50,7 @@ _EXP_LOG = {aten.exp.default, aten.log.default, aten.log1p.default, aten.expm1.d
             aten.pow.Tensor_Tensor, aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default}
 
 ISLAND_OPS: dict[object, str] = {}
-ISLAND_OPS.update({op: "softmax island" for op in _SOFTMAX})
+ISLAND_OPS.update({op: "softmax island" for op in SOFTMAX_FORMS_INCLUDING_SAFE})
 ISLAND_OPS.update({op: "norm island" for op in _NORMS})
 ISLAND_OPS.update({op: "reduction island" for op in _REDUCTIONS})
 ISLAND_OPS.update({op: "exp/log island" for op in _EXP_LOG})

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir, meta
+from graphopt.opsets import MATMUL_OPS
 
 aten = torch.ops.aten
 
@@ -34,8 +35,6 @@ NOMINAL_BYTES_PER_S = 5e10
 
 COST_FIELDS = ("flops", "bytes_read", "bytes_written", "intensity", "bound", "predicted_s", "measured_s")
 
-_MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.linear.default, aten.addmm.default,
-            aten.baddbmm.default}
 _CONVS = {aten.conv2d.default, aten.conv1d.default, aten.conv3d.default, aten.convolution.default}
 _FREE = {aten.embedding.default}
 
@@ -79,7 +78,7 @@ def _numel(value: Any) -> int:
 def _flops(node: fx.Node) -> float:
     out = node.meta.get("val")
     t = node.target
-    if t in _MATMULS:
+    if t in MATMUL_OPS:
         a = node.args[1] if t in (aten.addmm.default, aten.baddbmm.default) else node.args[0]
         shape = ir.shape_of(a)
         return 2.0 * _numel(out) * (shape[-1] if shape else 1)

@@ -279,9 +279,9 @@ class BlockCostModel:
             n_in = 2 if site.lin_gate is not None else 1
             return 2.0 * site.rows * site.hidden * (d_in * n_in + site.lin_out.out_features)
         if isinstance(site, LMHeadSite):
-            return 2.0 * site.rows * site.vocab * ir.shape_of(site.head.x)[-1]
+            return 2.0 * site.rows * site.vocab * ir.shape_of(site.head.input)[-1]
         val = ir.tensor_meta(site.output)
-        k = ir.shape_of(site.output.args[0] if site.linear is None else site.linear.x)[-1]
+        k = ir.shape_of(site.output.args[0] if site.linear is None else site.linear.input)[-1]
         return 2.0 * (val.numel() if val is not None else 0) * k
 
 

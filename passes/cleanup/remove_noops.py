@@ -21,14 +21,12 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import CASTS_INCLUDING_DEVICE, IDENTITY_OPS, RESHAPES_AND_EXPAND, is_inactive_dropout
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.report import Declined
 
 aten = torch.ops.aten
 
-_IDENTITY_OPS = {aten.alias.default, aten.detach.default, aten.clone.default}
-_CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device}
-_SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 _NEUTRAL = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1,
             aten.add.Scalar: 0, aten.sub.Scalar: 0, aten.mul.Scalar: 1, aten.div.Scalar: 1}
 
@@ -48,13 +46,12 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
         return None
     t, x = node.target, node.args[0]
     if t == aten.dropout.default:
-        p, train = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        return x if (train is False or p == 0) else None
-    if t in _IDENTITY_OPS:
+        return x if is_inactive_dropout(node) else None
+    if t in IDENTITY_OPS:
         return x if not node.kwargs.get("memory_format") else None
-    if t in _CAST_OPS:  # dtype, device and strides are compared by the caller
+    if t in CASTS_INCLUDING_DEVICE:  # dtype, device and strides are compared by the caller
         return x if node.kwargs.get("memory_format") in (None, torch.preserve_format) else None
-    if t in _SHAPE_OPS:
+    if t in RESHAPES_AND_EXPAND:
         return x
     if t == aten.slice.Tensor:
         dim = node.args[1] if len(node.args) > 1 else 0

@@ -46,7 +46,7 @@ import torch.fx as fx
 
 from graphopt import ir, meta
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
-from graphopt.passes.analysis.linear_sites import LinearSite, find_linear_sites
+from graphopt.passes.analysis.sites.linear import LinearSite, find_linear_sites
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)

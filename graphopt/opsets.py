@@ -1,0 +1,106 @@
+"""The op sets and op predicates every pass shares, each defined once.
+
+Where passes need a narrower or a wider set of one family, both are here,
+named for what they contain (``CASTS`` vs ``CASTS_INCLUDING_DEVICE``), the
+wider built from the narrower. Library layer: imports nothing from
+``graphopt.passes``.
+
+    >>> from graphopt.opsets import is_inactive_dropout, SOFTMAX_FORMS
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir import VIEW_OPS
+
+aten = torch.ops.aten
+
+__all__ = [
+    "DTYPE_CASTS", "CASTS", "CASTS_INCLUDING_DEVICE", "IDENTITY_OPS", "IDENTITY_LIKE", "RESHAPES",
+    "RESHAPES_AND_EXPAND", "TRANSPOSES", "SPLITS", "SPLITS_AND_UNBINDS", "SOFTMAX", "LOG_SOFTMAX",
+    "SOFTMAX_FORMS", "SOFTMAX_FORMS_INCLUDING_SAFE", "ACTIVATION_MATMULS", "MATMUL_OPS",
+    "is_inactive_dropout", "is_float_cast", "is_passthrough", "is_parameter_view",
+]
+
+# ---------------------------------------------------------------- casts
+
+#: the two forms a dtype cast takes in a captured graph (what the precision lowering inserts and folds)
+DTYPE_CASTS = frozenset({aten._to_copy.default, aten.to.dtype})
+#: casts that may change the dtype (``to`` with a layout too), not the device
+CASTS = DTYPE_CASTS | {aten.to.dtype_layout}
+#: :data:`CASTS` and ``to(device)``: every op that is an identity when dtype and device do not change
+CASTS_INCLUDING_DEVICE = CASTS | {aten.to.device}
+
+# ---------------------------------------------------------------- identities and views
+
+#: ops that return their input's value unchanged (a copy or an alias)
+IDENTITY_OPS = frozenset({aten.alias.default, aten.detach.default, aten.clone.default})
+#: :data:`IDENTITY_OPS` and ``contiguous`` (same values, maybe other strides)
+IDENTITY_LIKE = IDENTITY_OPS | {aten.contiguous.default}
+#: ops that reshape to an explicit shape argument
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+#: :data:`RESHAPES` and ``expand``: shape-only ops, identities when the shape does not change
+RESHAPES_AND_EXPAND = RESHAPES | {aten.expand.default}
+#: ops that transpose a matrix (``t``, ``transpose``, ``permute``, ``.T``)
+TRANSPOSES = frozenset({aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default})
+#: ops that split a tensor into sized pieces along one dim (read through ``getitem``)
+SPLITS = frozenset({aten.split_with_sizes.default, aten.split.Tensor})
+#: :data:`SPLITS` with ``chunk`` and ``unbind``: every op whose outputs are pieces of its input
+SPLITS_AND_UNBINDS = SPLITS | {aten.chunk.default, aten.unbind.int}
+
+# ---------------------------------------------------------------- softmax
+
+#: softmax (the public op and its ATen decomposition)
+SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default})
+#: log-softmax (the public op and its ATen decomposition)
+LOG_SOFTMAX = frozenset({aten.log_softmax.int, aten._log_softmax.default})
+#: softmax and log-softmax
+SOFTMAX_FORMS = SOFTMAX | LOG_SOFTMAX
+#: :data:`SOFTMAX_FORMS` and ``_safe_softmax`` (SDPA's decomposition: rows of -inf give 0, not NaN)
+SOFTMAX_FORMS_INCLUDING_SAFE = SOFTMAX_FORMS | {aten._safe_softmax.default}
+
+# ---------------------------------------------------------------- matmuls
+
+#: matmuls of two activations with batch dims (attention's ``q @ k^T`` and ``p @ v``)
+ACTIVATION_MATMULS = frozenset({aten.matmul.default, aten.bmm.default})
+#: every matrix-multiply op of a captured graph (a weight or an activation on the right)
+MATMUL_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+                        aten.matmul.default, aten.linear.default})
+
+
+# ---------------------------------------------------------------- predicates
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def is_inactive_dropout(node: Any) -> bool:
+    """``node`` is ``dropout(x, p, train)`` that returns ``x``: eval mode (``train`` false) or ``p == 0``."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not aten.dropout.default:
+        return False
+    return not _arg(node, 2, "train", True) or _arg(node, 1, "p", 0.5) == 0
+
+
+def is_float_cast(node: fx.Node) -> bool:
+    """``node`` is a :data:`CASTS` op to a floating dtype (or one that keeps the dtype)."""
+    if node.op != "call_function" or node.target not in CASTS:
+        return False
+    dtype = node.kwargs.get("dtype", node.args[1] if node.target is aten.to.dtype and len(node.args) > 1 else None)
+    return dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)
+
+
+def is_passthrough(node: fx.Node) -> bool:
+    """``node`` passes its input's values on: a float cast, an inactive dropout or an :data:`IDENTITY_LIKE` op."""
+    return node.op == "call_function" and (
+        is_float_cast(node) or is_inactive_dropout(node) or node.target in IDENTITY_LIKE)
+
+
+def is_parameter_view(node: fx.Node) -> bool:
+    """``node`` is a parameter or buffer (``get_attr``), or views of one: a value no input changes."""
+    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.op == "get_attr"

@@ -1,0 +1,165 @@
+"""Per-node measurements of a ``precision`` run: calibration, input shifts, each node's own error and timings.
+
+A mixin of :class:`graphopt.passes.precision.run.PrecisionRun`: the methods
+read and fill the run's state (``options``, ``cal``, ``errors``,
+``timings``, ``choice``, ``reasons``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt.ir import constant_nodes
+from graphopt.passes.precision.quantized_linears import QuantizableLinear, QuantizedWeights
+from graphopt.precision.calibrate import Calibration, calibrate
+from graphopt.precision.ops_classes import FLOAT_DTYPES
+from graphopt.precision.quantize import input_shift
+from graphopt.precision.search import relative_l2
+from graphopt.precision.speed import choose_precision
+from graphopt.precision.target import PrecisionTarget
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NodeMeasurements"]
+
+
+class NodeMeasurements:
+    """Calibrate, shift int8 inputs, and measure each candidate node alone (error, speed)."""
+
+    gm: fx.GraphModule
+    target: PrecisionTarget
+    timer: Callable[..., dict[str, float]]
+    nodes: dict[str, fx.Node]
+    options: dict[str, list[str]]
+    sites: dict[str, QuantizableLinear]
+    weights: QuantizedWeights
+    cal: Calibration | None
+    errors: dict[tuple[str, str], float]
+    timings: dict[str, dict[str, float]]
+    choice: dict[str, str]
+    reasons: dict[str, str]
+    shift_gain: dict[str, float]
+    notes: list[str]
+    _min_speedup: float
+
+    def calibrate(self, input_sets: list[list[Any]]) -> None:
+        self.cal = calibrate(self.gm, input_sets, self.options)
+
+    def choose_shifts(self) -> None:
+        """int8 sites whose calibrated input has a large shared component get an input shift."""
+        shifted = 0
+        for name, opts in self.options.items():
+            if "int8" not in opts or name not in self.cal.args:
+                continue
+            args, _ = self.cal.args[name]
+            x = args[1] if self.nodes[name].target == torch.ops.aten.addmm.default else args[0]
+            if not isinstance(x, torch.Tensor):
+                continue
+            mu, gain = input_shift(x)
+            if mu is not None:
+                self.weights.shifts[name] = mu
+                self.shift_gain[name] = gain
+                shifted += 1
+        if shifted:
+            self.notes.append(f"int8 input shift (calibrated channel means, W @ mu folded into the bias) on "
+                              f"{shifted} of {sum('int8' in o for o in self.options.values())} linears")
+
+
+    def _quantized_call(self, name: str, precision: str, args: tuple, kwargs: dict) -> Any:
+        """The int8/fp8 replacement of linear site ``name`` on concrete arguments of the original node."""
+        node = self.nodes[name]
+        addmm = node.target == torch.ops.aten.addmm.default
+        x = args[1] if addmm else args[0]
+        bias = (args[0] if addmm
+                else (args[2] if len(args) > 2 else kwargs.get("bias")) if node.target == torch.ops.aten.linear.default
+                else None)
+        return self.weights.call(self.sites[name], precision, x, bias)
+
+    def _isolated(self, name: str, precision: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        """(low-precision call, fp32 call) of one node on its recorded arguments."""
+        node = self.nodes[name]
+        args, kwargs = self.cal.args[name]
+        ref = lambda: node.target(*args, **kwargs)  # noqa: E731
+        if precision == "fp32":
+            return ref, ref
+        if precision in ("int8", "fp8"):
+            self.weights.get(self.sites[name], precision)
+            return (lambda: self._quantized_call(name, precision, args, kwargs)), ref
+        dtype = FLOAT_DTYPES[precision]
+        const = self._const
+        graph_args = list(node.args) + list(node.kwargs.values())
+        values = list(args) + list(kwargs.values())
+        low_values = [v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+                      and isinstance(g, fx.Node) and g in const else v for g, v in zip(graph_args, values)]
+        n_args = len(args)
+        keys = list(kwargs)
+
+        def low() -> Any:
+            vals = [v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v
+                    for v in low_values]
+            out = node.target(*vals[:n_args], **dict(zip(keys, vals[n_args:])))
+            return out.float() if isinstance(out, torch.Tensor) else out
+        return low, ref
+
+    @property
+    def _const(self) -> set[fx.Node]:
+        if not hasattr(self, "_const_cache"):
+            self._const_cache = constant_nodes(self.gm)
+        return self._const_cache
+
+    def measure_local_errors(self) -> None:
+        with torch.no_grad():
+            for name, opts in self.options.items():
+                low_ref = None
+                for p in opts:
+                    low, ref = self._isolated(name, p)
+                    if low_ref is None:
+                        low_ref = ref()
+                    try:
+                        self.errors[(name, p)] = relative_l2(low(), low_ref)
+                    except Exception as exc:  # the op has no low-precision kernel here
+                        log.info("%s in %s failed: %s", name, p, exc)
+                        self.errors[(name, p)] = float("inf")
+
+    def local_error(self, name: str, precision: str) -> float:
+        return self.errors.get((name, precision), float("inf"))
+
+    def choose_requested(self) -> None:
+        for name, opts in self.options.items():
+            p = opts[0]
+            self.choice[name] = p
+            self.reasons[name] = f"requested ({self._int8_detail(name)})" if p == "int8" else "requested"
+
+    def _int8_detail(self, name: str) -> str:
+        scheme = self.target.int8_scheme or "reference kernel"
+        if name in self.weights.shifts:
+            return f"{scheme}, input shifted: per-token range x{self.shift_gain.get(name, 1.0):.2f}"
+        return scheme
+
+    def measure_speed(self) -> None:
+        cache = self.ctx.timings.setdefault("precision", {})
+        for name, opts in self.options.items():
+            opts = [p for p in opts if self.local_error(name, p) != float("inf")]
+            key = (self._signature(name), tuple(opts))
+            if key not in cache:
+                fns = {"fp32": self._isolated(name, "fp32")[0]}
+                fns.update({p: self._isolated(name, p)[0] for p in opts})
+                cache[key] = self.timer(fns, device=self.target.device)
+            self.timings[name] = cache[key]
+            choice, reason = choose_precision(cache[key], self._min_speedup)
+            if choice == "int8":
+                reason += f" ({self._int8_detail(name)})"
+            self.choice[name], self.reasons[name] = choice, reason
+
+
+    def _signature(self, name: str) -> tuple:
+        node = self.nodes[name]
+        args, kwargs = self.cal.args[name]
+        shapes = tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
+                       for a in list(args) + list(kwargs.values()))
+        return (str(node.target), shapes, self.target.int8_scheme, name in self.weights.shifts)

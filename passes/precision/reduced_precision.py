@@ -1,0 +1,238 @@
+"""Reduced precision within an error budget, chosen by measured speed.
+
+Option ``precision``:
+
+``"bf16"`` / ``"fp16"``
+    matmul/linear/conv/attention(x, W)  -> the same op in bf16/fp16 (W cast once);
+    views, activations, bias and mask adds between them follow in low precision;
+    softmax, norms, reductions, exp/log (and the residual stream, option
+    ``precision_keep_residual_fp32``) stay fp32 islands, with casts at their borders;
+    cast(cast(x_low, fp32), low)        -> x_low;
+    fp16 linear whose input or output range exceeds fp16
+                                        -> linear(x / s) in fp16, * s in fp32 (per-tensor scale).
+``"int8"``
+    linear(x, W, b) / addmm / matmul(x, W)
+                                        -> graphopt.int8_linear(x, W_int8, per-channel scales, b, scheme)
+    linear(x, W, b) whose input has a large shared component (calibrated mean mu)
+                                        -> graphopt.int8_linear(x, W_int8, scales, b + W @ mu, scheme, mu)
+    (per-token activation scales, 8-bit on x86 CPUs: oneDNN's u8 x s8 GEMM where its probe
+    passes, else fbgemm's, 7-bit where fbgemm saturates; weights pair-safe where the kernel
+    would saturate plain ones (no VNNI), option ``precision_int8_pair_safe``; ``torch._int_mm``
+    on CUDA; weights packed now). Linears that share an input are merged first
+    (merge_matmuls), so the shared activation is quantized once.
+``"fp8"``
+    linear(x, W, b) ...                 -> graphopt.fp8_linear(x, W_e4m3, per-row scales, b)  (``torch._scaled_mm``).
+``"auto"``
+    per node, the precision measured fastest on the target among those it has
+    (fp8, int8, and bf16 only where the target computes bf16 natively); a
+    conversion slower than fp32 is not made; a node the search takes out of its
+    fastest precision gets the next fastest, more accurate one (int8 -> bf16)
+    where the budget still holds; the whole plan is timed against fp32 and
+    dropped if it is not faster.
+
+Every mode then runs the error-budget search (:mod:`graphopt.precision.search`):
+nodes are converted, the model is measured against ``ctx.error_budget`` (relative
+L2 of the outputs, top-1 agreement when set) on the example and fresh inputs, and
+when that is over, the nodes whose conversion alone costs the model the most
+error (per second or FLOP it saves; first those that alone break the budget)
+go back to fp32 until the budget holds. The pass has
+``uses_error_budget``: the verification instrument holds it to that budget
+(default ``ErrorBudget(rel_l2=1e-2)`` when none is given).
+
+Declines (listed in the report with the reason, per node): islands ('softmax
+island', 'norm island', ...); 'over budget: ...' (kept by the search); 'slower
+on this target: ...' (auto, or ``precision_speed_check``); int8/fp8 on matmuls
+without a constant weight; fp8 where ``torch._scaled_mm`` has no fp8 kernel
+(CPU, CUDA below compute capability 8.9); models that are not fp32; graphs
+already converted (the pass is idempotent).
+"""
+
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from graphopt import ir, meta
+from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
+from graphopt.passes.precision.run import (
+    DEFAULT_BUDGET,
+    MAX_MODEL_SENSITIVITY_NODES,
+    MODES,
+    SEARCH_MARGIN,
+    PrecisionRun,
+    non_fp32_weights,
+)
+from graphopt.precision.search import describe_steps, search_kept
+from graphopt.precision.speed import time_interleaved
+from graphopt.precision.target import PrecisionTarget
+from graphopt.report import Declined
+from graphopt.verify import ErrorBudget, Numerics, Verifier
+
+__all__ = ["ReducedPrecision"]
+
+
+class ReducedPrecision(Pass):
+    """Convert matmuls/convs/attention to bf16/fp16/int8/fp8 within the error budget."""
+
+    name = "precision"
+    summary = "reduced precision (bf16/fp16/int8/fp8/auto) within the error budget, chosen by measured speed"
+    uses_error_budget = True
+    default_error_budget = DEFAULT_BUDGET
+    options = {
+        "precision": Option("'bf16', 'fp16', 'int8', 'fp8' or 'auto' (fastest measured on the target within "
+                            "the budget)", str, None, MODES),
+        "precision_keep_residual_fp32": Option("keep the residual stream in fp32 under bf16/fp16 (default true)",
+                                               bool, True),
+        "precision_speed_check": Option("convert only ops measured faster than fp32 (default: on for auto, off "
+                                        "otherwise)", bool),
+        "precision_int8_shift": Option("int8: subtract the calibrated mean of inputs with a large shared "
+                                       "component (default true)", bool, True),
+        "precision_int8_pair_safe": Option("int8: quantize weights pair-safe, so the graph runs exactly on x86 "
+                                           "kernels without VNNI (default: only where this machine's kernel "
+                                           "needs it)", bool),
+        "precision_sensitivity": Option("how the search ranks nodes when the full plan is over budget: 'model' "
+                                        "(whole-model error of each node converted alone; default) or 'local' "
+                                        "(own error)", str, "model", ("model", "local")),
+    }
+
+    def __init__(self, precision: str | None = None, target: PrecisionTarget | None = None,
+                 timer: Callable[..., dict[str, float]] | None = None) -> None:
+        self.options["precision"].validate("precision", precision)
+        self.precision = precision
+        self.target = target
+        self.timer = timer or time_interleaved
+
+    # ------------------------------------------------------------------ driver
+    def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
+        mode = self.precision or self.option(ctx, "precision")
+        if mode is None:
+            return PassResult(gm, False, ["no precision requested (precision=...)"])
+        target = self.target or PrecisionTarget.detect(ctx.device)
+        refused = _refusal(gm, mode, target)
+        if refused is not None:
+            return refused
+        budget_note = _budget_note(ctx, ctx.budget_for(self))
+        speed_check = bool(ctx.option("precision_speed_check", mode == "auto"))
+        keep_residual = bool(self.option(ctx, "precision_keep_residual_fp32"))
+
+        run = PrecisionRun(self.timer, gm, ctx, target, mode, keep_residual)
+        declined = run.find_candidates()
+        if not run.options:
+            return PassResult(gm, False, [budget_note, "no candidate nodes"], declined)
+        verifier = ctx.verifier or Verifier(ir.copy_graph_module(gm), ctx.args, ctx.kwargs, gm)
+        _measure(self, run, ctx, verifier, speed_check)
+        plan = {n: p for n, p in run.choice.items() if p != "fp32"}
+        if not plan:
+            return PassResult(gm, False, [budget_note, f"target: {target.describe()}"],
+                              declined + run.declined_nodes(), report_data=run.report_data())
+        final_plan, search_notes = _search(self, run, ctx, plan, verifier, speed_check)
+        if not final_plan:
+            return PassResult(gm, False, [budget_note, f"target: {target.describe()}"] + run.notes
+                              + ["every conversion broke the error budget"], declined + run.declined_nodes())
+        out = run.build(final_plan, final=True)
+        notes = [budget_note, f"target: {target.describe()}"] + run.notes + search_notes
+        if mode == "auto" or speed_check:
+            ctx.step("timing the whole plan against fp32")
+            verdict = run.whole_graph_speed(out)
+            if verdict is not None:
+                for name in final_plan:
+                    run.keep(name, f"{verdict} (alone: {run.reasons.get(name, '')})")
+                return PassResult(gm, False, notes + [verdict], declined + [Declined("graph", verdict)],
+                                  report_data=run.report_data())
+            notes.append(run.speed_note)
+        notes += _plan_notes(run)
+        involved = [n.name for n in out.graph.nodes if n.meta.get(meta.PRECISION) not in (None, "fp32")]
+        return PassResult(out, True, notes, declined + run.declined_nodes(), involved,
+                          report_data=run.report_data())
+
+
+def _refusal(gm: fx.GraphModule, mode: str, target: PrecisionTarget) -> PassResult | None:
+    """The result when the pass has nothing to do on ``gm`` (already converted, not fp32, no fp8 kernel)."""
+    if any(meta.PRECISION in n.meta for n in gm.graph.nodes):
+        return PassResult(gm, False, ["graph already has a precision plan; nothing to do"])
+    not_fp32 = non_fp32_weights(gm)
+    if not_fp32:
+        return PassResult(gm, False, declined=[Declined("graph", f"model is not fp32 ({not_fp32}); "
+                                                        "reduced precision starts from an fp32 model")])
+    if mode == "fp8" and not target.fp8:
+        return PassResult(gm, False, declined=[Declined("graph", target.fp8_unsupported_reason())])
+    return None
+
+
+def _budget_note(ctx: OptimizeContext, budget: ErrorBudget) -> str:
+    """The note that says which budget holds (the pass's default when none is given)."""
+    if ctx.error_budget is None:
+        return f"no error_budget given: using rel_l2 <= {budget.rel_l2:g}"
+    return f"error budget: rel_l2 <= {budget.rel_l2:g}" + (
+        f", top-1 >= {budget.top1:g}" if budget.top1 is not None else "")
+
+
+def _measure(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, verifier: Verifier,
+             speed_check: bool) -> None:
+    """Calibrate, choose int8 input shifts, measure each candidate's error and (speed check) its timings."""
+    ctx.step(f"calibrating {len(run.options)} candidate nodes")
+    run.calibrate([ir.flat_inputs(a, kw, run.gm) for a, kw in verifier.input_sets])
+    if pass_.option(ctx, "precision_int8_shift"):
+        run.choose_shifts()
+    ctx.step("measuring each candidate's own error")
+    run.measure_local_errors()
+    if speed_check:
+        ctx.step(f"timing {len(run.options)} candidate nodes in each precision")
+        run.measure_speed()
+    else:
+        run.choose_requested()
+
+
+def _search(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, plan: dict[str, str],
+            verifier: Verifier, speed_check: bool) -> tuple[dict[str, str], list[str]]:
+    """The error-budget search: ``(plan without the nodes it kept in fp32, notes)``."""
+    budget = ctx.budget_for(pass_)
+    search_budget = ErrorBudget(budget.rel_l2 * SEARCH_MARGIN, budget.top1)
+
+    def measure(kept: set[str]) -> Numerics:
+        ctx.step(f"error search: checking the plan with {len(kept)} of {len(plan)} nodes kept in fp32")
+        trial = run.build({n: p for n, p in plan.items() if n not in kept})
+        return verifier.check(trial, search_budget)
+
+    by_model = (pass_.option(ctx, "precision_sensitivity") == "model"
+                and len(plan) <= MAX_MODEL_SENSITIVITY_NODES)
+
+    def order() -> list[str]:
+        if by_model:
+            run.model_errors = run.model_sensitivity(plan, verifier)
+            return run.ranked(plan, run.model_errors, search_budget.rel_l2)
+        # own errors: no whole-model measurement says which node alone breaks the budget
+        return run.ranked(plan, {n: run.local_error(n, plan[n]) for n in plan}, None)
+
+    kept, steps = search_kept(order, measure)
+    failing = [s for s in steps if not s.numerics.ok]
+    fallback_note = ""
+    if speed_check and kept:
+        kept, fallback_note = run.fall_back(kept, plan, verifier, search_budget)
+    for name in kept:
+        worst = max(failing, key=lambda s: s.kept) if failing else None
+        why = (f"over budget: with the {worst.kept} most error-costly nodes kept, converting the rest gave "
+               f"{worst.numerics.summary()} (budget rel_l2 {budget.rel_l2:g}, searched at "
+               f"{search_budget.rel_l2:.2g})") if worst else "over budget"
+        alone = (f"model rel_l2 {run.model_errors[name]:.2e} with it alone in {plan[name]}, "
+                 if name in run.model_errors else "")
+        run.keep(name, f"{why}; {alone}its own error in {plan[name]}: "
+                       f"rel_l2 {run.local_error(name, plan[name]):.2e}")
+    notes = [f"search: {len(steps)} whole-model checks" + (
+             f" (ranked by {len(run.model_errors)} single-node whole-model runs)" if run.model_errors else "")
+             + ", " + describe_steps(steps)]
+    if fallback_note:
+        notes.append(fallback_note)
+    return {n: p for n, p in plan.items() if n not in kept}, notes
+
+
+def _plan_notes(run: PrecisionRun) -> list[str]:
+    """The report lines of an adopted plan: counts per precision, then each converted node and why."""
+    counts: dict[str, int] = {}
+    for p in run.choice.values():
+        counts[p] = counts.get(p, 0) + 1
+    notes = ["precision per candidate node: " + ", ".join(f"{p}: {c}" for p, c in sorted(counts.items()))]
+    return notes + [f"{e.node} ({e.module or 'top'}): {e.precision}: {e.reason}" for e in run.entries()
+                    if e.precision != "fp32"]
