@@ -104,3 +104,24 @@ def is_parameter_view(node: fx.Node) -> bool:
     while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node.op == "get_attr"
+
+
+
+def is_inplace_op(target: Any) -> bool:
+    """An ATen op that writes its first argument in place (``aten.add_.Tensor``, ``aten.copy_.default``).
+
+    ``torch.Tag.inplace`` says so where torch has that tag (2.11 has none);
+    elsewhere the schema does (:func:`writes_first_argument`).
+    """
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    tag = getattr(torch.Tag, "inplace", None)
+    return tag in target.tags if tag is not None else writes_first_argument(target)
+
+
+def writes_first_argument(target: torch._ops.OpOverload) -> bool:
+    """The schema's word for an in-place op: a mutable ``name_`` op whose ``self`` is written (``Tensor(a!)``)."""
+    schema = target._schema
+    first = schema.arguments[0] if schema.arguments else None
+    return bool(schema.is_mutable and schema.name.endswith("_") and first is not None
+                and first.alias_info is not None and first.alias_info.is_write)

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.opsets import CASTS_INCLUDING_DEVICE, DTYPE_CASTS, IDENTITY_LIKE, RESHAPES, is_inactive_dropout
+from graphopt.opsets import CASTS_INCLUDING_DEVICE, DTYPE_CASTS, IDENTITY_LIKE, RESHAPES, is_inactive_dropout, is_inplace_op
 from graphopt.node_builder import NodeBuilder, fake_mode_of, set_fake_val
 
 aten = torch.ops.aten
@@ -71,7 +71,7 @@ def _norm(dim: int, rank: int) -> int:
 
 def _functional(target: Any) -> Any:
     """``aten.add_.Tensor`` -> ``aten.add.Tensor`` (None when there is no such op)."""
-    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.inplace not in target.tags:
+    if not is_inplace_op(target):
         return target
     name = target._schema.name.split("::")[-1].rstrip("_")
     packet = getattr(aten, name, None)
@@ -103,7 +103,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
     count = 0
     fake_mode = fake_mode_of(gm)
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or torch.Tag.inplace not in getattr(node.target, "tags", ()):
+        if node.op != "call_function" or not is_inplace_op(node.target):
             continue
         mutated = node.args[0] if node.args else None
         functional = _functional(node.target)
@@ -180,7 +180,7 @@ class RowSlicer:
         target = node.target
         if _functional(target) is None:
             return f"{node.name}: in-place {ir.op_name(node)} has no out-of-place form"
-        if torch.Tag.inplace in getattr(target, "tags", ()):
+        if is_inplace_op(target):
             mutated = node.args[0]
             if isinstance(mutated, fx.Node) and len(mutated.users) > 1:
                 return f"{node.name}: in-place {ir.op_name(node)} on a value other nodes read"

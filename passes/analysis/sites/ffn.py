@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.cost import alias_root, alias_source, shape, val_of
-from graphopt.opsets import is_passthrough
+from graphopt.opsets import is_inplace_op, is_passthrough
 from graphopt.ops._blocking import ACTIVATIONS as BLOCKED_ACTIVATIONS
 from graphopt.passes.analysis.hot_matmuls import weight_operand
 from graphopt.passes.analysis.sites.linear import LINEAR_OPS, LinearSite, linear_site
@@ -284,8 +284,7 @@ def _activation_region(top: fx.Node) -> tuple[LinearSite, list[fx.Node]] | None:
         if n.op != "call_function":
             return None
         pointwise = isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags
-        if not (pointwise or is_passthrough(n) or keeps_last_dim(n)) or torch.Tag.inplace in getattr(
-                n.target, "tags", ()):
+        if not (pointwise or is_passthrough(n) or keeps_last_dim(n)) or is_inplace_op(n.target):
             return None
         region.append(n)
         for inp in n.all_input_nodes:
