@@ -34,6 +34,7 @@ import torch
 
 from graphopt import examples_models
 from graphopt.errors import BadInput
+from graphopt.program_file import UnsafeProgramFile, load_exported_program
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def _load_pt2(path: str) -> ModelSpec:
         raise SpecError(f"no such file: {path}")
     try:
         ep = load_exported_program(path)
+    except UnsafeProgramFile:
+        raise
     except Exception as exc:
         raise SpecError(f"{path} is not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
     example = getattr(ep, "example_inputs", None)
@@ -198,23 +201,6 @@ def _example(text: str) -> ModelSpec:
     except TypeError as exc:
         raise SpecError(f"examples:{name}: {exc}") from exc
     return ModelSpec(name, model, args, {})
-
-
-def load_exported_program(path: str) -> torch.export.ExportedProgram:
-    """``torch.export.load``, first importing the modules whose output types the file names.
-
-    A program saved from a transformers model returns its ``ModelOutput``
-    classes; they are registered with pytree only once their module is imported.
-    """
-    import re
-    import zipfile
-
-    with contextlib.suppress(Exception), zipfile.ZipFile(path) as zf:
-        text = " ".join(zf.read(n).decode("utf-8", "ignore") for n in zf.namelist() if n.endswith(".json"))
-        for mod in sorted(set(re.findall(r"(transformers\.[A-Za-z0-9_.]+)\.[A-Z][A-Za-z0-9_]*", text))):
-            with contextlib.suppress(Exception):
-                importlib.import_module(mod)
-    return torch.export.load(path)
 
 
 def load_spec(spec: str) -> ModelSpec:
