@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.report import Declined, PassRecord, Report
+from graphopt.target import TargetInfo
 from graphopt.verify import ErrorBudget, Numerics, Verifier
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class OptimizeContext:
     kwargs: dict[str, Any] = field(default_factory=dict)
     flat_inputs: list[Any] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    target: Any = None  # graphopt.cost.Target, filled lazily by analysis passes
+    #: the machine: rooflines, kernel probes, timings -- each measured once, on first use (graphopt.target)
+    target: TargetInfo = field(default_factory=TargetInfo)
     memory_budget: int | None = None  # bytes
     error_budget: ErrorBudget | None = None
     verifier: Verifier | None = None

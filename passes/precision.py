@@ -135,7 +135,7 @@ class ReducedPrecision(Pass):
             return PassResult(gm, False, ["no precision requested (precision=...)"])
         if mode not in MODES:
             raise ValueError(f"precision={mode!r}: choose one of {MODES}")
-        target = self.target or PrecisionTarget.detect(ctx.device)
+        target = self.target or PrecisionTarget.detect(ctx.device, probes=ctx.target.probes)
         if any("graphopt_precision" in n.meta for n in gm.graph.nodes):
             return PassResult(gm, False, ["graph already has a precision plan; nothing to do"])
         not_fp32 = _non_fp32_weights(gm)

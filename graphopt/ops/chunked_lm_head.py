@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphopt.ops._blocking import onnx_transpose_last2, spans
+from graphopt.ops.declare import OpCall, OpCost, OpDeclaration, io_cost, numel
 
 __all__ = ["chunked_lm_head_gather", "chunked_lm_head_argmax", "chunked_lm_head_topk", "lm_head_workspace_bytes",
-           "NORMALIZATIONS", "ONNX_TRANSLATIONS"]
+           "NORMALIZATIONS", "DECLARATIONS"]
 
 NORMALIZATIONS = ("none", "log_softmax", "softmax")
 
@@ -151,8 +152,25 @@ def _topk_onnx(hidden, weight, bias=None, k: int = 1, largest: bool = True, norm
     return values, indices
 
 
-ONNX_TRANSLATIONS = {
-    torch.ops.graphopt.chunked_lm_head_gather.default: _gather_onnx,
-    torch.ops.graphopt.chunked_lm_head_argmax.default: _argmax_onnx,
-    torch.ops.graphopt.chunked_lm_head_topk.default: _topk_onnx,
-}
+# ---------------------------------------------------------------- declarations (the three share argument names)
+
+def _workspace(call: OpCall) -> int:
+    h, w = call.tensor("hidden"), call.tensor("weight")
+    if h is None or w is None:
+        return 0
+    dtype = torch.float32 if call["upcast"] else h.dtype
+    return lm_head_workspace_bytes(numel(h.shape[:-1]), w.shape[0], int(call["chunk"]), str(call["normalize"]), dtype)
+
+
+def _cost(call: OpCall) -> OpCost:
+    """The head's FLOPs, ``2 * tokens * d * vocab``; inputs read and outputs written once (logits stay in chunks)."""
+    h, w = call.tensor("hidden"), call.tensor("weight")
+    return io_cost(call, 0 if h is None or w is None else 2 * numel(h.shape) * w.shape[0], "matmul")
+
+
+DECLARATIONS = tuple(
+    OpDeclaration(op, cost=_cost, workspace=_workspace, onnx=onnx)
+    for op, onnx in ((torch.ops.graphopt.chunked_lm_head_gather.default, _gather_onnx),
+                     (torch.ops.graphopt.chunked_lm_head_argmax.default, _argmax_onnx),
+                     (torch.ops.graphopt.chunked_lm_head_topk.default, _topk_onnx))
+)

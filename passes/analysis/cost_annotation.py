@@ -2,7 +2,8 @@
 
 Writes (no rewrite; ``modified`` is always False):
     node.meta["cost"] = NodeCost(flops, bytes_read, bytes_written, category, bound, predicted_s)
-    ctx.target        = the Target used (measured once per machine and cached, see graphopt.cost)
+    the roofline used: ctx.target.roofline(ctx.device) (measured once per machine and cached,
+                       see graphopt.target.roofline)
     ctx.cache["costs"] = {node name: NodeCost}
 
 Declines: nothing; a node without ``meta["val"]`` (or a non-tensor value)
@@ -14,15 +15,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from graphopt.cost import Target, annotate_costs, get_target
+from graphopt.cost import annotate_costs
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
-
-
-def target_for(ctx: OptimizeContext) -> Target:
-    """``ctx.target`` if set, else the (cached) measured roofline of ``ctx.device``."""
-    if not isinstance(ctx.target, Target):
-        ctx.target = get_target(ctx.device)
-    return ctx.target
 
 
 class CostAnnotation(Pass):
@@ -31,7 +25,8 @@ class CostAnnotation(Pass):
     kind = "analysis"
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
-        costs = annotate_costs(gm, target_for(ctx))
+        roofline = ctx.target.roofline(ctx.device)
+        costs = annotate_costs(gm, roofline)
         ctx.cache["costs"] = costs
         total = sum(c.predicted_s for c in costs.values())
-        return PassResult(gm, False, [f"predicted {total * 1e3:.3f} ms on {ctx.target.name}"])
+        return PassResult(gm, False, [f"predicted {total * 1e3:.3f} ms on {roofline.name}"])
