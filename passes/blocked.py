@@ -47,8 +47,6 @@ does not need.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +69,7 @@ from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, rema
 from graphopt.report import Declined
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
 from graphopt.target import Roofline, measure_peak
+from graphopt.target.timing import median_time
 
 log = logging.getLogger(__name__)
 
@@ -385,14 +384,8 @@ def _kinds(ctx: OptimizeContext) -> tuple[str, ...]:
 
 
 def _time_module(gm: fx.GraphModule, ctx: OptimizeContext, repeats: int = 3) -> float:
-    times = []
     with torch.no_grad():
-        gm(*ctx.args, **ctx.kwargs)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            gm(*ctx.args, **ctx.kwargs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_time(lambda: gm(*ctx.args, **ctx.kwargs), repeats)
 
 
 class BlockedOperators(Pass):

@@ -144,7 +144,7 @@ def attention_workspace_bytes(batch_heads: int, tq: int, tk: int, dv: int, q_blo
 
 def _blocked_attention_onnx(q, k, v, bias=None, mask=None, mask_value: float = -math.inf, scale: float = 1.0,
                             q_block: int = 0, kv_block: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     s = op.MatMul(q, onnx_transpose_last2(op, k))
     if scale != 1.0:

@@ -113,13 +113,13 @@ def matmul_workspace_bytes(rows: int, cols: int, k: int, block_rows: int, block_
 # ---------------------------------------------------------------- ONNX (unblocked)
 
 def _blocked_matmul_onnx(a, b, block_m: int = 0, block_n: int = 0, block_k: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     return op.MatMul(a, b)
 
 
 def _blocked_linear_onnx(x, weight, bias=None, block_rows: int = 0, block_cols: int = 0, block_k: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     out = op.MatMul(x, onnx_transpose_last2(op, weight))
     return op.Add(out, bias) if bias is not None else out

@@ -71,7 +71,7 @@ def ffn_workspace_bytes(rows: int, hidden: int, d_out: int, chunk: int, gated: b
 
 def _chunked_ffn_onnx(x, w_in, b_in=None, w_gate=None, b_gate=None, w_out=None, b_out=None,
                       activation: str = "identity", chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     act = get_activation(activation).onnx_fn
 

@@ -116,7 +116,7 @@ def lm_head_workspace_bytes(rows: int, vocab: int, chunk: int, normalize: str, d
 # ---------------------------------------------------------------- ONNX (unblocked)
 
 def _onnx_normalized(op, hidden, weight, bias, normalize: str, upcast: bool):
-    from onnx import TensorProto
+    from onnx import TensorProto  # lazy: only an ONNX export loads onnx (start-up speed)
 
     logits = op.MatMul(hidden, onnx_transpose_last2(op, weight))
     if bias is not None:
@@ -132,20 +132,20 @@ def _onnx_normalized(op, hidden, weight, bias, normalize: str, upcast: bool):
 
 def _gather_onnx(hidden, weight, bias=None, index=None, normalize: str = "none", upcast: bool = False,
                  chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     return op.GatherElements(_onnx_normalized(op, hidden, weight, bias, normalize, upcast), index, axis=-1)
 
 
 def _argmax_onnx(hidden, weight, bias=None, normalize: str = "none", upcast: bool = False, chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     return op.ArgMax(_onnx_normalized(op, hidden, weight, bias, normalize, upcast), axis=-1, keepdims=0)
 
 
 def _topk_onnx(hidden, weight, bias=None, k: int = 1, largest: bool = True, normalize: str = "none",
                upcast: bool = False, chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     values, indices = op.TopK(_onnx_normalized(op, hidden, weight, bias, normalize, upcast),
                               op.Constant(value_ints=[k]), axis=-1, largest=int(largest), sorted=1)

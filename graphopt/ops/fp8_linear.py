@@ -86,7 +86,7 @@ def _fp8_linear_fake(x, weight_fp8, weight_scale, bias):
 
 def fp8_linear_onnx(x, weight_fp8, weight_scale, bias):
     """ONNX translation (QDQ): x scaled per row, rounded through float8 e4m3, MatMul with the dequantized weight."""
-    from onnxscript import opset19 as op
+    from onnxscript import opset19 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     row = op.Max(op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1),
                         op.CastLike(op.Constant(value_float=E4M3_MAX), x)),

@@ -309,7 +309,7 @@ def _int8_linear_fake(x, weight_int8, weight_scale, bias, activation, input_shif
 
 def int8_linear_onnx(x, weight_int8, weight_scale, bias, activation: str = "per_token_u8", input_shift=None):
     """ONNX translation: shift, per-token scaling, ``QuantizeLinear`` + ``MatMulInteger``, dequantize."""
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     if input_shift is not None:
         x = op.Sub(x, input_shift)
@@ -351,7 +351,7 @@ def int8_linear_onnx(x, weight_int8, weight_scale, bias, activation: str = "per_
 
 
 def _onnx_u8_scalar(value: int):
-    import onnx
+    import onnx  # lazy: only an ONNX export loads onnx (start-up speed)
 
     return onnx.helper.make_tensor("zero_point", onnx.TensorProto.UINT8, [], [value])
 

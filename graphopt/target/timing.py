@@ -4,6 +4,8 @@
   synchronising CUDA (the roofline micro-benchmarks);
 * :func:`best_wall_time` -- the best of ``n`` plain wall-clock calls (the
   planner's calibration under load);
+* :func:`median_time` -- the median of a few calls after a warm-up (the
+  blocked planner's autotune of whole modules);
 * :func:`time_alternating` -- two or more callables timed in alternating
   rounds with ``torch.utils.benchmark.Timer`` (the load of a busy machine hits
   them alike), the best round of each kept (merge_matmuls' separate-vs-merged
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 
-__all__ = ["best_time", "best_wall_time", "timer_mean", "time_alternating", "TimingCache"]
+__all__ = ["best_time", "best_wall_time", "median_time", "timer_mean", "time_alternating", "TimingCache"]
 
 
 def _sync(device: str) -> None:
@@ -55,6 +58,17 @@ def best_wall_time(fn: Callable[[], Any], n: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return max(min(times), 1e-9)
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def timer_mean(fn: Callable[[], object], number: int) -> float:
