@@ -21,7 +21,8 @@ on ``ctx.device``, interleaved, and the merge is kept when it is faster; the
 timings are kept per shape on the context (``ctx.target.timings``), so a
 model with 32 identical layers measures once per ``optimize()`` call.
 Option ``merge_matmuls_policy``: ``measure`` (default), ``always`` (merge
-without measuring: never more FLOPs, the activation is read once), or ``off``. Without the option, when ``precision`` is ``int8``, ``fp8`` or
+without measuring: never more FLOPs, the activation is read once), or
+``off``. Without the option, when ``precision`` is ``int8``, ``fp8`` or
 ``auto``, groups are merged without measuring: the precision pass quantizes
 each matmul's activation at run time, and a merged group quantizes it once
 (on BERT-base in int8, separate q/k/v linears quantize the same tensor three
