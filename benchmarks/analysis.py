@@ -104,13 +104,14 @@ def rss_child(spec_text: str) -> None:
 
 def memory_figures(spec_text: str) -> dict:
     import graphopt
-    from graphopt.memory import measure_peak_memory
     from graphopt.specs import load_spec
+    from graphopt.target import get_roofline, measure_peak
 
     spec = load_spec(spec_text)
     a = graphopt.analyze(spec.model, spec.args, spec.kwargs)
     predicted = a.peak_memory_bytes
-    measured, method = measure_peak_memory(a.gm, spec.args, spec.kwargs)
+    peak = measure_peak(a.gm, spec.args, spec.kwargs, warmup=True)
+    measured, method = peak.bytes, peak.method
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     proc = subprocess.run([sys.executable, __file__, "--rss-child", spec_text], capture_output=True, text=True,
                           env=env, timeout=600)
@@ -135,8 +136,8 @@ def memory_figures(spec_text: str) -> dict:
         model = spec.model.cuda()
         args = tuple(x.cuda() for x in spec.args)
         gm = graphopt.capture(model, args).module
-        cuda_pred = graphopt.analyze(gm, target=graphopt.cost.get_target("cuda")).peak_memory_bytes
-        cuda_meas, _ = measure_peak_memory(gm, args)
+        cuda_pred = graphopt.analyze(gm, target=get_roofline("cuda")).peak_memory_bytes
+        cuda_meas = measure_peak(gm, args, warmup=True).bytes
         figures.update(cuda_predicted=cuda_pred, cuda_measured=cuda_meas)
         print(f"  CUDA: predicted {cuda_pred / mib:.1f} MiB, max_memory_allocated {cuda_meas / mib:.1f} MiB")
     return figures

@@ -78,32 +78,13 @@ def build(name: str, size: dict[str, int], impl: str, device: str, dtype: torch.
 def peak_memory(fn: Callable[[], Any], device: str) -> int:
     """Bytes one call of ``fn`` allocates at its peak above what was in use before it.
 
-    CUDA: the caching allocator's peak. CPU: the allocation events torch's
-    profiler records (``profile_memory=True``), summed in time order.
+    :func:`graphopt.target.measure_peak`: CUDA: the caching allocator's peak.
+    CPU: the allocation events torch's profiler records (``profile_memory=True``).
     """
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return peak
-    from torch.profiler import ProfilerActivity, profile
+    from graphopt.target import measure_peak
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    del out
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
+    gc.collect()
+    return measure_peak(fn, device=device).bytes or 0
 
 
 def latencies(fns: dict[str, Callable[[], Any]], device: str, runs: int,

@@ -12,7 +12,7 @@ Each measurement runs in a fresh subprocess (``--worker``): build the model,
 (for ``blocked``) ``graphopt.optimize(..., memory_budget=B)``, run once to
 warm up, return freed heap pages to the OS, reset the peak-RSS counter and run
 again: the measured peak is the peak RSS during that call minus the RSS
-before it (:func:`graphopt.peak_memory.measure_peak`; CUDA: max allocated).
+before it (:func:`graphopt.target.measure_peak` with ``source="rss"``; CUDA: max allocated).
 The blocked output is compared with eager's (relative L2).
 
     python benchmarks/blocked.py                     # all cases, CPU
@@ -105,7 +105,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 def worker(case: str, mode: str, budget: int | None, device: str, repeats: int, small: bool) -> dict[str, Any]:
     import graphopt
-    from graphopt.peak_memory import measure_peak
+    from graphopt.target import measure_peak
 
     model, args = build(case, device, small)
     info: dict[str, Any] = {"case": case, "mode": mode, "device": device}
@@ -125,7 +125,7 @@ def worker(case: str, mode: str, budget: int | None, device: str, repeats: int, 
         out = fn(*args)  # warm-up (thread pools, lazy initialisation)
         reference = _first_tensor(out).detach().float().cpu().clone()
         del out
-        peak = measure_peak(fn, *args, device=device)
+        peak = measure_peak(fn, args, device=device, source="rss")
         # latency: eager and blocked timed alternately in this one process, so load changes hit both
         timed = {"eager": model, "blocked": fn} if mode == "blocked" else {}
         times: dict[str, list[float]] = {k: [] for k in timed}

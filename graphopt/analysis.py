@@ -34,9 +34,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir, meta
-from graphopt.cost import NodeCost, Target, get_target, node_dtype, tensors_in, val_of, shape
-from graphopt.memory import MemoryProfile, measure_peak_memory, peak_memory
+from graphopt.cost import NodeCost, node_dtype, tensors_in, val_of, shape
+from graphopt.memory import MemoryProfile, peak_memory
 from graphopt.pass_infra import OptimizeContext
+from graphopt.target import Roofline, TargetInfo, get_roofline, measure_peak
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Analysis:
     """
 
     gm: fx.GraphModule
-    target: Target
+    target: Roofline
     nodes: list[NodeReport]
     memory: MemoryProfile
     attention_sites: list[Any] = field(default_factory=list)
@@ -304,7 +305,7 @@ def analyze(
     example_inputs: Sequence[Any] | torch.Tensor | None = None,
     example_kwargs: dict[str, Any] | None = None,
     *,
-    target: Target | str | None = None,
+    target: Roofline | str | None = None,
     profile: bool = False,
     top: int = 10,
     profile_runs: int = 3,
@@ -314,7 +315,7 @@ def analyze(
     ``model_or_graph``: an ``nn.Module`` (captured with :func:`graphopt.capture`
     on ``example_inputs``/``example_kwargs``), an already captured
     ``fx.GraphModule`` (nodes with ``meta["val"]``), an ``ExportedProgram`` or
-    an :class:`graphopt.OptimizeResult`. ``target``: a :class:`graphopt.cost.Target`,
+    an :class:`graphopt.OptimizeResult`. ``target``: a :class:`graphopt.target.Roofline`,
     a device string, or None for the measured, cached roofline of the graph's
     device. ``profile=True`` runs the graph (needs example inputs) to measure
     each node's time and the peak of torch's allocations. ``top``: how many
@@ -329,11 +330,12 @@ def analyze(
     gm, args, kwargs, model_name = _resolve(model_or_graph, example_inputs, example_kwargs)
     device = _device(gm)
     if isinstance(target, str):
-        target = get_target(target)
+        target = get_roofline(target)
     elif target is None:
-        target = get_target(device)
+        target = get_roofline(device)
     flat = ir.flat_inputs(args, kwargs, gm) if args is not None else []
-    ctx = OptimizeContext(args=args or (), kwargs=kwargs, flat_inputs=flat, device=device, target=target)
+    ctx = OptimizeContext(args=args or (), kwargs=kwargs, flat_inputs=flat, device=device,
+                          target=TargetInfo(given=target))
 
     ctx.analysis(CostAnnotation, gm)
     measured_total = None
@@ -356,7 +358,8 @@ def analyze(
 
     memory = peak_memory(gm)
     if profile:
-        memory.measured_peak_bytes, memory.measured_method = measure_peak_memory(gm, args or (), kwargs)
+        measured = measure_peak(gm, args or (), kwargs, warmup=True)
+        memory.measured_peak_bytes, memory.measured_method = measured.bytes, measured.method
 
     costs = {n: n.meta[meta.COST] for n in gm.graph.nodes if isinstance(n.meta.get(meta.COST), NodeCost)}
     predicted_total = sum(c.predicted_s for c in costs.values())

@@ -1,4 +1,4 @@
-"""Per-node cost model (FLOPs, bytes moved) and the :class:`Target` roofline.
+"""Per-node cost model: FLOPs and bytes moved.
 
 :func:`node_cost` reads a node's ``meta["val"]`` (and its inputs') and returns
 a :class:`NodeCost`:
@@ -17,44 +17,36 @@ a :class:`NodeCost`:
 * views and ops whose output aliases an input (:func:`alias_source`) cost
   nothing.
 
-graphopt's own operators (``torch.ops.graphopt.*``) and any other op register
-their cost with :func:`register_cost`; an op module does this at import time::
+graphopt's own operators declare their cost in their module
+(:mod:`graphopt.ops.declare`); :func:`register_cost` gives one to an op
+graphopt does not own. :func:`annotate_costs` predicts each node's time on a
+:class:`graphopt.target.Roofline` (:mod:`graphopt.target.roofline`).
 
-    from graphopt.cost import NodeCost, register_cost
-    register_cost(torch.ops.graphopt.blocked_attention.default, my_cost_fn)
-
-A :class:`Target` is the roofline of a device: peak FLOP/s per dtype, memory
-bandwidth and a per-op overhead, measured by a short micro-benchmark
-(:func:`measure_target`) once per machine and cached as JSON under
-``~/.cache/graphopt`` (``GRAPHOPT_CACHE_DIR`` moves it; ``GRAPHOPT_TARGET``
-names a JSON file to use instead; or pass a :class:`Target`).
-:meth:`Target.predict` gives ``max(flops/peak, bytes/bandwidth) + overhead``.
-
-Why our own counter rather than ``FlopCounterMode``: FlopCounterMode needs
-to run the graph (real or fake) and sees only matmul-class ops; the roofline
-needs bytes and a cost for every node, from metadata alone, including
-graphopt's custom ops. The tests hold us to FlopCounterMode's totals.
+Not ``FlopCounterMode``: it runs the graph and sees only matmul-class ops; the
+roofline needs bytes and a cost for every node, from metadata alone. The
+tests hold us to FlopCounterMode's totals.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import operator
-import os
-import platform
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from graphopt import meta
+from graphopt import meta, ops
 from graphopt.ir import VIEW_OPS
 from graphopt.opsets import MATMUL_OPS, SOFTMAX_FORMS_INCLUDING_SAFE, is_inactive_dropout
+from graphopt.tensor_sizes import (  # noqa: F401  (re-exported: the cost model's users read sizes from here)
+    _int, distinct_bytes, itemsize, nbytes, numel, shape, storage_bytes, tensors_in, val_of,
+)
+from graphopt.ops.declare import OpCall
+from graphopt.target.roofline import Roofline
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +68,7 @@ class NodeCost:
 
     ``flops``/``bytes_read``/``bytes_written`` come from :func:`node_cost`;
     ``bound``, ``predicted_s`` and ``measured_s`` are filled by the analysis
-    (:meth:`Target.annotate`, the measured profile).
+    (:func:`annotate_costs` on a :class:`graphopt.target.Roofline`, the measured profile).
     """
 
     flops: int = 0
@@ -115,9 +107,10 @@ _REGISTRY: dict[Any, CostFn] = {}
 
 
 def register_cost(op: Any, fn: CostFn) -> CostFn:
-    """Register ``fn(node) -> NodeCost`` as the cost of ``op``.
+    """Register ``fn(node) -> NodeCost`` as the cost of ``op``, an operator graphopt does not own.
 
-    ``op`` is an OpOverload (``torch.ops.graphopt.x.default``), an
+    (graphopt's own operators declare their cost in their module instead:
+    :mod:`graphopt.ops.declare`.) ``op`` is an OpOverload (``torch.ops.graphopt.x.default``), an
     OpOverloadPacket (``torch.ops.graphopt.x``, covering all overloads) or any
     other call_function target. Returns ``fn`` (usable as a decorator helper).
     """
@@ -126,78 +119,26 @@ def register_cost(op: Any, fn: CostFn) -> CostFn:
 
 
 def registered_cost(op: Any) -> CostFn | None:
-    """The cost function registered for ``op`` (or its packet), if any."""
+    """The cost function of ``op``: registered (for ``op`` or its packet), or declared by a graphopt op."""
     fn = _REGISTRY.get(op)
     if fn is None and isinstance(op, torch._ops.OpOverload):
         fn = _REGISTRY.get(op.overloadpacket)
+    if fn is None:
+        declaration = ops.declaration_for(op)
+        if declaration is not None and declaration.cost is not None:
+            return _declared_cost(declaration.cost)
     return fn
 
 
-# --------------------------------------------------------------------------- tensor helpers
+def _declared_cost(cost: Callable[[OpCall], Any]) -> CostFn:
+    def node_cost_of(node: fx.Node) -> NodeCost:
+        c = cost(OpCall(node))
+        return NodeCost(c.flops, c.bytes_read, c.bytes_written, c.category)
+
+    return node_cost_of
 
 
-def _int(x: Any) -> int:
-    try:
-        return int(x)
-    except Exception:  # a SymInt without a concrete value: use its hint
-        hint = getattr(getattr(x, "node", None), "hint", None)
-        return int(hint) if hint is not None else 1
-
-
-def val_of(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    """Tensors in a value that may be a tensor, a list/tuple of them, or neither."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors_in(v)]
-    return []
-
-
-def shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(_int(s) for s in t.shape)
-
-
-def numel(t: torch.Tensor) -> int:
-    return math.prod(shape(t))
-
-
-def itemsize(t: torch.Tensor) -> int:
-    try:
-        return int(t.element_size())
-    except Exception:
-        return 4
-
-
-def nbytes(t: torch.Tensor) -> int:
-    """Bytes of ``t``'s elements as laid out (numel x itemsize)."""
-    return numel(t) * itemsize(t)
-
-
-def distinct_bytes(t: torch.Tensor) -> int:
-    """Bytes an op has to read to see all of ``t``: stride-0 (broadcast) dims count once."""
-    try:
-        strides = [_int(s) for s in t.stride()]
-    except Exception:
-        return nbytes(t)
-    n = math.prod(s for s, st in zip(shape(t), strides) if st != 0)
-    return n * itemsize(t)
-
-
-def storage_bytes(t: torch.Tensor) -> int:
-    """Bytes of the storage span ``t`` covers (its allocation when ``t`` is not a view)."""
-    try:
-        strides = [_int(s) for s in t.stride()]
-        dims = shape(t)
-        if any(d == 0 for d in dims):
-            return 0
-        span = 1 + sum((d - 1) * abs(st) for d, st in zip(dims, strides))
-        return span * itemsize(t)
-    except Exception:
-        return nbytes(t)
+# --------------------------------------------------------------------------- bytes of a node
 
 
 def _input_tensor_nodes(node: fx.Node) -> list[fx.Node]:
@@ -380,6 +321,38 @@ def _arg_val(node: fx.Node, i: int, name: str | None = None) -> Any:
     return val_of(a) if isinstance(a, fx.Node) else a
 
 
+def _matmul_class_flops(node: fx.Node, outs: list[torch.Tensor], n_out: int) -> tuple[int, str] | None:
+    """(FLOPs, category) of a matmul, einsum, convolution or attention node; None for other ops."""
+    target = node.target
+    if target in _MATMUL:
+        if target in (aten.addmm.default, aten.baddbmm.default):
+            a, b = _arg_val(node, 1), _arg_val(node, 2)
+        else:
+            a, b = _arg_val(node, 0), _arg_val(node, 1)
+        if target is aten.linear.default and isinstance(b, torch.Tensor):
+            return int(2 * n_out * shape(b)[-1]), "matmul"
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.dim() == 1 and b.dim() == 1:
+                return int(2 * numel(a)), "matmul"
+            return int(_matmul_flops(a, b, outs[0])), "matmul"
+    if target is aten.einsum.default:
+        return int(_einsum_flops(node)), "matmul"
+    if target in _CONV:
+        x, w = _arg_val(node, 0), _arg_val(node, 1)
+        name = getattr(target, "_opname", "")
+        transposed = "transpose" in name or (target in (aten.convolution.default, aten._convolution.default)
+                                             and bool(_arg_val(node, 6)))
+        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor):
+            if x.dim() == w.dim() - 1:  # unbatched conv
+                return int(_conv_flops(x.unsqueeze(0), w, outs[0].unsqueeze(0), transposed)), "conv"
+            return int(_conv_flops(x, w, outs[0], transposed)), "conv"
+    if target in _SDPA:
+        q, k, v = _arg_val(node, 0), _arg_val(node, 1), _arg_val(node, 2)
+        if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            return int(_sdpa_flops(q, k, v)), "attention"
+    return None
+
+
 def node_cost(node: fx.Node) -> NodeCost:
     """FLOPs and bytes of ``node`` from its ``meta["val"]`` and its inputs'.
 
@@ -411,32 +384,9 @@ def node_cost(node: fx.Node) -> NodeCost:
     def make(flops: int, category: str) -> NodeCost:
         return NodeCost(int(flops), read, written, category)
 
-    if target in _MATMUL:
-        if target in (aten.addmm.default, aten.baddbmm.default):
-            a, b = _arg_val(node, 1), _arg_val(node, 2)
-        else:
-            a, b = _arg_val(node, 0), _arg_val(node, 1)
-        if target is aten.linear.default and isinstance(b, torch.Tensor):
-            return make(2 * n_out * shape(b)[-1], "matmul")
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            if a.dim() == 1 and b.dim() == 1:
-                return make(2 * numel(a), "matmul")
-            return make(_matmul_flops(a, b, outs[0]), "matmul")
-    if target is aten.einsum.default:
-        return make(_einsum_flops(node), "matmul")
-    if target in _CONV:
-        x, w = _arg_val(node, 0), _arg_val(node, 1)
-        name = getattr(target, "_opname", "")
-        transposed = "transpose" in name or (target in (aten.convolution.default, aten._convolution.default)
-                                             and bool(_arg_val(node, 6)))
-        if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor):
-            if x.dim() == w.dim() - 1:  # unbatched conv
-                return make(_conv_flops(x.unsqueeze(0), w, outs[0].unsqueeze(0), transposed), "conv")
-            return make(_conv_flops(x, w, outs[0], transposed), "conv")
-    if target in _SDPA:
-        q, k, v = _arg_val(node, 0), _arg_val(node, 1), _arg_val(node, 2)
-        if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-            return make(_sdpa_flops(q, k, v), "attention")
+    matmul_class = _matmul_class_flops(node, outs, n_out)
+    if matmul_class is not None:
+        return make(*matmul_class)
     if target in SOFTMAX_FORMS_INCLUDING_SAFE:
         return make(5 * n_out, "softmax")
     if target in _NORM:
@@ -459,8 +409,8 @@ def node_cost(node: fx.Node) -> NodeCost:
             x = _arg_val(node, 0)
             return make(numel(x) if isinstance(x, torch.Tensor) else n_out, "reduction")
         if target.namespace == "graphopt":
-            log.warning("no cost registered for %s; counting its bytes only (call graphopt.cost.register_cost)",
-                        target)
+            log.warning("no cost declared for %s; counting its bytes only (declare one in its module: "
+                        "graphopt.ops.declare.OpDeclaration)", target)
             return make(0, "custom")
     return make(0, "copy" if _is_copy(target) else "other")
 
@@ -477,175 +427,6 @@ def _is_copy(target: Any) -> bool:
     return name in _COPY_NAMES
 
 
-# --------------------------------------------------------------------------- roofline target
-
-_CACHE_ENV = "GRAPHOPT_CACHE_DIR"
-_TARGET_ENV = "GRAPHOPT_TARGET"
-
-
-@dataclass
-class Target:
-    """A device's roofline.
-
-    ``peak_flops``: FLOP/s by dtype name (``"float32"``, ``"bfloat16"``,
-    ``"float16"``); ``mem_bandwidth``: bytes/s; ``op_overhead_s``: fixed cost of
-    launching one op (dispatch on CPU, launch on CUDA). ``key`` identifies the
-    machine the figures were measured on (the cache is re-measured when it
-    changes).
-    """
-
-    name: str
-    device: str
-    peak_flops: dict[str, float]
-    mem_bandwidth: float
-    op_overhead_s: float = 0.0
-    key: dict[str, Any] = field(default_factory=dict)
-    measured: bool = False
-
-    def peak_for(self, dtype: torch.dtype | str | None) -> float:
-        """Peak FLOP/s for ``dtype`` (float32's when that dtype was not measured)."""
-        name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
-        return self.peak_flops.get(name) or self.peak_flops.get("float32") or max(self.peak_flops.values())
-
-    def predict(self, cost: NodeCost, dtype: torch.dtype | str | None = None) -> tuple[float, str]:
-        """(predicted seconds, 'compute' | 'memory') of a node's cost on this target."""
-        if cost.category in ("none", "view"):
-            return 0.0, ""
-        t_compute = cost.flops / self.peak_for(dtype) if cost.flops else 0.0
-        t_memory = cost.bytes / self.mem_bandwidth if cost.bytes else 0.0
-        bound = "compute" if t_compute > t_memory else "memory"
-        return max(t_compute, t_memory) + self.op_overhead_s, bound
-
-    def ridge_point(self, dtype: torch.dtype | str | None = None) -> float:
-        """Arithmetic intensity (FLOP/byte) above which an op is compute-bound."""
-        return self.peak_for(dtype) / self.mem_bandwidth
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Target:
-        """Build a Target from :meth:`to_dict`'s output (or a hand-written JSON file)."""
-        return cls(
-            name=str(d.get("name", "custom")), device=str(d.get("device", "cpu")),
-            peak_flops={str(k): float(v) for k, v in dict(d["peak_flops"]).items()},
-            mem_bandwidth=float(d["mem_bandwidth"]), op_overhead_s=float(d.get("op_overhead_s", 0.0)),
-            key=dict(d.get("key", {})), measured=bool(d.get("measured", False)),
-        )
-
-
-def machine_key(device: str) -> dict[str, Any]:
-    """What identifies a machine for the target cache."""
-    key: dict[str, Any] = {"host": platform.node(), "torch": torch.__version__, "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        key["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    else:
-        key["threads"] = torch.get_num_threads()
-        key["cpu"] = platform.processor() or platform.machine()
-    return key
-
-
-def cache_dir() -> str:
-    return os.environ.get(_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _best_time(fn: Callable[[], Any], device: str, repeats: int, budget_s: float) -> float:
-    fn()
-    _sync(device)
-    best = math.inf
-    start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s:
-            break
-    return best
-
-
-def measure_target(device: str = "cpu", budget_s: float = 2.0) -> Target:
-    """Micro-benchmark ``device``: matmul peak per dtype, copy bandwidth, per-op overhead.
-
-    Takes about ``budget_s`` seconds. Peak FLOP/s is the best of a few square
-    matmuls (n=1024 on CPU, 4096 on CUDA); bandwidth is an out-of-place add on
-    a 16 MiB tensor (read + write of a freshly allocated output, as graph ops
-    do); the overhead is the time of an add on 1-element tensors.
-    """
-    dev = torch.device(device)
-    per = budget_s / 6
-    n = 4096 if dev.type == "cuda" else 1024
-    peaks: dict[str, float] = {}
-    dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    for dtype in dtypes:
-        size = n if dtype == torch.float32 or dev.type == "cuda" else n // 2
-        try:
-            a = torch.randn(size, size, device=dev).to(dtype)
-            b = torch.randn(size, size, device=dev).to(dtype)
-            t = _best_time(lambda: torch.mm(a, b), device, 10, per)
-            peaks[str(dtype).replace("torch.", "")] = 2 * size**3 / t
-        except RuntimeError as exc:  # dtype unsupported here
-            log.info("no %s matmul on %s: %s", dtype, device, exc)
-    # an out-of-place add on a 16 MiB tensor: what a graph's elementwise op does (read the
-    # input, allocate and write a fresh output -- on CPU that includes the page faults)
-    m = 16 * 2**20 // 4
-    src = torch.empty(m, device=dev).fill_(1.0)
-    t = _best_time(lambda: torch.add(src, 1.0), device, 10, per)
-    bandwidth = 2 * m * 4 / t
-    x, y = torch.ones(1, device=dev), torch.ones(1, device=dev)
-
-    def many_adds() -> None:
-        for _ in range(200):
-            torch.add(x, y)
-
-    overhead = _best_time(many_adds, device, 5, per) / 200
-    name = machine_key(device).get("gpu") or f"{platform.processor() or platform.machine()} x{torch.get_num_threads()}"
-    return Target(name=str(name), device=device, peak_flops=peaks, mem_bandwidth=bandwidth,
-                  op_overhead_s=overhead, key=machine_key(device), measured=True)
-
-
-def get_target(device: str | torch.device = "cpu", *, refresh: bool = False) -> Target:
-    """The roofline of ``device``: from ``$GRAPHOPT_TARGET``, the cache, or a fresh measurement.
-
-    The cache is ``<cache_dir>/target-<device>.json``; it is re-measured when
-    the machine key (host, torch version, threads or GPU name) changes or
-    ``refresh`` is true.
-    """
-    device = str(torch.device(device))
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else device
-    override = os.environ.get(_TARGET_ENV)
-    if override:
-        with open(override) as f:
-            return Target.from_dict(json.load(f))
-    path = os.path.join(cache_dir(), f"target-{device.replace(':', '_')}.json")
-    key = machine_key(device)
-    if not refresh and os.path.exists(path):
-        try:
-            with open(path) as f:
-                cached = Target.from_dict(json.load(f))
-            if cached.key == key:
-                return cached
-        except (OSError, ValueError, KeyError) as exc:
-            log.info("ignoring unreadable target cache %s: %s", path, exc)
-    log.info("measuring the %s roofline (once per machine; cached in %s)", device, path)
-    target = measure_target(device)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(target.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("could not cache the target in %s (%s); it will be measured again next time", path, exc)
-    return target
-
-
 def node_dtype(node: fx.Node) -> torch.dtype | None:
     """The dtype an op computes in: its first floating tensor input's, else its output's."""
     for n in node.all_input_nodes:
@@ -656,8 +437,8 @@ def node_dtype(node: fx.Node) -> torch.dtype | None:
     return outs[0].dtype if outs else None
 
 
-def annotate_costs(gm: fx.GraphModule, target: Target | None = None) -> dict[str, NodeCost]:
-    """Write ``node.meta[meta.COST]`` (a :class:`NodeCost`, predicted on ``target``) for every node."""
+def annotate_costs(gm: fx.GraphModule, target: Roofline | None = None) -> dict[str, NodeCost]:
+    """Write ``node.meta[meta.COST]`` (a :class:`NodeCost`, predicted on the roofline ``target``) for every node."""
     costs: dict[str, NodeCost] = {}
     for node in gm.graph.nodes:
         cost = node_cost(node)

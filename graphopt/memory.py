@@ -17,17 +17,14 @@ are not activations: they are reported separately (``parameter_bytes``,
 
 What liveness does not see: scratch memory inside a kernel (e.g. the packed
 weights of a oneDNN matmul, a softmax's temporaries) and allocator rounding.
-:func:`measure_peak_memory` measures what torch really allocates while the
-graph runs: ``torch.cuda.max_memory_allocated`` on CUDA, and on CPU the
-allocation events of ``torch.profiler`` (``profile_memory=True``), whose
-running total is every allocation through torch's CPU allocator.
+:func:`graphopt.target.measure_peak` measures what torch really allocates
+while the graph runs (``analyze(profile=True)`` puts it beside the prediction).
 """
 
 from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +57,7 @@ class MemoryProfile:
     ``peak_bytes`` at ``peak_node``; ``live_at_peak``: the nodes owning the
     storages live then (largest first); ``timeline[i]``: live activation bytes
     while the i-th node (graph order) runs. ``measured_peak_bytes`` and
-    ``measured_method`` are filled by :func:`measure_peak_memory` when asked.
+    ``measured_method`` are filled by :func:`graphopt.target.measure_peak` when asked.
     """
 
     peak_bytes: int
@@ -213,67 +210,3 @@ def _unique_bytes(gm: fx.GraphModule, storages: list[Storage]) -> int:
         seen.add(ident)
         total += st.nbytes
     return total
-
-
-def _device_of(args: Sequence[Any]) -> torch.device:
-    for x in args:
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
-
-
-def measure_peak_memory(
-    module: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *, warmup: bool = True
-) -> tuple[int | None, str]:
-    """Peak bytes torch allocates while ``module(*args, **kwargs)`` runs, and how it was measured.
-
-    The module's parameters and the inputs, allocated before the call, are not
-    counted; what the call returns is. CUDA: ``torch.cuda.max_memory_allocated``
-    minus the allocation before the call. CPU: the running total of
-    ``torch.profiler``'s allocation events (every allocation through torch's
-    CPU allocator), peak minus the level before the call. Returns
-    ``(None, reason)`` when no measurement is possible.
-    """
-    kwargs = kwargs or {}
-    device = _device_of(list(args) + list(kwargs.values()))
-    with torch.no_grad():
-        if warmup:
-            module(*args, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            out = module(*args, **kwargs)
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - base
-            del out
-            return int(peak), "torch.cuda.max_memory_allocated"
-        return _profiler_peak(module, args, kwargs)
-
-
-def _profiler_peak(module: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[int | None, str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        from torch._C._profiler import _EventType
-    except ImportError:  # pragma: no cover - very old/new torch
-        return None, "torch.profiler allocation events unavailable"
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = module(*args, **kwargs)
-    del out
-    allocs: list[tuple[int, int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            f = e.extra_fields
-            dev = getattr(f, "device", None)
-            if dev is None or getattr(dev, "type", "cpu") == "cpu":
-                allocs.append((e.start_time_ns, int(f.alloc_size), int(f.total_allocated)))
-        stack.extend(e.children)
-    if not allocs:
-        return None, "torch.profiler recorded no allocation"
-    allocs.sort()
-    before = allocs[0][2] - allocs[0][1]
-    peak = max(total for _, _, total in allocs) - before
-    return int(peak), "torch.profiler allocation events (CPU allocator)"

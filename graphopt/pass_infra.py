@@ -32,6 +32,7 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.pass_options import Option, check_options, declared_options
 from graphopt.report import Declined, PassRecord, Report
+from graphopt.target import TargetInfo
 from graphopt.verify import ErrorBudget, Numerics, Verifier
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class OptimizeContext:
     kwargs: dict[str, Any] = field(default_factory=dict)
     flat_inputs: list[Any] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    target: Any = None  # graphopt.cost.Target, filled lazily by analysis passes
+    #: the machine: rooflines, kernel probes, timings -- each measured once, on first use (graphopt.target)
+    target: TargetInfo = field(default_factory=TargetInfo)
     memory_budget: int | None = None  # bytes
     error_budget: ErrorBudget | None = None
     verifier: Verifier | None = None
@@ -67,8 +69,6 @@ class OptimizeContext:
     analyses: dict[type, tuple[fx.GraphModule, Any]] = field(default_factory=dict)
     #: what instruments record during the run, by instrument class (e.g. ``viz.PassHistory``'s changes)
     records: dict[type, list[Any]] = field(default_factory=dict)
-    #: measured timings shared by the passes of one optimization, keyed by what was timed
-    timings: dict[Any, Any] = field(default_factory=dict)
     #: True while the pass manager runs a group of exact passes that it verifies once, as a group
     deferring_verification: bool = False
     #: ``(module, budget, numerics)`` of the latest numeric check, so an identical check is not run twice

@@ -28,8 +28,8 @@ site lowers it -- a bias shared by every layer -- all remaining sites at once).
 Then each chosen site is relaxed to the cheapest configuration that still
 meets the budget. The report gives the predicted peak before and after and,
 measured on the example inputs, the real peak before and after (torch's
-allocator: :func:`graphopt.memory.measure_peak_memory`; a fresh process' peak
-RSS, what ``benchmarks/blocked.py`` reports, is :mod:`graphopt.peak_memory`).
+allocator: :func:`graphopt.target.measure_peak`; a fresh process' peak RSS,
+what ``benchmarks/blocked.py`` reports, is the same function with ``source="rss"``).
 A budget no plan meets raises :class:`BudgetError` with the smallest reachable
 peak.
 
@@ -47,8 +47,6 @@ does not need.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +55,6 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
-from graphopt.memory import measure_peak_memory
 from graphopt.node_builder import fake_mode_of
 from graphopt.errors import BadInput
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
@@ -72,6 +69,8 @@ from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_pro
 from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
 from graphopt.report import Declined
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
+from graphopt.target import Roofline, measure_peak
+from graphopt.target.timing import median_time
 
 log = logging.getLogger(__name__)
 
@@ -296,18 +295,20 @@ def default_leaf_bytes(budget: int | None) -> int:
 
 def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device | None = None,
                   kinds: tuple[str, ...] = KINDS, forced_sizes: dict[str, tuple[int, ...]] | None = None,
-                  leaf_bytes: int | None = None) -> tuple[Plan, list[Declined]]:
+                  leaf_bytes: int | None = None, roofline: Roofline | None = None) -> tuple[Plan, list[Declined]]:
     """Choose the sites to block in ``gm`` (which must carry ``meta["val"]``) and their block sizes.
 
     ``budget`` in bytes (None: block only where predicted faster).
     ``forced_sizes`` {kind: sizes} blocks every site of that kind with those sizes.
     ``leaf_bytes``: bias/mask producers larger than this are recomputed per
-    query block (default :func:`default_leaf_bytes`). Functionalizes in-place
+    query block (default :func:`default_leaf_bytes`). ``roofline``: the cost
+    model's figures (default: :func:`graphopt.target.measure_under_load`, measured
+    now; the pass passes its context's, measured once). Functionalizes in-place
     ops of ``gm`` whose input nobody else reads (same values).
     Raises :class:`BudgetError` when no plan meets the budget.
     """
     leaf_bytes = default_leaf_bytes(budget) if leaf_bytes is None else leaf_bytes
-    cost = BlockCostModel(device)
+    cost = BlockCostModel(device, roofline)
     functionalize_inplace(gm)  # a recomputed slice must not read a value mutated in place
     forced_sizes = forced_sizes or {}
     sites, declined = find_blockable_sites(gm, tuple(set(kinds) | set(forced_sizes)))
@@ -378,18 +379,8 @@ def _kinds(ctx: OptimizeContext) -> tuple[str, ...]:
 
 
 def _time_module(gm: fx.GraphModule, ctx: OptimizeContext, repeats: int = 3) -> float:
-    times = []
-    # CUDA runs asynchronously: without a synchronize the clock would time the kernel launches only
-    sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        gm(*ctx.args, **ctx.kwargs)  # warm-up
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            gm(*ctx.args, **ctx.kwargs)
-            sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_time(lambda: gm(*ctx.args, **ctx.kwargs), repeats, str(ctx.device))
 
 
 class BlockedOperators(Pass):
@@ -422,7 +413,8 @@ class BlockedOperators(Pass):
         budget = ctx.memory_budget
         leaf_bytes = ctx.option("blocked_leaf_bytes")
         plan, declined = plan_blocking(gm, budget, ctx.device, kinds, forced,
-                                       None if leaf_bytes is None else int(leaf_bytes))
+                                       None if leaf_bytes is None else int(leaf_bytes),
+                                       ctx.target.roofline_under_load(ctx.device))
         notes = list(plan.notes)
         if ctx.option("autotune") and ctx.args is not None and plan.module is not None:
             plan = self._autotune(gm, plan, budget, ctx, notes)
@@ -441,8 +433,9 @@ class BlockedOperators(Pass):
         if ctx.option("measure_peak", budget is not None) and ctx.args is not None:
             gm.recompile()  # the planner functionalized in-place ops of gm's graph
             new.recompile()
-            before, method = measure_peak_memory(gm, ctx.args, ctx.kwargs, warmup=False)
-            after, method = measure_peak_memory(new, ctx.args, ctx.kwargs, warmup=False)
+            before = measure_peak(gm, ctx.args, ctx.kwargs).bytes
+            measured_after = measure_peak(new, ctx.args, ctx.kwargs)
+            after, method = measured_after.bytes, measured_after.method
             if before is not None and after is not None:
                 notes.append(f"measured peak: {_mib(before)} -> {_mib(after)} ({method})")
                 summary.update(measured_peak_before=before, measured_peak_after=after, measure_method=method)
@@ -475,7 +468,7 @@ class BlockedOperators(Pass):
         """
         kinds = _kinds(ctx)
         sites, _ = find_blockable_sites(gm, kinds)
-        planner = _Planner(gm, sites, BlockCostModel(ctx.device),
+        planner = _Planner(gm, sites, BlockCostModel(ctx.device, ctx.target.roofline_under_load(ctx.device)),
                            int(ctx.option("blocked_leaf_bytes", default_leaf_bytes(budget))))
         target = int(budget * BUDGET_MARGIN) if budget is not None else None
         best = {g: plan.configs[g] for g in planner.groups if g in plan.configs}

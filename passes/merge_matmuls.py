@@ -18,9 +18,10 @@ A site missing a bias gets zeros in the merged bias (adding 0.0 is exact).
 Applied only where it is faster on the target: by default a short
 micro-benchmark (``measure_merge``) times the separate and the merged shapes
 on ``ctx.device``, interleaved, and the merge is kept when it is faster; the
-timings are cached per shape, so a model with 32 identical layers measures
-once. Option ``merge_matmuls_policy``: ``measure`` (default), ``always``
-(merge without measuring: never more FLOPs, the activation is read once), or
+timings are kept per shape on the context (``ctx.target.timings``), so a
+model with 32 identical layers measures once per ``optimize()`` call.
+Option ``merge_matmuls_policy``: ``measure`` (default), ``always`` (merge
+without measuring: never more FLOPs, the activation is read once), or
 ``off``. Without the option, when ``precision`` is ``int8``, ``fp8`` or
 ``auto``, groups are merged without measuring: the precision pass quantizes
 each matmul's activation at run time, and a merged group quantizes it once
@@ -48,6 +49,7 @@ from graphopt import ir, meta
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.sites.linear import LinearSite, find_linear_sites
 from graphopt.report import Declined
+from graphopt.target.timing import TimingCache, time_alternating
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -97,28 +99,22 @@ class MergeCandidate:
     device: torch.device
 
 
-_TIMINGS: dict[tuple, tuple[float, float]] = {}
-
-
-def _timer_mean(fn: Callable[[], object], number: int) -> float:
-    from torch.utils.benchmark import Timer
-
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.timeit(number).mean
-
-
 def measure_merge(shape: MergeShape, rounds: int = 5, round_seconds: float = 2e-3,
-                  budget_seconds: float = 0.25) -> tuple[float, float]:
+                  budget_seconds: float = 0.25, timings: TimingCache | None = None) -> tuple[float, float]:
     """Time the separate matmuls against the merged one: (separate_s, merged_s) per call.
 
-    Both are timed in alternating rounds (the machine's load hits both alike)
-    with ``torch.utils.benchmark.Timer`` (which synchronises CUDA); the best
-    round of each is kept. Large shapes get fewer rounds so one measurement
-    stays near ``budget_seconds``. Cached per shape and thread count.
+    Both are timed in alternating rounds (:func:`graphopt.target.timing.time_alternating`:
+    the machine's load hits both alike); the best round of each is kept. Large
+    shapes get fewer rounds so one measurement stays near ``budget_seconds``.
+    ``timings``: where results are kept per shape and thread count (the
+    pass's ``ctx.target.timings``; None: measured afresh).
     """
-    key = (shape, torch.get_num_threads())
-    if key in _TIMINGS:
-        return _TIMINGS[key]
+    timings = timings if timings is not None else TimingCache()
+    return timings.get_or_measure((shape, torch.get_num_threads()),
+                                  lambda: _time_merge(shape, rounds, round_seconds, budget_seconds))
+
+
+def _time_merge(shape: MergeShape, rounds: int, round_seconds: float, budget_seconds: float) -> tuple[float, float]:
     device = torch.device(shape.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape.rows, shape.in_features, generator=g).to(device, shape.dtype)
@@ -136,27 +132,19 @@ def measure_merge(shape: MergeShape, rounds: int = 5, round_seconds: float = 2e-
         return linear(x, w_cat, b_cat).split(sizes, -1)
 
     with torch.no_grad():
-        for fn in (separate, merged, separate, merged):  # warm up both
-            fn()
-        once = max(_timer_mean(separate, 1), 1e-7)
-        number = max(1, min(1000, int(round_seconds / once)))
-        rounds = max(2, min(rounds, int(budget_seconds / (2 * once * number))))
-        best_sep, best_merged = float("inf"), float("inf")
-        for _ in range(rounds):
-            best_sep = min(best_sep, _timer_mean(separate, number))
-            best_merged = min(best_merged, _timer_mean(merged, number))
-    _TIMINGS[key] = (best_sep, best_merged)
+        best_sep, best_merged = time_alternating([separate, merged], rounds, round_seconds, budget_seconds)
     log.info("merge_matmuls: %s on %s: separate %.1f us, merged %.1f us", shape.describe(), shape.device,
              best_sep * 1e6, best_merged * 1e6)
     return best_sep, best_merged
 
 
-def measured_decision(candidate: MergeCandidate) -> MergeDecision:
-    """Merge when the micro-benchmark on the target says the merged matmul is faster."""
+def measured_decision(candidate: MergeCandidate, timings: TimingCache | None = None) -> MergeDecision:
+    """Merge when the micro-benchmark on the target says the merged matmul is faster (``timings``: see
+    :func:`measure_merge`)."""
     if candidate.shape is None:
         return MergeDecision(False, "input shape is symbolic; nothing to measure "
                              "(set merge_matmuls_policy='always' to merge anyway)")
-    separate_s, merged_s = measure_merge(candidate.shape)
+    separate_s, merged_s = measure_merge(candidate.shape, timings=timings)
     ratio = separate_s / merged_s
     timing = (f"separate {separate_s * 1e6:.1f} us vs merged {merged_s * 1e6:.1f} us on "
               f"{candidate.shape.device} ({ratio:.2f}x)")
@@ -270,7 +258,7 @@ class MergeMatmuls(Pass):
             return None
         if policy == "always":
             return lambda c: MergeDecision(True, "policy 'always'")
-        return measured_decision
+        return lambda candidate: measured_decision(candidate, ctx.target.timings)
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
         decide = self._decider(ctx)

@@ -106,6 +106,8 @@ def register_translation(monkeypatch: Any, translation: Any) -> None:
     import types
 
     import graphopt.ops
+    from graphopt.ops.declare import OpDeclaration
 
-    module = types.SimpleNamespace(ONNX_TRANSLATIONS={torch.ops.graphopt_test.scaled_relu.default: translation})
+    module = types.SimpleNamespace(DECLARATIONS=(OpDeclaration(torch.ops.graphopt_test.scaled_relu.default,
+                                                              onnx=translation),))
     monkeypatch.setattr(graphopt.ops, "OP_MODULES", [module])

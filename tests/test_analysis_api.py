@@ -11,11 +11,11 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.cli import main
-from graphopt.cost import Target
+from graphopt.target import Roofline
 from graphopt.examples_models import nanogpt
 from graphopt.passes.analysis import attention_sites
 
-TARGET = Target("test", "cpu", {"float32": 1e11}, 1e10, 1e-6)
+TARGET = Roofline("test", "cpu", {"float32": 1e11}, 1e10, 1e-6)
 
 #: keys docs/analysis.md promises at the top level of the JSON
 SCHEMA_KEYS = {

@@ -1,4 +1,4 @@
-"""Cost model: per-op FLOPs against FlopCounterMode, bytes, views, custom-op costs, the Target roofline."""
+"""Cost model: per-op FLOPs against FlopCounterMode, bytes, views, custom-op costs, the roofline."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import graphopt
 from graphopt import cost as cost_mod
-from graphopt.cost import NodeCost, Target, get_target, node_cost, register_cost
+from graphopt.cost import NodeCost, node_cost, register_cost
+from graphopt.target import Roofline, get_roofline
+from graphopt.target import roofline as roofline_mod
 
 
 def _costs(fn, *args):
@@ -138,8 +140,8 @@ def test_registered_cost_for_a_custom_op():
         cost_mod._REGISTRY.pop(torch.ops.graphopt_test.double_it, None)
 
 
-def test_target_roofline_predicts_bound_and_time():
-    t = Target("t", "cpu", {"float32": 1e12, "bfloat16": 4e12}, 1e11, op_overhead_s=1e-6)
+def test_roofline_predicts_bound_and_time():
+    t = Roofline("t", "cpu", {"float32": 1e12, "bfloat16": 4e12}, 1e11, op_overhead_s=1e-6)
     compute = NodeCost(flops=10**12, bytes_read=10**6, bytes_written=0, category="matmul")
     memory = NodeCost(flops=10**6, bytes_read=10**10, bytes_written=10**10, category="elementwise")
     s, bound = t.predict(compute, torch.float32)
@@ -153,43 +155,59 @@ def test_target_roofline_predicts_bound_and_time():
     assert t.peak_for(torch.float16) == 1e12  # unmeasured dtype falls back to float32
 
 
-def test_target_dict_round_trip():
-    t = Target("t", "cpu", {"float32": 1e12}, 1e11, 2e-6, {"host": "x"}, True)
-    assert Target.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+def test_roofline_dict_round_trip():
+    t = Roofline("t", "cpu", {"float32": 1e12}, 1e11, 2e-6, {"host": "x"}, True)
+    assert Roofline.from_dict(json.loads(json.dumps(t.to_dict()))) == t
 
 
-def test_get_target_measures_once_and_caches(tmp_path, monkeypatch):
+def test_get_roofline_measures_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("GRAPHOPT_TARGET", raising=False)
     calls = []
 
     def fake_measure(device="cpu", budget_s=2.0):
         calls.append(device)
-        return Target("fake", device, {"float32": 1e9}, 1e9, 0.0, cost_mod.machine_key(device), True)
+        return Roofline("fake", device, {"float32": 1e9}, 1e9, 0.0, roofline_mod.machine_key(device), True)
 
-    monkeypatch.setattr(cost_mod, "measure_target", fake_measure)
-    first = get_target("cpu")
-    second = get_target("cpu")
+    monkeypatch.setattr(roofline_mod, "measure_roofline", fake_measure)
+    first = get_roofline("cpu")
+    second = get_roofline("cpu")
     assert calls == ["cpu"] and first == second
     assert (tmp_path / "target-cpu.json").exists()
-    get_target("cpu", refresh=True)
+    get_roofline("cpu", refresh=True)
     assert calls == ["cpu", "cpu"]
     # a cache written on another machine is measured again
     data = json.loads((tmp_path / "target-cpu.json").read_text())
     data["key"]["host"] = "elsewhere"
     (tmp_path / "target-cpu.json").write_text(json.dumps(data))
-    get_target("cpu")
+    get_roofline("cpu")
     assert len(calls) == 3
 
 
 def test_graphopt_target_env_overrides(tmp_path, monkeypatch):
     path = tmp_path / "t.json"
-    path.write_text(json.dumps(Target("mine", "cpu", {"float32": 5e9}, 2e9).to_dict()))
+    path.write_text(json.dumps(Roofline("mine", "cpu", {"float32": 5e9}, 2e9).to_dict()))
     monkeypatch.setenv("GRAPHOPT_TARGET", str(path))
-    assert get_target("cpu").name == "mine"
+    assert get_roofline("cpu").name == "mine"
 
 
-def test_measure_target_gives_positive_figures():
-    t = cost_mod.measure_target("cpu", budget_s=0.3)
+def test_measure_roofline_gives_positive_figures():
+    t = roofline_mod.measure_roofline("cpu", budget_s=0.3)
     assert t.peak_flops["float32"] > 0 and t.mem_bandwidth > 0 and t.op_overhead_s > 0
     assert t.measured and t.key["device"] == "cpu"
+
+
+def test_analyze_counts_the_flops_of_int8_linears():
+    """An int8 graph's ``graphopt.int8_linear`` nodes count a linear's FLOPs (declared by the op), so
+    ``analyze`` on an ``optimize(..., precision="int8")`` result gives the fp32 model's matmul FLOPs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    args = (torch.randn(32, 64),)
+    result = graphopt.optimize(model, args, precision="int8", n_random_inputs=1)
+    int8_nodes = [n for n in result.module.graph.nodes if n.target is torch.ops.graphopt.int8_linear.default]
+    assert int8_nodes, result.report
+    target = Roofline("t", "cpu", {"float32": 1e11}, 1e10, 1e-6)
+    fp32, int8 = graphopt.analyze(model, args, target=target), graphopt.analyze(result, target=target)
+    assert fp32.total_flops == 2 * 32 * (64 * 256 + 256 * 64)
+    assert int8.total_flops == fp32.total_flops
+    assert all(node_cost(n).category == "matmul" and node_cost(n).flops > 0 for n in int8_nodes)

@@ -7,13 +7,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import graphopt
-from graphopt.cost import Target, annotate_costs
+from graphopt.cost import annotate_costs
+from graphopt.target import Roofline, TargetInfo
 from graphopt.passes.analysis.sites.ffn import find_ffn_chains
 from graphopt.passes.analysis.hot_matmuls import find_hot_matmuls
 from graphopt.passes.analysis.repeated_blocks import find_repeated_blocks
 from graphopt.specs import load_spec
 
-TARGET = Target("test", "cpu", {"float32": 1e11}, 1e10, 1e-6)
+TARGET = Roofline("test", "cpu", {"float32": 1e11}, 1e10, 1e-6)
 
 MODELS = {
     "gpt2": ("hf:gpt2?n_layer=2&n_embd=64&n_head=4&vocab_size=512&seq=32", 2),
@@ -95,7 +96,7 @@ def test_analysis_passes_do_not_modify(model):
 
     _, _, gm, _ = model
     before = gm.code
-    ctx = OptimizeContext(target=TARGET)
+    ctx = OptimizeContext(target=TargetInfo(given=TARGET))
     for cls in (passes.CostAnnotation, passes.HotMatmuls, passes.FFNChains, passes.RepeatedBlocks):
         result = cls()(gm, ctx)
         assert cls.kind == "analysis"

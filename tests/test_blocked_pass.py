@@ -218,7 +218,7 @@ def test_plan_blocks_all_layers_sharing_a_bias():
 
 def test_planner_profile_adds_blocked_operators_working_memory():
     from graphopt.memory import peak_memory
-    from graphopt.ops.workspace import workspace_bytes
+    from graphopt.ops import workspace_bytes
 
     class M(torch.nn.Module):
         def forward(self, q, k, v):

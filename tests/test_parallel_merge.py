@@ -161,22 +161,24 @@ def test_measured_decision_uses_the_micro_benchmark(monkeypatch):
 
     shape = MergeShape(8, 64, (64, 32, 32), torch.float32, False, "cpu")
     candidate = MergeCandidate([], shape, torch.device("cpu"))
-    monkeypatch.setattr(mod, "measure_merge", lambda s: (30e-6, 20e-6))
+    monkeypatch.setattr(mod, "measure_merge", lambda s, timings=None: (30e-6, 20e-6))
     faster = measured_decision(candidate)
-    monkeypatch.setattr(mod, "measure_merge", lambda s: (20e-6, 40e-6))
+    monkeypatch.setattr(mod, "measure_merge", lambda s, timings=None: (20e-6, 40e-6))
     slower = measured_decision(candidate)
     assert faster.merge and faster.speedup == pytest.approx(1.5)
     assert not slower.merge and "0.50x" in slower.reason and "measured slower" in slower.reason
 
 
 def test_measure_merge_times_both_and_caches():
-    from graphopt.passes.merge_matmuls import _TIMINGS, measure_merge
+    from graphopt.passes.merge_matmuls import measure_merge
+    from graphopt.target import TimingCache
 
     shape = MergeShape(4, 32, (32, 16), torch.float32, True, "cpu")
-    sep, merged = measure_merge(shape, rounds=2, budget_seconds=0.05)
+    timings = TimingCache()
+    sep, merged = measure_merge(shape, rounds=2, budget_seconds=0.05, timings=timings)
     assert sep > 0 and merged > 0
-    assert measure_merge(shape) == (sep, merged)  # cached per shape
-    assert any(k[0] == shape for k in _TIMINGS)
+    assert measure_merge(shape, timings=timings) == (sep, merged)  # cached per shape, in the cache given
+    assert any(k[0] == shape for k in timings.keys())
 
 
 def test_policy_option_off_and_default_pipeline_order():

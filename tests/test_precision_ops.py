@@ -11,6 +11,7 @@ import torch
 import graphopt
 from graphopt.ops import fp8_linear, int8_linear
 from graphopt.precision.target import PrecisionTarget
+from graphopt.target import KernelProbes, probes
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,7 +76,7 @@ def test_u8_kernel_is_exact_with_pair_safe_weights_where_plain_weights_saturate(
     that are not pair-safe (it falls back to the reference)."""
     x, w = _saturating_case()
     safe, s = int8_linear.quantize_weight(w, pair_safe=True)
-    if int8_linear.fbgemm_u8_exact():
+    if probes.fbgemm_u8_exact():
         got = torch.ops.graphopt.int8_linear(x, safe, s, None, "per_token_u8")
         assert _rel(got, int8_linear.int8_linear_reference(x, safe, s, None, "per_token_u8")) < 1e-5
     plain, ps = int8_linear.quantize_weight(w)
@@ -98,7 +99,7 @@ def test_onednn_kernel_is_exact_with_pair_safe_weights_where_plain_weights_satur
     q, row = int8_linear._quantize_sym_u8(x)
     assert int(q.max()) == 255 and int(q.min()) >= 1  # the full range is used
     exact = ((q.double() - 128) @ safe.double().t()) * s.double()
-    if int8_linear.onednn_u8_exact():
+    if probes.onednn_u8_exact():
         got = int8_linear._onednn_gemm(q, int8_linear._onednn_pack(safe), s, torch.zeros(32, dtype=torch.long))
         assert _rel(got.double(), exact) < 1e-6
         op = torch.ops.graphopt.int8_linear(x, safe, s, None, "per_token_sym_u8")
@@ -119,18 +120,18 @@ def test_plain_weight_probes_tell_whether_the_kernels_saturate():
     q, _ = int8_linear._quantize_sym_u8(x)
     got = int8_linear._onednn_gemm(q, int8_linear._onednn_pack(plain), ps, torch.zeros(32, dtype=torch.long))
     exact = ((q.double() - 128) @ plain.double().t()) * ps.double()
-    assert (_rel(got.double(), exact) < 1e-6) == int8_linear.onednn_plain_exact()
-    assert int8_linear.weights_need_pair_safety("per_token_sym_u8") == (not int8_linear.onednn_plain_exact())
+    assert (_rel(got.double(), exact) < 1e-6) == probes.onednn_plain_exact()
+    assert KernelProbes().weights_need_pair_safety("per_token_sym_u8") == (not probes.onednn_plain_exact())
     if int8_linear.fbgemm_available():
         xn = x / x.abs().amax(-1, keepdim=True)
         raw = torch.ops.quantized.linear_dynamic(xn, int8_linear._pack(plain, ps), False)
         exact_u8 = int8_linear._exact_u8_product(xn, plain, ps)
-        assert (_rel(raw.double(), exact_u8) < 1e-6) == int8_linear.fbgemm_plain_exact()
+        assert (_rel(raw.double(), exact_u8) < 1e-6) == probes.fbgemm_plain_exact()
     for scheme in ("per_token_u7", "per_token_s8"):  # 7-bit and symmetric int8 never saturate
-        assert not int8_linear.weights_need_pair_safety(scheme)
+        assert not KernelProbes().weights_need_pair_safety(scheme)
     target = PrecisionTarget.detect("cpu")
     if target.int8_scheme is not None:
-        assert target.int8_pair_safe == int8_linear.weights_need_pair_safety(target.int8_scheme)
+        assert target.int8_pair_safe == KernelProbes().weights_need_pair_safety(target.int8_scheme)
 
 
 def test_sym_u8_quantization_rounds_half_up_to_127_levels_each_side():

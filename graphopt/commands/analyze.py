@@ -29,7 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("--profile", action="store_true",
                    help="run the model to measure per-node time and peak memory beside the prediction")
     p.add_argument("--target", metavar="FILE",
-                   help="a roofline JSON file (Target.to_dict) to use instead of the measured one")
+                   help="a roofline JSON file (Roofline.to_dict) to use instead of the measured one")
     p.add_argument("--dim", action="append", metavar="NAME=SIZE",
                    help=".onnx only: size of a symbolic axis for shapes and FLOPs (repeatable), e.g. --dim seq=128")
     p.set_defaults(handler=run)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     import graphopt
-    from graphopt.cost import Target
+    from graphopt.target import Roofline
 
     if args.top < 1:
         raise UsageError("--top must be at least 1")
@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.target:
         try:
             with open(args.target) as f:
-                target = Target.from_dict(json.load(f))
+                target = Roofline.from_dict(json.load(f))
         except (ValueError, KeyError) as exc:
-            raise UsageError(f"{args.target} is not a target JSON ({exc}); write it like Target.to_dict()") from exc
+            raise UsageError(f"{args.target} is not a target JSON ({exc}); write it like Roofline.to_dict()") from exc
     spec = load_model(args.spec)
     with step("analysing" + (" and profiling" if args.profile else "")):
         analysis = graphopt.analyze(spec.model, spec.args, spec.kwargs, target=target, profile=args.profile,

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from graphopt.ops._blocking import LOW_PRECISION, n_blocks, onnx_transpose_last2, spans
+from graphopt.ops.declare import OpCall, OpCost, OpDeclaration, io_cost, numel
 
-__all__ = ["blocked_attention", "attention_workspace_bytes", "ONNX_TRANSLATIONS"]
+__all__ = ["blocked_attention", "attention_workspace_bytes", "DECLARATIONS"]
 
 
 def _tile(t: Tensor | None, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor | None:
@@ -143,7 +144,7 @@ def attention_workspace_bytes(batch_heads: int, tq: int, tk: int, dv: int, q_blo
 
 def _blocked_attention_onnx(q, k, v, bias=None, mask=None, mask_value: float = -math.inf, scale: float = 1.0,
                             q_block: int = 0, kv_block: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     s = op.MatMul(q, onnx_transpose_last2(op, k))
     if scale != 1.0:
@@ -155,4 +156,26 @@ def _blocked_attention_onnx(q, k, v, bias=None, mask=None, mask_value: float = -
     return op.MatMul(op.Softmax(s, axis=-1), v)
 
 
-ONNX_TRANSLATIONS = {torch.ops.graphopt.blocked_attention.default: _blocked_attention_onnx}
+# ---------------------------------------------------------------- declaration
+
+def _workspace(call: OpCall) -> int:
+    q, k, v, out = call.tensor("q"), call.tensor("k"), call.tensor("v"), call.out
+    if q is None or k is None or v is None or out is None:
+        return 0
+    return attention_workspace_bytes(numel(out.shape[:-2]), q.shape[-2], k.shape[-2], v.shape[-1],
+                                     int(call["q_block"]), int(call["kv_block"]), q.dtype)
+
+
+def _cost(call: OpCall) -> OpCost:
+    """The unblocked formula's FLOPs; inputs read and output written once (the scores stay in tiles)."""
+    q, k, v, out = call.tensor("q"), call.tensor("k"), call.tensor("v"), call.out
+    if q is None or k is None or v is None or out is None:
+        return io_cost(call, 0, "attention")
+    flops = 2 * numel(out.shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    return io_cost(call, flops, "attention")
+
+
+DECLARATIONS = (
+    OpDeclaration(torch.ops.graphopt.blocked_attention.default, cost=_cost, workspace=_workspace,
+                  onnx=_blocked_attention_onnx),
+)

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphopt.ops._blocking import LOW_PRECISION, accumulation_dtype, n_blocks, onnx_transpose_last2, spans
+from graphopt.ops.declare import OpCall, OpCost, OpDeclaration, io_cost, numel
 
-__all__ = ["blocked_matmul", "blocked_linear", "matmul_workspace_bytes", "ONNX_TRANSLATIONS"]
+__all__ = ["blocked_matmul", "blocked_linear", "matmul_workspace_bytes", "DECLARATIONS"]
 
 
 def _tile_product(a: Tensor, b: Tensor, block_k: int, out_dtype: torch.dtype) -> Tensor:
@@ -112,19 +113,49 @@ def matmul_workspace_bytes(rows: int, cols: int, k: int, block_rows: int, block_
 # ---------------------------------------------------------------- ONNX (unblocked)
 
 def _blocked_matmul_onnx(a, b, block_m: int = 0, block_n: int = 0, block_k: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     return op.MatMul(a, b)
 
 
 def _blocked_linear_onnx(x, weight, bias=None, block_rows: int = 0, block_cols: int = 0, block_k: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     out = op.MatMul(x, onnx_transpose_last2(op, weight))
     return op.Add(out, bias) if bias is not None else out
 
 
-ONNX_TRANSLATIONS = {
-    torch.ops.graphopt.blocked_matmul.default: _blocked_matmul_onnx,
-    torch.ops.graphopt.blocked_linear.default: _blocked_linear_onnx,
-}
+# ---------------------------------------------------------------- declarations
+
+def _matmul_workspace(call: OpCall) -> int:
+    a, b = call.tensor("a"), call.tensor("b")
+    if a is None or b is None or a.ndim < 2 or b.ndim < 2:
+        return 0
+    batch = numel(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    return matmul_workspace_bytes(a.shape[-2], b.shape[-1], a.shape[-1], int(call["block_m"]), int(call["block_n"]),
+                                  int(call["block_k"]), batch, a.dtype)
+
+
+def _linear_workspace(call: OpCall) -> int:
+    x, w = call.tensor("x"), call.tensor("weight")
+    if x is None or w is None:
+        return 0
+    return matmul_workspace_bytes(numel(x.shape[:-1]), w.shape[0], x.shape[-1], int(call["block_rows"]),
+                                  int(call["block_cols"]), int(call["block_k"]), 1, x.dtype)
+
+
+def _cost(first_input: str):
+    def cost(call: OpCall) -> OpCost:
+        """The unblocked matmul's FLOPs, ``2 * numel(out) * K``; inputs read and output written once."""
+        x, out = call.tensor(first_input), call.out
+        return io_cost(call, 0 if x is None or out is None else 2 * out.numel() * x.shape[-1], "matmul")
+
+    return cost
+
+
+DECLARATIONS = (
+    OpDeclaration(torch.ops.graphopt.blocked_matmul.default, cost=_cost("a"), workspace=_matmul_workspace,
+                  onnx=_blocked_matmul_onnx),
+    OpDeclaration(torch.ops.graphopt.blocked_linear.default, cost=_cost("x"), workspace=_linear_workspace,
+                  onnx=_blocked_linear_onnx),
+)

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from graphopt.ops._blocking import activation as get_activation
 from graphopt.ops._blocking import onnx_transpose_last2, spans
+from graphopt.ops.declare import OpCall, OpCost, OpDeclaration, io_cost, numel
 
-__all__ = ["chunked_ffn", "ffn_workspace_bytes", "ONNX_TRANSLATIONS"]
+__all__ = ["chunked_ffn", "ffn_workspace_bytes", "DECLARATIONS"]
 
 
 def _ffn_rows(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | None, b_gate: Tensor | None,
@@ -70,7 +71,7 @@ def ffn_workspace_bytes(rows: int, hidden: int, d_out: int, chunk: int, gated: b
 
 def _chunked_ffn_onnx(x, w_in, b_in=None, w_gate=None, b_gate=None, w_out=None, b_out=None,
                       activation: str = "identity", chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     act = get_activation(activation).onnx_fn
 
@@ -83,4 +84,25 @@ def _chunked_ffn_onnx(x, w_in, b_in=None, w_gate=None, b_gate=None, w_out=None, 
     return linear(h, w_out, b_out)
 
 
-ONNX_TRANSLATIONS = {torch.ops.graphopt.chunked_ffn.default: _chunked_ffn_onnx}
+# ---------------------------------------------------------------- declaration
+
+def _workspace(call: OpCall) -> int:
+    x, w_in, w_out = call.tensor("x"), call.tensor("w_in"), call.tensor("w_out")
+    if x is None or w_in is None or w_out is None:
+        return 0
+    return ffn_workspace_bytes(numel(x.shape[:-1]), w_in.shape[0], w_out.shape[0], int(call["chunk"]),
+                               call.tensor("w_gate") is not None, x.dtype)
+
+
+def _cost(call: OpCall) -> OpCost:
+    """The unchunked FFN's FLOPs; inputs read and output written once (the hidden rows stay in chunks)."""
+    x, w_in, w_out = call.tensor("x"), call.tensor("w_in"), call.tensor("w_out")
+    if x is None or w_in is None or w_out is None:
+        return io_cost(call, 0, "matmul")
+    n_in = 2 if call.tensor("w_gate") is not None else 1
+    return io_cost(call, 2 * numel(x.shape[:-1]) * w_in.shape[0] * (x.shape[-1] * n_in + w_out.shape[0]), "matmul")
+
+
+DECLARATIONS = (
+    OpDeclaration(torch.ops.graphopt.chunked_ffn.default, cost=_cost, workspace=_workspace, onnx=_chunked_ffn_onnx),
+)

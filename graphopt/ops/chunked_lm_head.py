@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphopt.ops._blocking import onnx_transpose_last2, spans
+from graphopt.ops.declare import OpCall, OpCost, OpDeclaration, io_cost, numel
 
 __all__ = ["chunked_lm_head_gather", "chunked_lm_head_argmax", "chunked_lm_head_topk", "lm_head_workspace_bytes",
-           "NORMALIZATIONS", "ONNX_TRANSLATIONS"]
+           "NORMALIZATIONS", "DECLARATIONS"]
 
 NORMALIZATIONS = ("none", "log_softmax", "softmax")
 
@@ -115,7 +116,7 @@ def lm_head_workspace_bytes(rows: int, vocab: int, chunk: int, normalize: str, d
 # ---------------------------------------------------------------- ONNX (unblocked)
 
 def _onnx_normalized(op, hidden, weight, bias, normalize: str, upcast: bool):
-    from onnx import TensorProto
+    from onnx import TensorProto  # lazy: only an ONNX export loads onnx (start-up speed)
 
     logits = op.MatMul(hidden, onnx_transpose_last2(op, weight))
     if bias is not None:
@@ -131,28 +132,45 @@ def _onnx_normalized(op, hidden, weight, bias, normalize: str, upcast: bool):
 
 def _gather_onnx(hidden, weight, bias=None, index=None, normalize: str = "none", upcast: bool = False,
                  chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     return op.GatherElements(_onnx_normalized(op, hidden, weight, bias, normalize, upcast), index, axis=-1)
 
 
 def _argmax_onnx(hidden, weight, bias=None, normalize: str = "none", upcast: bool = False, chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     return op.ArgMax(_onnx_normalized(op, hidden, weight, bias, normalize, upcast), axis=-1, keepdims=0)
 
 
 def _topk_onnx(hidden, weight, bias=None, k: int = 1, largest: bool = True, normalize: str = "none",
                upcast: bool = False, chunk: int = 0):
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     values, indices = op.TopK(_onnx_normalized(op, hidden, weight, bias, normalize, upcast),
                               op.Constant(value_ints=[k]), axis=-1, largest=int(largest), sorted=1)
     return values, indices
 
 
-ONNX_TRANSLATIONS = {
-    torch.ops.graphopt.chunked_lm_head_gather.default: _gather_onnx,
-    torch.ops.graphopt.chunked_lm_head_argmax.default: _argmax_onnx,
-    torch.ops.graphopt.chunked_lm_head_topk.default: _topk_onnx,
-}
+# ---------------------------------------------------------------- declarations (the three share argument names)
+
+def _workspace(call: OpCall) -> int:
+    h, w = call.tensor("hidden"), call.tensor("weight")
+    if h is None or w is None:
+        return 0
+    dtype = torch.float32 if call["upcast"] else h.dtype
+    return lm_head_workspace_bytes(numel(h.shape[:-1]), w.shape[0], int(call["chunk"]), str(call["normalize"]), dtype)
+
+
+def _cost(call: OpCall) -> OpCost:
+    """The head's FLOPs, ``2 * tokens * d * vocab``; inputs read and outputs written once (logits stay in chunks)."""
+    h, w = call.tensor("hidden"), call.tensor("weight")
+    return io_cost(call, 0 if h is None or w is None else 2 * numel(h.shape) * w.shape[0], "matmul")
+
+
+DECLARATIONS = tuple(
+    OpDeclaration(op, cost=_cost, workspace=_workspace, onnx=onnx)
+    for op, onnx in ((torch.ops.graphopt.chunked_lm_head_gather.default, _gather_onnx),
+                     (torch.ops.graphopt.chunked_lm_head_argmax.default, _argmax_onnx),
+                     (torch.ops.graphopt.chunked_lm_head_topk.default, _topk_onnx))
+)

@@ -13,7 +13,7 @@ Kernels: CUDA with compute capability >= 8.9 (Ada, Hopper) runs
 emulates the same numbers (values rounded through float8 and bf16) and is the
 op's definition. The precision pass only plans fp8 where the fast kernel
 exists (:func:`fp8_supported`). ONNX: ``QuantizeLinear``/``DequantizeLinear``
-to float8 around a MatMul (QDQ form).
+to float8 around a MatMul (QDQ form). Cost: a linear's FLOPs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from graphopt.ops.declare import OpDeclaration, linear_cost
 
 E4M3_MAX = 448.0
 _TINY = 1e-12
@@ -84,7 +86,7 @@ def _fp8_linear_fake(x, weight_fp8, weight_scale, bias):
 
 def fp8_linear_onnx(x, weight_fp8, weight_scale, bias):
     """ONNX translation (QDQ): x scaled per row, rounded through float8 e4m3, MatMul with the dequantized weight."""
-    from onnxscript import opset19 as op
+    from onnxscript import opset19 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     row = op.Max(op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1),
                         op.CastLike(op.Constant(value_float=E4M3_MAX), x)),
@@ -99,4 +101,6 @@ def fp8_linear_onnx(x, weight_fp8, weight_scale, bias):
     return y
 
 
-ONNX_TRANSLATIONS = {torch.ops.graphopt.fp8_linear.default: fp8_linear_onnx}
+DECLARATIONS = (
+    OpDeclaration(torch.ops.graphopt.fp8_linear.default, cost=linear_cost("x", "weight_fp8"), onnx=fp8_linear_onnx),
+)

@@ -22,13 +22,14 @@ in one of four schemes -- each is the one a fast kernel implements:
     ``(2i, 2i+1)`` in int16 *with saturation*: ``255 * (127 + 127)`` does not
     fit. The weights of this scheme are therefore quantized *pair-safe*
     (:func:`quantize_weight` with ``pair_safe=True``: ``|q[2i] + q[2i+1]| <= 128``,
-    so ``255 * 128 <= 32767``), and :func:`fbgemm_u8_exact` probes the kernel
+    so ``255 * 128 <= 32767``), and :func:`graphopt.target.probes.fbgemm_u8_exact` probes the kernel
     once with adversarial values to confirm the pairing and the absence of
     saturation; where the probe fails, the op runs the reference instead and
     the precision pass uses ``per_token_u7``. CPUs with VNNI (AVX512-VNNI,
     AVX-VNNI) accumulate ``u8 x s8`` products in int32 without that step: where
-    :func:`fbgemm_plain_exact` / :func:`onednn_plain_exact` confirm it, plain
-    per-channel weights run on the kernels too (:func:`weights_need_pair_safety`).
+    :func:`~graphopt.target.probes.fbgemm_plain_exact` /
+    :func:`~graphopt.target.probes.onednn_plain_exact` confirm it, plain
+    per-channel weights run on the kernels too (:meth:`~graphopt.target.probes.KernelProbes.weights_need_pair_safety`).
 ``"per_token_sym_u8"`` (x86 CPUs, oneDNN, 8-bit activations, preferred)
     symmetric per row: ``s = amax(|x_row|) / 127`` and
     ``q = floor(x * (127 / amax) + 128.5)`` -- ``x / s`` rounded half up to
@@ -39,8 +40,8 @@ in one of four schemes -- each is the one a fast kernel implements:
     about 1.2x faster than fbgemm's dynamic linear on the development CPU
     (docs/precision.md). Without VNNI the weights must be pair-safe, as for
     ``per_token_u8`` (oneDNN multiplies with the same ``vpmaddubsw``), and
-    :func:`onednn_u8_exact` probes the kernel once; with VNNI
-    (:func:`onednn_plain_exact`) plain weights are exact.
+    :func:`~graphopt.target.probes.onednn_u8_exact` probes the kernel once; with VNNI
+    (:func:`~graphopt.target.probes.onednn_plain_exact`) plain weights are exact.
 ``"per_token_u7"`` (x86 CPUs, fbgemm, ``reduce_range=True``)
     the same with a 7-bit range (0..127): exact for any int8 weights, twice
     the activation step.
@@ -60,7 +61,9 @@ definition of the op in plain torch. The fake kernel keeps graphs exportable
 We call the quantized kernels of ``torch.ops.quantized`` directly (not
 ``torch.ao.quantization.quantize_dynamic``, which swaps nn.Modules, and is
 deprecated) because a graph rewrite needs an operator, not a module swap;
-torchao's CPU int8 path was not faster here (docs/precision.md).
+torchao's CPU int8 path was not faster here (docs/precision.md). The shared
+int8 arithmetic is in :mod:`graphopt.target.int8_kernels`. Cost: a linear's
+FLOPs (``2 * rows * N * K``), so an int8 graph analyses like its fp32 one.
 """
 
 from __future__ import annotations
@@ -68,35 +71,48 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from graphopt.ops.declare import OpDeclaration, linear_cost
+# _pack, _onednn_pack, _onednn_gemm and _exact_u8_product are read from here by tests and benchmarks
+from graphopt.target.int8_kernels import (  # noqa: F401
+    _QMAX, _TINY, PAIR_LIMIT, SYM_ZERO_POINT, _asym_params, _exact_u8_product, _onednn_gemm, _onednn_pack, _pack,
+    _pair_sums, _quantize_like_fbgemm, _quantize_sym_u8, _row_absmax, fbgemm_available, is_pair_safe,
+    onednn_available,
+)
+from graphopt.target.probes import KernelProbes
 
 log = logging.getLogger(__name__)
 
 ACTIVATION_SCHEMES = ("per_token_sym_u8", "per_token_u8", "per_token_u7", "per_token_s8")
 #: schemes whose kernels multiply uint8 activations over the full 8-bit range (need pair-safe weights)
 PAIR_SAFE_SCHEMES = ("per_token_sym_u8", "per_token_u8")
-#: zero point of ``per_token_sym_u8`` (symmetric int8 values stored as uint8)
-SYM_ZERO_POINT = 128
-#: activation range of the fbgemm schemes (uint8 with a zero point)
-_QMAX = {"per_token_u8": 255, "per_token_u7": 127}
-#: |q[2i] + q[2i+1]| of pair-safe weights: 255 * 128 = 32640 <= 32767 (int16)
-PAIR_LIMIT = 128
-_TINY = 1e-30
 
+
+@dataclass(frozen=True)
+class _PackedWeight:
+    """A weight packed for a CPU kernel, and whether that kernel computes it exactly here (probed once).
+
+    ``exact``: the kernel's int32 products are exact for these weights
+    (8-bit activations: the probe passed, and the weights are pair-safe or the
+    kernel has VNNI). ``saturates``: the kernel would saturate these weights
+    (not pair-safe, no VNNI): the op runs its reference and says so once.
+    """
+
+    packed: Any
+    exact: bool
+    saturates: bool
+    zero_points: torch.Tensor | None = None
+
+
+#: packed weights by weight tensor: the kernels' own state, kept as long as the weight lives
 _packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 _onednn_packed: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 _packed_lock = threading.Lock()
-
-
-def _pair_sums(w: torch.Tensor) -> torch.Tensor:
-    """``w[:, 2i] + w[:, 2i+1]`` (an odd last column pairs with zero)."""
-    if w.shape[1] % 2:
-        w = torch.nn.functional.pad(w, (0, 1))
-    return w[:, 0::2] + w[:, 1::2]
 
 
 def quantize_weight(weight: torch.Tensor, pair_safe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,232 +132,54 @@ def quantize_weight(weight: torch.Tensor, pair_safe: bool = False) -> tuple[torc
     return q, scale
 
 
-def is_pair_safe(weight_int8: torch.Tensor) -> bool:
-    """True when ``|q[2i] + q[2i+1]| <= 128`` for every row (no int16 saturation with uint8 activations)."""
-    return bool(_pair_sums(weight_int8.to(torch.int32)).abs().max() <= PAIR_LIMIT) if weight_int8.numel() else True
+def _kernel_exact(pair_safe: bool, u8_exact: bool, plain_exact: Any) -> tuple[bool, bool]:
+    """(exact, saturates) of a full-range uint8 kernel for weights that are (not) pair-safe."""
+    if not u8_exact:
+        return False, False
+    if pair_safe or plain_exact():
+        return True, False
+    return False, True
 
 
-def fbgemm_available() -> bool:
-    """True when torch ships the x86 quantized kernels (fbgemm / x86 engine)."""
-    try:
-        engines = torch.backends.quantized.supported_engines
-    except Exception:  # pragma: no cover - very old / stripped builds
-        return False
-    return bool({"fbgemm", "x86"} & set(engines)) and hasattr(torch.ops.quantized, "linear_dynamic")
-
-
-def _pack(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> Any:
-    with warnings.catch_warnings():  # quantized tensors are deprecated; the kernels are what we use
-        warnings.simplefilter("ignore")
-        qweight = torch._make_per_channel_quantized_tensor(
-            weight_int8.contiguous(), weight_scale.double(), torch.zeros_like(weight_scale, dtype=torch.long), 0
-        )
-        return torch.ops.quantized.linear_prepack(qweight, None)
-
-
-def _exact_u8_product(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """What ``linear_dynamic(x, W, reduce_range=False)`` computes without saturation, in float64."""
-    scale, inv, zp = _asym_params(x.float(), 255)
-    q = _quantize_like_fbgemm(x.float(), inv, zp).double()
-    return ((q - zp.double()) @ weight_int8.double().t()) * scale.double() * weight_scale.double()
-
-
-#: probe weight rows (repeated over 64 input channels, and negated): pair-safe, with the large values
-#: placed so that a pairing other than ``(2i, 2i+1)`` (``(2i+1, 2i+2)``, ``(i, i+2)``) would saturate
-_PAIR_SAFE_PATTERNS = [(64, 64), (127, 1, 1, 127), (127, 1, 127, 1), (-64, -64), (-127, -1, -1, -127),
-                       (100, 28, -128, 0)]
-#: plain weights whose adjacent channels are both at +-127: ``vpmaddubsw``'s int16 pair sum
-#: (``255 * 254``) saturates on them
-_PLAIN_PATTERNS = [(127, 127), (-127, -127), (127, 127, -127, -127), (127, -127, 127, 127)]
-_PROBE_K = 64
-
-
-def _probe_weights(patterns: list[tuple[int, ...]]) -> torch.Tensor:
-    rows = [torch.tensor(p * (_PROBE_K // len(p)), dtype=torch.int8) for p in patterns]
-    return torch.stack(rows + [-r for r in rows])
-
-
-def _fbgemm_exact(w: torch.Tensor, what: str) -> bool:
-    """fbgemm's dynamic linear with 8-bit activations at 255 against ``w``, vs the exact product."""
-    if not fbgemm_available():
-        return False
-    x = torch.ones(4, _PROBE_K)
-    x[:, 0] = 0.0  # min 0, max 1: every other activation quantizes to 255
-    s = torch.full((w.shape[0],), 0.01)
-    try:
-        got = torch.ops.quantized.linear_dynamic(x, _pack(w, s), False).double()
-    except Exception as exc:  # pragma: no cover - kernel missing at run time
-        log.info("fbgemm %s probe failed to run: %s", what, exc)
-        return False
-    return bool(torch.allclose(got, _exact_u8_product(x, w, s), rtol=1e-6, atol=1e-6))
-
-
-@functools.cache
-def fbgemm_u8_exact() -> bool:
-    """Probe: do pair-safe weights give exact int32 products with 8-bit activations here?
-
-    Activations at 255 (the top of the uint8 range) against weights whose
-    adjacent-channel sums sit at the limit, with both signs and with the large
-    values placed so that a different pairing would saturate
-    (``_PAIR_SAFE_PATTERNS``). True on VNNI CPUs (no int16 step) and on
-    AVX2 fbgemm (pairs ``(2i, 2i+1)``); False sends ``per_token_u8`` to the
-    reference implementation and makes the pass choose ``per_token_u7``.
-    """
-    w = _probe_weights(_PAIR_SAFE_PATTERNS)
-    if not is_pair_safe(w):  # pragma: no cover - the patterns are built pair-safe
-        raise AssertionError("probe weights must be pair-safe")
-    ok = _fbgemm_exact(w, "u8")
-    if not ok and fbgemm_available():
-        log.info("fbgemm saturates pair-safe weights with 8-bit activations here: using per_token_u7")
-    return ok
-
-
-def onednn_available() -> bool:
-    """True when torch ships oneDNN's quantized linear (``onednn::qlinear_pointwise``, x86 CPUs)."""
-    ops = getattr(torch.ops, "onednn", None)
-    try:
-        return bool(torch.backends.mkldnn.is_available() and ops is not None
-                    and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qlinear_prepack"))
-    except Exception:  # pragma: no cover - stripped builds
-        return False
-
-
-def _onednn_pack(weight_int8: torch.Tensor) -> Any:
-    return torch.ops.onednn.qlinear_prepack(weight_int8.contiguous(), None)
-
-
-def _onednn_gemm(q_u8: torch.Tensor, packed: Any, weight_scale: torch.Tensor,
-                 weight_zero_point: torch.Tensor) -> torch.Tensor:
-    """``(q_u8 - 128) @ W_int8.T * weight_scale`` in fp32, by oneDNN (no bias, no activation scale)."""
-    return torch.ops.onednn.qlinear_pointwise(q_u8, 1.0, SYM_ZERO_POINT, packed, weight_scale.float(),
-                                              weight_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
-
-
-def _onednn_exact(w: torch.Tensor, what: str) -> bool:
-    """oneDNN's u8 x s8 GEMM on activations at 255 (and 0, 1, 128) against ``w``, vs the exact product."""
-    if not onednn_available():
-        return False
-    q = torch.full((4, _PROBE_K), 255, dtype=torch.uint8)
-    q[1, ::2] = 0
-    q[2, 1::2] = 1
-    q[3, ::4] = SYM_ZERO_POINT
-    s = torch.full((w.shape[0],), 0.01)
-    try:
-        got = _onednn_gemm(q, _onednn_pack(w), s, torch.zeros(w.shape[0], dtype=torch.long)).double()
-    except Exception as exc:  # pragma: no cover - kernel missing at run time
-        log.info("oneDNN %s probe failed to run: %s", what, exc)
-        return False
-    exact = ((q.double() - SYM_ZERO_POINT) @ w.double().t()) * s.double()
-    return bool(torch.allclose(got, exact, rtol=1e-6, atol=1e-6))
-
-
-@functools.cache
-def onednn_u8_exact() -> bool:
-    """Probe: does oneDNN give exact int32 products for full-range uint8 activations and pair-safe weights?
-
-    The adversarial pair-safe weights of :func:`fbgemm_u8_exact`. False (or
-    oneDNN missing) makes the pass use fbgemm's schemes instead.
-    """
-    ok = _onednn_exact(_probe_weights(_PAIR_SAFE_PATTERNS), "u8")
-    if not ok and onednn_available():
-        log.info("oneDNN saturates pair-safe weights with 8-bit activations here: not using per_token_sym_u8")
-    return ok
-
-
-@functools.cache
-def onednn_plain_exact() -> bool:
-    """Probe: does oneDNN's u8 x s8 GEMM give exact int32 products for *any* int8 weights here?
-
-    True on CPUs where oneDNN multiplies with VNNI (``vpdpbusd`` accumulates
-    u8 x s8 products straight into int32) or AMX; False on AVX2 without VNNI,
-    where the int16 pair step saturates (``_PLAIN_PATTERNS``). Where True,
-    weights need not be pair-safe (:func:`weights_need_pair_safety`): a finer
-    weight step for free.
-    """
-    return _onednn_exact(_probe_weights(_PLAIN_PATTERNS), "plain-weight")
-
-
-@functools.cache
-def fbgemm_plain_exact() -> bool:
-    """Probe: does fbgemm's dynamic linear (8-bit activations) give exact products for any int8 weights?
-
-    True on VNNI CPUs, False on AVX2 (int16 pair saturation); see :func:`onednn_plain_exact`.
-    """
-    return _fbgemm_exact(_probe_weights(_PLAIN_PATTERNS), "plain-weight")
-
-
-def weights_need_pair_safety(scheme: str) -> bool:
-    """True when ``scheme``'s kernel on this machine saturates plain int8 weights (quantize them pair-safe).
-
-    Only the full-range uint8 schemes can saturate, and only on kernels
-    without VNNI (:func:`onednn_plain_exact`, :func:`fbgemm_plain_exact`).
-    """
-    if scheme == "per_token_sym_u8":
-        return not onednn_plain_exact()
-    if scheme == "per_token_u8":
-        return not fbgemm_plain_exact()
-    return False
-
-
-def prepack(weight_int8: torch.Tensor, weight_scale: torch.Tensor, scheme: str = "per_token_u8") -> bool:
+def prepack(weight_int8: torch.Tensor, weight_scale: torch.Tensor, scheme: str = "per_token_u8",
+            probes: KernelProbes | None = None) -> bool:
     """Pack ``weight_int8`` for ``scheme``'s CPU kernel now (optimize time).
 
-    Returns False where that kernel is unavailable (the op then runs its
-    reference, or ``torch._int_mm`` on CUDA).
+    ``probes``: this machine's kernel probes (the optimizer's
+    ``ctx.target.probes``; None: probed afresh for this weight). Returns False
+    where that kernel is unavailable (the op then runs its reference, or
+    ``torch._int_mm`` on CUDA).
     """
     if weight_int8.device.type != "cpu":
         return False
+    probes = probes or KernelProbes()
+    pair_safe = is_pair_safe(weight_int8)
     if scheme == "per_token_sym_u8":
         if not onednn_available():
             return False
         with _packed_lock:
             if weight_int8 not in _onednn_packed:
-                _onednn_packed[weight_int8] = (_onednn_pack(weight_int8), is_pair_safe(weight_int8),
-                                               torch.zeros(weight_int8.shape[0], dtype=torch.long))
+                exact, saturates = _kernel_exact(pair_safe, probes.onednn_u8_exact,
+                                                 lambda: probes.onednn_plain_exact)
+                _onednn_packed[weight_int8] = _PackedWeight(
+                    _onednn_pack(weight_int8), exact, saturates, torch.zeros(weight_int8.shape[0], dtype=torch.long))
         return True
     if not fbgemm_available():
         return False
     with _packed_lock:
         if weight_int8 not in _packed:
-            _packed[weight_int8] = (_pack(weight_int8, weight_scale), is_pair_safe(weight_int8))
+            exact, saturates = _kernel_exact(pair_safe, probes.fbgemm_u8_exact, lambda: probes.fbgemm_plain_exact)
+            _packed[weight_int8] = _PackedWeight(_pack(weight_int8, weight_scale), exact, saturates)
     return True
 
 
-def _packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> tuple[Any, bool]:
-    packed = _packed.get(weight_int8)
-    if packed is None:
-        prepack(weight_int8, weight_scale)
-        packed = _packed[weight_int8]
+def _packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor, scheme: str) -> _PackedWeight | None:
+    """The packed weight for ``scheme``'s kernel (packed on first use, e.g. after ``torch.export.load``)."""
+    table = _onednn_packed if scheme == "per_token_sym_u8" else _packed
+    packed = table.get(weight_int8)
+    if packed is None and prepack(weight_int8, weight_scale, scheme):
+        packed = table[weight_int8]
     return packed
-
-
-def _asym_params(xn: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(scale, inverse scale, zero point)`` as fbgemm's dynamic linear chooses them for ``xn``.
-
-    Mirrors ``quant_utils::ChooseQuantizationParams(min, max, 0, qmax)``: the
-    scale in float64, the zero point from whichever end loses less, rounded
-    half to even; the scale is then stored in fp32 and the kernel multiplies
-    by its fp32 inverse.
-    """
-    lo = xn.min().clamp(max=0).double()
-    hi = xn.max().clamp(min=0).double()
-    scale = (hi - lo) / qmax
-    bad = (scale.float() == 0) | torch.isinf(1.0 / scale.float())
-    scale = torch.where(bad, torch.full_like(scale, 0.1), scale)
-    from_min, from_max = -lo / scale, qmax - hi / scale
-    err_min, err_max = -(lo / scale).abs(), qmax - (hi / scale).abs()
-    zero_point = torch.round(torch.where(err_min < err_max, from_min, from_max)).clamp(0, qmax).float()
-    scale32 = scale.float()
-    return scale32, 1.0 / scale32, zero_point
-
-
-def _quantize_like_fbgemm(xn: torch.Tensor, inverse_scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """``clamp(nearbyint(zp + x * inv), 0, 255)`` with one rounding, as fbgemm's fused multiply-add does.
-
-    fbgemm clamps to 8 bits in both schemes (a 7-bit range can round up to 128).
-    """
-    t = (zero_point.double() + xn.double() * inverse_scale.double()).float()
-    return torch.clamp(torch.round(t), 0, 255)
 
 
 def int8_linear_reference(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
@@ -374,26 +212,6 @@ def int8_linear_reference(x: torch.Tensor, weight_int8: torch.Tensor, weight_sca
     return y.to(x.dtype)
 
 
-def _row_absmax(d: torch.Tensor) -> torch.Tensor:
-    # max(amax, -amin): two plain reductions, measured faster than abs().amax() (no temporary)
-    return torch.maximum(d.amax(dim=-1, keepdim=True), d.amin(dim=-1, keepdim=True).neg_()).clamp_min_(_TINY)
-
-
-def _quantize_sym_u8(d: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q uint8, s)`` of ``per_token_sym_u8``: ``q = floor(d * (127 / amax_row) + 128.5)``, ``s = amax_row / 127``.
-
-    ``floor`` is the conversion to an integer (``t`` lies in ``[1.5, 255.5]``),
-    through int16: torch's fp32 -> int16 conversion measured 2-3x faster
-    than fp32 -> uint8 on the development CPUs, and int16 -> uint8 is exact
-    for these values. The kernel and the reference share this function, so
-    they quantize bit-identically. ``inplace`` reuses ``d`` (a temporary of
-    the caller).
-    """
-    amax = _row_absmax(d)
-    t = d.mul_(amax.reciprocal().mul_(127.0)) if inplace else d.mul(amax.reciprocal().mul_(127.0))
-    return t.add_(128.5).to(torch.int16).to(torch.uint8), amax.div_(127.0)
-
-
 def _onednn_sym(x: torch.Tensor, packed: Any, zero_points: torch.Tensor, weight_scale: torch.Tensor,
                 bias: Optional[torch.Tensor], input_shift: Optional[torch.Tensor]) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
@@ -408,42 +226,30 @@ def _onednn_sym(x: torch.Tensor, packed: Any, zero_points: torch.Tensor, weight_
     return y.reshape(*lead, -1).to(x.dtype)
 
 
-def _onednn_packed_for(weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> tuple[Any, bool, torch.Tensor]:
-    packed = _onednn_packed.get(weight_int8)
-    if packed is None:
-        prepack(weight_int8, weight_scale, "per_token_sym_u8")
-        packed = _onednn_packed[weight_int8]
-    return packed
-
-
-def _kernel_takes(pair_safe: bool, scheme: str) -> bool:
-    """Can ``scheme``'s kernel run these weights exactly here? If not, say once per scheme that the op
-    runs its reference instead."""
-    if pair_safe or not weights_need_pair_safety(scheme):
-        return True
-    _warn_not_pair_safe(scheme)
-    return False
-
-
 @functools.cache
-def _warn_not_pair_safe(scheme: str) -> None:
+def _warn_not_pair_safe(scheme: str) -> None:  # once per scheme and process: a log message, not a probe
     log.warning("int8_linear %s with weights that are not pair-safe, on a CPU whose kernel would saturate "
                 "them (no VNNI): running the reference (quantize them with quantize_weight(w, pair_safe=True), "
                 "or optimize with precision_int8_pair_safe=True for graphs that run on such CPUs)", scheme)
 
 
-def _onednn_usable(x: torch.Tensor, weight_int8: torch.Tensor,
-                   weight_scale: torch.Tensor) -> tuple[Any, torch.Tensor] | None:
-    """``(packed weight, weight zero points)`` when oneDNN can run this call, else None."""
-    if x.device.type != "cpu" or not onednn_u8_exact():
+def _cpu_kernel(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                scheme: str) -> _PackedWeight | None:
+    """The packed weight when ``scheme``'s CPU kernel runs this call exactly, else None."""
+    if x.device.type != "cpu":
         return None
-    packed, pair_safe, zero_points = _onednn_packed_for(weight_int8, weight_scale)
-    return (packed, zero_points) if _kernel_takes(pair_safe, "per_token_sym_u8") else None
+    packed = _packed_for(weight_int8, weight_scale, scheme)
+    if packed is None:
+        return None
+    if scheme == "per_token_u7" or packed.exact:
+        return packed
+    if packed.saturates:
+        _warn_not_pair_safe(scheme)
+    return None
 
 
-def _fbgemm(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-            input_shift: Optional[torch.Tensor], reduce_range: bool) -> torch.Tensor:
-    packed, _ = _packed_for(weight_int8, weight_scale)
+def _fbgemm(x: torch.Tensor, packed: Any, bias: Optional[torch.Tensor], input_shift: Optional[torch.Tensor],
+            reduce_range: bool) -> torch.Tensor:
     xf = x.float().contiguous()
     if input_shift is not None:
         d = xf - input_shift.float()  # a fresh tensor: normalised in place below
@@ -480,26 +286,17 @@ def _int_mm_ok(x: torch.Tensor, weight_int8: torch.Tensor) -> bool:
     return x.is_cuda and k % 8 == 0 and n % 8 == 0
 
 
-def _fbgemm_ok(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor, activation: str) -> bool:
-    if x.device.type != "cpu" or not fbgemm_available():
-        return False
-    if activation == "per_token_u7":
-        return True
-    if activation != "per_token_u8" or not fbgemm_u8_exact():
-        return False
-    return _kernel_takes(_packed_for(weight_int8, weight_scale)[1], "per_token_u8")
-
-
 @torch.library.custom_op("graphopt::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
                 bias: Optional[torch.Tensor], activation: str,
                 input_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dynamically quantized linear: see the module docstring for the schemes."""
-    onednn = _onednn_usable(x, weight_int8, weight_scale) if activation == "per_token_sym_u8" else None
-    if onednn is not None:
-        return _onednn_sym(x, *onednn, weight_scale, bias, input_shift)
-    if _fbgemm_ok(x, weight_int8, weight_scale, activation):
-        return _fbgemm(x, weight_int8, weight_scale, bias, input_shift, activation == "per_token_u7")
+    if activation in ("per_token_sym_u8", "per_token_u8", "per_token_u7"):
+        kernel = _cpu_kernel(x, weight_int8, weight_scale, activation)
+        if kernel is not None and activation == "per_token_sym_u8":
+            return _onednn_sym(x, kernel.packed, kernel.zero_points, weight_scale, bias, input_shift)
+        if kernel is not None:
+            return _fbgemm(x, kernel.packed, bias, input_shift, activation == "per_token_u7")
     if activation == "per_token_s8" and _int_mm_ok(x, weight_int8):
         return _int_mm_s8(x, weight_int8, weight_scale, bias, input_shift)
     return int8_linear_reference(x, weight_int8, weight_scale, bias, activation, input_shift)
@@ -512,7 +309,7 @@ def _int8_linear_fake(x, weight_int8, weight_scale, bias, activation, input_shif
 
 def int8_linear_onnx(x, weight_int8, weight_scale, bias, activation: str = "per_token_u8", input_shift=None):
     """ONNX translation: shift, per-token scaling, ``QuantizeLinear`` + ``MatMulInteger``, dequantize."""
-    from onnxscript import opset18 as op
+    from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     if input_shift is not None:
         x = op.Sub(x, input_shift)
@@ -554,9 +351,12 @@ def int8_linear_onnx(x, weight_int8, weight_scale, bias, activation: str = "per_
 
 
 def _onnx_u8_scalar(value: int):
-    import onnx
+    import onnx  # lazy: only an ONNX export loads onnx (start-up speed)
 
     return onnx.helper.make_tensor("zero_point", onnx.TensorProto.UINT8, [], [value])
 
 
-ONNX_TRANSLATIONS = {torch.ops.graphopt.int8_linear.default: int8_linear_onnx}
+DECLARATIONS = (
+    OpDeclaration(torch.ops.graphopt.int8_linear.default, cost=linear_cost("x", "weight_int8"),
+                  onnx=int8_linear_onnx),
+)

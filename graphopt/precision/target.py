@@ -22,30 +22,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graphopt.ops import fp8_linear, int8_linear
+from graphopt.ops import fp8_linear
+from graphopt.target.int8_kernels import fbgemm_available
+from graphopt.target.probes import KernelProbes, cpu_flags
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CPU_FLAGS", "PrecisionTarget", "cpu_flags", "native_float_formats"]
 
 #: CPU feature flags (``/proc/cpuinfo``) that give a float format native arithmetic
 CPU_FLAGS = {
     "bf16": ("avx512_bf16", "amx_bf16", "bf16"),  # x86 AVX512-BF16 / AMX; Arm FEAT_BF16 ("bf16" in Features)
     "fp16": ("avx512_fp16", "amx_fp16", "asimdhp"),  # x86 AVX512-FP16 / AMX-FP16; Arm half-precision SIMD
 }
-
-
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """Feature flags of this CPU (``flags`` on x86, ``Features`` on Arm); empty where unknown."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return frozenset(value.split())
-    return frozenset()
 
 
 def native_float_formats(device: torch.device | str, flags: Iterable[str] | None = None) -> frozenset[str]:
@@ -78,7 +67,7 @@ class PrecisionTarget:
     with native arithmetic (``{"bf16", "fp16"}`` or a subset); ``auto``
     considers bf16 only when it is listed. ``int8_pair_safe``: int8 weights
     must be pair-safe for the scheme's kernel (x86 without VNNI; probed by
-    :func:`graphopt.ops.int8_linear.weights_need_pair_safety`); False gives
+    :meth:`graphopt.target.probes.KernelProbes.weights_need_pair_safety`); False gives
     plain per-channel weights, a finer step. Tests build targets by hand to
     inject capabilities.
     """
@@ -91,17 +80,20 @@ class PrecisionTarget:
     int8_pair_safe: bool = True
 
     @classmethod
-    def detect(cls, device: torch.device | str, cpu_flags: Iterable[str] | None = None) -> "PrecisionTarget":
+    def detect(cls, device: torch.device | str, cpu_flags: Iterable[str] | None = None,
+               probes: KernelProbes | None = None) -> "PrecisionTarget":
+        """The capabilities of ``device``, from the kernel probes (``probes``: the optimizer's
+        ``ctx.target.probes``, or probed afresh) and the CPU flags (``cpu_flags`` injects them)."""
         device = torch.device(device)
-        floats = native_float_formats(device, cpu_flags)
+        probes = probes or KernelProbes()
+        floats = native_float_formats(device, probes.cpu_flags if cpu_flags is None else cpu_flags)
         if device.type == "cuda":
             return cls(device, "per_token_s8", fp8_linear.fp8_supported(device), floats)
-        if device.type == "cpu" and int8_linear.onednn_u8_exact():
-            return cls(device, "per_token_sym_u8", False, floats,
-                       int8_linear.weights_need_pair_safety("per_token_sym_u8"))
-        if device.type == "cpu" and int8_linear.fbgemm_available():
-            scheme = "per_token_u8" if int8_linear.fbgemm_u8_exact() else "per_token_u7"
-            return cls(device, scheme, False, floats, int8_linear.weights_need_pair_safety(scheme))
+        if device.type == "cpu" and probes.onednn_u8_exact:
+            return cls(device, "per_token_sym_u8", False, floats, probes.weights_need_pair_safety("per_token_sym_u8"))
+        if device.type == "cpu" and fbgemm_available():
+            scheme = "per_token_u8" if probes.fbgemm_u8_exact else "per_token_u7"
+            return cls(device, scheme, False, floats, probes.weights_need_pair_safety(scheme))
         return cls(device, None, False, floats, False)
 
     def auto_candidates(self) -> list[str]:

@@ -9,19 +9,18 @@ FLOPs at a sustained rate, bytes of the large intermediates at DRAM bandwidth
 (or cache bandwidth when a tile fits in cache), a dispatch cost per op call,
 and -- on CPU -- the first-touch cost of large fresh allocations (the
 allocator returns big blocks to the OS, so eager attention pays page faults
-for every ``T x T`` tensor on every call). The constants are deliberately
-round; ``autotune=True`` measures instead. The planner only uses the model to
+for every ``T x T`` tensor on every call). Its figures are a
+:class:`graphopt.target.Roofline` measured under the current load
+(:func:`graphopt.target.measure_under_load`; round figures on CUDA); the
+model itself is deliberately coarse, and ``autotune=True`` measures instead. The planner only uses the model to
 *rank* configurations (least predicted slowdown first) and, without a memory
 budget, to block a site only when it predicts a speed-up.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -31,8 +30,9 @@ from graphopt.ops.blocked_attention import attention_workspace_bytes
 from graphopt.ops.chunked_ffn import ffn_workspace_bytes
 from graphopt.ops.chunked_lm_head import lm_head_workspace_bytes
 from graphopt.passes.analysis.blockable_sites import AttentionSite, BlockableSite, FFNSite, LMHeadSite, MatmulSite
+from graphopt.target import Roofline, measure_under_load
 
-__all__ = ["BlockConfig", "Machine", "BlockCostModel"]
+__all__ = ["BlockConfig", "BlockCostModel"]
 
 #: allocations above this size are mmapped (and page-faulted) afresh by glibc on every call
 _MMAP_BYTES = 32 << 20
@@ -51,79 +51,6 @@ class BlockConfig:
         return ", ".join(f"{n}={'all' if s <= 0 else s}" for n, s in zip(names, self.sizes))
 
 
-@dataclass(frozen=True)
-class Machine:
-    """Round figures for the cost model."""
-
-    flops: float  # sustained FLOP/s of a large matmul
-    dram_bw: float  # bytes/s
-    cache_bw: float  # bytes/s for tiles that fit in cache
-    cache_bytes: int
-    launch_s: float  # per op call
-    fault_s_per_byte: float  # first touch of freshly mapped memory
-
-    @classmethod
-    def for_device(cls, device: torch.device) -> Machine:
-        """Round CUDA figures; on CPU, figures measured once per process (:func:`calibrate_cpu`)."""
-        if device.type == "cuda":
-            return cls(5e13, 2e12, 1e13, 40 << 20, 8e-6, 0.0)
-        return calibrate_cpu(torch.get_num_threads())
-
-
-_CPU_DEFAULT = Machine(5e10, 1e10, 4e10, 2 << 20, 1e-5, 2.5e-10)
-
-
-@functools.lru_cache(maxsize=4)
-def calibrate_cpu(threads: int) -> Machine:
-    """Measure this CPU in about half a second: matmul rate, copy bandwidth out of and in cache,
-    the cost of first-touching fresh memory (page faults) and the overhead of one op on a tile
-    (the median of five runs: contention is what it should see).
-
-    A loaded machine gives slow figures, and that is the point: eager attention
-    on a busy CPU is dominated by page faults and DRAM passes, which blocking avoids.
-    """
-    def best(fn: Any, n: int = 3) -> float:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return max(min(times), 1e-9)
-
-    try:
-        with torch.no_grad():
-            a = torch.randn(512, 512)
-            flops = 2 * 512**3 / best(lambda: a @ a)
-            big, out = torch.ones(8 << 20), torch.empty(8 << 20)
-            dram = 2 * big.numel() * 4 / best(lambda: out.copy_(big))
-            small, small_out = torch.ones(32 << 10), torch.empty(32 << 10)
-
-            def in_cache() -> None:
-                for _ in range(32):
-                    small_out.copy_(small)
-
-            cache = 32 * 2 * small.numel() * 4 / best(in_cache)
-            fresh_bytes = 64 << 20  # above glibc's largest mmap threshold: a fresh mapping every time
-            fresh = best(lambda: torch.empty(fresh_bytes // 4).fill_(1.0), 2)
-            touched = torch.ones(fresh_bytes // 4)
-            warm = best(lambda: touched.fill_(1.0), 2)
-            del touched
-            fault = max(fresh - warm, 0.0) / fresh_bytes
-            # per-op overhead on a tile-sized tensor (large enough for the intra-op thread pool: on a busy
-            # machine its synchronisation, not the arithmetic, dominates small ops)
-            tile, tile_out = torch.ones(64 << 10), torch.empty(64 << 10)
-
-            def calls() -> None:
-                for _ in range(20):
-                    torch.add(tile, 1.0, out=tile_out)
-
-            runs = sorted(best(calls, 1) / 20 for _ in range(5))
-            launch = runs[len(runs) // 2] - 2 * tile.numel() * 4 / cache
-        return Machine(flops, dram, max(cache, dram), 2 << 20, max(launch, 2e-6), fault)
-    except Exception:  # a calibration failure must not stop the optimizer
-        return _CPU_DEFAULT
-
-
 def _pow2_below(n: int, lowest: int) -> list[int]:
     """Powers of two < n, from the largest down to ``lowest``."""
     out, p = [], 1 << max(int(math.log2(max(n - 1, 1))), 0)
@@ -137,13 +64,15 @@ def _pow2_below(n: int, lowest: int) -> list[int]:
 class BlockCostModel:
     """Predicted seconds and working bytes of a site, eager or blocked by a :class:`BlockConfig`."""
 
-    def __init__(self, device: torch.device | None = None, machine: Machine | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, roofline: Roofline | None = None) -> None:
         self.device = device or torch.device("cpu")
-        self.m = machine or Machine.for_device(self.device)
+        self.m = roofline or measure_under_load(self.device)
+        self.flops = self.m.peak_for(torch.float32)  # sustained FLOP/s of a large fp32 matmul
 
     # ------------------------------------------------------------ helpers
     def _traffic(self, nbytes: float, tile_bytes: float) -> float:
-        bw = self.m.cache_bw if tile_bytes <= self.m.cache_bytes else self.m.dram_bw
+        in_cache = tile_bytes <= self.m.cache_bytes and self.m.cache_bandwidth > 0
+        bw = self.m.cache_bandwidth if in_cache else self.m.mem_bandwidth
         return nbytes / bw
 
     def _faults(self, tile_bytes: float, count: float) -> float:
@@ -215,19 +144,19 @@ class BlockCostModel:
         if isinstance(site, AttentionSite):
             big = site.scores_bytes
             n_big = 2 + len(site.nodes)  # scores, chain results, probabilities
-            return (self._flops(site) / m.flops + self._traffic(2 * big * n_big, big)
-                    + self._faults(big, n_big) + (n_big + 2) * m.launch_s)
+            return (self._flops(site) / self.flops + self._traffic(2 * big * n_big, big)
+                    + self._faults(big, n_big) + (n_big + 2) * m.op_overhead_s)
         if isinstance(site, FFNSite):
             inter = site.rows * site.hidden * _itemsize(site.output)
             n_big = 4 if site.lin_gate is not None else 2
-            return (self._flops(site) / m.flops + self._traffic(2 * inter * n_big, inter)
-                    + self._faults(inter, n_big) + 4 * m.launch_s)
+            return (self._flops(site) / self.flops + self._traffic(2 * inter * n_big, inter)
+                    + self._faults(inter, n_big) + 4 * m.op_overhead_s)
         if isinstance(site, LMHeadSite):
             logits = site.rows * site.vocab * (4 if site.upcast else _itemsize(site.head.node))
             n_big = 1 + (site.normalize != "none") + site.upcast
-            return (self._flops(site) / m.flops + self._traffic(2 * logits * n_big, logits)
-                    + self._faults(logits, n_big) + 4 * m.launch_s)
-        return self._flops(site) / m.flops + m.launch_s
+            return (self._flops(site) / self.flops + self._traffic(2 * logits * n_big, logits)
+                    + self._faults(logits, n_big) + 4 * m.op_overhead_s)
+        return self._flops(site) / self.flops + m.op_overhead_s
 
     def blocked_seconds(self, site: BlockableSite, cfg: BlockConfig) -> float:
         m = self.m
@@ -241,8 +170,8 @@ class BlockCostModel:
             ops_per_tile = 6 if nk == 1 else 14
             recompute = sum(self._recompute_seconds(b, site) for b in site.biases if _is_full(b, site))
             eff = self._matmul_eff(rows, keys)
-            return (self._flops(site) / (m.flops * eff) + self._traffic(2 * tile * passes * nq * nk, tile)
-                    + self._faults(tile, 2 * nq * nk) + nq * nk * ops_per_tile * m.launch_s + recompute)
+            return (self._flops(site) / (self.flops * eff) + self._traffic(2 * tile * passes * nq * nk, tile)
+                    + self._faults(tile, 2 * nq * nk) + nq * nk * ops_per_tile * m.op_overhead_s + recompute)
         # FFN and LM head: matmul-bound, and a small row block makes a less efficient matmul, so their
         # intermediates are charged at DRAM bandwidth whatever the tile: only page faults and per-call
         # overheads separate the chunk sizes (the largest chunk that is not mmapped afresh wins).
@@ -251,23 +180,24 @@ class BlockCostModel:
             n = n_blocks(site.rows, c)
             tile = min(c, site.rows) * site.hidden * _itemsize(site.output)
             n_big = 4 if site.lin_gate is not None else 2
-            return (self._flops(site) / (m.flops * self._matmul_eff(min(c, site.rows))) +
-                    2 * tile * n_big * n / m.dram_bw + self._faults(tile, n_big * n) + 6 * n * m.launch_s)
+            return (self._flops(site) / (self.flops * self._matmul_eff(min(c, site.rows))) +
+                    2 * tile * n_big * n / m.mem_bandwidth + self._faults(tile, n_big * n) + 6 * n * m.op_overhead_s)
         if isinstance(site, LMHeadSite):
             c = cfg.sizes[0] if cfg.sizes[0] > 0 else site.rows
             n = n_blocks(site.rows, c)
             tile = min(c, site.rows) * site.vocab * (4 if site.upcast else _itemsize(site.head.node))
             n_big = 1 + (site.normalize != "none") + site.upcast
-            return (self._flops(site) / (m.flops * self._matmul_eff(min(c, site.rows))) +
-                    2 * tile * n_big * n / m.dram_bw + self._faults(tile, n_big * n) + 5 * n * m.launch_s)
+            return (self._flops(site) / (self.flops * self._matmul_eff(min(c, site.rows))) +
+                    2 * tile * n_big * n / m.mem_bandwidth + self._faults(tile, n_big * n) + 5 * n * m.op_overhead_s)
         rows = _output_rows(site)
         n = n_blocks(rows, cfg.sizes[0])
-        return self._flops(site) / (m.flops * self._matmul_eff(min(rows, cfg.sizes[0] or rows))) + 2 * n * m.launch_s
+        eff = self._matmul_eff(min(rows, cfg.sizes[0] or rows))
+        return self._flops(site) / (self.flops * eff) + 2 * n * m.op_overhead_s
 
     def _recompute_seconds(self, bias: torch.fx.Node, site: AttentionSite) -> float:
         # a bias recomputed per query block, per layer: a gather from a relative-position table and an add
         # (T5); a longer elementwise chain when the bias is not relative -- charged a few passes over it
-        return 3 * 2 * _row_bytes(bias, site.tq) * site.tq / self.m.dram_bw
+        return 3 * 2 * _row_bytes(bias, site.tq) * site.tq / self.m.mem_bandwidth
 
     def _flops(self, site: BlockableSite) -> float:
         if isinstance(site, AttentionSite):

@@ -3,7 +3,7 @@
 :func:`graphopt.memory.peak_memory` (liveness over node order; views share
 their base's storage; parameters and inputs are not activations) plus, while
 each blocked operator runs, its working memory
-(:func:`graphopt.ops.workspace.workspace_bytes`): the shared analysis counts
+(:func:`graphopt.ops.workspace_bytes`, declared by each operator): the shared analysis counts
 values, and a blocked operator's tiles are the memory it trades for time.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from graphopt.memory import peak_memory
-from graphopt.ops.workspace import workspace_bytes
+from graphopt.ops import workspace_bytes
 
 __all__ = ["PlannerProfile", "memory_profile"]
 

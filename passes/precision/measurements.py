@@ -142,16 +142,18 @@ class NodeMeasurements:
         return scheme
 
     def measure_speed(self) -> None:
-        cache = self.ctx.timings.setdefault("precision", {})
         for name, opts in self.options.items():
             opts = [p for p in opts if self.local_error(name, p) != float("inf")]
-            key = (self._signature(name), tuple(opts))
-            if key not in cache:
+
+            def measure(name: str = name, opts: list[str] = opts) -> dict[str, float]:
                 fns = {"fp32": self._isolated(name, "fp32")[0]}
                 fns.update({p: self._isolated(name, p)[0] for p in opts})
-                cache[key] = self.timer(fns, device=self.target.device)
-            self.timings[name] = cache[key]
-            choice, reason = choose_precision(cache[key], self._min_speedup)
+                return self.timer(fns, device=self.target.device)
+
+            # nodes of one shape and scheme are timed once per optimization (the context's timing cache)
+            timed = self.ctx.target.timings.get_or_measure(("precision", self._signature(name), tuple(opts)), measure)
+            self.timings[name] = timed
+            choice, reason = choose_precision(timed, self._min_speedup)
             if choice == "int8":
                 reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason

@@ -109,7 +109,7 @@ class ReducedPrecision(Pass):
         mode = self.precision or self.option(ctx, "precision")
         if mode is None:
             return PassResult(gm, False, ["no precision requested (precision=...)"])
-        target = self.target or PrecisionTarget.detect(ctx.device)
+        target = self.target or PrecisionTarget.detect(ctx.device, probes=ctx.target.probes)
         refused = _refusal(gm, mode, target)
         if refused is not None:
             return refused
