@@ -60,13 +60,14 @@ from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
 from graphopt.memory import measure_peak_memory
 from graphopt.node_builder import fake_mode_of
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
+from graphopt.passes.analysis.blockable_attention import describe_blockable
 from graphopt.passes.analysis.blockable_sites import (
-    AttentionSite,
     BlockableSite,
     FFNSite,
     MatmulSite,
     find_blockable_sites,
 )
+from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
 from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
 from graphopt.report import Declined
@@ -152,8 +153,8 @@ def _signature(site: BlockableSite) -> tuple:
         return tuple(ir.shape_of(n) if isinstance(n, fx.Node) else None for n in nodes)
 
     if isinstance(site, AttentionSite):
-        return (site.kind, shapes(site.q, site.k_t, site.v, site.mask, *site.biases), site.scale, site.mask_value,
-                site.mask_invert)
+        return (site.kind, shapes(site.q_operand, site.k_t_operand, site.v_operand, site.fill_mask, *site.biases),
+                site.score_scale, site.mask_value, site.mask_invert)
     if isinstance(site, MatmulSite):
         return (site.kind, shapes(site.output, *site.output.args[:2]))
     if isinstance(site, FFNSite):
@@ -334,7 +335,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
             if g in configs:
                 continue
             if not planner.candidates[g]:
-                declined.extend(Declined(n, f"{planner.sites[n].describe()}: too small to block") for n in names)
+                declined.extend(Declined(n, f"{describe_blockable(planner.sites[n])}: too small to block") for n in names)
                 continue
             s, best = planner.sites[g], planner.candidates[g][0]
             eager, blocked = cost.eager_seconds(s), cost.blocked_seconds(s, best)
@@ -342,7 +343,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
                 configs[g] = best
             else:
                 for name in names:
-                    declined.append(Declined(name, f"{planner.sites[name].describe()}: blocking not predicted "
+                    declined.append(Declined(name, f"{describe_blockable(planner.sites[name])}: blocking not predicted "
                                              f"faster ({blocked * 1e3:.2f} ms vs {eager * 1e3:.2f} ms eager) "
                                              "and no memory budget"))
         result_gm, prof = planner.profile(configs)
@@ -363,7 +364,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
         result.notes = notes
     for name in planner.sites:
         if name not in result.configs and budget is not None:
-            declined.append(Declined(name, f"{planner.sites[name].describe()}: not needed to meet the budget"))
+            declined.append(Declined(name, f"{describe_blockable(planner.sites[name])}: not needed to meet the budget"))
     log.debug("blocked planner: %d trials", planner.trials)
     return result, declined
 
