@@ -37,11 +37,10 @@ Without a budget a site is blocked only where the cost model predicts it
 faster; with ``autotune=True`` the candidates are timed on the example inputs
 and only what is measured faster is kept.
 
-Declines: attention whose probabilities or scores are used elsewhere (returned
-attention weights), scores scaled after the bias, masks with a finite fill
-before a bias, FFN activations graphopt does not know, LM-head logits that are
-also returned, sites of kinds excluded by ``blocked_kinds``; sites the plan
-does not need.
+Declines: attention sites the blocked operator cannot express
+(:mod:`graphopt.passes.analysis.blockable_attention`), FFN activations graphopt
+does not know, LM-head logits also returned, kinds excluded by ``blocked_kinds``,
+sites the plan does not need.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ from graphopt.passes.analysis.blockable_sites import (
 )
 from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
-from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
+from graphopt.passes.blocked_rewrites import apply_block_config, kept_bias_notes, remap_site
 from graphopt.report import Declined
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
 
@@ -321,14 +320,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
     before = memory_profile(gm)
     where = before.peak_node.name if before.peak_node else "-"
     notes = [f"predicted peak before: {_mib(before.peak_bytes)} at {where}"]
-    slicer = RowSlicer(gm, leaf_bytes)
-    for s in usable:
-        if isinstance(s, AttentionSite):
-            kept = [t for t, how in bias_plan(s, slicer).items() if how == "keep"]
-            if kept:
-                why = "; ".join(slicer.why_not(t, len(ir.shape_of(t)) - 2) for t in kept)
-                notes.append(f"{s.name}: bias {', '.join(t.name for t in kept)} kept whole "
-                             f"(not recomputable per query block: {why})")
+    notes += kept_bias_notes(usable, RowSlicer(gm, leaf_bytes))
     if budget is None:
         configs = dict(forced)
         for g, names in planner.groups.items():

@@ -42,7 +42,7 @@ from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer
 aten = torch.ops.aten
 graphopt_ops = torch.ops.graphopt
 
-__all__ = ["apply_block_config", "remap_site", "bias_plan"]
+__all__ = ["apply_block_config", "bias_plan", "kept_bias_notes", "remap_site"]
 
 
 def remap_site(site: BlockableSite, nodes_by_name: dict[str, fx.Node]) -> BlockableSite:
@@ -76,6 +76,19 @@ def bias_plan(site: AttentionSite, slicer: RowSlicer) -> dict[fx.Node, str]:
         else:
             plan[term] = "keep"
     return plan
+
+
+def kept_bias_notes(sites: list[BlockableSite], slicer: RowSlicer) -> list[str]:
+    """A note for each attention site whose large biases are kept whole, with why they are not recomputable."""
+    notes = []
+    for site in sites:
+        if isinstance(site, AttentionSite):
+            kept = [t for t, how in bias_plan(site, slicer).items() if how == "keep"]
+            if kept:
+                why = "; ".join(slicer.why_not(t, len(ir.shape_of(t)) - 2) for t in kept)
+                notes.append(f"{site.name}: bias {', '.join(t.name for t in kept)} kept whole "
+                             f"(not recomputable per query block: {why})")
+    return notes
 
 
 def _query_axis(term: fx.Node) -> int | None:
