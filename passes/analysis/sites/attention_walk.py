@@ -208,8 +208,8 @@ def walk_weights(softmax: fx.Node) -> Weights:
         found = users(cur)
         if len(found) != 1:
             names = ", ".join(u.name for u in found[:3]) or "nothing"
-            raise Decline(f"the attention probabilities {cur.name} are used elsewhere: by {len(found)} nodes "
-                          f"({names}), e.g. returned with output_attentions: they must be materialised")
+            raise Decline(f"the attention probabilities are used elsewhere: {cur.name} is used by {len(found)} "
+                          f"nodes ({names}), e.g. returned with output_attentions: they must be materialised")
         u = found[0]
         if is_active_dropout(u):
             raise Decline("dropout on the attention weights is active (training mode)")
