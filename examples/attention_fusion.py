@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import graphopt
-from graphopt.passes.analysis.attention_sites import find_attention_sites
+from graphopt.passes.analysis.sites import find_attention_sites
 
 
 def build_gpt2(seq: int) -> tuple[torch.nn.Module, torch.Tensor]:

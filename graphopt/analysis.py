@@ -321,7 +321,7 @@ def analyze(
     each node's time and the peak of torch's allocations. ``top``: how many
     hot spots the table and JSON list.
     """
-    from graphopt.passes.analysis.attention_sites import find_attention_sites
+    from graphopt.passes.analysis.sites import find_attention_sites
     from graphopt.passes.analysis.cost_annotation import CostAnnotation
     from graphopt.passes.analysis.ffn_chains import FFNChains
     from graphopt.passes.analysis.hot_matmuls import HotMatmuls

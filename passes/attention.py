@@ -1,6 +1,6 @@
 """Fuse hand-written attention into ``scaled_dot_product_attention``.
 
-Rewrites (each site found by :func:`graphopt.passes.analysis.attention_sites.find_attention_sites`):
+Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attention_sites`):
     softmax(scale * (q @ k^T) + mask) @ v            -> sdpa(q, k, v, attn_mask=mask, scale=scale)
     ... with a constant causal mask (tril buffer, HF mask construction)
                                                       -> sdpa(q, k, v, is_causal=True, scale=scale)
@@ -50,7 +50,8 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
-from graphopt.passes.analysis.attention_sites import ASSERT_OPS, AttentionSite, find_attention_sites
+from graphopt.passes.analysis.sites import AttentionSite, find_attention_sites
+from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, ASSERT_OPS, dtype_of
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,26 @@ _ASSERTS = ASSERT_OPS
 def sdpa_supports_enable_gqa() -> bool:
     """True when the installed torch's scaled_dot_product_attention takes ``enable_gqa``."""
     return any(a.name == "enable_gqa" for a in SDPA._schema.arguments)
+
+
+def sdpa_decline(site: AttentionSite) -> str | None:
+    """Why ``scaled_dot_product_attention`` cannot express ``site`` (None: it can).
+
+    Besides what no consumer takes (``site.declined``), it leaves learned and
+    non-floating additive terms (for blocked attention, which reads them as
+    written) and sites whose operands have no standard layout. The reasons are
+    checked in the order the walk meets them: the scores, their terms, the weights.
+    """
+    if site.declined is not None and site.declined != site.weights_declined:
+        return site.declined  # the walk back through the scores
+    for term in site.mask_terms:
+        if term.kind != "additive" or term.applied_by.target not in ADD_OPS:
+            continue
+        if term.learned:
+            return "scores biased by a learned tensor: left for blocked attention"
+        if not (dtype_of(term.node) or torch.float32).is_floating_point:
+            return f"{term.applied_by.name} adds a non-floating tensor to the scores"
+    return site.weights_declined or site.layout_declined
 
 
 def _use_enable_gqa(site: AttentionSite, ctx: OptimizeContext) -> bool:
@@ -271,8 +292,9 @@ class FuseAttention(Pass):
             return PassResult(gm, False, ["switched off (attention_fusion='off')"])
         sites = find_attention_sites(gm)
         mode = self.option(ctx, "attention_verify")
-        declined = [Declined(_site_name(s), s.declined) for s in sites if s.declined]
-        candidates = [s for s in sites if not s.declined]
+        reasons = {s.softmax: sdpa_decline(s) for s in sites}
+        declined = [Declined(_site_name(s), reasons[s.softmax]) for s in sites if reasons[s.softmax]]
+        candidates = [s for s in sites if not reasons[s.softmax]]
         fused: list[tuple[AttentionSite, fx.Node, list[fx.Node]]] = []
         replaced: dict[fx.Node, fx.Node] = {}
         checked = None  # the last passing check of the graph as it stands (dead-code removal keeps it valid)
@@ -320,4 +342,4 @@ class FuseAttention(Pass):
         return (numerics is None or numerics.ok), numerics
 
 
-__all__ = ["FuseAttention", "erase_unused", "rewrite_site", "sdpa_supports_enable_gqa", "undo_rewrite"]
+__all__ = ["FuseAttention", "erase_unused", "rewrite_site", "sdpa_decline", "sdpa_supports_enable_gqa", "undo_rewrite"]

@@ -37,11 +37,10 @@ Without a budget a site is blocked only where the cost model predicts it
 faster; with ``autotune=True`` the candidates are timed on the example inputs
 and only what is measured faster is kept.
 
-Declines: attention whose probabilities or scores are used elsewhere (returned
-attention weights), scores scaled after the bias, masks with a finite fill
-before a bias, FFN activations graphopt does not know, LM-head logits that are
-also returned, sites of kinds excluded by ``blocked_kinds``; sites the plan
-does not need.
+Declines: attention sites the blocked operator cannot express
+(:mod:`graphopt.passes.analysis.blockable_attention`), FFN activations graphopt
+does not know, LM-head logits also returned, kinds excluded by ``blocked_kinds``,
+sites the plan does not need.
 """
 
 from __future__ import annotations
@@ -58,15 +57,16 @@ from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
 from graphopt.node_builder import fake_mode_of
 from graphopt.errors import BadInput
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
+from graphopt.passes.analysis.blockable_attention import describe_blockable
 from graphopt.passes.analysis.blockable_sites import (
-    AttentionSite,
     BlockableSite,
     FFNSite,
     MatmulSite,
     find_blockable_sites,
 )
+from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
-from graphopt.passes.blocked_rewrites import apply_block_config, bias_plan, remap_site
+from graphopt.passes.blocked_rewrites import apply_block_config, kept_bias_notes, remap_site
 from graphopt.report import Declined
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
 from graphopt.target import Roofline, measure_peak
@@ -150,8 +150,8 @@ def _signature(site: BlockableSite) -> tuple:
         return tuple(ir.shape_of(n) if isinstance(n, fx.Node) else None for n in nodes)
 
     if isinstance(site, AttentionSite):
-        return (site.kind, shapes(site.q, site.k_t, site.v, site.mask, *site.biases), site.scale, site.mask_value,
-                site.mask_invert)
+        return (site.kind, shapes(site.q_operand, site.k_t_operand, site.v_operand, site.fill_mask, *site.biases),
+                site.score_scale, site.mask_value, site.mask_invert)
     if isinstance(site, MatmulSite):
         return (site.kind, shapes(site.output, *site.output.args[:2]))
     if isinstance(site, FFNSite):
@@ -320,21 +320,14 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
     before = memory_profile(gm)
     where = before.peak_node.name if before.peak_node else "-"
     notes = [f"predicted peak before: {_mib(before.peak_bytes)} at {where}"]
-    slicer = RowSlicer(gm, leaf_bytes)
-    for s in usable:
-        if isinstance(s, AttentionSite):
-            kept = [t for t, how in bias_plan(s, slicer).items() if how == "keep"]
-            if kept:
-                why = "; ".join(slicer.why_not(t, len(ir.shape_of(t)) - 2) for t in kept)
-                notes.append(f"{s.name}: bias {', '.join(t.name for t in kept)} kept whole "
-                             f"(not recomputable per query block: {why})")
+    notes += kept_bias_notes(usable, RowSlicer(gm, leaf_bytes))
     if budget is None:
         configs = dict(forced)
         for g, names in planner.groups.items():
             if g in configs:
                 continue
             if not planner.candidates[g]:
-                declined.extend(Declined(n, f"{planner.sites[n].describe()}: too small to block") for n in names)
+                declined.extend(Declined(n, f"{describe_blockable(planner.sites[n])}: too small to block") for n in names)
                 continue
             s, best = planner.sites[g], planner.candidates[g][0]
             eager, blocked = cost.eager_seconds(s), cost.blocked_seconds(s, best)
@@ -342,7 +335,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
                 configs[g] = best
             else:
                 for name in names:
-                    declined.append(Declined(name, f"{planner.sites[name].describe()}: blocking not predicted "
+                    declined.append(Declined(name, f"{describe_blockable(planner.sites[name])}: blocking not predicted "
                                              f"faster ({blocked * 1e3:.2f} ms vs {eager * 1e3:.2f} ms eager) "
                                              "and no memory budget"))
         result_gm, prof = planner.profile(configs)
@@ -363,7 +356,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
         result.notes = notes
     for name in planner.sites:
         if name not in result.configs and budget is not None:
-            declined.append(Declined(name, f"{planner.sites[name].describe()}: not needed to meet the budget"))
+            declined.append(Declined(name, f"{describe_blockable(planner.sites[name])}: not needed to meet the budget"))
     log.debug("blocked planner: %d trials", planner.trials)
     return result, declined
 

@@ -30,19 +30,19 @@ from graphopt.passes.analysis.blocked_cost import BlockConfig
 from graphopt.node_builder import NodeBuilder
 from graphopt.ops._blocking import n_blocks, spans
 from graphopt.passes.analysis.blockable_sites import (
-    AttentionSite,
     BlockableSite,
     FFNSite,
     LMHeadSite,
     MatmulSite,
 )
+from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.sites.linear import LinearSite
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer
 
 aten = torch.ops.aten
 graphopt_ops = torch.ops.graphopt
 
-__all__ = ["apply_block_config", "remap_site", "bias_plan"]
+__all__ = ["apply_block_config", "bias_plan", "kept_bias_notes", "remap_site"]
 
 
 def remap_site(site: BlockableSite, nodes_by_name: dict[str, fx.Node]) -> BlockableSite:
@@ -51,8 +51,9 @@ def remap_site(site: BlockableSite, nodes_by_name: dict[str, fx.Node]) -> Blocka
     def convert(value: Any) -> Any:
         if isinstance(value, fx.Node):
             return nodes_by_name[value.name]
-        if isinstance(value, LinearSite):
-            return LinearSite(**{f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # LinearSite, MaskTerm, ScoreStep
+            return type(value)(**{f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)
+                                  if f.init})
         if isinstance(value, list):
             return [convert(v) for v in value]
         return value
@@ -65,7 +66,7 @@ def remap_site(site: BlockableSite, nodes_by_name: dict[str, fx.Node]) -> Blocka
 def bias_plan(site: AttentionSite, slicer: RowSlicer) -> dict[fx.Node, str]:
     """How each bias / mask term is read: 'broadcast', 'view', 'recompute' or 'keep'."""
     plan = {}
-    for term in list(site.biases) + ([site.mask] if site.mask is not None else []):
+    for term in list(site.biases) + ([site.fill_mask] if site.fill_mask is not None else []):
         axis = _query_axis(term)
         if axis is None:
             plan[term] = "broadcast"
@@ -76,6 +77,19 @@ def bias_plan(site: AttentionSite, slicer: RowSlicer) -> dict[fx.Node, str]:
         else:
             plan[term] = "keep"
     return plan
+
+
+def kept_bias_notes(sites: list[BlockableSite], slicer: RowSlicer) -> list[str]:
+    """A note for each attention site whose large biases are kept whole, with why they are not recomputable."""
+    notes = []
+    for site in sites:
+        if isinstance(site, AttentionSite):
+            kept = [t for t, how in bias_plan(site, slicer).items() if how == "keep"]
+            if kept:
+                why = "; ".join(slicer.why_not(t, len(ir.shape_of(t)) - 2) for t in kept)
+                notes.append(f"{site.name}: bias {', '.join(t.name for t in kept)} kept whole "
+                             f"(not recomputable per query block: {why})")
+    return notes
 
 
 def _query_axis(term: fx.Node) -> int | None:
@@ -94,26 +108,27 @@ def _rewrite_attention(gm: fx.GraphModule, site: AttentionSite, cfg: BlockConfig
                        slicer: RowSlicer) -> fx.Node:
     q_block, kv_block = cfg.sizes
     tq = site.tq
-    k = site.k if site.k is not None else b.call(aten.transpose.int, site.k_t, -2, -1)
+    q, v, mask_node = site.q_operand, site.v_operand, site.fill_mask
+    k = site.k_source if site.k_source is not None else b.call(aten.transpose.int, site.k_t_operand, -2, -1)
     plan = bias_plan(site, slicer)
     summed_bytes = 0
     if len(site.biases) > 1:
         shapes = [ir.shape_of(t) for t in site.biases]
         summed_bytes = int(torch.Size(torch.broadcast_shapes(*shapes)).numel()) * 4
-    large_invert = site.mask is not None and site.mask_invert and plan[site.mask] not in ("broadcast",) \
-        and _nbytes(site.mask) > slicer.leaf_bytes
+    large_invert = mask_node is not None and site.mask_invert and plan[mask_node] not in ("broadcast",) \
+        and _nbytes(mask_node) > slicer.leaf_bytes
     unroll = n_blocks(tq, q_block) > 1 and (
         "recompute" in plan.values() or summed_bytes > slicer.leaf_bytes or large_invert)
     if not unroll:
         bias = None
         for term in site.biases:
             bias = term if bias is None else b.call(aten.add.Tensor, bias, term)
-        mask = site.mask
+        mask = mask_node
         if mask is not None and site.mask_invert:
             mask = b.call(aten.logical_not.default, mask)
-        return b.call(graphopt_ops.blocked_attention.default, site.q, k, site.v, bias, mask,
-                      float(site.mask_value), float(site.scale), q_block, kv_block)
-    q_axis = len(ir.shape_of(site.q)) - 2
+        return b.call(graphopt_ops.blocked_attention.default, q, k, v, bias, mask,
+                      float(site.mask_value), float(site.score_scale), q_block, kv_block)
+    q_axis = len(ir.shape_of(q)) - 2
     outs = []
     for i0, i1 in spans(tq, q_block):
         memo: dict[Any, fx.Node] = {}
@@ -126,16 +141,16 @@ def _rewrite_attention(gm: fx.GraphModule, site: AttentionSite, cfg: BlockConfig
                 return slicer.slice(term, axis, i0, i1, b, memo)
             return b.call(aten.slice.Tensor, term, axis, i0, i1)
 
-        q_rows = b.call(aten.slice.Tensor, site.q, q_axis, i0, i1) if ir.shape_of(site.q)[-2] > 1 else site.q
+        q_rows = b.call(aten.slice.Tensor, q, q_axis, i0, i1) if ir.shape_of(q)[-2] > 1 else q
         bias = None
         for term in site.biases:
             part = rows(term)
             bias = part if bias is None else b.call(aten.add.Tensor, bias, part)
-        mask = rows(site.mask) if site.mask is not None else None
+        mask = rows(mask_node) if mask_node is not None else None
         if mask is not None and site.mask_invert:
             mask = b.call(aten.logical_not.default, mask)
-        outs.append(b.call(graphopt_ops.blocked_attention.default, q_rows, k, site.v, bias, mask,
-                           float(site.mask_value), float(site.scale), i1 - i0, kv_block))
+        outs.append(b.call(graphopt_ops.blocked_attention.default, q_rows, k, v, bias, mask,
+                           float(site.mask_value), float(site.score_scale), i1 - i0, kv_block))
     out_rank = len(ir.shape_of(site.output))
     return b.call(aten.cat.default, outs, out_rank - 2) if len(outs) > 1 else outs[0]
 

@@ -13,7 +13,7 @@ import graphopt
 from graphopt.cli import main
 from graphopt.target import Roofline
 from graphopt.examples_models import nanogpt
-from graphopt.passes.analysis import attention_sites
+from graphopt.passes.analysis import sites as attention_sites
 
 TARGET = Roofline("test", "cpu", {"float32": 1e11}, 1e10, 1e-6)
 

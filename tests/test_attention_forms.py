@@ -11,8 +11,8 @@ import attention_cases as C
 import graphopt
 from graphopt.pass_infra import OptimizeContext
 from graphopt.passes import attention as attention_pass
-from graphopt.passes.analysis.attention_sites import find_attention_sites
-from graphopt.passes.attention import FuseAttention
+from graphopt.passes.analysis.sites import find_attention_sites
+from graphopt.passes.attention import FuseAttention, sdpa_decline
 
 aten = torch.ops.aten
 
@@ -60,7 +60,7 @@ def test_unmasked_forms_are_found_and_fused(cls, form):
     model = cls().eval()
     args = C.qkv()
     (site,) = _sites(model, args)
-    assert site.declined == ""
+    assert site.declined is None and site.layout_declined is None
     assert site.form == form
     assert site.scale == pytest.approx(C.SCALE, rel=1e-6)
     assert site.mask is None and not site.is_causal
@@ -99,7 +99,7 @@ def test_float32_softmax_then_cast(dtype):
         model = cls().eval()
         args = C.qkv(dtype=dtype)
         (site,) = _sites(model, args)
-        assert site.declined == ""
+        assert site.declined is None and site.layout_declined is None
         _, node = _check_fused(model, args, C.qkv(seed=5, dtype=dtype))
         assert node.meta["val"].dtype == dtype
 
@@ -215,13 +215,28 @@ def test_near_misses_are_declined_with_their_reason(cls, reason):
     torch.manual_seed(0)
     model = cls().eval()
     (site,) = _sites(model, C.qkv())
-    assert reason in site.declined
+    assert reason in sdpa_decline(site)
     result = graphopt.optimize(model, C.qkv(), passes=[FuseAttention()], verify=False)
     record = result.report.record("fuse_attention")
     assert record.status == "unchanged"
-    assert [d.reason for d in record.declined] == [site.declined]
+    assert [d.reason for d in record.declined] == [sdpa_decline(site)]
     assert record.declined[0].site.startswith(site.softmax.name)
     assert C.sdpa_nodes(result.module) == []
+
+
+def test_one_site_for_both_consumers():
+    """A learned bias: no consumer-wide decline; fuse_attention leaves it, the blocked planner takes the same site."""
+    from graphopt.passes.analysis.blockable_sites import find_blockable_sites
+
+    gm = graphopt.capture(C.LearnedBias().eval(), C.qkv()).module
+    (site,) = find_attention_sites(gm)
+    assert site.declined is None and site.mask_terms[0].learned
+    assert sdpa_decline(site) == "scores biased by a learned tensor: left for blocked attention"
+    blockable, declined = find_blockable_sites(gm, ("attention",))
+    assert declined == [] and [s.softmax.name for s in blockable] == [site.softmax.name]
+    assert [b.name for b in blockable[0].biases] == ["rel"]
+    classifier = graphopt.capture(C.Classifier().eval(), C.qkv()).module
+    assert find_blockable_sites(classifier, ("attention",)) == ([], [])  # not attention: no decline either
 
 
 def test_pass_is_idempotent():
@@ -309,7 +324,7 @@ def test_dynamic_sequence_length():
     with torch.no_grad():
         assert C.rel_l2(C.TrilBuffer().eval()(*longer), result.module(*longer)) <= 1e-5
     (site,) = find_attention_sites(graphopt.capture(C.BmmFlat().eval(), C.qkv(), dynamic_shapes=dyn).module)
-    assert "dynamic" in site.declined
+    assert "dynamic" in sdpa_decline(site)
 
 
 def test_attention_fusion_can_be_switched_off():

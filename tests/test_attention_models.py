@@ -16,7 +16,7 @@ import torch
 import attention_cases as C
 import graphopt
 from graphopt import examples_models
-from graphopt.passes.analysis.attention_sites import find_attention_sites
+from graphopt.passes.analysis.sites import find_attention_sites
 
 transformers = pytest.importorskip("transformers")
 aten = torch.ops.aten

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import attention_cases as C
 import graphopt
-from graphopt.passes.analysis.attention_sites import find_attention_sites
+from graphopt.passes.analysis.sites import find_attention_sites
 
 FORMS = ["matmul", "bmm", "baddbmm", "einsum"]
 SCALES = ["mul", "div", "prescale_q", "prescale_qk", "none"]

@@ -8,7 +8,7 @@ the hot matmuls, the first ``analysis.top`` (10) with at least
 :data:`HOT_MIN_SHARE` of the time are marked.
 
 Without an analysis: attention sites from
-:func:`graphopt.passes.analysis.attention_sites.find_attention_sites`, hot
+:func:`graphopt.passes.analysis.sites.find_attention_sites`, hot
 matmuls from the node costs (the matmul-family nodes with the largest share
 of predicted time), and no FFN chains.
 """
@@ -163,7 +163,7 @@ def collect_sites(gm: fx.GraphModule, analysis: Any = None,
         return sites + hot_matmuls(gm, costs)
     sites: list[Site] = []
     try:
-        from graphopt.passes.analysis.attention_sites import find_attention_sites
+        from graphopt.passes.analysis.sites import find_attention_sites
 
         for site in find_attention_sites(gm):
             detail = plain_detail(site)

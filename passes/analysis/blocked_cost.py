@@ -29,7 +29,8 @@ from graphopt.ops._blocking import n_blocks
 from graphopt.ops.blocked_attention import attention_workspace_bytes
 from graphopt.ops.chunked_ffn import ffn_workspace_bytes
 from graphopt.ops.chunked_lm_head import lm_head_workspace_bytes
-from graphopt.passes.analysis.blockable_sites import AttentionSite, BlockableSite, FFNSite, LMHeadSite, MatmulSite
+from graphopt.passes.analysis.blockable_sites import BlockableSite, FFNSite, LMHeadSite, MatmulSite
+from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.target import Roofline, measure_under_load
 
 __all__ = ["BlockConfig", "BlockCostModel"]
@@ -110,7 +111,7 @@ class BlockCostModel:
         """Bytes the site needs at once beyond its inputs and output (``cfg`` None: eager)."""
         if isinstance(site, AttentionSite):
             batch_heads = math.prod(ir.shape_of(site.scores)[:-2])
-            dv = ir.shape_of(site.v)[-1]
+            dv = ir.shape_of(site.v_operand)[-1]
             if cfg is None:
                 return 3 * site.scores_bytes
             q, kv = cfg.sizes
@@ -143,7 +144,7 @@ class BlockCostModel:
         m = self.m
         if isinstance(site, AttentionSite):
             big = site.scores_bytes
-            n_big = 2 + len(site.nodes)  # scores, chain results, probabilities
+            n_big = 2 + len(site.between_products)  # scores, chain results, probabilities
             return (self._flops(site) / self.flops + self._traffic(2 * big * n_big, big)
                     + self._faults(big, n_big) + (n_big + 2) * m.op_overhead_s)
         if isinstance(site, FFNSite):
@@ -202,7 +203,7 @@ class BlockCostModel:
     def _flops(self, site: BlockableSite) -> float:
         if isinstance(site, AttentionSite):
             batch_heads = math.prod(ir.shape_of(site.scores)[:-2])
-            d, dv = ir.shape_of(site.q)[-1], ir.shape_of(site.v)[-1]
+            d, dv = ir.shape_of(site.q_operand)[-1], ir.shape_of(site.v_operand)[-1]
             return 2.0 * batch_heads * site.tq * site.tk * (d + dv)
         if isinstance(site, FFNSite):
             d_in = ir.shape_of(site.x)[-1]
