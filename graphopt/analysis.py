@@ -38,6 +38,13 @@ from graphopt.cost import NodeCost, node_dtype, tensors_in, val_of, shape
 from graphopt.memory import MemoryProfile, peak_memory
 from graphopt.pass_infra import OptimizeContext
 from graphopt.target import Roofline, TargetInfo, get_roofline, measure_peak
+from graphopt.capture import capture
+from graphopt.optimize import OptimizeResult
+from graphopt.passes.analysis.sites import find_attention_sites
+from graphopt.passes.analysis.cost_annotation import CostAnnotation
+from graphopt.passes.analysis.ffn_chains import FFNChains
+from graphopt.passes.analysis.hot_matmuls import HotMatmuls
+from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +267,6 @@ def _has_meta(gm: fx.GraphModule) -> bool:
 
 def _resolve(model_or_graph: Any, example_inputs: Any, example_kwargs: dict[str, Any] | None
              ) -> tuple[fx.GraphModule, tuple[Any, ...] | None, dict[str, Any], str]:
-    from graphopt.capture import capture
-    from graphopt.optimize import OptimizeResult
-
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     args = tuple(example_inputs) if example_inputs is not None else None
@@ -321,12 +325,6 @@ def analyze(
     each node's time and the peak of torch's allocations. ``top``: how many
     hot spots the table and JSON list.
     """
-    from graphopt.passes.analysis.sites import find_attention_sites
-    from graphopt.passes.analysis.cost_annotation import CostAnnotation
-    from graphopt.passes.analysis.ffn_chains import FFNChains
-    from graphopt.passes.analysis.hot_matmuls import HotMatmuls
-    from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
-
     gm, args, kwargs, model_name = _resolve(model_or_graph, example_inputs, example_kwargs)
     device = _device(gm)
     if isinstance(target, str):

@@ -38,7 +38,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from graphopt import meta
+from graphopt import meta, parallel
+from graphopt.optimize import optimize
+from graphopt.passes import all_pass_classes
+from graphopt.specs import load_spec
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +133,6 @@ def _max_abs(reference: Any, candidate: Any) -> float:
 def _worker(rank: int, cfg: dict[str, Any], results: Any) -> None:
     import torch.distributed as dist
 
-    from graphopt import parallel
-    from graphopt.specs import load_spec
-
     try:
         backend, world = cfg["backend"], cfg["nproc"]
         if backend == "nccl":
@@ -149,11 +149,8 @@ def _worker(rank: int, cfg: dict[str, Any], results: Any) -> None:
             args, kwargs = _to(spec.args, device), _to(spec.kwargs, device)
             target: Any = model
             if cfg["passes"] is not None:  # optimize first (e.g. merge_matmuls), then shard the result
-                import graphopt
-                from graphopt.passes import all_pass_classes
-
                 classes = {cls.name: cls for cls in all_pass_classes()}
-                target = graphopt.optimize(model, args, kwargs, passes=[classes[n]() for n in cfg["passes"]],
+                target = optimize(model, args, kwargs, passes=[classes[n]() for n in cfg["passes"]],
                                            **cfg["options"])
             sharded = parallel.shard(target, args, kwargs)
             del model, spec
@@ -208,11 +205,6 @@ def run_sharded(
     import multiprocessing
 
     import torch.multiprocessing as tmp
-
-    from graphopt import parallel
-    from graphopt.specs import load_spec
-
-    from graphopt.passes import all_pass_classes
 
     known = {cls.name for cls in all_pass_classes()}
     unknown = [p for p in passes or [] if p not in known]

@@ -26,6 +26,7 @@ from graphopt.pass_infra import (
 )
 from graphopt.report import Report
 from graphopt.verify import ErrorBudget, Verifier
+from graphopt import passes as pipelines
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ def optimize(
     >>> torch.allclose(result.module(torch.ones(2, 8)), model.eval()(torch.ones(2, 8)))
     True
     """
-    from graphopt import passes as pipelines
-
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):

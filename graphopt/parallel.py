@@ -27,6 +27,7 @@ import torch.fx as fx
 from graphopt import ir, meta
 from graphopt.capture import capture
 from graphopt.pass_infra import OptimizeContext
+from graphopt.optimize import OptimizeResult
 from graphopt.passes.tensor_parallel import (
     ShardingError,
     TensorParallel,
@@ -42,8 +43,6 @@ __all__ = ["ShardingError", "TensorParallelPlan", "communication_table", "plan",
 
 def _graph_and_inputs(model_or_result: Any, example_inputs: Sequence[Any] | Any | None,
                       example_kwargs: dict[str, Any] | None) -> tuple[fx.GraphModule, tuple, dict]:
-    from graphopt.optimize import OptimizeResult
-
     if isinstance(model_or_result, OptimizeResult):
         return (ir.copy_graph_module(model_or_result.module), tuple(model_or_result.example_args),
                 dict(model_or_result.example_kwargs))

@@ -14,6 +14,7 @@ from typing import Any
 
 from graphopt.pattern import Declined
 from graphopt.verify import Numerics
+from graphopt.report_markdown import report_to_markdown
 
 
 @dataclass
@@ -131,8 +132,6 @@ class Report:
 
     def to_markdown(self) -> str:
         """The report as Markdown (what ``graphopt convert`` writes to ``report.md``)."""
-        from graphopt.report_markdown import report_to_markdown
-
         return report_to_markdown(self)
 
     def __str__(self) -> str:

@@ -88,7 +88,7 @@ def test_reports_whatever_find_attention_sites_returns(monkeypatch):
         seen.append(g)
         return fake
 
-    monkeypatch.setattr(attention_sites, "find_attention_sites", fake_find)
+    monkeypatch.setattr(graphopt.analysis, "find_attention_sites", fake_find)
     a = graphopt.analyze(gm, target=TARGET)
     assert seen == [gm]
     assert a.attention_sites == fake

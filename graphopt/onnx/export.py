@@ -267,7 +267,7 @@ def _translate(ep: torch.export.ExportedProgram, opset: int | None, table: dict[
             where = "; ".join(f"{op}{_where_used(ep, op)}" for op in ops_missing)
             raise OnnxExportError(
                 f"cannot convert to ONNX: no ONNX translation for operator {where}. Add one to the "
-                f"operator's ONNX_TRANSLATIONS (graphopt/ops/, see docs/convert.md) or leave out the pass "
+                f"operator's DECLARATIONS (onnx=..., graphopt/ops/; see docs/convert.md) or leave out the pass "
                 f"that introduced it (--passes)", ops_missing) from exc
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise OnnxExportError(f"torch.onnx could not translate the program: {first}") from exc

@@ -16,7 +16,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from graphopt.viz.data import build_view_data
 from graphopt.viz.diff import PassHistory
+from graphopt.viz.dot import render_dot
+from graphopt.viz.html import render_html
+from graphopt.viz.model_explorer import render_node_data
 
 __all__ = ["FORMATS", "PassHistory", "render", "visualize"]
 
@@ -27,23 +31,15 @@ FORMATS = ("html", "dot", "model-explorer")
 def render(result_or_graph: Any, *, format: str = "html", diff: bool | None = None, analysis: Any = None,
            title: str | None = None, metric: str = "time") -> str:
     """The text :func:`visualize` writes (HTML page, DOT source or Model Explorer JSON)."""
-    from graphopt.viz.data import build_view_data
-
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "model-explorer":
         diff = False if diff is None else diff
     data = build_view_data(result_or_graph, diff=diff, analysis=analysis, title=title)
     if format == "html":
-        from graphopt.viz.html import render_html
-
         return render_html(data)
     if format == "dot":
-        from graphopt.viz.dot import render_dot
-
         return render_dot(data, metric=metric)
-    from graphopt.viz.model_explorer import render_node_data
-
     return render_node_data(data, metric=metric)
 
 

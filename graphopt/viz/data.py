@@ -40,6 +40,7 @@ from graphopt import ir, meta
 from graphopt.viz.costs import node_costs
 from graphopt.viz.diff import NodeMatch, PassChange, match_nodes, pass_changes
 from graphopt.viz.sites import Site, collect_sites
+from graphopt.analysis import analyze
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +324,6 @@ def _subject_parts(subject: Any) -> tuple[fx.GraphModule, fx.GraphModule | None,
 
 def _auto_analysis(gm: fx.GraphModule, args: tuple[Any, ...] | None) -> Any:
     """:func:`graphopt.analysis.analyze` of ``gm`` (annotates ``meta["cost"]``); None when it fails."""
-    from graphopt.analysis import analyze
-
     try:
         return analyze(gm, args)
     except Exception as exc:  # the viewer still works from estimates

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from graphopt.passes.analysis.sites import find_attention_sites
+
 log = logging.getLogger(__name__)
 
 #: (attribute of an analysis, site kind shown by the viewer)
@@ -163,8 +165,6 @@ def collect_sites(gm: fx.GraphModule, analysis: Any = None,
         return sites + hot_matmuls(gm, costs)
     sites: list[Site] = []
     try:
-        from graphopt.passes.analysis.sites import find_attention_sites
-
         for site in find_attention_sites(gm):
             detail = plain_detail(site)
             names = [n for n in node_names(site) if n in known]
