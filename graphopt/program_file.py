@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -40,9 +41,6 @@ __all__ = ["UnsafeProgramFile", "load_exported_program", "weights_only_loading"]
 
 _FORCE, _FORCE_NO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _ENV_LOCK = threading.Lock()
-
-#: the archive folders whose entries torch reads with torch.load
-_PICKLED_DIRS = ("data/sample_inputs/", "data/weights/", "data/constants/")
 
 
 class UnsafeProgramFile(BadInput):
@@ -79,18 +77,27 @@ def _import_output_modules(path: str) -> None:
                 importlib.import_module(mod)
 
 
+def _pickled_entries(zf: zipfile.ZipFile) -> list[str]:
+    """The archive entries torch reads with ``torch.load``: example inputs, and weights or constants
+    their payload config marks ``use_pickle`` (the others are raw tensor bytes)."""
+    names = zf.namelist()
+    pickled = [n for n in names if "/data/sample_inputs/" in f"/{n}" and not n.endswith("/")]
+    for config in (n for n in names if n.endswith(("_weights_config.json", "_constants_config.json"))):
+        folder = config.rsplit("/", 1)[0]
+        with contextlib.suppress(Exception):
+            entries = json.loads(zf.read(config)).get("config", {})
+            pickled += [f"{folder}/{meta['path_name']}" for meta in entries.values()
+                        if isinstance(meta, dict) and meta.get("use_pickle")]
+    return [n for n in pickled if n in names]
+
+
 def _entries_needing_pickle(path: str) -> list[tuple[str, str]]:
-    """``(entry, why)`` for each torch.save entry of the archive the weights-only reader refuses."""
+    """``(entry, why)`` for each pickled entry of the archive that the weights-only reader refuses."""
     found = []
     with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if not any(d in name for d in _PICKLED_DIRS) or name.endswith(".json"):
-                continue
-            data = zf.read(name)
-            if not (data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"):
-                continue  # raw tensor bytes, read without pickle
+        for name in _pickled_entries(zf):
             try:
-                torch.load(io.BytesIO(data), weights_only=True)
+                torch.load(io.BytesIO(zf.read(name)), weights_only=True)
             except Exception as exc:  # noqa: BLE001 - any refusal names the entry
                 found.append((name, _refusal_reason(exc)))
     return found

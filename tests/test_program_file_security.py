@@ -90,3 +90,31 @@ def test_every_command_refuses_it_with_exit_2_and_one_line(tmp_path, command):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # besides progress lines
     assert len(errors) == 1 and "refused" in errors[0] and "sample_inputs" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_weight_marked_use_pickle_is_read_weights_only_too(tmp_path):
+    """torch reads ``use_pickle`` weights with weights_only=False; graphopt's load refuses the payload."""
+    import json
+
+    marker = str(tmp_path / "marker")
+    clean = str(tmp_path / "clean.pt2")
+    torch.export.save(torch.export.export(_Tiny(), (torch.randn(2, 4),)), clean)
+    evil = str(tmp_path / "evil_weight.pt2")
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(evil, "w") as dst:
+        config_name = next(n for n in src.namelist() if n.endswith("_weights_config.json"))
+        config = json.loads(src.read(config_name))
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True
+        target = config_name.rsplit("/", 1)[0] + "/" + first["path_name"]
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == config_name:
+                data = json.dumps(config).encode()
+            elif item.filename == target:
+                data = payload.getvalue()
+            dst.writestr(item, data)
+    with pytest.raises(UnsafeProgramFile, match="weight_0"):
+        load_exported_program(evil)
+    assert not os.path.exists(marker)
