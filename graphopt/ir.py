@@ -263,13 +263,6 @@ def flat_inputs(args: Sequence[Any], kwargs: dict[str, Any] | None, gm: fx.Graph
     return leaves
 
 
-def erase_dead(gm: fx.GraphModule) -> int:
-    """Remove nodes without users and without side effects; returns how many."""
-    before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
-    return before - len(gm.graph.nodes)
-
-
 # --- constants: values fixed for every call (constant folding, mask evaluation, weight reads) ---
 
 #: ops whose result depends only on the input's shape, dtype and device

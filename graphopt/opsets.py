@@ -74,6 +74,45 @@ MATMUL_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, a
 
 # ---------------------------------------------------------------- predicates
 
+#: the dtype/device asserts torch.export inserts: they check a value, they do not use it
+METADATA_ASSERTS = frozenset({aten._assert_tensor_metadata.default})
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its value (not the :data:`METADATA_ASSERTS` that only check it)."""
+    return [u for u in node.users if not (u.op == "call_function" and u.target in METADATA_ASSERTS)]
+
+
+def erase_dead(gm: fx.GraphModule) -> int:
+    """Remove what nothing uses; returns how many nodes went.
+
+    ``Graph.eliminate_dead_code`` keeps impure nodes, which includes two kinds
+    that only look impure once their value is dead: an inactive dropout (it
+    counts as random) and a :data:`METADATA_ASSERTS` check of a value nothing
+    else reads. Keeping them keeps alive what they read: after attention
+    fusion, the T x T causal mask transformers builds, folded into a stored
+    constant, stayed in the module only to be asserted (16 MiB at 4096
+    tokens). Both are removed here, repeatedly, until nothing changes.
+    """
+    before = len(gm.graph.nodes)
+
+    def removable(n: fx.Node) -> bool:
+        if n.op != "call_function" or n.users:
+            return False
+        if n.target in METADATA_ASSERTS:
+            checked = n.args[0] if n.args else None
+            return isinstance(checked, fx.Node) and not value_users(checked)
+        return is_inactive_dropout(n)
+
+    while True:
+        gm.graph.eliminate_dead_code()
+        stale = [n for n in gm.graph.nodes if removable(n)]
+        if not stale:
+            return before - len(gm.graph.nodes)
+        for n in stale:
+            gm.graph.erase_node(n)
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 

@@ -49,16 +49,17 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import METADATA_ASSERTS
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.sites import AttentionSite, find_attention_sites
-from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, ASSERT_OPS, dtype_of
+from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, dtype_of
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 SDPA = aten.scaled_dot_product_attention.default
-_ASSERTS = ASSERT_OPS
+_ASSERTS = METADATA_ASSERTS
 
 
 def sdpa_supports_enable_gqa() -> bool:

@@ -53,6 +53,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import erase_dead
 from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
 from graphopt.node_builder import fake_mode_of
 from graphopt.errors import BadInput
@@ -118,32 +119,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def eliminate_dead(gm: fx.GraphModule) -> None:
-    """Dead-code elimination that also drops dead eval-mode dropouts and metadata asserts.
-
-    ``Graph.eliminate_dead_code`` keeps both (dropout counts as random, the
-    assert as a side effect); once a rewrite makes their value dead they
-    would keep the tensor the rewrite meant to remove alive.
-    """
-    asserts = torch.ops.aten._assert_tensor_metadata.default
-
-    def removable(n: fx.Node) -> bool:
-        if n.op != "call_function" or n.users:
-            return False
-        if n.target is torch.ops.aten.dropout.default:
-            return not n.args[2] or n.args[1] == 0
-        return n.target is asserts and isinstance(n.args[0], fx.Node) and all(
-            u.target is asserts for u in n.args[0].users)
-
-    while True:
-        gm.graph.eliminate_dead_code()
-        stale = [n for n in gm.graph.nodes if removable(n)]
-        if not stale:
-            return
-        for n in stale:
-            gm.graph.erase_node(n)
-
-
 def _signature(site: BlockableSite) -> tuple:
     """Sites with the same signature (every layer's attention, say) are planned together."""
     def shapes(*nodes: Any) -> tuple:
@@ -192,7 +167,7 @@ class _Planner:
         for name, cfg in site_configs.items():
             apply_block_config(gm, remap_site(self.sites[name], by_name), cfg, self.fake_mode, self.leaf_bytes,
                                self.val_cache)
-        eliminate_dead(gm)
+        erase_dead(gm)
         return gm
 
     def profile(self, configs: dict[str, BlockConfig], base: fx.GraphModule | None = None,

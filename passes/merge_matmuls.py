@@ -46,6 +46,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir, meta
+from graphopt.opsets import erase_dead
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.sites.linear import LinearSite, find_linear_sites
 from graphopt.report import Declined
@@ -281,5 +282,5 @@ class MergeMatmuls(Pass):
             involved.append(merged.name)
             notes.append(f"merged {len(sites)} matmuls at {label} ({decision.reason})")
         if involved:
-            ir.erase_dead(gm)
+            erase_dead(gm)
         return PassResult(gm, bool(involved), notes, declined, involved)

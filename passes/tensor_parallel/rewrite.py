@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir, meta
+from graphopt.opsets import erase_dead
 from graphopt.passes.tensor_parallel.shards import TensorParallelPlan, shard_tensor
 
 aten = torch.ops.aten
@@ -87,5 +88,5 @@ def apply_plan(gm: fx.GraphModule, plan: TensorParallelPlan, rank: int, group_na
             node.replace_all_uses_with(result)
             graph.erase_node(node)
             involved += [partial.name, total.name]
-    ir.erase_dead(gm)
+    erase_dead(gm)
     return involved

@@ -36,9 +36,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import METADATA_ASSERTS
 from graphopt.passes.analysis.sites.attention_layout import normalise_layout
 from graphopt.passes.analysis.sites.attention_masks import MaskTerm
-from graphopt.passes.analysis.sites.attention_ops import ASSERT_OPS, SOFTMAX_OPS, Constants, static_shape
+from graphopt.passes.analysis.sites.attention_ops import SOFTMAX_OPS, Constants, static_shape
 from graphopt.passes.analysis.sites.attention_walk import ADDITIVE, FILL, ScoreStep, walk_scores, walk_weights
 from graphopt.pattern import Decline, attempt
 
@@ -300,4 +301,4 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     return sites
 
 
-__all__ = ["ASSERT_OPS", "AttentionSite", "MaskTerm", "SOFTMAX_OPS", "find_attention_sites"]
+__all__ = ["AttentionSite", "MaskTerm", "find_attention_sites"]

@@ -42,16 +42,9 @@ SCALE_OPS = frozenset({aten.mul.Tensor, aten.div.Tensor})
 ADD_OPS = frozenset({aten.add.Tensor, aten.sub.Tensor})
 MASKED_FILL_OPS = frozenset({aten.masked_fill.Scalar, aten.masked_fill.Tensor})
 WHERE_OPS = frozenset({aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf})
-#: dtype/device asserts export inserts: they check a value, they do not use it
-ASSERT_OPS = _overloads("_assert_tensor_metadata.default")
 
 #: largest mask the analysis evaluates to recognise a causal one
 MASK_EVAL_MAX_BYTES = 1 << 30
-
-
-def users(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node`` that read its value (not the dtype asserts export adds)."""
-    return [u for u in node.users if not (u.op == "call_function" and u.target in ASSERT_OPS)]
 
 
 def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:

@@ -24,8 +24,9 @@ from graphopt import ir
 from graphopt.passes.analysis.sites.attention_masks import MaskTerm, unnegated
 from graphopt.passes.analysis.sites.attention_ops import (
     ADD_OPS, MASKED_FILL_OPS, MATMUL_OPS, PRODUCT_OPS, SCALE_OPS, WHERE_OPS, Constants, dtype_of,
-    is_active_dropout, is_identity, is_leading_reshape, static_shape, users,
+    is_active_dropout, is_identity, is_leading_reshape, static_shape,
 )
+from graphopt.opsets import value_users
 from graphopt.pattern import Decline
 
 aten = torch.ops.aten
@@ -190,7 +191,7 @@ def walk_scores(softmax: fx.Node, consts: Constants) -> Scores:
     while True:
         if not isinstance(cur, fx.Node) or cur.op != "call_function":
             raise Decline("the softmax input is not computed from a product of two activations (no Q @ K^T)")
-        others = [u for u in users(cur) if u is not prev]
+        others = [u for u in value_users(cur) if u is not prev]
         if others:
             raise Decline(f"the scores {cur.name} are also used by {others[0].name}: they must be materialised")
         if _product_of_activations(cur, consts):
@@ -205,7 +206,7 @@ def walk_weights(softmax: fx.Node) -> Weights:
     """Walk forward from the softmax to the product with V (or to the op that is not one)."""
     cur, chain = softmax, []
     while True:
-        found = users(cur)
+        found = value_users(cur)
         if len(found) != 1:
             names = ", ".join(u.name for u in found[:3]) or "nothing"
             raise Decline(f"the attention probabilities are used elsewhere: {cur.name} is used by {len(found)} "

@@ -43,13 +43,14 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from graphopt.opsets import value_users
 from graphopt import ir
 from graphopt.cost import alias_root, alias_source, shape, val_of
 from graphopt.opsets import is_inplace_op, is_passthrough
 from graphopt.ops._blocking import ACTIVATIONS as BLOCKED_ACTIVATIONS
 from graphopt.passes.analysis.hot_matmuls import weight_operand
 from graphopt.passes.analysis.sites.linear import LINEAR_OPS, LinearSite, linear_site
-from graphopt.passes.analysis.sites.walk import dtype_of, keeps_last_dim, real_users
+from graphopt.passes.analysis.sites.walk import dtype_of, keeps_last_dim
 from graphopt.pattern import Decline
 
 aten = torch.ops.aten
@@ -260,7 +261,7 @@ def _same_dtype_passthrough(node: fx.Node) -> bool:
 def _strip_row_views(node: fx.Node, chain: list[fx.Node]) -> fx.Node:
     """Step over row-keeping views, eval dropouts and dtype-keeping casts (single-user only)."""
     while isinstance(node, fx.Node) and (keeps_last_dim(node) or _same_dtype_passthrough(node)) \
-            and len(real_users(node)) == 1:
+            and len(value_users(node)) == 1:
         chain.append(node)
         node = node.args[0]
     return node
@@ -296,9 +297,9 @@ def _activation_region(top: fx.Node) -> tuple[LinearSite, list[fx.Node]] | None:
         return None
     inside = set(region)
     for n in region:
-        if n is not top and any(u not in inside for u in real_users(n)):
+        if n is not top and any(u not in inside for u in value_users(n)):
             return None
-    if any(u not in inside for u in real_users(base.node)) and (region or len(real_users(base.node)) != 1):
+    if any(u not in inside for u in value_users(base.node)) and (region or len(value_users(base.node)) != 1):
         return None
     return base, region
 
@@ -350,13 +351,13 @@ def ffn_site(gm: fx.GraphModule, out: LinearSite) -> FFNSite | None:
     if not isinstance(top, fx.Node) or top.op != "call_function":
         return None
     if top.target is aten.mul.Tensor and all(isinstance(a, fx.Node) for a in top.args[:2]) \
-            and len(real_users(top)) == 1:
+            and len(value_users(top)) == 1:
         a, b = top.args[0], top.args[1]
         for act_side, up_side in ((a, b), (b, a)):
             up_chain: list[fx.Node] = []
             up = linear_site(_strip_row_views(up_side, up_chain), allow_split=True)
             found = _activation_region(act_side)
-            if up is None or found is None or len(real_users(up.node)) != 1:
+            if up is None or found is None or len(value_users(up.node)) != 1:
                 continue
             gate, region = found
             if gate.node is up.node or _canonical_input(gate.input) is not _canonical_input(up.input):

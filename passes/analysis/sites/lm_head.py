@@ -19,10 +19,11 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from graphopt.opsets import value_users
 from graphopt import ir
 from graphopt.opsets import LOG_SOFTMAX, SOFTMAX_FORMS, is_passthrough
 from graphopt.passes.analysis.sites.linear import LinearSite, linear_site
-from graphopt.passes.analysis.sites.walk import dtype_of, is_last_axis, keeps_last_dim, real_users
+from graphopt.passes.analysis.sites.walk import dtype_of, is_last_axis, keeps_last_dim
 from graphopt.pattern import Decline
 
 aten = torch.ops.aten
@@ -103,7 +104,7 @@ def lm_head_site(reduction: fx.Node) -> LMHeadSite | None:
     while True:
         if not isinstance(cur, fx.Node) or cur.op != "call_function":
             return None
-        if len(real_users(cur)) != 1:
+        if len(value_users(cur)) != 1:
             raise Decline(f"{reduction.name}: the logits ({cur.name}) are also used elsewhere")
         nodes.append(cur)
         head = linear_site(cur)

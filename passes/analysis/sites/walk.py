@@ -8,21 +8,16 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.opsets import RESHAPES
+from graphopt.opsets import RESHAPES, value_users
 
 aten = torch.ops.aten
 
-__all__ = ["real_users", "single_user", "is_last_axis", "dtype_of", "keeps_last_dim"]
-
-
-def real_users(node: fx.Node) -> list[fx.Node]:
-    """``node``'s users, without torch.export's ``_assert_tensor_metadata`` checks."""
-    return [u for u in node.users if u.op != "call_function" or u.target is not aten._assert_tensor_metadata.default]
+__all__ = ["single_user", "is_last_axis", "dtype_of", "keeps_last_dim"]
 
 
 def single_user(node: fx.Node) -> fx.Node | None:
     """The one real user of ``node``, or None when it has none or several."""
-    found = real_users(node)
+    found = value_users(node)
     return found[0] if len(found) == 1 else None
 
 
