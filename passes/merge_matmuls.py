@@ -17,7 +17,10 @@ A site missing a bias gets zeros in the merged bias (adding 0.0 is exact).
 
 Applied only where it is faster on the target: by default a short
 micro-benchmark (``measure_merge``) times the separate and the merged shapes
-on ``ctx.device``, interleaved, and the merge is kept when it is faster; the
+on ``ctx.device``, interleaved rounds with the best round per side kept, and
+the merge is kept when it measures at least ``MERGE_MIN_SPEEDUP`` (1.05x,
+option ``merge_min_speedup``) faster -- a smaller gain is timing noise and
+would flip between runs; the report gives both timings; the
 timings are kept per shape on the context (``ctx.target.timings``), so a
 model with 32 identical layers measures once per ``optimize()`` call.
 Option ``merge_matmuls_policy``: ``measure`` (default), ``always`` (merge
@@ -29,7 +32,8 @@ each matmul's activation at run time, and a merged group quantizes it once
 times). Tests inject the decision with ``MergeMatmuls(decide=...)``.
 
 Declines (with the reason in the report):
-    * the merged matmul measured slower (the measured ratio is given);
+    * the merged matmul measured slower, or faster by less than the margin
+      (both timings and the ratio are given);
     * weights of different dtypes or devices;
     * an input of symbolic shape when measuring (nothing to time).
 Sites with different inputs are never grouped.
@@ -56,6 +60,9 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 POLICIES = ("measure", "always", "off")
+#: the merged matmul must measure at least this much faster than the separate ones to be kept:
+#: below it the gain is within timing noise and the decision would flip between runs
+MERGE_MIN_SPEEDUP = 1.05
 #: precisions that quantize each matmul's activation at run time: merged, it is quantized once
 QUANTIZING_PRECISIONS = ("int8", "fp8", "auto")
 
@@ -139,19 +146,33 @@ def _time_merge(shape: MergeShape, rounds: int, round_seconds: float, budget_sec
     return best_sep, best_merged
 
 
-def measured_decision(candidate: MergeCandidate, timings: TimingCache | None = None) -> MergeDecision:
-    """Merge when the micro-benchmark on the target says the merged matmul is faster (``timings``: see
-    :func:`measure_merge`)."""
+def measured_decision(candidate: MergeCandidate, timings: TimingCache | None = None,
+                      min_speedup: float = MERGE_MIN_SPEEDUP) -> MergeDecision:
+    """Merge when the micro-benchmark on the target says the merged matmul is at least ``min_speedup``
+    times faster (``timings``: see :func:`measure_merge`); the reason states both timings and the margin."""
     if candidate.shape is None:
         return MergeDecision(False, "input shape is symbolic; nothing to measure "
                              "(set merge_matmuls_policy='always' to merge anyway)")
     separate_s, merged_s = measure_merge(candidate.shape, timings=timings)
-    ratio = separate_s / merged_s
-    timing = (f"separate {separate_s * 1e6:.1f} us vs merged {merged_s * 1e6:.1f} us on "
-              f"{candidate.shape.device} ({ratio:.2f}x)")
-    if merged_s < separate_s:
-        return MergeDecision(True, f"measured faster: {timing}", separate_s, merged_s)
-    return MergeDecision(False, f"merged matmul measured slower: {timing}", separate_s, merged_s)
+    return margin_decision(separate_s, merged_s, min_speedup, candidate.shape.device)
+
+
+def margin_decision(separate_s: float, merged_s: float, min_speedup: float = MERGE_MIN_SPEEDUP,
+                    device: str = "cpu") -> MergeDecision:
+    """Merge only when ``separate_s / merged_s >= min_speedup``; the reason names both timings."""
+    ratio = separate_s / merged_s if merged_s > 0 else float("inf")
+    timing = f"merged {merged_s * 1e6:.1f} us vs separate {separate_s * 1e6:.1f} us on {device}"
+    if ratio >= min_speedup:
+        return MergeDecision(True, f"{timing}: {ratio:.2f}x >= {min_speedup:.2f}x", separate_s, merged_s)
+    verdict = "merged matmul measured slower" if ratio < 1.0 else "gain within the margin"
+    return MergeDecision(False, f"{verdict}: {timing}: {ratio:.2f}x < {min_speedup:.2f}x "
+                         f"(option merge_min_speedup)", separate_s, merged_s)
+
+
+def _check_min_speedup(value: float) -> str | None:
+    if not value >= 1.0 or value == float("inf"):  # also refuses nan
+        return "give a finite ratio >= 1.0 (1.0: merge at any measured gain)"
+    return None
 
 
 def _group_label(sites: list[LinearSite]) -> str:
@@ -241,6 +262,10 @@ class MergeMatmuls(Pass):
         "merge_matmuls_policy": Option("'measure' (default: merge where a micro-benchmark on the device is "
                                        "faster; under int8/fp8/auto precision: merge), 'always' or 'off'",
                                        str, None, POLICIES),
+        "merge_min_speedup": Option(f"the least measured speedup (separate / merged time) at which the "
+                                    f"'measure' policy merges a group (default {MERGE_MIN_SPEEDUP}: gains "
+                                    f"below it are timing noise)", float, MERGE_MIN_SPEEDUP,
+                                    check=_check_min_speedup),
     }
 
     def __init__(self, decide: Callable[[MergeCandidate], MergeDecision] | None = None) -> None:
@@ -259,7 +284,8 @@ class MergeMatmuls(Pass):
             return None
         if policy == "always":
             return lambda c: MergeDecision(True, "policy 'always'")
-        return lambda candidate: measured_decision(candidate, ctx.target.timings)
+        min_speedup = self.option(ctx, "merge_min_speedup")
+        return lambda candidate: measured_decision(candidate, ctx.target.timings, min_speedup)
 
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
         decide = self._decider(ctx)

@@ -195,3 +195,40 @@ def test_optimize_verifies_the_merge():
     record = result.report.record("merge_matmuls")
     assert record.status == "applied" and record.numerics is not None and record.numerics.ok
     assert result.report.final_numerics.ok
+
+
+def test_gain_below_the_margin_is_declined_with_both_timings(monkeypatch):
+    from graphopt.passes import merge_matmuls as mod
+
+    shape = MergeShape(8, 64, (64, 32, 32), torch.float32, False, "cpu")
+    candidate = MergeCandidate([], shape, torch.device("cpu"))
+    monkeypatch.setattr(mod, "measure_merge", lambda s, timings=None: (50.5e-6, 50.0e-6))  # 1.01x
+    noise = measured_decision(candidate)
+    assert not noise.merge
+    assert "merged 50.0 us vs separate 50.5 us" in noise.reason and "1.01x < 1.05x" in noise.reason
+    monkeypatch.setattr(mod, "measure_merge", lambda s, timings=None: (60e-6, 50e-6))  # 1.2x
+    clear = measured_decision(candidate)
+    assert clear.merge and "merged 50.0 us vs separate 60.0 us" in clear.reason and "1.20x >= 1.05x" in clear.reason
+    assert measured_decision(candidate, min_speedup=1.25).merge is False  # the margin is the caller's
+
+
+def test_min_speedup_option_reaches_the_decision_and_the_report(monkeypatch):
+    from graphopt.passes import merge_matmuls as mod
+
+    monkeypatch.setattr(mod, "measure_merge", lambda s, timings=None: (50.5e-6, 50.0e-6))  # 1.01x
+    model, args = tiny_llama(layers=1)
+    default = graphopt.optimize(model, args, passes=[MergeMatmuls()])
+    record = default.report.record("merge_matmuls")
+    assert record.status == "unchanged" and all("1.01x < 1.05x" in d.reason for d in record.declined)
+    lowered = graphopt.optimize(model, args, passes=[MergeMatmuls()], merge_min_speedup=1.0)
+    assert lowered.report.record("merge_matmuls").status == "applied"
+    assert any("1.01x >= 1.00x" in note for note in lowered.report.record("merge_matmuls").notes)
+
+
+@pytest.mark.parametrize("bad", [0.9, -1.0, float("nan"), float("inf"), "fast"])
+def test_min_speedup_option_validated(bad):
+    from graphopt.errors import OptionError
+
+    model, args = tiny_llama(layers=1)
+    with pytest.raises(OptionError, match="merge_min_speedup"):
+        graphopt.optimize(model, args, passes=[MergeMatmuls()], merge_min_speedup=bad)

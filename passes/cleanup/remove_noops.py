@@ -9,10 +9,13 @@ Rewrites (each only when the result has the input's shape and dtype):
     add(x, 0) / sub(x, 0) / mul(x, 1) / div(x, 1)         -> x
 
 Declines: a node whose input or result is mutated in place by a later op
-(removing the copy would let the mutation leak), a returned copy of an input,
-a weight or another output (``return x.clone()``: without the copy, writing
-into the output would write into the caller's tensor or the model's weight),
-a cast that changes dtype, device or memory format, dropout in training mode.
+(removing the copy would let the mutation leak); "output would alias an
+input" (or a weight, or another output): a returned fresh tensor whose removal
+would hand back the caller's own tensor, the model's weight or another output
+(``return x * 1``, ``return x + 0``, ``return x.clone()``: writing into the
+output would write into the input) -- an output aliases an input after the
+pass only when it did before (``return x.detach()`` still goes); a cast that
+changes dtype, device or memory format; dropout in training mode.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.cost import alias_root
 from graphopt.opsets import CASTS_INCLUDING_DEVICE, IDENTITY_OPS, RESHAPES_AND_EXPAND, is_inactive_dropout
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.report import Declined
@@ -70,19 +74,34 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
-_COPY_OPS = {aten.clone.default, aten._to_copy.default}
+def _output_leaves(gm: fx.GraphModule) -> list[fx.Node]:
+    leaves: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            fx.node.map_arg(node.args, leaves.append)
+    return leaves
 
 
-def _copy_keeps_output_apart(node: fx.Node, x: fx.Node) -> bool:
-    """True when ``node`` copies ``x`` into a model output that would otherwise share memory
-    with an input, a parameter/buffer or another output (``return x.clone()``)."""
-    if node.target not in _COPY_OPS or not any(u.op == "output" for u in node.users):
-        return False
-    base = x
-    while base.op == "call_function" and base.target in ir.VIEW_OPS and base.args \
-            and isinstance(base.args[0], fx.Node):
-        base = base.args[0]
-    return base.op in ("placeholder", "get_attr") or any(u.op == "output" for u in x.users)
+def _output_would_alias(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> str | None:
+    """What a returned ``node`` would newly share memory with if replaced by ``x``, or None.
+
+    An output may alias an input, a weight or another output after the rewrite
+    only when it did before: ``x + 0`` is a fresh tensor, ``x`` is the caller's
+    (writing into the output would write into the input); ``x.detach()`` already
+    shares ``x``'s memory, so it can go.
+    """
+    if not ir.is_returned(node):
+        return None
+    before, after = alias_root(node), alias_root(x)
+    if before is after:
+        return None
+    if after.op == "placeholder":
+        return "an input"
+    if after.op == "get_attr":
+        return "a weight"
+    if any(alias_root(leaf) is after for leaf in _output_leaves(gm)):
+        return "another output"
+    return None
 
 
 def _same_value_type(a: fx.Node, b: fx.Node) -> bool:
@@ -112,9 +131,10 @@ class RemoveNoOps(Pass):
             if _mutated_later(node) or _mutated_later(x):
                 declined.append(Declined(node.name, "its input or result is mutated in place later"))
                 continue
-            if _copy_keeps_output_apart(node, x):
-                declined.append(Declined(node.name, "a returned copy: without it the output would share "
-                                         "memory with an input, a weight or another output"))
+            aliased = _output_would_alias(gm, node, x)
+            if aliased is not None:
+                declined.append(Declined(node.name, f"output would alias {aliased}: kept, so writing into the "
+                                         f"output cannot change {aliased}"))
                 continue
             node.replace_all_uses_with(x)
             gm.graph.erase_node(node)
