@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class TensorSnapshot:
                 self._keep(leaf, seen)
 
     def _keep(self, t: torch.Tensor, seen: set[int]) -> None:
-        if id(t) in seen or t.device.type == "meta":
+        if id(t) in seen or t.device.type == "meta" or isinstance(t, FakeTensor):
             return
         seen.add(id(t))
         self._saved.append((t, t.detach().clone(), t._version))

@@ -54,3 +54,14 @@ def test_capture_and_analyze_leave_state_as_it_was():
     graphopt.capture(model, (x,))
     graphopt.analyze(model, (x,))
     _assert_same(before, model, x)
+
+
+def test_export_onnx_and_visualize_leave_state_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    model, x = Stateful(), torch.randn(2, 4)
+    before = _state(model, x)
+    result = graphopt.optimize(model, (x,))
+    export = graphopt.export_onnx(result, str(tmp_path / "model.onnx"))
+    graphopt.visualize(result, str(tmp_path / "graph.html"))
+    _assert_same(before, model, x)
+    assert export.numerics.ok, export.numerics.reason
