@@ -45,6 +45,7 @@ from graphopt.passes.analysis.cost_annotation import CostAnnotation
 from graphopt.passes.analysis.ffn_chains import FFNChains
 from graphopt.passes.analysis.hot_matmuls import HotMatmuls
 from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
+from graphopt.user_state import preserves_user_state
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ def _shapes(node: Any) -> list[list[int]]:
     return [list(shape(t)) for t in tensors_in(val_of(node))]
 
 
+@preserves_user_state
 def analyze(
     model_or_graph: Any,
     example_inputs: Sequence[Any] | torch.Tensor | None = None,

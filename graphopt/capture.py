@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from graphopt.user_state import preserves_user_state
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: A
     return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
 
 
+@preserves_user_state
 def capture(
     model: torch.nn.Module,
     args: Sequence[Any] | Any,

@@ -10,8 +10,12 @@ type, uncapturable model) -- one line on stderr, a traceback only with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+from collections.abc import Iterator
 from collections.abc import Sequence
 
 from rich.markup import escape
@@ -53,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from graphopt.capture import CaptureError
 
     try:
-        return int(args.handler(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.handler(args) or 0)
     except CaptureError as exc:
         if args.debug:
             raise
@@ -75,9 +80,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
+    except Terminated:
+        err_console.print("terminated")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds (and cleans up) as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the command runs (main thread only)."""
+    owner = os.getpid()
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked worker (run --nproc) inherited this: end as SIGTERM would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from graphopt.pass_infra import (
 from graphopt.report import Report
 from graphopt.verify import ErrorBudget, Verifier
 from graphopt import passes as pipelines
+from graphopt.user_state import preserves_user_state
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class OptimizeResult:
         return paths
 
 
+@preserves_user_state
 def optimize(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | torch.Tensor,

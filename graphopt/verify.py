@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from graphopt.user_state import TensorSnapshot
+
 log = logging.getLogger(__name__)
 
 REL_L2_TOLERANCE = {
@@ -441,8 +443,10 @@ class Verifier:
             fresh = random_inputs(specs, leaves, seed + 1 + k)
             a, kw = pytree.tree_unflatten(fresh, self._spec)
             self.input_sets.append((tuple(a), dict(kw)))
+        # every run starts from the user's buffers and inputs (a forward may mutate them) and leaves them so
+        self._state = TensorSnapshot(reference_fn, self.input_sets)
         with torch.no_grad():
-            self.references = [reference_fn(*a, **kw) for a, kw in self.input_sets]
+            self.references = [self._run(reference_fn, a, kw) for a, kw in self.input_sets]
         self._reference_fn = reference_fn
         self._fp32: Fp32Reference | None = None
 
@@ -450,6 +454,7 @@ class Verifier:
         """The fp32 run of a reduced-precision model (empty for anything else), made once."""
         if self._fp32 is None:
             self._fp32 = Fp32Reference(self._reference_fn, self.input_sets, self.references)
+            self._state.restore()  # its fp32 runs share the float32 input tensors
         return self._fp32
 
     def check(self, candidate_fn: Any, budget: ErrorBudget | None = None) -> Numerics:
@@ -457,7 +462,7 @@ class Verifier:
         try:
             with torch.no_grad():
                 for i, ((a, kw), ref) in enumerate(zip(self.input_sets, self.references)):
-                    out = candidate_fn(*a, **kw)
+                    out = self._run(candidate_fn, a, kw)
                     errors = compare_outputs(ref, out, budget)
                     if budget is None and any(not e.ok and e.dtype in _REDUCED_NAMES for e in errors) \
                             and self.fp32_reference().available:
@@ -467,6 +472,13 @@ class Verifier:
             return Numerics(ok=False, max_abs=math.inf, rel_l2=math.inf, inputs_checked=len(per_input),
                             reason=f"candidate failed to run: {type(exc).__name__}: {exc}".splitlines()[0][:300])
         return summarize(per_input)
+
+    def _run(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        """``fn(*args, **kwargs)``, then the user's buffers and the input sets put back as they were."""
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._state.restore()
 
 
 _REDUCED_NAMES = {str(d) for d in REDUCED_FLOATS}

@@ -26,6 +26,7 @@ from graphopt.onnx.dynamic import axes_of_input, parse_dynamic
 from graphopt.onnx.result import OnnxExport, OnnxExportError
 from graphopt.onnx.speed import make_session, session_options
 from graphopt.onnx.torch_run import as_tuple, inference, to_numpy
+from graphopt.user_state import TensorSnapshot
 from graphopt.verify import ErrorBudget, InputSpec, Numerics, compare_outputs, input_specs, random_inputs, summarize
 
 #: relative L2 allowed between onnxruntime's and torch's outputs, by output dtype
@@ -179,10 +180,13 @@ def check_onnx(
         leaves = list(tree_flatten_spec((a, kw), in_spec)) if in_spec is not None else pytree.tree_leaves((a, kw))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         shapes.append([list(x.shape) for x in tensors])
+        feed = dict(zip(names, [to_numpy(x).copy() for x in tensors]))  # before a forward can mutate them
+        state = TensorSnapshot(reference, (a, kw))  # each set starts from the user's buffers and inputs
         with inference(reference), torch.no_grad():
             expected = [x for x in pytree.tree_leaves(reference(*a, **kw)) if isinstance(x, torch.Tensor)]
+        state.restore()
         try:
-            got = session.run(None, dict(zip(names, [to_numpy(x) for x in tensors])))
+            got = session.run(None, feed)
         except Exception as exc:
             raise OnnxExportError(f"onnxruntime could not run the exported model on inputs of shapes "
                                   f"{shapes[-1]}: {str(exc).splitlines()[0]}") from exc

@@ -63,6 +63,7 @@ from graphopt.onnx.speed import compare_with_plain_export
 from graphopt.onnx.torch_run import as_tuple, inference
 from graphopt.optimize import OptimizeResult
 from graphopt.precision.quantize import weights_not_pair_safe
+from graphopt.user_state import preserves_user_state
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class _Source:
     budget: Any  # the error budget an OptimizeResult's passes were held to (None for a plain module)
 
 
+@preserves_user_state
 def export_onnx(
     result_or_module: Any,
     path: str | os.PathLike[str],

@@ -21,6 +21,7 @@ from graphopt.viz.diff import PassHistory
 from graphopt.viz.dot import render_dot
 from graphopt.viz.html import render_html
 from graphopt.viz.model_explorer import render_node_data
+from graphopt.user_state import preserves_user_state
 
 __all__ = ["FORMATS", "PassHistory", "render", "visualize"]
 
@@ -43,6 +44,7 @@ def render(result_or_graph: Any, *, format: str = "html", diff: bool | None = No
     return render_node_data(data, metric=metric)
 
 
+@preserves_user_state
 def visualize(result_or_graph: Any, path: str | os.PathLike[str], *, format: str = "html",
               diff: bool | None = None, analysis: Any = None, title: str | None = None,
               metric: str = "time") -> str:
