@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import attention_cases as C
+from tests.support import attention_cases as C
 import graphopt
 from graphopt.pass_infra import OptimizeContext
 from graphopt.passes import attention as attention_pass

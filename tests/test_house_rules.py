@@ -70,3 +70,18 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
         assert long_modules([big, fine]) == [f"big.py ({MAX_MODULE_LINES + 1} lines)"]
     finally:
         REPO = saved
+
+
+def test_tests_share_helpers_through_the_support_package() -> None:
+    """No ``sys.path.insert`` in tests/, and no test module imports another test module (``test_*``)."""
+    found = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.path.insert", "sys.path.append"):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node.func)}")
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[-1].startswith("test_")]
+    assert not found, f"put shared code in tests/support/ (import it as tests.support.<module>): {found}"

@@ -14,7 +14,7 @@ import graphopt.examples_models
 from graphopt.cli import main
 from graphopt.commands import convert
 from graphopt.specs import load_spec
-from onnx_support import rel_l2, register_translation, run_onnx, scaled_relu_onnx_wrong, torch_leaves
+from tests.support.onnx_support import rel_l2, register_translation, run_onnx, scaled_relu_onnx_wrong, torch_leaves
 
 
 def _leftovers(directory) -> list[str]:
