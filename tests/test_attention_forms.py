@@ -56,7 +56,7 @@ PLAIN_FORMS = [
 
 
 @pytest.mark.parametrize("cls,form", PLAIN_FORMS, ids=[c.__name__ for c, _ in PLAIN_FORMS])
-def test_unmasked_forms_are_found_and_fused(cls, form):
+def test_golden_ops_and_numerics_of_unmasked_forms(cls, form):
     model = cls().eval()
     args = C.qkv()
     (site,) = _sites(model, args)

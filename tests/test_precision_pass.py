@@ -40,7 +40,7 @@ def _fresh(seed: int = 99) -> torch.Tensor:
     return torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def test_int8_rewrites_linears_and_holds_the_budget_on_fresh_inputs():
+def test_golden_ops_int8_linears_and_numerics_hold_the_budget_on_fresh_inputs():
     model, args = _model()
     result = graphopt.optimize(model, args, passes=_unfused_pipeline(), precision="int8", error_budget=0.02)
     rec = result.report.record("precision")
