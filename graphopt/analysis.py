@@ -305,6 +305,42 @@ def _shapes(node: Any) -> list[list[int]]:
     return [list(shape(t)) for t in tensors_in(val_of(node))]
 
 
+def _profile_costs(gm: Any, flat: list[Any], runs: int) -> float:
+    """Time each node ``runs`` times, store it as the node cost's ``measured_s``; return the measured total."""
+    times = profile_nodes(gm, flat, runs=runs)
+    for node in gm.graph.nodes:
+        cost = node.meta.get(meta.COST)
+        if isinstance(cost, NodeCost) and node.op == "call_function":
+            cost.measured_s = times.get(node.name, 0.0)
+    return sum(times.values())
+
+
+def _node_reports(
+    costs: dict[Any, NodeCost], profile: bool, predicted_total: float, measured_total: float | None,
+) -> list[NodeReport]:
+    """One :class:`NodeReport` per costed node (views and free ops left out unless measured), unsorted."""
+    ranked_total = measured_total if profile else predicted_total
+    reports = []
+    for node, cost in costs.items():
+        if cost.category in ("none", "view") and not cost.measured_s:
+            continue
+        t = cost.measured_s if profile and cost.measured_s is not None else cost.predicted_s
+        dtype = node_dtype(node)
+        reports.append(NodeReport(
+            name=node.name, op=ir.op_name(node), category=cost.category, module=ir.module_path(node),
+            source=ir.source_line(node), shapes=_shapes(node),
+            input_shapes=[s for n in node.all_input_nodes for s in _shapes(n)],
+            dtype=str(dtype).replace("torch.", "") if dtype is not None else "",
+            flops=cost.flops, bytes=cost.bytes, intensity=cost.intensity, bound=cost.bound,
+            predicted_s=cost.predicted_s, measured_s=cost.measured_s,
+            share=t / ranked_total if ranked_total else 0.0,
+            predicted_share=cost.predicted_s / predicted_total if predicted_total else 0.0,
+            measured_share=(cost.measured_s / measured_total if measured_total and cost.measured_s is not None
+                            else None),
+        ))
+    return reports
+
+
 @preserves_user_state
 def analyze(
     model_or_graph: Any,
@@ -342,12 +378,7 @@ def analyze(
     if profile:
         if args is None:
             raise ValueError("profile=True runs the graph: pass example_inputs (or an OptimizeResult)")
-        times = profile_nodes(gm, flat, runs=profile_runs)
-        for node in gm.graph.nodes:
-            cost = node.meta.get(meta.COST)
-            if isinstance(cost, NodeCost) and node.op == "call_function":
-                cost.measured_s = times.get(node.name, 0.0)
-        measured_total = sum(times.values())
+        measured_total = _profile_costs(gm, flat, profile_runs)
     hot_matmuls = ctx.analysis(HotMatmuls, gm)  # after profiling: ranked by measured time when there is one
     ffn_chains, repeated_blocks = ctx.analysis(FFNChains, gm), ctx.analysis(RepeatedBlocks, gm)
     try:
@@ -363,25 +394,7 @@ def analyze(
 
     costs = {n: n.meta[meta.COST] for n in gm.graph.nodes if isinstance(n.meta.get(meta.COST), NodeCost)}
     predicted_total = sum(c.predicted_s for c in costs.values())
-    ranked_total = measured_total if profile else predicted_total
-    reports = []
-    for node, cost in costs.items():
-        if cost.category in ("none", "view") and not cost.measured_s:
-            continue
-        t = cost.measured_s if profile and cost.measured_s is not None else cost.predicted_s
-        dtype = node_dtype(node)
-        reports.append(NodeReport(
-            name=node.name, op=ir.op_name(node), category=cost.category, module=ir.module_path(node),
-            source=ir.source_line(node), shapes=_shapes(node),
-            input_shapes=[s for n in node.all_input_nodes for s in _shapes(n)],
-            dtype=str(dtype).replace("torch.", "") if dtype is not None else "",
-            flops=cost.flops, bytes=cost.bytes, intensity=cost.intensity, bound=cost.bound,
-            predicted_s=cost.predicted_s, measured_s=cost.measured_s,
-            share=t / ranked_total if ranked_total else 0.0,
-            predicted_share=cost.predicted_s / predicted_total if predicted_total else 0.0,
-            measured_share=(cost.measured_s / measured_total if measured_total and cost.measured_s is not None
-                            else None),
-        ))
+    reports = _node_reports(costs, profile, predicted_total, measured_total)
     reports.sort(key=lambda r: -(r.measured_s if profile and r.measured_s is not None else r.predicted_s))
     return Analysis(
         gm=gm, target=target, nodes=reports, memory=memory, attention_sites=sites,

@@ -202,10 +202,27 @@ def run_sharded(
     sharded over ``nproc`` (e.g. a head count not divisible by it) and
     :class:`LaunchError` when a rank fails or ``timeout`` seconds pass.
     """
-    import multiprocessing
+    backend = _check_request(nproc, backend, passes)
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    reference, single_latency, single_bytes, tol = _single_process_reference(
+        spec, device, iters, warmup, tolerance)
+    cfg = {"spec": spec, "nproc": nproc, "backend": backend, "port": port or free_port(), "iters": iters,
+           "warmup": warmup, "timeout": timeout, "reference": reference,
+           "threads": max(1, (os.cpu_count() or 1) // nproc),
+           "passes": list(passes) if passes is not None else None, "options": dict(options or {})}
+    messages, failure = _run_ranks(cfg)
+    report = _rank0_report(messages, failure)
+    summary = report["summary"]
+    return RunResult(
+        spec=spec, nproc=nproc, backend=backend, device=str(device), ok=report["max_abs"] <= tol,
+        max_abs=report["max_abs"], tolerance=tol, single_latency_s=single_latency, single_weight_bytes=single_bytes,
+        single_threads=torch.get_num_threads(), sharded_weights_full_bytes=summary["sharded_full_bytes"],
+        allreduce_bytes_per_forward=sum(b for _, b in summary["allreduce_bytes"]), regions=summary["regions"],
+        declined=report["declined"], ranks=[RankStats(**r) for r in report["ranks"]])
 
-    import torch.multiprocessing as tmp
 
+def _check_request(nproc: int, backend: str | None, passes: Sequence[str] | None) -> str:
+    """Validate the pass names, process count and backend; return the backend to use."""
     known = {cls.name for cls in all_pass_classes()}
     unknown = [p for p in passes or [] if p not in known]
     if unknown:
@@ -218,9 +235,13 @@ def run_sharded(
         raise ValueError(f"backend {backend!r}: use 'gloo' (CPU) or 'nccl' (GPU)")
     if backend == "nccl" and torch.cuda.device_count() < nproc:
         raise ValueError(f"nccl needs one GPU per process: {nproc} processes, {torch.cuda.device_count()} GPUs")
-    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    return backend
 
-    # the single-process reference
+
+def _single_process_reference(
+    spec: str, device: torch.device, iters: int, warmup: int, tolerance: float | None,
+) -> tuple[Any, float, int, float]:
+    """Run ``spec`` in this process: its output (on CPU), latency, weight bytes and the tolerance to hold."""
     built = load_spec(spec)
     model = built.model.to(device)
     args, kwargs = _to(built.args, device), _to(built.kwargs, device)
@@ -232,13 +253,17 @@ def run_sharded(
                         if isinstance(x, torch.Tensor) and x.is_floating_point()), None)
     tol = tolerance if tolerance is not None else TOLERANCE.get(
         first_float.dtype if first_float is not None else torch.float32, 1e-5)
-    del model, built
+    return reference, single_latency, single_bytes, tol
 
-    cfg = {"spec": spec, "nproc": nproc, "backend": backend, "port": port or free_port(), "iters": iters,
-           "warmup": warmup, "timeout": timeout, "reference": reference,
-           "threads": max(1, (os.cpu_count() or 1) // nproc),
-           "passes": list(passes) if passes is not None else None, "options": dict(options or {})}
-    method = "spawn" if backend == "nccl" else "fork"
+
+def _run_ranks(cfg: dict[str, Any]) -> tuple[list[tuple[str, dict]], BaseException | None]:
+    """Start ``cfg["nproc"]`` workers, wait for them (killing any left at the deadline) and collect their messages."""
+    import multiprocessing
+
+    import torch.multiprocessing as tmp
+
+    nproc, timeout = cfg["nproc"], cfg["timeout"]
+    method = "spawn" if cfg["backend"] == "nccl" else "fork"
     results = multiprocessing.get_context(method).SimpleQueue()
     context = tmp.start_processes(_worker, args=(cfg, results), nprocs=nproc, join=False, start_method=method)
     deadline = time.monotonic() + timeout
@@ -263,6 +288,11 @@ def run_sharded(
                 proc.join(5)
     while not results.empty():
         messages.append(results.get())
+    return messages, failure
+
+
+def _rank0_report(messages: list[tuple[str, dict]], failure: BaseException | None) -> dict[str, Any]:
+    """Rank 0's result, or the first rank's error raised as ShardingError / LaunchError."""
     errors = [m for kind, m in messages if kind == "error"]
     if errors or failure is not None:
         first = min(errors, key=lambda e: e["rank"]) if errors else None
@@ -274,11 +304,4 @@ def run_sharded(
     ok_messages = [m for kind, m in messages if kind == "ok"]
     if not ok_messages:
         raise LaunchError("rank 0 finished without reporting a result")
-    report = ok_messages[0]
-    summary = report["summary"]
-    return RunResult(
-        spec=spec, nproc=nproc, backend=backend, device=str(device), ok=report["max_abs"] <= tol,
-        max_abs=report["max_abs"], tolerance=tol, single_latency_s=single_latency, single_weight_bytes=single_bytes,
-        single_threads=torch.get_num_threads(), sharded_weights_full_bytes=summary["sharded_full_bytes"],
-        allreduce_bytes_per_forward=sum(b for _, b in summary["allreduce_bytes"]), regions=summary["regions"],
-        declined=report["declined"], ranks=[RankStats(**r) for r in report["ranks"]])
+    return ok_messages[0]

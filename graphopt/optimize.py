@@ -162,23 +162,40 @@ def optimize(
     if verify:
         with eval_mode(model):
             ctx.verifier = Verifier(model, captured.args, captured.kwargs, gm, n_random=n_random_inputs)
-    all_instruments: list[Instrument] = [VerifyInstrument()] if verify else []
-    if progress is not None:
-        all_instruments.append(ProgressInstrument(progress))
-    all_instruments += list(instruments)
+    all_instruments = _instruments(verify, progress, instruments)
 
     gm = PassManager(pipeline, all_instruments).run(gm, ctx)
     report.nodes_after = len(gm.graph.nodes)
-    applied = [p for p in pipeline if p.uses_error_budget
-               and (r := report.record(p.name)) is not None and r.status == "applied"]
-    if applied:  # the result is held to the budget its approximate passes spent (theirs by default)
-        ctx.error_budget = ctx.budget_for(applied[0])
-    if ctx.verifier is not None:
-        report.final_numerics = ctx.verify(gm, ctx.error_budget if applied else None)
+    _verify_result(gm, pipeline, ctx)
     report.total_seconds = time.perf_counter() - start
     log.info("optimized %s: %d -> %d nodes in %.2f s", report.model, report.nodes_before, report.nodes_after,
              report.total_seconds)
     return OptimizeResult(gm, report, captured, ctx)
+
+
+
+def _instruments(
+    verify: bool, progress: Callable[[str], None] | None, instruments: Sequence[Instrument],
+) -> list[Instrument]:
+    """The pass manager's instruments: verification (when asked), progress lines, then the caller's own."""
+    all_instruments: list[Instrument] = [VerifyInstrument()] if verify else []
+    if progress is not None:
+        all_instruments.append(ProgressInstrument(progress))
+    return all_instruments + list(instruments)
+
+
+def _verify_result(gm: fx.GraphModule, pipeline: Sequence[Pass], ctx: OptimizeContext) -> None:
+    """Check the whole result's numerics into ``ctx.report.final_numerics`` (when verifying).
+
+    The result is held to the budget its approximate passes spent (the first applied one's by default).
+    """
+    report = ctx.report
+    applied = [p for p in pipeline if p.uses_error_budget
+               and (r := report.record(p.name)) is not None and r.status == "applied"]
+    if applied:
+        ctx.error_budget = ctx.budget_for(applied[0])
+    if ctx.verifier is not None:
+        report.final_numerics = ctx.verify(gm, ctx.error_budget if applied else None)
 
 
 def _device_of(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.device:

@@ -12,7 +12,6 @@ user's model was left alone.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, tests/strategies.py
-
-import graphopt  # noqa: E402
-from helpers import snapshot_state  # noqa: E402
+import graphopt
+from tests.support.helpers import snapshot_state
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

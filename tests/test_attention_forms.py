@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import attention_cases as C
+from tests.support import attention_cases as C
 import graphopt
 from graphopt.pass_infra import OptimizeContext
 from graphopt.passes import attention as attention_pass
@@ -56,7 +56,7 @@ PLAIN_FORMS = [
 
 
 @pytest.mark.parametrize("cls,form", PLAIN_FORMS, ids=[c.__name__ for c, _ in PLAIN_FORMS])
-def test_unmasked_forms_are_found_and_fused(cls, form):
+def test_golden_ops_and_numerics_of_unmasked_forms(cls, form):
     model = cls().eval()
     args = C.qkv()
     (site,) = _sites(model, args)

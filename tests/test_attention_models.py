@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-import attention_cases as C
+from tests.support import attention_cases as C
 import graphopt
 from graphopt import examples_models
 from graphopt.passes.analysis.sites import find_attention_sites

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import attention_cases as C
+from tests.support import attention_cases as C
 import graphopt
 from graphopt.passes.analysis.sites import find_attention_sites
 

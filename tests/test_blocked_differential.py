@@ -23,14 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from strategies import Recipe, build_model, check_recipe, differential_settings, model_recipes
+from tests.support.strategies import Recipe, build_model, check_recipe, differential_settings, model_recipes
 
 import graphopt
 from graphopt import ir
 from graphopt.passes.analysis.blocked_liveness import memory_profile
 from graphopt.passes.blocked import BudgetError
 
-from _blocked_models import rel_l2
+from tests.support._blocked_models import rel_l2
 
 FORCED = {"block_q": 3, "block_kv": 2, "block_ffn": 3, "block_lm_head": 2, "merge_matmuls_policy": "always"}
 

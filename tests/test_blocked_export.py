@@ -13,7 +13,7 @@ import torch
 import graphopt
 from graphopt.examples_models import nanogpt
 
-from _blocked_models import LMHeadReductions, rel_l2, t5_encoder
+from tests.support._blocked_models import LMHeadReductions, rel_l2, t5_encoder
 
 gops = torch.ops.graphopt
 

@@ -17,7 +17,7 @@ from graphopt.errors import OptionError
 from graphopt.passes.blocked import BlockedOperators, BudgetError, plan_blocking
 from graphopt.row_slicing import RowSlicer, functionalize_inplace
 
-from _blocked_models import BiasedAttention, FFNStack, LMHeadReductions, gpt2, llama, rel_l2, t5_encoder
+from tests.support._blocked_models import BiasedAttention, FFNStack, LMHeadReductions, gpt2, llama, rel_l2, t5_encoder
 
 aten, gops = torch.ops.aten, torch.ops.graphopt
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from helpers import assert_outputs_close, call, op_targets
+from tests.support.helpers import assert_outputs_close, call, op_targets
 
 capture_mod = sys.modules["graphopt.capture"]  # the module (graphopt.capture is the function)
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from graphopt import OptimizeContext
 from graphopt.passes.cleanup.constant_folding import ConstantFolding
-from helpers import assert_outputs_close, call, capture_for_pass, op_targets, run_pass
+from tests.support.helpers import assert_outputs_close, call, capture_for_pass, op_targets, run_pass
 
 
 class MaskAndScaledWeight(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
-from helpers import assert_outputs_close, call, capture_for_pass, op_targets, run_pass
+from tests.support.helpers import assert_outputs_close, call, capture_for_pass, op_targets, run_pass
 
 
 class UnusedBranch(nn.Module):

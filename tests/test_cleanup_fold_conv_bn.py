@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from graphopt.examples_models import randomize_batchnorm
 from graphopt.passes.cleanup.fold_conv_bn import FoldConvBatchNorm
-from helpers import assert_outputs_close, call, capture_for_pass, op_targets, run_pass, snapshot_state, \
+from tests.support.helpers import assert_outputs_close, call, capture_for_pass, op_targets, run_pass, snapshot_state, \
     assert_state_unchanged
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import graphopt
 from graphopt import OptimizeContext, ir
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
-from helpers import aliasing, assert_outputs_close, call, capture_for_pass, op_targets, run_pass
+from tests.support.helpers import aliasing, assert_outputs_close, call, capture_for_pass, op_targets, run_pass
 
 aten = torch.ops.aten
 

@@ -15,8 +15,8 @@ from hypothesis import event, given
 
 import graphopt
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
-from strategies import Recipe, build_model, check_recipe, differential_settings, model_recipes, run_differential
-from test_pass_infra import SwapMatmulOperands
+from tests.support.strategies import Recipe, build_model, check_recipe, differential_settings, model_recipes, run_differential
+from tests.support.wrong_passes import SwapMatmulOperands
 
 
 ALWAYS_REWRITE = {"merge_matmuls_policy": "always"}

@@ -8,7 +8,7 @@ import runpy
 
 import pytest
 
-from conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 
 def python_blocks(doc: str) -> list[str]:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import graphopt
-from conftest import MODEL_NAMES, build_cnn
-from helpers import FP32_REL_L2, aliasing, assert_outputs_close, assert_state_unchanged, call, op_targets, snapshot_state
+from tests.conftest import MODEL_NAMES, build_cnn
+from tests.support.helpers import FP32_REL_L2, aliasing, assert_outputs_close, assert_state_unchanged, call, op_targets, snapshot_state
 
 FRESH_SEEDS = (11, 12, 13)
 

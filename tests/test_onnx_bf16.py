@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.onnx.bf16 import BF16_NATIVE, ComputeBf16InFloat32, compute_bf16_in_float32
-from onnx_support import rel_l2, run_onnx
+from tests.support.onnx_support import rel_l2, run_onnx
 
 BF16 = TensorProto.BFLOAT16
 

@@ -14,7 +14,7 @@ import graphopt.examples_models
 from graphopt.cli import main
 from graphopt.commands import convert
 from graphopt.specs import load_spec
-from onnx_support import rel_l2, register_translation, run_onnx, scaled_relu_onnx_wrong, torch_leaves
+from tests.support.onnx_support import rel_l2, register_translation, run_onnx, scaled_relu_onnx_wrong, torch_leaves
 
 
 def _leftovers(directory) -> list[str]:
@@ -94,7 +94,7 @@ def test_graph_html_comes_from_the_viewer_when_there_is_one(tmp_path, monkeypatc
 
 def test_op_without_translation_exits_2_naming_it_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["convert", "onnx_support:custom_op_model", "-o", str(out), "--no-speed"]) == 2
+    assert main(["convert", "tests.support.onnx_support:custom_op_model", "-o", str(out), "--no-speed"]) == 2
     err = capsys.readouterr().err
     assert "graphopt_test.scaled_relu.default" in " ".join(err.split())
     assert not out.exists() and _leftovers(tmp_path) == []
@@ -103,7 +103,7 @@ def test_op_without_translation_exits_2_naming_it_and_writes_nothing(tmp_path, c
 def test_onnxruntime_mismatch_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
     register_translation(monkeypatch, scaled_relu_onnx_wrong)
     out = tmp_path / "out"
-    assert main(["convert", "onnx_support:custom_op_model", "-o", str(out), "--no-speed"]) == 1
+    assert main(["convert", "tests.support.onnx_support:custom_op_model", "-o", str(out), "--no-speed"]) == 1
     assert "check failed" in capsys.readouterr().err
     assert not out.exists() and _leftovers(tmp_path) == []
 

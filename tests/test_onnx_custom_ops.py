@@ -10,7 +10,7 @@ import torch
 
 import graphopt
 import graphopt.ops
-from onnx_support import UsesCustomOp, register_translation, scaled_relu_onnx, scaled_relu_onnx_wrong
+from tests.support.onnx_support import UsesCustomOp, register_translation, scaled_relu_onnx, scaled_relu_onnx_wrong
 
 
 def test_translation_table_comes_from_the_op_modules(monkeypatch):

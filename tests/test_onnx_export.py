@@ -13,7 +13,7 @@ import graphopt.examples_models
 import graphopt.verify
 from graphopt import onnx as graphopt_onnx
 from graphopt.specs import load_spec
-from onnx_support import rel_l2, run_onnx, torch_leaves
+from tests.support.onnx_support import rel_l2, run_onnx, torch_leaves
 
 MODELS = {
     "gpt2": ("hf:gpt2?n_layer=2&n_embd=64&n_head=4&seq=16&mask=1", "batch,seq"),

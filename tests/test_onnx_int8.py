@@ -11,8 +11,8 @@ import torch
 import graphopt
 from graphopt.onnx.int8 import MatMulIntegerToFloatPass
 from graphopt.onnx.rewrites import rewrite_for_onnxruntime
-from onnx_support import run_onnx
-from test_precision_ops import _QuantModule
+from tests.support.onnx_support import run_onnx
+from tests.support.precision_models import QuantModule as _QuantModule
 
 #: schemes whose export has a constant per-channel scale right after the integer GEMM
 FOLDED = {"per_token_sym_u8": True, "per_token_s8": True, "per_token_u8": False, "per_token_u7": False}

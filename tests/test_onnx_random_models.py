@@ -16,8 +16,8 @@ import torch
 from hypothesis import given
 
 import graphopt
-from onnx_support import rel_l2, run_onnx, torch_leaves
-from strategies import Recipe, build_model, differential_settings, make_inputs, model_recipes
+from tests.support.onnx_support import rel_l2, run_onnx, torch_leaves
+from tests.support.strategies import Recipe, build_model, differential_settings, make_inputs, model_recipes
 
 
 @differential_settings(max_examples=int(os.environ.get("GRAPHOPT_ONNX_EXAMPLES", "12")), shrink=False)

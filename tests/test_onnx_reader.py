@@ -9,7 +9,7 @@ import torch
 import graphopt
 import graphopt.examples_models
 from graphopt.onnx.reader import load_onnx
-from onnx_support import use_sdpa_attention
+from tests.support.onnx_support import use_sdpa_attention
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import graphopt
 from graphopt import onnx as graphopt_onnx
 from graphopt.examples_models import nanogpt
-from onnx_support import GQACausalAttention, MaskedAttention, rel_l2, run_onnx, use_sdpa_attention
+from tests.support.onnx_support import GQACausalAttention, MaskedAttention, rel_l2, run_onnx, use_sdpa_attention
 
 
 def _ops(path) -> list[str]:

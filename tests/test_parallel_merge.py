@@ -49,7 +49,7 @@ def max_abs(a, b) -> float:
     return float((la - lb).abs().max())
 
 
-def test_llama_qkv_and_gate_up_merged():
+def test_golden_ops_llama_qkv_and_gate_up_merged():
     model, args = tiny_llama()
     before, result, ctx = run_pass(model, args, MergeMatmuls(decide=always))
     gm = result.module

@@ -49,7 +49,7 @@ def check_sharded_run(result: dict, regions: int) -> None:
 
 
 @pytest.mark.parametrize("spec", [GPT2, LLAMA, NANOGPT], ids=["gpt2", "llama", "nanogpt"])
-def test_two_gloo_processes_match_one(capsys, spec):
+def test_numerics_of_two_gloo_processes_match_one(capsys, spec):
     check_sharded_run(run_json(capsys, spec), regions=4)
 
 

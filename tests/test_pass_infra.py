@@ -15,25 +15,11 @@ from graphopt.pass_infra import DumpInstrument
 from graphopt.passes import cleanup_pipeline, default_pipeline
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
-from helpers import assert_outputs_close, call, op_targets
+from tests.support.helpers import assert_outputs_close, call, op_targets
+from tests.support.wrong_passes import SwapMatmulOperands
 
 aten = torch.ops.aten
 MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
-
-
-class SwapMatmulOperands(graphopt.Pass):
-    """Deliberately wrong: a @ b -> b @ a (shapes still fit for square operands)."""
-
-    name = "swap_matmul_operands"
-    summary = "a wrong rewrite, for testing rollback"
-
-    def call(self, gm: fx.GraphModule, ctx: graphopt.OptimizeContext) -> graphopt.PassResult:
-        swapped = []
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in MATMULS:
-                node.args = (node.args[1], node.args[0]) + tuple(node.args[2:])
-                swapped.append(node.name)
-        return graphopt.PassResult(gm, bool(swapped), [f"swapped {len(swapped)} matmuls"], nodes_involved=swapped)
 
 
 class Raises(graphopt.Pass):

@@ -12,6 +12,7 @@ import graphopt
 from graphopt.ops import fp8_linear, int8_linear
 from graphopt.precision.target import PrecisionTarget
 from graphopt.target import KernelProbes, probes
+from tests.support.precision_models import QuantModule as _QuantModule
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -177,24 +178,6 @@ def test_fp8_reference_is_within_its_budget(linear_case):
     out = torch.ops.graphopt.fp8_linear(x, q, s, b)
     assert _rel(out, torch.nn.functional.linear(x, w, b)) < 5e-2
     assert not fp8_linear.fp8_supported("cpu")
-
-
-class _QuantModule(torch.nn.Module):
-    def __init__(self, w, b, scheme, shift=None):
-        super().__init__()
-        q, s = int8_linear.quantize_weight(w, pair_safe=scheme in int8_linear.PAIR_SAFE_SCHEMES)
-        self.register_buffer("q", q)
-        self.register_buffer("s", s)
-        self.register_buffer("b", b if shift is None else b + w @ shift)
-        self.register_buffer("shift", shift)
-        fq, fs = fp8_linear.quantize_weight(w)
-        self.register_buffer("fq", fq)
-        self.register_buffer("fs", fs)
-        self.scheme = scheme
-
-    def forward(self, x):
-        h = torch.ops.graphopt.int8_linear(x, self.q, self.s, self.b, self.scheme, self.shift)
-        return h, torch.ops.graphopt.fp8_linear(x, self.fq, self.fs, None)
 
 
 @pytest.mark.parametrize("scheme", int8_linear.ACTIVATION_SCHEMES)

@@ -13,6 +13,7 @@ from graphopt.passes.precision import ReducedPrecision
 from graphopt.precision.lower_float import remove_redundant_casts
 from graphopt.precision.target import PrecisionTarget
 from graphopt.verify import ErrorBudget, Verifier
+from tests.support.precision_models import Encoderish, encoderish_model as _model  # noqa: F401
 
 aten = torch.ops.aten
 INT8 = "graphopt.int8_linear"
@@ -27,27 +28,6 @@ def _targets(gm) -> list[str]:
     return [ir.op_name(n) for n in gm.graph.nodes if n.op == "call_function"]
 
 
-class Encoderish(nn.Module):
-    """Pre-norm block: LayerNorm -> attention-like matmuls + softmax -> MLP, residual stream."""
-
-    def __init__(self, d: int = 64, hidden: int = 128, layers: int = 2) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList()
-        for _ in range(layers):
-            self.blocks.append(nn.ModuleDict({
-                "ln1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d),
-                "ln2": nn.LayerNorm(d), "fc1": nn.Linear(d, hidden), "fc2": nn.Linear(hidden, d)}))
-        self.head = nn.Linear(d, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            q, k, v = b["qkv"](b["ln1"](x)).chunk(3, dim=-1)
-            att = torch.softmax(q @ k.transpose(-2, -1) / 8.0, dim=-1)
-            x = x + b["proj"](att @ v)
-            x = x + b["fc2"](torch.nn.functional.gelu(b["fc1"](b["ln2"](x))))
-        return self.head(x)
-
-
 def _unfused_pipeline() -> list:
     """Cleanup then precision, without attention fusion: these tests look at the softmax island
     and at the attention matmuls, which the default pipeline would fuse into one sdpa first."""
@@ -56,16 +36,11 @@ def _unfused_pipeline() -> list:
     return cleanup_pipeline() + [ReducedPrecision()]
 
 
-def _model(seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    return Encoderish(**kw).eval(), (torch.randn(4, 16, 64),)
-
-
 def _fresh(seed: int = 99) -> torch.Tensor:
     return torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def test_int8_rewrites_linears_and_holds_the_budget_on_fresh_inputs():
+def test_golden_ops_int8_linears_and_numerics_hold_the_budget_on_fresh_inputs():
     model, args = _model()
     result = graphopt.optimize(model, args, passes=_unfused_pipeline(), precision="int8", error_budget=0.02)
     rec = result.report.record("precision")

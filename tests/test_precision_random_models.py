@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from onnx_support import rel_l2, run_onnx
+from tests.support.onnx_support import rel_l2, run_onnx
 
 LAYERS = ("linear", "gelu", "relu", "layernorm", "softmax", "residual")
 
@@ -87,7 +87,7 @@ def test_int8_holds_the_budget_on_the_shared_random_models():
     """The shared generator (tests/strategies.py: attention, masks, token inputs, residual blocks),
     graphopt's verification off: int8 with input shifts and pair-safe weights stays in budget on
     the example and on fresh inputs."""
-    from strategies import run_differential
+    from tests.support.strategies import run_differential
 
     from graphopt.passes.precision import ReducedPrecision
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
+from tests.support.precision_models import encoderish_model as _model
 import graphopt.passes.precision.run as precision_run
 from graphopt import ir
 from graphopt.precision.replay import SuffixReplay, recorded_bytes
@@ -68,8 +69,6 @@ def test_replay_recomputes_only_what_depends_on_the_node():
 def test_the_search_ranks_the_same_with_and_without_replay(monkeypatch):
     """Whole-model sensitivities (and so the kept nodes and their reasons) are the same whether the
     single-node runs replay the graph or rebuild it."""
-    from test_precision_pass import _model
-
     def plan_of(max_bytes):
         monkeypatch.setattr(precision_run, "REPLAY_MAX_BYTES", max_bytes)
         model, args = _model()

@@ -16,10 +16,10 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 from graphopt.cli import main
 from graphopt.commands.common import UsageError
-from helpers import assert_outputs_close, call
+from tests.support.helpers import assert_outputs_close, call
 
 GRAPHOPT_SCRIPT = os.path.join(os.path.dirname(sys.executable), "graphopt")
 

@@ -25,7 +25,7 @@ if CHROMIUM is None:
     pytest.skip(reason, allow_module_level=True)
 
 from graphopt.viz.browser import chromium_browser, new_page, open_viewer  # noqa: E402
-from viz_cases import EVIL, Evil, unfused_pipeline  # noqa: E402
+from tests.support.viz_cases import EVIL, Evil, unfused_pipeline  # noqa: E402
 
 EVIL_CLASS = "<img src=x onerror=alert(2)>"
 

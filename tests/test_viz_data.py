@@ -19,7 +19,7 @@ from graphopt.viz.data import build_view_data
 from graphopt.viz.diff import match_nodes
 from graphopt.viz.dot import dot_string
 from graphopt.viz.html import embed_json, render_html
-from viz_cases import EVIL, Evil, unfused_pipeline
+from tests.support.viz_cases import EVIL, Evil, unfused_pipeline
 
 @pytest.fixture(scope="module")
 def nano_result():

@@ -96,7 +96,7 @@ class UsesCustomOp(torch.nn.Module):
 
 
 def custom_op_model() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
-    """Factory for CLI specs (``onnx_support:custom_op_model``)."""
+    """Factory for CLI specs (``tests.support.onnx_support:custom_op_model``)."""
     torch.manual_seed(0)
     return UsesCustomOp().eval(), (torch.randn(4, 8),)
 

@@ -29,10 +29,10 @@ Models are tiny (sizes <= 16, <= 5 steps) so hundreds run in CI on two cores.
 
 To run *your* pass on these models::
 
-    from strategies import run_differential
+    from tests.support.strategies import run_differential
     run_differential(lambda: [MyPass()], max_examples=100)
 
-(``tests/`` is on ``sys.path`` under pytest: ``tests/conftest.py`` puts it there.)
+(``tests`` is a package: import these as ``tests.support.strategies``.)
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 
 import graphopt
 from graphopt.pass_infra import Pass
-from helpers import FP32_REL_L2, aliasing, assert_outputs_close, call
+from tests.support.helpers import FP32_REL_L2, aliasing, assert_outputs_close, call
 
 
 # --------------------------------------------------------------------------- recipes

@@ -1,0 +1,1 @@
+"""graphopt's tests (a package so shared helpers import as tests.support.*)."""
