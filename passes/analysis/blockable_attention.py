@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import is_float_cast, is_passthrough
 from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.sites.attention_walk import ADDITIVE, FILL, PASS, SCALE
 from graphopt.pattern import Decline
@@ -27,23 +28,8 @@ __all__ = ["check_blockable_attention", "describe_blockable", "is_blockable_cand
 
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _MATMULS = {aten.matmul.default, aten.bmm.default}
-_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
-_IDENTITY_LIKE = {aten.alias.default, aten.clone.default, aten.contiguous.default, aten.detach.default}
 _MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
 _MASK_OPS = _MASKED_FILL | {aten.where.ScalarOther, aten.where.self}
-
-
-def _is_float_cast(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in _CASTS:
-        return False
-    dtype = node.kwargs.get("dtype", node.args[1] if node.target is aten.to.dtype and len(node.args) > 1 else None)
-    return dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)
-
-
-def _is_passthrough(node: fx.Node) -> bool:
-    """A cast, an eval-mode dropout or a copy: the attention weights pass through it unchanged."""
-    eval_dropout = node.target is aten.dropout.default and (not node.args[2] or node.args[1] == 0)
-    return node.op == "call_function" and (_is_float_cast(node) or eval_dropout or node.target in _IDENTITY_LIKE)
 
 
 def _scalar_value(gm: fx.GraphModule, arg: Any) -> float | None:
@@ -74,7 +60,7 @@ def is_blockable_candidate(site: AttentionSite) -> bool:
     if end is None:  # declined before the end: the softmax dim, or weights used elsewhere
         return True
     last = site.weights_chain[-1] if site.weights_chain else site.softmax
-    return all(_is_passthrough(n) for n in site.weights_chain) and end.op == "call_function" \
+    return all(is_passthrough(n) for n in site.weights_chain) and end.op == "call_function" \
         and end.target in _MATMULS and end.args[0] is last
 
 
@@ -84,7 +70,7 @@ def _between(node: fx.Node) -> Decline:
 
 def _check_step(gm: fx.GraphModule, node: fx.Node, role: str, data: fx.Node) -> float | None:
     """Decline a score step the operator cannot express; return the fill value of a mask step."""
-    if role == PASS and not _is_float_cast(node) or role not in (PASS, ADDITIVE, SCALE, FILL):
+    if role == PASS and not is_float_cast(node) or role not in (PASS, ADDITIVE, SCALE, FILL):
         raise _between(node)
     if role == ADDITIVE:
         if node.target is not aten.add.Tensor:
