@@ -12,8 +12,8 @@ from __future__ import annotations
 from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
-from graphopt.onnx import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx, record_onnx_export
 from graphopt.errors import GraphoptError, OptionError
+from graphopt.onnx import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx, record_onnx_export
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
     AnalysisPass,
@@ -25,6 +25,7 @@ from graphopt.pass_infra import (
     PassManager,
     PassResult,
 )
+from graphopt.program_file import UnsafeProgramFile
 from graphopt.report import Declined, Report
 from graphopt.verify import ErrorBudget
 from graphopt.viz import visualize
@@ -53,6 +54,7 @@ __all__ = [
     "PassManager",
     "PassResult",
     "Report",
+    "UnsafeProgramFile",
     "capture",
     "export_onnx",
     "optimize",
