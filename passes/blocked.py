@@ -61,7 +61,7 @@ from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.blockable_attention import describe_blockable
 from graphopt.passes.analysis.blockable_sites import (
     BlockableSite,
-    FFNSite,
+    FFNChain,
     MatmulSite,
     find_blockable_sites,
 )
@@ -129,8 +129,8 @@ def _signature(site: BlockableSite) -> tuple:
                 site.score_scale, site.mask_value, site.mask_invert)
     if isinstance(site, MatmulSite):
         return (site.kind, shapes(site.output, *site.output.args[:2]))
-    if isinstance(site, FFNSite):
-        return (site.kind, shapes(site.x), site.hidden, site.lin_gate is not None, site.activation)
+    if isinstance(site, FFNChain):
+        return (site.kind, shapes(site.x), site.hidden, site.lin_gate is not None, site.activation_name)
     return (site.kind, site.reduction, shapes(site.logits_view, site.head.input), site.normalize, site.upcast)
 
 

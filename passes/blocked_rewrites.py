@@ -31,7 +31,7 @@ from graphopt.node_builder import NodeBuilder
 from graphopt.ops._blocking import n_blocks, spans
 from graphopt.passes.analysis.blockable_sites import (
     BlockableSite,
-    FFNSite,
+    FFNChain,
     LMHeadSite,
     MatmulSite,
 )
@@ -173,11 +173,11 @@ def _bias(lin: LinearSite | None, b: NodeBuilder) -> fx.Node | None:
     return b.call(aten.slice.Tensor, lin.bias, 0, *lin.out_slice) if lin.out_slice is not None else lin.bias
 
 
-def _rewrite_ffn(site: FFNSite, cfg: BlockConfig, b: NodeBuilder) -> fx.Node:
+def _rewrite_ffn(site: FFNChain, cfg: BlockConfig, b: NodeBuilder) -> fx.Node:
     gate = site.lin_gate
     return b.call(graphopt_ops.chunked_ffn.default, site.x, _weight_out_in(site.lin_in, b), _bias(site.lin_in, b),
                   _weight_out_in(gate, b), _bias(gate, b), _weight_out_in(site.lin_out, b), _bias(site.lin_out, b),
-                  site.activation, cfg.sizes[0])
+                  site.activation_name, cfg.sizes[0])
 
 
 def _rewrite_lm_head(site: LMHeadSite, cfg: BlockConfig, b: NodeBuilder) -> fx.Node | None:
@@ -224,7 +224,7 @@ def apply_block_config(gm: fx.GraphModule, site: BlockableSite, cfg: BlockConfig
     b = NodeBuilder(gm, site.output, fake_mode, val_cache, (site.name, cfg, leaf_bytes))
     if isinstance(site, AttentionSite):
         new = _rewrite_attention(gm, site, cfg, b, RowSlicer(gm, leaf_bytes))
-    elif isinstance(site, FFNSite):
+    elif isinstance(site, FFNChain):
         new = _rewrite_ffn(site, cfg, b)
     elif isinstance(site, LMHeadSite):
         new = _rewrite_lm_head(site, cfg, b)

@@ -114,3 +114,47 @@ def test_narrower_sets_are_inside_the_wider_ones():
     assert opsets.RESHAPES < opsets.RESHAPES_AND_EXPAND
     assert opsets.SPLITS < opsets.SPLITS_AND_UNBINDS
     assert opsets.SOFTMAX | opsets.LOG_SOFTMAX == opsets.SOFTMAX_FORMS < opsets.SOFTMAX_FORMS_INCLUDING_SAFE
+
+
+def test_one_ffn_walk_serves_the_analysis_and_the_blocked_planner():
+    """One FFNChain per closing linear carries both views; each consumer filters (issue 15)."""
+    from graphopt.examples_models import cnn
+    from graphopt.passes.analysis.blockable_ffn import check_blockable_ffn, is_blockable_ffn_candidate
+    from graphopt.passes.analysis.blockable_sites import find_blockable_sites
+    from graphopt.passes.analysis.ffn_chains import FFNChains
+    from graphopt.passes.analysis.sites.ffn import find_ffn_chains
+    from graphopt.pattern import Decline
+    from tests.support._blocked_models import FFNStack
+
+    gm = graphopt.capture(FFNStack(gated=True).eval(), (torch.randn(2, 8, 32),)).module
+    chains = find_ffn_chains(gm)
+    assert len(chains) == 2 and all(c.reported and is_blockable_ffn_candidate(c) for c in chains)
+    for c in chains:
+        assert c.down is c.lin_out.node and c.gate is c.lin_gate.node and c.up is c.lin_in.node
+        assert c.activation_name == "silu" and c.declined is None and check_blockable_ffn(c) is c
+    sites = [s for s in find_blockable_sites(gm)[0] if s.kind == "ffn"]
+    assert [s.name for s in sites] == [c.name for c in chains]
+    # the CNN's 2048 -> 64 -> 10 head: a rewrite-view chain the analysis does not report
+    model, args = cnn()
+    gm = graphopt.capture(model, args).module
+    (head,) = find_ffn_chains(gm)
+    assert not head.reported and is_blockable_ffn_candidate(head)
+    assert FFNChains().analyze(gm, None) == []
+
+    class Softplus(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 24), nn.Linear(24, 8)
+
+        def forward(self, x):
+            return x + self.b(F.softplus(self.a(x)))
+
+    gm = graphopt.capture(Softplus().eval(), (torch.randn(2, 5, 8),)).module
+    (chain,) = find_ffn_chains(gm)
+    assert chain.reported and chain.activation_name is None and "not one graphopt knows" in chain.declined
+    try:
+        check_blockable_ffn(chain)
+    except Decline as exc:
+        assert "not one graphopt knows" in str(exc)
+    else:
+        raise AssertionError("an unknown activation must be declined")

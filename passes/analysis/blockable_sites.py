@@ -7,8 +7,8 @@ says which of them the planner takes:
   the blocked-attention operator can express
   (:mod:`graphopt.passes.analysis.blockable_attention`):
   ``matmul(q, k^T) * s + bias (+ ...) [masked] -> softmax -> matmul v``.
-* **ffn** -- :func:`graphopt.passes.analysis.sites.ffn.ffn_site`, anchored at
-  each linear site.
+* **ffn** -- the chains of :func:`graphopt.passes.analysis.sites.ffn.find_ffn_chains`
+  the chunked-FFN operator can take (:mod:`graphopt.passes.analysis.blockable_ffn`).
 * **lm_head** -- :func:`graphopt.passes.analysis.sites.lm_head.lm_head_site`,
   anchored at ``gather`` / ``argmax`` / ``topk`` over the vocabulary.
 * **matmul** -- any ``linear`` / activation x activation ``matmul``: the
@@ -31,8 +31,9 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.opsets import ACTIVATION_MATMULS
 from graphopt.passes.analysis.blockable_attention import check_blockable_attention, is_blockable_candidate
+from graphopt.passes.analysis.blockable_ffn import check_blockable_ffn, is_blockable_ffn_candidate
 from graphopt.passes.analysis.sites import AttentionSite, find_attention_sites
-from graphopt.passes.analysis.sites.ffn import FFNSite, ffn_site
+from graphopt.passes.analysis.sites.ffn import FFNChain, find_ffn_chains
 from graphopt.passes.analysis.sites.linear import LinearSite, linear_site
 from graphopt.passes.analysis.sites.lm_head import LM_HEAD_REDUCTIONS, LMHeadSite, lm_head_site
 from graphopt.pattern import attempt, declined_from
@@ -40,7 +41,7 @@ from graphopt.report import Declined
 
 aten = torch.ops.aten
 
-__all__ = ["AttentionSite", "FFNSite", "LMHeadSite", "MatmulSite", "BlockableSite", "find_blockable_sites"]
+__all__ = ["AttentionSite", "FFNChain", "LMHeadSite", "MatmulSite", "BlockableSite", "find_blockable_sites"]
 
 
 def _rank(node: Any) -> int:
@@ -64,7 +65,7 @@ class MatmulSite:
         return f"{ir.op_name(self.output)} at {self.output.name} {ir.shape_of(self.output)}"
 
 
-BlockableSite = AttentionSite | FFNSite | LMHeadSite | MatmulSite
+BlockableSite = AttentionSite | FFNChain | LMHeadSite | MatmulSite
 
 
 def find_blockable_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("attention", "ffn", "lm_head", "matmul")) \
@@ -80,7 +81,7 @@ def find_blockable_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("attentio
 
     def add(site: BlockableSite) -> None:
         sites.append(site)
-        taken.update(getattr(site, "nodes", []))
+        taken.update(site.removed if isinstance(site, FFNChain) else getattr(site, "nodes", []))
         taken.add(site.output)
 
     for node in gm.graph.nodes if "lm_head" in kinds else ():
@@ -100,14 +101,13 @@ def find_blockable_sites(gm: fx.GraphModule, kinds: tuple[str, ...] = ("attentio
             sites.append(site)
             taken.update(site.between_products)
             taken.add(site.output)
-    for node in gm.graph.nodes if "ffn" in kinds else ():
-        lin = linear_site(node)
-        if lin is None or node in taken:
+    for chain in find_ffn_chains(gm) if "ffn" in kinds else ():
+        if not is_blockable_ffn_candidate(chain) or chain.output in taken:
             continue
-        found = attempt(ffn_site, gm, lin)
-        if (decline := declined_from(node.name, found)) is not None:
+        found = attempt(check_blockable_ffn, chain)
+        if (decline := declined_from(chain.name, found)) is not None:
             declined.append(decline)
-        elif found is not None and not (set(found.nodes) & taken):
+        elif found is not None and not (set(found.removed) & taken):
             add(found)
     for node in gm.graph.nodes if "matmul" in kinds else ():
         if node in taken or node.op != "call_function":

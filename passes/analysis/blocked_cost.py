@@ -29,7 +29,7 @@ from graphopt.ops._blocking import n_blocks
 from graphopt.ops.blocked_attention import attention_workspace_bytes
 from graphopt.ops.chunked_ffn import ffn_workspace_bytes
 from graphopt.ops.chunked_lm_head import lm_head_workspace_bytes
-from graphopt.passes.analysis.blockable_sites import BlockableSite, FFNSite, LMHeadSite, MatmulSite
+from graphopt.passes.analysis.blockable_sites import BlockableSite, FFNChain, LMHeadSite, MatmulSite
 from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.target import Roofline, measure_under_load
 
@@ -90,7 +90,7 @@ class BlockCostModel:
             qs = [0] + _pow2_below(site.tq, max(min(16, site.tq // 2), site.tq // 32, 1))
             kvs = [0] + _pow2_below(site.tk, max(min(128, site.tk // 2), 1))
             configs = [BlockConfig("attention", (q, kv)) for q in qs for kv in kvs if (q, kv) != (0, 0)]
-        elif isinstance(site, FFNSite):
+        elif isinstance(site, FFNChain):
             configs = [BlockConfig("ffn", (c,)) for c in _pow2_below(site.rows, max(min(16, site.rows // 2), 1))]
         elif isinstance(site, LMHeadSite):
             configs = [BlockConfig("lm_head", (c,)) for c in _pow2_below(site.rows, 1)]
@@ -118,7 +118,7 @@ class BlockCostModel:
             rows = site.tq if q <= 0 else min(q, site.tq)
             bias_rows = sum(_row_bytes(b, site.tq) * rows for b in site.biases if _is_full(b, site))
             return attention_workspace_bytes(batch_heads, site.tq, site.tk, dv, q, kv, torch.float32) + bias_rows
-        if isinstance(site, FFNSite):
+        if isinstance(site, FFNChain):
             d_out = site.lin_out.out_features
             item = _itemsize(site.output)
             if cfg is None:
@@ -147,7 +147,7 @@ class BlockCostModel:
             n_big = 2 + len(site.between_products)  # scores, chain results, probabilities
             return (self._flops(site) / self.flops + self._traffic(2 * big * n_big, big)
                     + self._faults(big, n_big) + (n_big + 2) * m.op_overhead_s)
-        if isinstance(site, FFNSite):
+        if isinstance(site, FFNChain):
             inter = site.rows * site.hidden * _itemsize(site.output)
             n_big = 4 if site.lin_gate is not None else 2
             return (self._flops(site) / self.flops + self._traffic(2 * inter * n_big, inter)
@@ -176,7 +176,7 @@ class BlockCostModel:
         # FFN and LM head: matmul-bound, and a small row block makes a less efficient matmul, so their
         # intermediates are charged at DRAM bandwidth whatever the tile: only page faults and per-call
         # overheads separate the chunk sizes (the largest chunk that is not mmapped afresh wins).
-        if isinstance(site, FFNSite):
+        if isinstance(site, FFNChain):
             c = cfg.sizes[0] if cfg.sizes[0] > 0 else site.rows
             n = n_blocks(site.rows, c)
             tile = min(c, site.rows) * site.hidden * _itemsize(site.output)
@@ -205,7 +205,7 @@ class BlockCostModel:
             batch_heads = math.prod(ir.shape_of(site.scores)[:-2])
             d, dv = ir.shape_of(site.q_operand)[-1], ir.shape_of(site.v_operand)[-1]
             return 2.0 * batch_heads * site.tq * site.tk * (d + dv)
-        if isinstance(site, FFNSite):
+        if isinstance(site, FFNChain):
             d_in = ir.shape_of(site.x)[-1]
             n_in = 2 if site.lin_gate is not None else 1
             return 2.0 * site.rows * site.hidden * (d_in * n_in + site.lin_out.out_features)

@@ -1,6 +1,7 @@
 """The ``ffn_chains`` analysis pass: record every FFN chain of the graph.
 
-Finds (no rewrite), with :func:`graphopt.passes.analysis.sites.ffn.find_ffn_chains`:
+Finds (no rewrite), with :func:`graphopt.passes.analysis.sites.ffn.find_ffn_chains` (the chains
+its reach view reports, ``chain.reported``):
     linear(x, W1) -> act -> linear(., W2)                       plain FFN (GPT-2, BERT, nanoGPT)
     act(linear(x, Wg)) * linear(x, Wu) -> linear(., Wd)         gated FFN (Llama's SwiGLU, GeGLU)
 
@@ -26,7 +27,7 @@ class FFNChains(AnalysisPass["list[FFNChain]"]):
     summary = "find linear -> activation -> linear chains (and gated variants) by BFS/DFS"
 
     def analyze(self, gm: fx.GraphModule, ctx: OptimizeContext) -> list[FFNChain]:
-        chains = find_ffn_chains(gm)
+        chains = [c for c in find_ffn_chains(gm) if c.reported]
         for i, chain in enumerate(chains):
             for node in chain.nodes:
                 node.meta[meta.FFN_CHAIN] = i

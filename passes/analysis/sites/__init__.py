@@ -6,7 +6,8 @@ Site kinds:
   fuse_attention, the blocked planner, analyze and the viewer);
 - linear (:mod:`.linear`: ``LinearSite``, an activation times a 2-D weight; read by
   merge_matmuls, tensor_parallel, precision and the blocked planner);
-- FFN chain (:mod:`.ffn`: ``FFNChain`` for analysis, ``FFNSite`` for the blocked planner);
+- FFN chain (:mod:`.ffn`: ``FFNChain``, read by the ``ffn_chains`` analysis, analyze, the viewer
+  and the blocked planner);
 - LM head (:mod:`.lm_head`: ``LMHeadSite``).
 
 Each finder declines through :mod:`graphopt.pattern` (a site's ``declined`` reason or a raised

@@ -1,35 +1,41 @@
-"""The FFN chain: ``linear -> activation -> linear`` and its gated variant, found two ways.
+"""The FFN chain: ``linear -> activation -> linear`` and its gated variant, one type found by one walk.
 
     linear(x, W1) -> act -> linear(., W2)                       plain FFN (GPT-2, BERT, nanoGPT)
     act(linear(x, Wg)) * linear(x, Wu) -> linear(., Wd)         gated FFN (Llama's SwiGLU, GeGLU)
 
-:func:`find_ffn_chains` (:class:`FFNChain`, read by the ``ffn_chains``
-analysis pass): from each *weight matmul* (a matmul-family node whose
-right-hand operand is a constant, through views), BFS forward over the
-networkx view (:func:`graphopt.ir.to_networkx`) through pointwise ops and
-views only; a weight matmul reached that way closes a chain when an
-activation lies on a path between the two (DFS backward from the second
-matmul inside the reached set). A ``mul`` on that path whose other operand
-is a weight matmul of the same input makes the chain gated (that matmul is
-``up``). Not chains: the output width differs from the input width (a
-classifier head such as the CNN's 2048 -> 64 -> 10: an FFN maps d -> hidden
--> d); no activation between the two matmuls (e.g. o_proj -> residual add ->
-norm -> q_proj); matmuls of two activations (attention's Q @ K^T, P @ V) --
-they stop the search.
+:func:`find_ffn_chains` returns one :class:`FFNChain` per closing linear that
+either view below recognises (the union; each consumer takes what it reads):
 
-:func:`ffn_site` (:class:`FFNSite`, read by the blocked planner): anchored at
-a :class:`~graphopt.passes.analysis.sites.linear.LinearSite` whose input is
-an activation of another linear of the same tokens, or a gated product
-``act(linear_g(x)) * linear_u(x)``; every intermediate has no user outside
-the site (the rewrite removes them). The activation may be one op or a chain
-of pointwise ops (GPT-2's tanh GELU written out); it is identified by
-evaluating the chain on probe values against
-:data:`graphopt.ops._blocking.ACTIVATIONS`. Declines (``Decline``): an
-activation graphopt has no kernel for.
+* the *reach* view (``up``, ``gate``, ``down``, ``activation`` nodes,
+  ``nodes``, ``d_model``, ``d_hidden``; ``reported`` is True; read by the
+  ``ffn_chains`` analysis pass, analyze's JSON and the viewer): from each
+  *weight matmul* (a matmul-family node whose right-hand operand is a
+  constant, through views), BFS forward over the networkx view
+  (:func:`graphopt.ir.to_networkx`) through pointwise ops and views only; a
+  weight matmul reached that way closes a chain when an activation lies on a
+  path between the two (DFS backward from the second matmul inside the
+  reached set). A ``mul`` on that path whose other operand is a weight matmul
+  of the same input makes the chain gated (that matmul is ``up``). Not
+  chains: the output width differs from the input width (a classifier head
+  such as the CNN's 2048 -> 64 -> 10: an FFN maps d -> hidden -> d); no
+  activation between the two matmuls (e.g. o_proj -> residual add -> norm ->
+  q_proj); matmuls of two activations (attention's Q @ K^T, P @ V) -- they
+  stop the search.
+* the *rewrite* view (``x``, ``lin_in``, ``lin_gate``, ``lin_out``
+  (:class:`~graphopt.passes.analysis.sites.linear.LinearSite` operands),
+  ``activation_name`` and ``removed``, the nodes a rewrite of the whole chain
+  removes; read by the blocked planner through
+  :mod:`graphopt.passes.analysis.blockable_ffn`): anchored at a linear site
+  whose input is an activation of another linear of the same tokens, or a
+  gated product ``act(linear_g(x)) * linear_u(x)``; every intermediate has no
+  user outside the chain. The activation may be one op or a chain of pointwise
+  ops (GPT-2's tanh GELU written out); it is identified by evaluating the
+  chain on probe values against :data:`graphopt.ops._blocking.ACTIVATIONS`.
 
-The two finders answer different questions (which FFN blocks a model has,
-for the analysis report; which the planner can rewrite whole) and are kept
-apart so each keeps the chains it reports today.
+``declined``: why no rewrite can take the chain (its activation is not one
+graphopt has a kernel for); the analysis reports such a chain all the same.
+The two views accept different graphs (the CNN's 2048 -> 64 -> 10 head is
+a rewrite-view chain, not a reach-view one), so the walk keeps both.
 """
 
 from __future__ import annotations
@@ -51,11 +57,10 @@ from graphopt.ops._blocking import ACTIVATIONS as BLOCKED_ACTIVATIONS
 from graphopt.passes.analysis.hot_matmuls import weight_operand
 from graphopt.passes.analysis.sites.linear import LINEAR_OPS, LinearSite, linear_site
 from graphopt.passes.analysis.sites.walk import dtype_of, keeps_last_dim
-from graphopt.pattern import Decline
 
 aten = torch.ops.aten
 
-__all__ = ["FFNChain", "find_ffn_chains", "FFNSite", "ffn_site", "is_weight_matmul", "activation_operand"]
+__all__ = ["FFNChain", "find_ffn_chains", "is_weight_matmul", "activation_operand"]
 
 _SINGLE_OP_ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.sigmoid.default: "sigmoid",
                           aten.tanh.default: "tanh"}
@@ -72,24 +77,61 @@ MAX_SEARCH_NODES = 200
 
 @dataclass
 class FFNChain:
-    """One feed-forward block.
+    """One feed-forward block, ending at the linear ``output`` (see the module docstring for the two views).
 
-    ``up``: first matmul (for gated FFNs the gate projection is ``gate`` and
-    the plain one ``up``); ``down``: the closing matmul; ``activation``: the
-    activation ops on the path; ``nodes``: every node of the chain.
+    Reach view (``reported``): ``up``: first matmul (for gated FFNs the gate
+    projection is ``gate`` and the plain one ``up``); ``down``: the closing
+    matmul (``output``); ``activation``: the activation ops on the path;
+    ``nodes``: every node of the chain. Rewrite view (``x`` is not None):
+    ``lin_in`` (the plain input projection), ``lin_gate``, ``lin_out``;
+    ``activation_name`` (None: unknown, see ``declined``); ``removed``: the
+    nodes a rewrite of the whole chain removes.
     """
 
-    up: fx.Node
-    down: fx.Node
-    activation: list[fx.Node]
+    kind: ClassVar[str] = "ffn"
+    output: fx.Node
+    up: fx.Node | None = None
+    activation: list[fx.Node] = field(default_factory=list)
     gate: fx.Node | None = None
     nodes: list[fx.Node] = field(default_factory=list)
     d_model: int | None = None
     d_hidden: int | None = None
+    x: fx.Node | None = None
+    lin_in: LinearSite | None = None
+    lin_gate: LinearSite | None = None
+    lin_out: LinearSite | None = None
+    activation_name: str | None = None
+    removed: list[fx.Node] = field(default_factory=list)
+    declined: str | None = None
+
+    @property
+    def down(self) -> fx.Node:
+        return self.output
+
+    @property
+    def reported(self) -> bool:
+        """Found by the reach view (what the analysis reports)."""
+        return self.up is not None
 
     @property
     def gated(self) -> bool:
         return self.gate is not None
+
+    @property
+    def name(self) -> str:
+        return self.output.name
+
+    @property
+    def rows(self) -> int:
+        return math.prod(ir.shape_of(self.x)[:-1])
+
+    @property
+    def hidden(self) -> int:
+        return self.lin_in.out_features
+
+    def describe(self) -> str:
+        gate = "gated " if self.lin_gate is not None else ""
+        return f"{gate}FFN at {self.output.name} ({self.rows} rows x {self.hidden} hidden, {self.activation_name})"
 
     @property
     def module(self) -> str:
@@ -104,11 +146,28 @@ class FFNChain:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "up": self.up.name, "gate": self.gate.name if self.gate is not None else None,
+            "up": self.up.name if self.up is not None else None,
+            "gate": self.gate.name if self.gate is not None else None,
             "down": self.down.name, "activation": [n.name for n in self.activation],
             "gated": self.gated, "module": self.module, "d_model": self.d_model, "d_hidden": self.d_hidden,
             "nodes": [n.name for n in self.nodes],
         }
+
+
+def find_ffn_chains(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[FFNChain]:
+    """Every FFN chain in ``gm`` that either view finds, in graph order of the closing linear.
+
+    The analysis reads those with ``reported``; the blocked planner those with
+    ``x`` (:func:`graphopt.passes.analysis.blockable_ffn.check_blockable_ffn`).
+    """
+    reach = _reach_chains(gm, graph)
+    chains: list[FFNChain] = []
+    for node in gm.graph.nodes:
+        lin = linear_site(node)
+        rewrite = _rewrite_view(gm, lin) if lin is not None else None
+        if node in reach or rewrite is not None:
+            chains.append(FFNChain(node, **reach.get(node, {}), **(rewrite or {})))
+    return chains
 
 
 def is_weight_matmul(node: fx.Node) -> bool:
@@ -147,11 +206,11 @@ def _same_source(a: fx.Node | None, b: fx.Node | None) -> bool:
     return a is not None and b is not None and alias_root(a) is alias_root(b)
 
 
-def find_ffn_chains(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[FFNChain]:
-    """Every FFN chain in ``gm``, in graph order."""
+def _reach_chains(gm: fx.GraphModule, graph: nx.DiGraph | None) -> dict[fx.Node, dict[str, Any]]:
+    """The reach view: {closing matmul: its FFNChain fields}."""
     g = graph if graph is not None else ir.to_networkx(gm)
     node_of = {name: data["node"] for name, data in g.nodes(data=True)}
-    chains: dict[str, FFNChain] = {}
+    chains: dict[fx.Node, dict[str, Any]] = {}
     for start in gm.graph.nodes:
         if not is_weight_matmul(start):
             continue
@@ -171,14 +230,13 @@ def find_ffn_chains(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list
                     queue.append(succ)
         for end in ends:
             chain = _chain(start, end, reached, g, node_of)
-            if chain is not None and end.name not in chains:
-                chains[end.name] = chain
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(chains.values(), key=lambda c: order[c.down])
+            if chain is not None and end not in chains:
+                chains[end] = chain
+    return chains
 
 
 def _chain(start: fx.Node, end: fx.Node, reached: set[str], g: nx.DiGraph,
-           node_of: dict[str, fx.Node]) -> FFNChain | None:
+           node_of: dict[str, fx.Node]) -> dict[str, Any] | None:
     operand = activation_operand(end)
     if operand is None or (operand.name not in reached and operand is not start):
         return None
@@ -218,41 +276,10 @@ def _chain(start: fx.Node, end: fx.Node, reached: set[str], g: nx.DiGraph,
         members |= {n for n in extra if order[n] < order[end]}
     nodes = sorted(members, key=lambda n: order[n])
     acts.sort(key=lambda n: order[n])
-    return FFNChain(up, end, acts, gate, nodes, d_in, _last_dim(start))
+    return {"up": up, "activation": acts, "gate": gate, "nodes": nodes, "d_model": d_in, "d_hidden": _last_dim(start)}
 
 
-# ---------------------------------------------------------------- the planner's FFN site
-
-@dataclass
-class FFNSite:
-    """``linear_out(act(linear_in(x)))`` or ``linear_out(act(linear_gate(x)) * linear_in(x))``."""
-
-    kind: ClassVar[str] = "ffn"
-    output: fx.Node
-    x: fx.Node
-    lin_in: LinearSite
-    lin_gate: LinearSite | None
-    lin_out: LinearSite
-    activation: str
-    nodes: list[fx.Node] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.output.name
-
-    @property
-    def rows(self) -> int:
-        return math.prod(ir.shape_of(self.x)[:-1])
-
-    @property
-    def hidden(self) -> int:
-        return self.lin_in.out_features
-
-    def describe(self) -> str:
-        gate = "gated " if self.lin_gate is not None else ""
-        return f"{gate}FFN at {self.output.name} ({self.rows} rows x {self.hidden} hidden, {self.activation})"
-
-
+# ---------------------------------------------------------------- the rewrite view
 
 def _same_dtype_passthrough(node: fx.Node) -> bool:
     return is_passthrough(node) and dtype_of(node) == dtype_of(node.args[0])
@@ -340,11 +367,11 @@ def _identify_activation(gm: fx.GraphModule, base: fx.Node, region: list[fx.Node
     return None
 
 
-def ffn_site(gm: fx.GraphModule, out: LinearSite) -> FFNSite | None:
-    """The FFN site that ends at the linear ``out``, or None when ``out`` ends none.
+def _rewrite_view(gm: fx.GraphModule, out: LinearSite) -> dict[str, Any] | None:
+    """The rewrite view of the chain that ends at the linear ``out``: its FFNChain fields, or None.
 
-    Raises :class:`Decline` when the chain is an FFN but its activation is not
-    one graphopt's chunked FFN computes.
+    An activation graphopt's chunked FFN does not compute leaves
+    ``activation_name`` None and says so in ``declined``.
     """
     nodes: list[fx.Node] = []
     top = _strip_row_views(out.input, nodes)
@@ -363,10 +390,11 @@ def ffn_site(gm: fx.GraphModule, out: LinearSite) -> FFNSite | None:
             if gate.node is up.node or _canonical_input(gate.input) is not _canonical_input(up.input):
                 continue
             name = _identify_activation(gm, gate.node, region)
-            if name is None:
-                raise Decline(f"gated FFN at {out.node.name}: the activation is not one graphopt knows")
-            site_nodes = nodes + [top] + up_chain + region + [up.node, gate.node]
-            return FFNSite(out.node, up.input, up, gate, out, name, site_nodes)
+            declined = None if name is not None else \
+                f"gated FFN at {out.node.name}: the activation is not one graphopt knows"
+            removed = nodes + [top] + up_chain + region + [up.node, gate.node]
+            return {"x": up.input, "lin_in": up, "lin_gate": gate, "lin_out": out, "activation_name": name,
+                    "removed": removed, "declined": declined}
     found = _activation_region(top)
     if found is None:
         return None
@@ -374,9 +402,10 @@ def ffn_site(gm: fx.GraphModule, out: LinearSite) -> FFNSite | None:
     if lin_in.node is out.node or ir.shape_of(lin_in.input) is None:
         return None
     name = _identify_activation(gm, lin_in.node, region)
-    if name is None:
-        raise Decline(f"FFN at {out.node.name}: the activation between the linears is not one graphopt knows")
-    return FFNSite(out.node, lin_in.input, lin_in, None, out, name, nodes + region + [lin_in.node])
+    declined = None if name is not None else \
+        f"FFN at {out.node.name}: the activation between the linears is not one graphopt knows"
+    return {"x": lin_in.input, "lin_in": lin_in, "lin_gate": None, "lin_out": out, "activation_name": name,
+            "removed": nodes + region + [lin_in.node], "declined": declined}
 
 
 def _canonical_input(node: fx.Node) -> fx.Node:
