@@ -62,6 +62,8 @@ LOG_SOFTMAX = frozenset({aten.log_softmax.int, aten._log_softmax.default})
 SOFTMAX_FORMS = SOFTMAX | LOG_SOFTMAX
 #: :data:`SOFTMAX_FORMS` and ``_safe_softmax`` (SDPA's decomposition: rows of -inf give 0, not NaN)
 SOFTMAX_FORMS_INCLUDING_SAFE = SOFTMAX_FORMS | {aten._safe_softmax.default}
+#: softmax (not log_softmax) in every form torch.export writes, ``_safe_softmax`` included: what attention anchors on
+SOFTMAX_INCLUDING_SAFE = SOFTMAX | {aten._safe_softmax.default}
 
 # ---------------------------------------------------------------- matmuls
 

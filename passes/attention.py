@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.opsets import METADATA_ASSERTS
+from graphopt.opsets import METADATA_ASSERTS, is_inactive_dropout
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.sites import AttentionSite, find_attention_sites
 from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, dtype_of
@@ -245,7 +245,7 @@ def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
         n = work.pop()
         if n in erased or n.op not in ("call_function", "get_attr") or n.target in _ASSERTS:
             continue
-        if n.op == "call_function" and n.is_impure() and not _inactive_dropout(n):
+        if n.op == "call_function" and n.is_impure() and not is_inactive_dropout(n):
             continue
         users = list(n.users)
         if any(u.op != "call_function" or u.target not in _ASSERTS for u in users):
@@ -258,15 +258,6 @@ def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
         erased.add(n)
         work.extend(inputs)
     return sum(1 for n in erased if n.target not in _ASSERTS)
-
-
-def _inactive_dropout(node: fx.Node) -> bool:
-    """dropout(x, p, train=False) or with p == 0: impure for fx (random), an identity here."""
-    if node.target != aten.dropout.default:
-        return False
-    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.0)
-    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-    return train is False or p == 0
 
 
 def _site_name(site: AttentionSite) -> str:

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.opsets import is_float_cast, is_passthrough
+from graphopt.opsets import SOFTMAX, is_float_cast, is_passthrough
 from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.sites.attention_walk import ADDITIVE, FILL, PASS, SCALE
 from graphopt.pattern import Decline
@@ -26,7 +26,6 @@ aten = torch.ops.aten
 
 __all__ = ["check_blockable_attention", "describe_blockable", "is_blockable_candidate"]
 
-_SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _MATMULS = {aten.matmul.default, aten.bmm.default}
 _MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
 _MASK_OPS = _MASKED_FILL | {aten.where.ScalarOther, aten.where.self}
@@ -54,7 +53,7 @@ def is_blockable_candidate(site: AttentionSite) -> bool:
     A softmax feeding anything else (a classifier head) is not attention: no
     decline is reported for it.
     """
-    if site.softmax.target not in _SOFTMAX:
+    if site.softmax.target not in SOFTMAX:
         return False
     end = site.weights_end
     if end is None:  # declined before the end: the softmax dim, or weights used elsewhere

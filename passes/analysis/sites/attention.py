@@ -36,10 +36,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.opsets import METADATA_ASSERTS
+from graphopt.opsets import SOFTMAX_INCLUDING_SAFE
 from graphopt.passes.analysis.sites.attention_layout import normalise_layout
 from graphopt.passes.analysis.sites.attention_masks import MaskTerm
-from graphopt.passes.analysis.sites.attention_ops import SOFTMAX_OPS, Constants, static_shape
+from graphopt.passes.analysis.sites.attention_ops import Constants, static_shape
 from graphopt.passes.analysis.sites.attention_walk import ADDITIVE, FILL, ScoreStep, walk_scores, walk_weights
 from graphopt.pattern import Decline, attempt
 
@@ -291,7 +291,7 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     consts: Constants | None = None
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in SOFTMAX_OPS:
+        if node.op != "call_function" or node.target not in SOFTMAX_INCLUDING_SAFE:
             continue
         if consts is None:
             consts = Constants(gm)

@@ -21,9 +21,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import RESHAPES
 from graphopt.passes.analysis.sites.attention_masks import broadcastable, classify_constant_mask, evaluate_mask
 from graphopt.passes.analysis.sites.attention_ops import (
-    RESHAPE_OPS, Constants, arg, dtype_of, is_leading_reshape, static_shape, swaps_last_two,
+    Constants, arg, dtype_of, is_leading_reshape, static_shape, swaps_last_two,
 )
 from graphopt.pattern import Decline
 
@@ -144,7 +145,7 @@ def _repeat_kv_source(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | Non
         return None
     path = []
     n = node
-    if n.target in RESHAPE_OPS:
+    if n.target in RESHAPES:
         path.append(n)
         n = n.args[0]
         if isinstance(n, fx.Node) and n.op == "call_function" and n.target in (aten.clone.default,
@@ -187,7 +188,7 @@ def _einsum_operands(site: AttentionSite) -> tuple[_Operand, _Operand, _Operand]
     prod, pv = site.scores, site.output
     if prod.target != aten.einsum.default or pv.target != aten.einsum.default:
         raise Decline("Q @ K^T and the product with V mix einsum with matmul")
-    if any(n.target in RESHAPE_OPS for n in site.score_chain + site.weights_chain):
+    if any(n.target in RESHAPES for n in site.score_chain + site.weights_chain):
         raise Decline("einsum attention with reshapes between the products")
     qa, ka = prod.args[1]
     (ql, kl), sl = _einsum_labels(prod.args[0], [len(static_shape(qa)), len(static_shape(ka))])

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.ir import constant_nodes, evaluate
+from graphopt.opsets import CASTS_INCLUDING_DEVICE, IDENTITY_LIKE, RESHAPES, is_inactive_dropout
 from graphopt.pattern import Decline
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,10 @@ def _overloads(*names: str) -> frozenset:
     return frozenset(found)
 
 
-SOFTMAX_OPS = _overloads("softmax.int", "_softmax.default", "_safe_softmax.default")
 MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
 PRODUCT_OPS = MATMUL_OPS | {aten.baddbmm.default, aten.einsum.default}
-CAST_OPS = frozenset({aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-                      aten.type_as.default})
-IDENTITY_OPS = frozenset({aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default})
-RESHAPE_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+#: what the attention walk steps over as a cast: opsets' casts with ``.to(device)`` and ``type_as``
+CAST_OPS = CASTS_INCLUDING_DEVICE | {aten.type_as.default}
 SCALE_OPS = frozenset({aten.mul.Tensor, aten.div.Tensor})
 ADD_OPS = frozenset({aten.add.Tensor, aten.sub.Tensor})
 MASKED_FILL_OPS = frozenset({aten.masked_fill.Scalar, aten.masked_fill.Tensor})
@@ -82,10 +80,10 @@ def is_identity(node: fx.Node) -> bool:
     """Ops that pass a value through unchanged (in eval mode)."""
     if node.op != "call_function":
         return False
-    if node.target in IDENTITY_OPS:
+    if node.target in IDENTITY_LIKE:
         return True
     if node.target == aten.dropout.default:
-        return arg(node, 2, "train", True) is False or arg(node, 1, "p", 0.0) == 0
+        return is_inactive_dropout(node)
     return is_float_cast(node)
 
 
@@ -97,7 +95,7 @@ def is_active_dropout(node: fx.Node) -> bool:
 
 def is_leading_reshape(node: fx.Node) -> bool:
     """A reshape that keeps the last two dims (it only splits or merges batch/head dims)."""
-    if node.op != "call_function" or node.target not in RESHAPE_OPS or not isinstance(node.args[0], fx.Node):
+    if node.op != "call_function" or node.target not in RESHAPES or not isinstance(node.args[0], fx.Node):
         return False
     a, b = ir.shape_of(node.args[0]), ir.shape_of(node)
     return a is not None and b is not None and len(a) >= 2 and len(b) >= 2 and a[-2:] == b[-2:]
