@@ -399,8 +399,6 @@ def measure(suite: Suite, fn: Callable[[], Any], ref: torch.Tensor | None,
 # ---------------------------------------------------------------- 1. attention
 
 def attention_section(suite: Suite, sec: dict[str, Any]) -> None:
-    from attention import build
-
     cases = TINY_ATTENTION if suite.tiny else CUDA_ATTENTION
     if suite.args.attention_cases:
         cases = [(m, int(t), int(b)) for m, t, b in (c.split(":") for c in suite.args.attention_cases.split(","))]
@@ -417,16 +415,7 @@ def attention_section(suite: Suite, sec: dict[str, Any]) -> None:
         eager = sdpa = result = None
         try:
             size = dict(sizes[model_name], seq=seq)
-            eager = build(model_name, size, "eager", suite.device, suite.dtype)
-            sdpa = build(model_name, size, "sdpa", suite.device, suite.dtype, eager.state_dict())
-            g = torch.Generator().manual_seed(1)
-            ids = torch.randint(0, 1024, (batch, seq), generator=g).to(suite.device)
-            with torch.no_grad():
-                ref = first_tensor(eager(ids)).detach()
-            with step(suite, rows, "eager"):
-                rows["eager"] = measure(suite, lambda: eager(ids), None)
-            with step(suite, rows, "sdpa"):
-                rows["sdpa"] = measure(suite, lambda: sdpa(ids), ref)
+            eager, sdpa, ids, ref = eager_and_sdpa(suite, rows, model_name, size, batch, seed=1)
             with step(suite, rows, "graphopt"):
                 result = graphopt.optimize(eager, (ids,))
                 case["graphopt"] = graphopt_summary(result)
@@ -537,8 +526,25 @@ def precision_section(suite: Suite, sec: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- 3. blocked
 
-def blocked_section(suite: Suite, sec: dict[str, Any]) -> None:
+def eager_and_sdpa(suite: Suite, rows: dict[str, Any], model_name: str, size: dict[str, Any], batch: int,
+                   seed: int) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """The model with eager and with sdpa attention (same weights), token ids, eager's output; both measured."""
     from attention import build
+
+    eager = build(model_name, size, "eager", suite.device, suite.dtype)
+    sdpa = build(model_name, size, "sdpa", suite.device, suite.dtype, eager.state_dict())
+    ids = torch.randint(0, 1024, (batch, size["seq"]), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(suite.device)
+    with torch.no_grad():
+        ref = first_tensor(eager(ids)).detach()
+    with step(suite, rows, "eager"):
+        rows["eager"] = measure(suite, lambda: eager(ids), None)
+    with step(suite, rows, "sdpa"):
+        rows["sdpa"] = measure(suite, lambda: sdpa(ids), ref)
+    return eager, sdpa, ids, ref
+
+
+def blocked_section(suite: Suite, sec: dict[str, Any]) -> None:
     from blocked import FRACTION
 
     seq = 128 if suite.tiny else suite.args.blocked_seq
@@ -547,15 +553,7 @@ def blocked_section(suite: Suite, sec: dict[str, Any]) -> None:
     sec.update(model="LlamaModel", seq=seq, batch=1, fraction=FRACTION, rows={})
     rows = sec["rows"]
     suite.log(f"blocked: Llama T{seq}, budget {FRACTION:.0%} of eager's peak")
-    eager = build("llama", size, "eager", suite.device, suite.dtype)
-    sdpa = build("llama", size, "sdpa", suite.device, suite.dtype, eager.state_dict())
-    ids = torch.randint(0, 1024, (1, seq), generator=torch.Generator().manual_seed(3)).to(suite.device)
-    with torch.no_grad():
-        ref = first_tensor(eager(ids)).detach()
-    with step(suite, rows, "eager"):
-        rows["eager"] = measure(suite, lambda: eager(ids), None)
-    with step(suite, rows, "sdpa"):
-        rows["sdpa"] = measure(suite, lambda: sdpa(ids), ref)
+    eager, sdpa, ids, ref = eager_and_sdpa(suite, rows, "llama", size, 1, seed=3)
     eager_peak = rows.get("eager", {}).get("peak_bytes")
     if not eager_peak:
         sec["status"] = "no eager peak measured; blocked not run"
