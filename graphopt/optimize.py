@@ -7,7 +7,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,13 @@ class OptimizeResult:
     report: Report
     captured: Captured
     context: OptimizeContext
+    #: the applied passes that spent the error budget (reduced precision); empty: the result is exact
+    approximate: tuple[str, ...] = ()
+    #: the model it came from and the options it was optimized with (generation builds its graphs with them)
+    source_model: torch.nn.Module | None = field(default=None, repr=False)
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the prefill / decode graphs, built by the first :meth:`generate` (or :meth:`prepare_generation`)
+    generation: Any = field(default=None, repr=False)
 
     @property
     def example_args(self) -> tuple[Any, ...]:
@@ -74,6 +81,43 @@ class OptimizeResult:
         """The optimized module as an ``ExportedProgram`` (re-exported from the graph)."""
         with torch.no_grad():
             return torch.export.export(self.module, self.example_args, self.example_kwargs, strict=False)
+
+    def prepare_generation(self, **overrides: Any) -> Any:
+        """Build (once) the optimized prefill and decode graphs of a transformers causal LM.
+
+        They are optimized with this result's options (``precision=`` and the
+        rest; ``overrides`` replace some, e.g. ``max_length=``) and checked on
+        real decode steps. Returns :class:`graphopt.generate.GenerationGraphs`.
+        """
+        if self.generation is None or overrides:
+            from graphopt.generate.build import prepare_generation
+
+            if self.source_model is None:
+                raise ValueError("this result has no source model to build generation graphs from")
+            self.generation = prepare_generation(self.source_model, **{**self.options, **overrides})
+        return self.generation
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, streamer: Any = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate tokens after ``input_ids`` with a KV cache, like transformers' ``model.generate``.
+
+        Greedy by default (token-identical to the original model's greedy
+        ``generate`` at fp32); ``do_sample=True`` samples with ``temperature``,
+        ``top_k``, ``top_p`` (pass a seeded ``generator`` to repeat a draw).
+        A left-padded batch takes its ``attention_mask``. Generation stops at
+        ``max_new_tokens`` or when every row produced an ``eos_token_id``
+        (default: the model's); ended rows are filled with ``pad_token_id``.
+        ``streamer`` is called with each new token column (or is a
+        transformers streamer). Returns ``[batch, prompt + generated]``.
+        The first call builds the prefill and decode graphs (:meth:`prepare_generation`).
+        """
+        return self.prepare_generation().generate(
+            input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, streamer=streamer, generator=generator)
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
         """Write ``model.pt2`` (reload with ``torch.export.load``) and ``report.json`` into ``directory``.
@@ -106,6 +150,7 @@ def optimize(
     memory_budget: int | str | None = None,
     error_budget: ErrorBudget | float | None = None,
     n_random_inputs: int = 2,
+    verify_inputs: Sequence[tuple[Sequence[Any], dict[str, Any]]] | None = None,
     instruments: Sequence[Instrument] = (),
     progress: Callable[[str], None] | None = None,
     **options: Any,
@@ -115,7 +160,9 @@ def optimize(
     Captures the model (:func:`graphopt.capture`), runs ``passes`` (default:
     :func:`graphopt.passes.default_pipeline` for the given options), checks each
     rewrite numerically against the original model on the example inputs and
-    ``n_random_inputs`` fresh random inputs of the same spec, rolls back what
+    ``n_random_inputs`` fresh random inputs of the same spec (or on
+    ``verify_inputs``, a list of ``(args, kwargs)`` pairs, instead of random
+    ones: real inputs for models whose inputs have structure), rolls back what
     breaks numerics, and returns an :class:`OptimizeResult`. The user's model
     is not modified.
 
@@ -139,13 +186,8 @@ def optimize(
         error_budget = ErrorBudget(rel_l2=float(error_budget))
     start = time.perf_counter()
     report = Report(model=type(model).__name__)
-
-    t0 = time.perf_counter()
-    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic_shapes=dynamic_shapes)
-    report.capture_seconds = time.perf_counter() - t0
-    report.capture_route = captured.route
+    captured = _capture(model, example_inputs, example_kwargs, dynamic_shapes, report)
     gm = captured.module
-    report.nodes_before = len(gm.graph.nodes)
 
     ctx = OptimizeContext(
         args=captured.args,
@@ -161,17 +203,58 @@ def optimize(
     check_options(pipeline, options)
     if verify:
         with eval_mode(model):
-            ctx.verifier = Verifier(model, captured.args, captured.kwargs, gm, n_random=n_random_inputs)
+            ctx.verifier = Verifier(model, captured.args, captured.kwargs, gm, n_random=n_random_inputs,
+                                    input_sets=verify_inputs)
     all_instruments = _instruments(verify, progress, instruments)
 
     gm = PassManager(pipeline, all_instruments).run(gm, ctx)
     report.nodes_after = len(gm.graph.nodes)
-    _verify_result(gm, pipeline, ctx)
+    approximate = _verify_result(gm, pipeline, ctx)
     report.total_seconds = time.perf_counter() - start
     log.info("optimized %s: %d -> %d nodes in %.2f s", report.model, report.nodes_before, report.nodes_after,
              report.total_seconds)
-    return OptimizeResult(gm, report, captured, ctx)
+    return _result(model, gm, captured, ctx, approximate,
+                   _generation_options(passes, memory_budget, error_budget, verify, options))
 
+
+def _result(model: torch.nn.Module, gm: fx.GraphModule, captured: Captured, ctx: OptimizeContext,
+            approximate: tuple[str, ...], options: dict[str, Any]) -> OptimizeResult:
+    result = OptimizeResult(gm, ctx.report, captured, ctx, approximate, source_model=model, options=options)
+    if _generates(model):  # existing code calling module.generate(...) changes one line
+        gm.generate = result.generate
+    return result
+
+
+def _generation_options(passes: Sequence[Pass] | None, memory_budget: Any, error_budget: Any, verify: bool,
+                        options: dict[str, Any]) -> dict[str, Any]:
+    """The optimize arguments generation graphs are built with (inputs and shapes are theirs)."""
+    kept: dict[str, Any] = {"verify": verify, **options}
+    if passes is not None:
+        kept["passes"] = passes
+    if memory_budget is not None:
+        kept["memory_budget"] = memory_budget
+    if error_budget is not None:
+        kept["error_budget"] = error_budget
+    return kept
+
+
+def _generates(model: torch.nn.Module) -> bool:
+    """A transformers model with ``generate`` and a decoder-only config (checked fully when generating)."""
+    config = getattr(model, "config", None)
+    return callable(getattr(model, "generate", None)) and config is not None \
+        and not getattr(config, "is_encoder_decoder", False)
+
+
+
+def _capture(model: torch.nn.Module, example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None,
+             dynamic_shapes: Any, report: Report) -> Captured:
+    """Capture the model, its route, time and node count written into ``report``."""
+    t0 = time.perf_counter()
+    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic_shapes=dynamic_shapes)
+    report.capture_seconds = time.perf_counter() - t0
+    report.capture_route = captured.route
+    report.nodes_before = len(captured.module.graph.nodes)
+    return captured
 
 
 def _instruments(
@@ -184,10 +267,11 @@ def _instruments(
     return all_instruments + list(instruments)
 
 
-def _verify_result(gm: fx.GraphModule, pipeline: Sequence[Pass], ctx: OptimizeContext) -> None:
+def _verify_result(gm: fx.GraphModule, pipeline: Sequence[Pass], ctx: OptimizeContext) -> tuple[str, ...]:
     """Check the whole result's numerics into ``ctx.report.final_numerics`` (when verifying).
 
     The result is held to the budget its approximate passes spent (the first applied one's by default).
+    Returns the names of those passes.
     """
     report = ctx.report
     applied = [p for p in pipeline if p.uses_error_budget
@@ -196,6 +280,7 @@ def _verify_result(gm: fx.GraphModule, pipeline: Sequence[Pass], ctx: OptimizeCo
         ctx.error_budget = ctx.budget_for(applied[0])
     if ctx.verifier is not None:
         report.final_numerics = ctx.verify(gm, ctx.error_budget if applied else None)
+    return tuple(p.name for p in applied)
 
 
 def _device_of(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.device:

@@ -419,7 +419,10 @@ class Verifier:
     """Holds the reference outputs for a fixed set of inputs and checks candidates.
 
     The reference is computed once from ``reference_fn`` (the user's model) on
-    the example inputs and ``n_random`` fresh random input sets. For a model
+    the example inputs and ``n_random`` fresh random input sets, or on the
+    caller's ``input_sets`` (``(args, kwargs)`` pairs) instead of random ones:
+    inputs with structure random draws would miss (a decode step's KV cache
+    and positions, a recommender's offsets). For a model
     that runs in bf16/fp16, an exact rewrite's reduced-precision outputs that
     miss their tolerance are judged again against an fp32 run of the model
     (:class:`Fp32Reference`, made on first need).
@@ -433,12 +436,16 @@ class Verifier:
         gm: fx.GraphModule | None = None,
         n_random: int = 2,
         seed: int = 0,
+        input_sets: Sequence[tuple[Sequence[Any], dict[str, Any]]] | None = None,
     ) -> None:
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
         leaves, self._spec = pytree.tree_flatten((self.args, self.kwargs))
         # the module's placeholders follow the flattened inputs, one per leaf
         specs = input_specs(gm, leaves)
         self.input_sets: list[tuple[tuple, dict]] = [(self.args, self.kwargs)]
+        if input_sets is not None:  # the caller's own inputs replace the random ones
+            self.input_sets += [(tuple(a), dict(kw or {})) for a, kw in input_sets]
+            n_random = 0
         for k in range(n_random):
             fresh = random_inputs(specs, leaves, seed + 1 + k)
             a, kw = pytree.tree_unflatten(fresh, self._spec)

@@ -37,6 +37,9 @@ LAZY_IMPORT_ALLOWED = {
 LAZY_IMPORT_PAIRS = {
     ("graphopt.onnx.export", "graphopt.onnx.rewrites"):
         "the rewrites import onnxscript (seconds): `import graphopt` (which exposes export_onnx) stays without it",
+    ("graphopt.optimize", "graphopt.generate.build"):
+        "generation builds on optimize (it optimizes its prefill and decode graphs); the result's generate() "
+        "is the one way back",
 }
 LAZY_IMPORT_PACKAGES = ("graphopt.commands",)  # the same reason as graphopt.cli
 

@@ -1,0 +1,231 @@
+"""Prefill and decode graphs of a causal LM, each optimized by graphopt's pipeline and verified on real steps.
+
+``prepare_generation(model, **options)`` captures :class:`~graphopt.generate.step.CausalLMStep`
+twice through :func:`graphopt.optimize` with the same options (precision, passes, budgets):
+
+* **prefill**: dynamic batch, prompt length and cache length; verified on
+  real prompts (a left-padded one among them);
+* **decode**: one token per row; dynamic batch and cache length; verified on
+  the states of real decode steps (the eager model's own cache after a
+  prompt and a few greedy tokens), not on random caches.
+
+Then the pair is checked end to end: teacher-forced logits of a prompt plus
+``check_steps`` decode steps against the eager model (relative L2 and top-1
+agreement), the check that also covers the cache writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from graphopt.capture import eval_mode
+from graphopt.errors import BadInput
+from graphopt.generate.loop import GenerationTimes, prompt_positions, run_generation
+from graphopt.generate.sampling import Sampling
+from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
+from graphopt.optimize import OptimizeResult, optimize
+from graphopt.verify import ErrorBudget
+
+log = logging.getLogger(__name__)
+
+#: example sizes the graphs are captured at (none is 0 or 1, which torch.export would specialise)
+EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
+#: the decode steps the end-to-end check teacher-forces
+CHECK_STEPS = 6
+
+
+@dataclass
+class StepCheck:
+    """Teacher-forced logits of the optimized pair against the eager model, prompt plus decode steps."""
+
+    rel_l2: float
+    top1: float
+    steps: int
+
+    def ok(self, budget: ErrorBudget | None) -> bool:
+        limit = budget.rel_l2 if budget is not None else 1e-4
+        return self.rel_l2 <= limit and (budget is None or budget.top1 is None or self.top1 >= budget.top1)
+
+    def summary(self) -> str:
+        return f"teacher-forced over prompt + {self.steps} decode steps: rel_l2 {self.rel_l2:.2e}, top1 {self.top1:.3f}"
+
+
+@dataclass
+class GenerationGraphs:
+    """The optimized prefill and decode graphs of one causal LM, its cache layout and limits."""
+
+    prefill: OptimizeResult
+    decode: OptimizeResult
+    layout: CacheLayout
+    max_length: int
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    check: StepCheck | None = None
+    times: GenerationTimes = field(default_factory=GenerationTimes)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 streamer: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate after ``input_ids`` (left-padded batches take ``attention_mask``); see :func:`run_generation`."""
+        eos = eos_token_id if eos_token_id is not None else self.eos_token_id
+        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        return run_generation(self.prefill.module, self.decode.module, self.layout, input_ids, attention_mask,
+                              max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
+                              eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
+                              max_length=self.max_length, times=self.times)
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """A transformers model with a language-modelling head that generates (``GenerationMixin``)."""
+    try:
+        from transformers import GenerationMixin, PreTrainedModel
+    except ImportError:
+        return False
+    config = getattr(model, "config", None)
+    return (isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def model_max_length(model: torch.nn.Module, layout: CacheLayout, limit: int | None) -> int:
+    """The longest prompt + generation the graphs accept: the position table, the sliding window, ``limit``."""
+    config = model.config
+    candidates = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")]
+    known = [int(c) for c in candidates if isinstance(c, int) and c > 0]
+    length = min(known) if known else 8192
+    if layout.sliding_window is not None:
+        length = min(length, layout.sliding_window)
+    return min(length, limit) if limit else length
+
+
+def _dims(max_batch: int, max_length: int) -> tuple[Dim, Dim, Dim]:
+    batch = Dim("batch", min=1, max=max_batch)
+    prompt = Dim("prompt_len", min=2, max=max_length)
+    cache = Dim("cache_len", min=4, max=max_length)
+    return batch, prompt, cache
+
+
+def _prompt_inputs(model: torch.nn.Module, layout: CacheLayout, batch: int, prompt: int, length: int,
+                   pad_rows: int, seed: int) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
+    mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    mask[:, :prompt] = 1
+    for row in range(min(pad_rows, batch)):  # left-pad the first rows by a few tokens
+        mask[row, : 1 + row % max(1, prompt - 1)] = 0
+    args = (ids, mask, prompt_positions(mask[:, :prompt]), torch.tensor(0, device=device),
+            layout.allocate(batch, length, device))
+    return args, {}
+
+
+def _decode_states(step: CausalLMStep, layout: CacheLayout, model: torch.nn.Module, steps: int,
+                   seed: int) -> list[tuple[tuple, dict]]:
+    """The inputs of ``steps`` real greedy decode steps after a left-padded prompt, each a snapshot."""
+    prompt, batch = EXAMPLE_PROMPT + 3, EXAMPLE_BATCH
+    (ids, mask, pos, start, cache), _ = _prompt_inputs(model, layout, batch, prompt, prompt + steps + 1, 1, seed)
+    states = []
+    with torch.no_grad():
+        logits = step(ids, mask, pos, start, cache)
+        positions = pos[:, -1:]
+        for i in range(steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            mask = mask.clone()
+            mask[:, prompt + i] = 1
+            positions = positions + 1
+            args = (token, mask, positions, torch.tensor(prompt + i, device=token.device), [c.clone() for c in cache])
+            states.append((args, {}))
+            logits = step(*args[:4], cache)
+    return states
+
+
+def teacher_forced_logits(prefill: Callable, decode: Callable, layout: CacheLayout, model: torch.nn.Module,
+                          steps: int = CHECK_STEPS, seed: int = 7) -> torch.Tensor:
+    """Last-position logits of a left-padded prompt, then of ``steps`` forced (random) tokens: ``[steps+1, B, V]``."""
+    prompt = EXAMPLE_PROMPT + 5
+    (ids, mask, pos, start, cache), _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, prompt, prompt + steps, 1, seed)
+    forced = torch.randint(0, int(model.config.vocab_size), (steps, EXAMPLE_BATCH, 1),
+                           generator=torch.Generator().manual_seed(seed + 1)).to(ids.device)
+    out = []
+    with torch.no_grad():
+        out.append(prefill(ids, mask, pos, start, cache)[:, -1].float())
+        positions = pos[:, -1:]
+        for i in range(steps):
+            mask[:, prompt + i] = 1
+            positions = positions + 1
+            start = torch.tensor(prompt + i, device=ids.device)
+            out.append(decode(forced[i], mask, positions, start, cache)[:, -1].float())
+    return torch.stack(out)
+
+
+def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int = CHECK_STEPS) -> StepCheck:
+    """Compare the optimized pair with the eager model on teacher-forced prompt + decode logits (fp32 reference)."""
+    step = CausalLMStep(model)
+    reference = teacher_forced_logits(step, step, graphs.layout, model, steps)
+    got = teacher_forced_logits(graphs.prefill.module, graphs.decode.module, graphs.layout, model, steps)
+    rel = float((got - reference).norm() / reference.norm().clamp_min(1e-30))
+    top1 = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
+    return StepCheck(rel if math.isfinite(rel) else math.inf, top1, steps)
+
+
+def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_length: int | None = None,
+                       progress: Callable[[str], None] | None = None, **optimize_options: Any) -> GenerationGraphs:
+    """Capture, optimize and check the prefill and decode graphs of a transformers causal LM.
+
+    ``optimize_options`` are :func:`graphopt.optimize`'s keyword arguments
+    (``precision=``, ``error_budget=``, ``passes=``, pass options, ...), applied
+    to both graphs. ``max_length`` caps prompt + generated tokens (default:
+    the model's position table or sliding window). The user's model is not
+    modified.
+    """
+    if not is_causal_lm(model):
+        raise BadInput(f"{type(model).__name__} is not a transformers causal LM (a PreTrainedModel with "
+                       "generate()); generation graphs are built for those only")
+    say = progress or (lambda _msg: None)
+    with eval_mode(model):
+        layout = read_cache_layout(model)
+        length_cap = model_max_length(model, layout, max_length)
+        step = CausalLMStep(model)
+        batch, prompt, cache_len = _dims(max_batch, length_cap)
+        kv = [{0: batch, 2: cache_len}] * (2 * layout.layers)
+        say("generation: prefill graph")
+        pre_args, _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_PROMPT + EXAMPLE_NEW, 1, 0)
+        prefill_checks = [_prompt_inputs(model, layout, b, t, t + n, pads, seed)
+                          for b, t, n, pads, seed in ((3, 5, 7, 2, 1), (1, 13, 4, 0, 2), (2, 8, 9, 0, 3))]
+        prefill = optimize(step, pre_args, dynamic_shapes=({0: batch, 1: prompt}, {0: batch, 1: cache_len},
+                                                           {0: batch, 1: prompt}, None, kv),
+                           verify_inputs=prefill_checks, progress=progress, **optimize_options)
+        say("generation: decode graph")
+        states = _decode_states(step, layout, model, 4, seed=4)
+        decode = optimize(step, states[0][0], dynamic_shapes=({0: batch}, {0: batch, 1: cache_len}, {0: batch},
+                                                              None, kv),
+                          verify_inputs=states[1:], progress=progress, **optimize_options)
+        config = getattr(model, "generation_config", None) or model.config
+        graphs = GenerationGraphs(prefill, decode, layout, length_cap,
+                                  eos_token_id=getattr(config, "eos_token_id", None),
+                                  pad_token_id=getattr(config, "pad_token_id", None))
+        say("generation: teacher-forced check")
+        graphs.check = check_steps(graphs, model)
+    approximate = [r for r in (prefill, decode) if r.approximate]
+    log.info("generation graphs ready: %s", graphs.check.summary())
+    if not graphs.check.ok(approximate[0].context.error_budget if approximate else None):
+        raise GenerationCheckError(graphs.check)
+    return graphs
+
+
+class GenerationCheckError(BadInput, RuntimeError):
+    """The optimized prefill/decode pair does not reproduce the eager model's teacher-forced logits."""
+
+    def __init__(self, check: StepCheck) -> None:
+        self.check = check
+        super().__init__(f"the optimized generation graphs miss the eager model: {check.summary()}; "
+                         "run with passes=[] to find the pass, and report it")

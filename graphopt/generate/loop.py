@@ -1,0 +1,140 @@
+"""The generation loop: prefill the prompt into a static KV cache, then decode one token per step.
+
+Works with any pair of callables shaped like :class:`~graphopt.generate.step.CausalLMStep`
+(the eager step, the optimized graphs, or graphs loaded from a bundle), so the
+same loop serves the reference run and the optimized one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from graphopt.errors import BadInput
+from graphopt.generate.sampling import Sampling
+from graphopt.generate.step import CacheLayout
+
+log = logging.getLogger(__name__)
+
+Step = Callable[..., torch.Tensor]
+
+
+@dataclass
+class GenerationTimes:
+    """Wall time of the last generate call: prefill, and each decode step."""
+
+    prefill_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.decode_s) / sum(self.decode_s) if self.decode_s else 0.0
+
+
+def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded prompt, as transformers computes them (pads get position 1)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt and its mask, checked: 2-D integer ids, a 0/1 mask of the same shape, padding on the left."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
+        raise BadInput("input_ids must be an integer tensor of token ids, shaped (batch, prompt_length)")
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise BadInput(f"input_ids must be shaped (batch, prompt_length) with a non-empty prompt; "
+                       f"got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.ndim == 1:
+        attention_mask = attention_mask[None]
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise BadInput(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape "
+                       f"{tuple(input_ids.shape)}")
+    mask = attention_mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise BadInput("attention_mask must hold only 0 (padding) and 1 (token)")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise BadInput("the prompt is padded on the right; pad on the left for generation "
+                       "(tokenizer.padding_side = 'left')")
+    if bool((mask.sum(-1) == 0).any()):
+        raise BadInput("a row of the batch has no token (its attention_mask is all 0)")
+    return input_ids, mask
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long) if ids else None
+
+
+def _stream(streamer: Any, tokens: torch.Tensor) -> None:
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):  # transformers' streamers
+        streamer.put(tokens.cpu())
+    else:
+        streamer(tokens)
+
+
+def run_generation(
+    prefill: Step, decode: Step, layout: CacheLayout, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    *, max_new_tokens: int, sampling: Sampling, eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None, streamer: Any = None, generator: torch.Generator | None = None,
+    max_length: int | None = None, times: GenerationTimes | None = None,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` after each prompt; returns ``[batch, prompt + generated]``.
+
+    Rows that reach an end token keep going with ``pad_token_id`` (the end
+    token when none is given) until every row has ended, as transformers does.
+    """
+    input_ids, mask = check_prompt(input_ids, attention_mask)
+    if max_new_tokens < 1:
+        raise BadInput(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    batch, prompt = input_ids.shape
+    length = prompt + max_new_tokens
+    if max_length is not None and length > max_length:
+        raise BadInput(f"prompt {prompt} + max_new_tokens {max_new_tokens} = {length} tokens exceeds the "
+                       f"{max_length} this model was prepared for; shorten the prompt or generate fewer tokens")
+    device = input_ids.device
+    eos = _eos_set(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    cache = layout.allocate(batch, length, device)
+    full_mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    full_mask[:, :prompt] = mask
+    times = times if times is not None else GenerationTimes()
+    times.prefill_s, times.decode_s = 0.0, []
+    if streamer is not None and hasattr(streamer, "put"):
+        streamer.put(input_ids.cpu())
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits = prefill(input_ids, full_mask, prompt_positions(mask), torch.tensor(0, device=device), cache)
+    times.prefill_s = time.perf_counter() - t0
+    positions = prompt_positions(mask)[:, -1:]
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    out = [input_ids]
+    for i in range(max_new_tokens):
+        token = sampling.next_tokens(logits[:, -1, :], generator)
+        token = torch.where(unfinished, token, torch.full_like(token, pad))
+        out.append(token[:, None])
+        _stream(streamer, token)
+        if eos is not None:
+            unfinished &= ~torch.isin(token, eos.to(device))
+        if i == max_new_tokens - 1 or not bool(unfinished.any()):
+            break
+        full_mask[:, prompt + i] = 1
+        positions = positions + 1
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = decode(token[:, None], full_mask, positions, torch.tensor(prompt + i, device=device), cache)
+        times.decode_s.append(time.perf_counter() - t0)
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return torch.cat(out, dim=1)

@@ -1,0 +1,51 @@
+"""Choosing the next token from last-position logits: greedy, or sampled with temperature, top-k and top-p.
+
+The semantics are transformers' (``TemperatureLogitsWarper``, then
+``TopKLogitsWarper``, then ``TopPLogitsWarper``, then a multinomial draw), so
+a sampled run reads the same knobs a user knows from ``model.generate``. It is
+written here, in a few lines, rather than imported, because a generation
+bundle must run where transformers is not installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. ``do_sample=False`` is greedy (argmax) and ignores the rest."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (got {self.top_k})")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+    def next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``logits [batch, vocab]`` -> token ids ``[batch]``."""
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / self.temperature
+        if self.top_k is not None:
+            k = min(self.top_k, scores.shape[-1])
+            kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = cumulative <= (1 - self.top_p)
+            drop_sorted[..., -1:] = False  # always keep the most likely token
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
