@@ -166,3 +166,50 @@ def writes_first_argument(target: torch._ops.OpOverload) -> bool:
     first = schema.arguments[0] if schema.arguments else None
     return bool(schema.is_mutable and schema.name.endswith("_") and first is not None
                 and first.alias_info is not None and first.alias_info.is_write)
+
+
+def _is_view(node: fx.Node) -> bool:
+    """The op returns a view of its first argument (the schema's return aliases it, not as a write)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def _written_arguments(node: fx.Node) -> list[fx.Node]:
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.is_mutable:
+        return []
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(value, fx.Node):
+            written.append(value)
+    return written
+
+
+def mutated_storage(graph: fx.Graph) -> set[fx.Node]:
+    """Every node whose tensor shares storage with something an op writes in place.
+
+    The written argument, the bases it is a view of, and every view of those:
+    their values change during a run, so two reads of them are not the same
+    value (CSE), nor free to move.
+    """
+    roots: set[fx.Node] = set()
+    for node in graph.nodes:
+        for arg in _written_arguments(node):
+            while True:
+                roots.add(arg)
+                if not (_is_view(arg) and arg.args and isinstance(arg.args[0], fx.Node)):
+                    break
+                arg = arg.args[0]
+    shared, frontier = set(roots), list(roots)
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in shared and _is_view(user):
+                shared.add(user)
+                frontier.append(user)
+    return shared

@@ -84,3 +84,20 @@ def test_declines_merging_two_returned_values():
     a, bt, _ = call(result.module, (torch.zeros(2, 2),))
     a.add_(5)
     assert torch.equal(bt, torch.ones(2, 2))
+
+
+def test_values_written_in_place_are_not_merged():
+    """Two copies of a counter, each advanced in place (a KV cache layer's position): merged, it advances twice."""
+    class TwoCounters(nn.Module):
+        def forward(self, x, position):
+            first = position.clone()
+            first.add_(1)
+            second = position.clone()
+            second.add_(1)
+            return x + first + second
+
+    args = (torch.zeros(3), torch.tensor(4))
+    gm, ctx = capture_for_pass(TwoCounters(), args)
+    assert op_targets(gm).count("aten.add_") == 2, "the in-place adds must survive capture for this test"
+    out = run_pass(CommonSubexpressionElimination(), gm, ctx).module
+    assert torch.equal(call(out, (torch.zeros(3), torch.tensor(4))), torch.full((3,), 10))

@@ -5,7 +5,10 @@ Rewrites:
     two get_attr nodes of the same attr -> one
 
 Declines: impure nodes (in-place ops, asserts), random ops (each call draws
-new values), placeholders and the output, two nodes that are both returned
+new values), placeholders and the output, nodes that read or are storage
+some op writes in place (a KV cache written with ``index_copy_``, a
+position counter advanced with ``add_``: two reads of it are not one value,
+and a merged copy would be advanced twice), two nodes that are both returned
 (``return x + 1, x + 1``: merged, the caller would get one tensor twice, and
 writing into one output would change the other).
 
@@ -22,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
+from graphopt.opsets import mutated_storage
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.report import Declined
 
@@ -45,10 +49,12 @@ def _key(value: Any, rep: dict[fx.Node, fx.Node]) -> Any:
     return (type(value).__name__, value)
 
 
-def _eligible(node: fx.Node) -> bool:
+def _eligible(node: fx.Node, mutated: set[fx.Node]) -> bool:
     if node.op == "get_attr":
-        return True
-    if node.op != "call_function":
+        return node not in mutated
+    if node.op != "call_function" or node in mutated:
+        return False
+    if any(isinstance(a, fx.Node) and a in mutated for a in node.all_input_nodes):
         return False
     if node.is_impure():
         return False
@@ -68,8 +74,9 @@ class CommonSubexpressionElimination(Pass):
         rep: dict[fx.Node, fx.Node] = {}
         merged = 0
         declined: list[Declined] = []
+        mutated = mutated_storage(gm.graph)
         for node in list(gm.graph.nodes):
-            if not _eligible(node):
+            if not _eligible(node, mutated):
                 continue
             key = (node.op, _key(node.target, rep) if node.op != "call_function" else node.target,
                    _key(node.args, rep), _key(node.kwargs, rep))
