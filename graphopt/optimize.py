@@ -99,7 +99,7 @@ class OptimizeResult:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: Any = ...,
                  pad_token_id: int | None = None, streamer: Any = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Generate tokens after ``input_ids`` with a KV cache, like transformers' ``model.generate``.
@@ -109,15 +109,17 @@ class OptimizeResult:
         ``top_k``, ``top_p`` (pass a seeded ``generator`` to repeat a draw).
         A left-padded batch takes its ``attention_mask``. Generation stops at
         ``max_new_tokens`` or when every row produced an ``eos_token_id``
-        (default: the model's); ended rows are filled with ``pad_token_id``.
+        (default: the model's; ``None``: no end token, as in transformers);
+        ended rows are filled with ``pad_token_id``.
         ``streamer`` is called with each new token column (or is a
         transformers streamer). Returns ``[batch, prompt + generated]``.
         The first call builds the prefill and decode graphs (:meth:`prepare_generation`).
         """
+        eos = {} if eos_token_id is ... else {"eos_token_id": eos_token_id}
         return self.prepare_generation().generate(
             input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, streamer=streamer, generator=generator)
+            temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_token_id, streamer=streamer,
+            generator=generator, **eos)
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
         """Write ``model.pt2`` (reload with ``torch.export.load``) and ``report.json`` into ``directory``.

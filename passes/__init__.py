@@ -24,7 +24,9 @@ from graphopt.passes.cleanup.fold_conv_bn import FoldConvBatchNorm
 from graphopt.passes.cleanup.remove_noops import RemoveNoOps
 from graphopt.passes.merge_matmuls import MergeMatmuls
 from graphopt.passes.precision import ReducedPrecision
+from graphopt.passes.sdpa_gqa import RegroupSdpaHeads
 from graphopt.passes.tensor_parallel import TensorParallel
+from graphopt.passes.weight_layout import MatvecWeightLayout
 
 __all__ = ["available", "cleanup_pipeline", "default_pipeline", "all_pass_classes"]
 
@@ -45,7 +47,7 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    pipeline = cleanup_pipeline() + [FuseAttention(), MergeMatmuls()] + cleanup_pipeline()
+    pipeline = cleanup_pipeline() + [FuseAttention(), RegroupSdpaHeads(), MergeMatmuls(), MatvecWeightLayout()] + cleanup_pipeline()
     if ctx is not None and (ctx.memory_budget is not None or ctx.options.get("autotune")
                             or any(k in ctx.options for k in BlockedOperators.options if k.startswith("block"))):
         pipeline.append(BlockedOperators())
@@ -63,7 +65,9 @@ def all_pass_classes() -> list[type[Pass]]:
         FoldConvBatchNorm,
         DeadCodeElimination,
         FuseAttention,
+        RegroupSdpaHeads,
         MergeMatmuls,
+        MatvecWeightLayout,
         ReducedPrecision,
         TensorParallel,
         BlockedOperators,

@@ -19,7 +19,7 @@ from tests.support.strategies import Recipe, build_model, check_recipe, differen
 from tests.support.wrong_passes import SwapMatmulOperands
 
 
-ALWAYS_REWRITE = {"merge_matmuls_policy": "always"}
+ALWAYS_REWRITE = {"merge_matmuls_policy": "always", "weight_layout_policy": "always"}
 
 
 @differential_settings(max_examples=200)

@@ -26,6 +26,8 @@ PASS_TEST_FILES: dict[str, tuple[str, ...]] = {
     "precision": ("test_precision_pass.py",),
     "tensor_parallel": ("test_parallel_tp_plan.py", "test_parallel_tp_run.py"),
     "blocked": ("test_blocked_pass.py",),
+    "weight_layout": ("test_weight_layout.py",),
+    "sdpa_gqa": ("test_sdpa_gqa.py",),
 }
 
 # What a test function's name must contain to count as each of the four.

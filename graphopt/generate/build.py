@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: example sizes the graphs are captured at (none is 0 or 1, which torch.export would specialise)
 EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
+#: ``eos_token_id`` not given: the model's generation config decides (``None`` means none, as in transformers)
+MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "<the model's>"})()
 #: the decode steps the end-to-end check teacher-forces
 CHECK_STEPS = 6
 
@@ -73,10 +75,14 @@ class GenerationGraphs:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 eos_token_id: Any = MODEL_DEFAULT, pad_token_id: int | None = None,
                  streamer: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Generate after ``input_ids`` (left-padded batches take ``attention_mask``); see :func:`run_generation`."""
-        eos = eos_token_id if eos_token_id is not None else self.eos_token_id
+        """Generate after ``input_ids`` (left-padded batches take ``attention_mask``); see :func:`run_generation`.
+
+        ``eos_token_id``: the model's end token(s) unless given; ``None`` generates without one
+        (as in transformers).
+        """
+        eos = self.eos_token_id if eos_token_id is MODEL_DEFAULT else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         return run_generation(self.prefill.module, self.decode.module, self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),

@@ -132,7 +132,7 @@ def _strip_prescale(op: _Operand, consts: Constants) -> tuple[_Operand, float]:
         op = _Operand(a, op.transposed, op.path + [n])
 
 
-def _repeat_kv_source(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
+def repeat_kv_source(node: fx.Node) -> tuple[fx.Node, int, list[fx.Node]] | None:
     """If ``node`` is key/value repeated over the heads dim (-3), return (source, repeats, nodes)."""
     shape = ir.shape_of(node)
     if shape is None or len(shape) < 3 or node.op != "call_function":
@@ -241,7 +241,7 @@ def _grouped_kv(site: AttentionSite, k_op: _Operand, v_op: _Operand,
     """GQA: key and value repeated over the heads (repeat_kv); returns the sources."""
     if k_op.transposed or site.k_perm is not None or site.v_perm is not None:
         return k_op, v_op
-    kr, vr = _repeat_kv_source(k_op.node), _repeat_kv_source(v_op.node)
+    kr, vr = repeat_kv_source(k_op.node), repeat_kv_source(v_op.node)
     if kr is None or vr is None or kr[1] != vr[1]:
         return k_op, v_op
     site.k_expanded, site.v_expanded = k_op.node, v_op.node

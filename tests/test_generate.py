@@ -1,0 +1,159 @@
+"""Generation: prefill and decode graphs over a static KV cache, token-identical to transformers' greedy generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.errors import BadInput
+from graphopt.generate import CausalLMStep, prepare_generation, read_cache_layout
+from tests.support.helpers import assert_state_unchanged, snapshot_state
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320
+SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128,
+                                            bos_token_id=0, eos_token_id=0),
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=64),
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model_and_result(request):
+    model = build(request.param)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    result = graphopt.optimize(model, (ids,), {"use_cache": False})
+    result.prepare_generation()
+    return model, result
+
+
+def left_padded_batch(lengths=(9, 5, 12, 3), seed=2):
+    width = max(lengths)
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+        ids[row, : width - n] = 0
+    return ids, mask
+
+
+def test_greedy_equals_transformers_at_batch_1(model_and_result):
+    model, result = model_and_result
+    # no token 0 in the prompt: transformers masks tokens equal to pad_token_id when no mask is given
+    ids = torch.randint(1, VOCAB, (1, 11), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = result.generate(ids, max_new_tokens=16, eos_token_id=None)
+    assert torch.equal(got, expected)
+
+
+def test_greedy_equals_transformers_on_a_left_padded_batch_of_4(model_and_result):
+    model, result = model_and_result
+    ids, mask = left_padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    got = result.module.generate(ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_decode_graph_is_checked_and_reads_grouped_heads_in_place(model_and_result):
+    model, result = model_and_result
+    graphs = result.generation
+    assert graphs.check.rel_l2 < 1e-5 and graphs.check.top1 == 1.0
+    assert graphs.decode.report.final_numerics.inputs_checked >= 3  # the example and real decode states
+    sdpa = [n for n in graphs.decode.module.graph.nodes if n.op == "call_function"
+            and n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 2
+    heads, kv_heads = model.config.num_attention_heads, getattr(model.config, "num_key_value_heads", None)
+    if kv_heads and kv_heads < heads:
+        assert all(n.kwargs.get("enable_gqa") for n in sdpa), "GQA must not repeat the cache"
+        written = [n.args[1] for n in sdpa]  # index_copy_ returns the cache input it wrote the new key into
+        assert all(k.target == torch.ops.aten.index_copy_.default and k.args[0].op == "placeholder"
+                   for k in written), "keys read straight from the cache input"
+
+
+def test_the_users_model_is_untouched_and_still_generates():
+    model = build("llama")
+    assert model.config.use_cache
+    before = snapshot_state(model)
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    result = graphopt.optimize(model, (ids.repeat(2, 1),), {"use_cache": False})
+    got = result.generate(ids, max_new_tokens=5)
+    assert_state_unchanged(model, before)
+    assert model.config.use_cache is True
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), expected)
+    assert torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def llama_graphs():
+    model = build("llama")
+    return model, prepare_generation(model)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_graphs):
+    _, graphs = llama_graphs
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    def sample(seed, **kw):
+        return graphs.generate(ids, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(seed),
+                               **kw)
+
+    assert torch.equal(sample(1, temperature=0.8, top_p=0.9), sample(1, temperature=0.8, top_p=0.9))
+    assert torch.equal(sample(2, top_k=1), graphs.generate(ids, max_new_tokens=8))
+
+
+def test_eos_ends_rows_and_pads_them(llama_graphs):
+    _, graphs = llama_graphs
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
+    free = graphs.generate(ids, max_new_tokens=6, eos_token_id=None)
+    eos = int(free[0, 7 + 1])  # row 0's second new token
+    streamed = []
+    out = graphs.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=VOCAB - 1,
+                          streamer=lambda t: streamed.append(t.clone()))
+    assert out[0, 7 + 1] == eos and bool((out[0, 7 + 2:] == VOCAB - 1).all())
+    assert torch.equal(torch.stack(streamed, 1), out[:, 7:])
+    assert graphs.times.prefill_s > 0 and len(graphs.times.decode_s) == out.shape[1] - 7 - 1
+
+
+@pytest.mark.parametrize("ids, mask, words", [
+    (torch.ones(1, 4), None, "integer tensor"),
+    (torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), "padded on the right"),
+    (torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 0, 0, 0]]), "no token"),
+    (torch.ones(1, 4, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), "must have input_ids' shape"),
+    (torch.ones(1, 120, dtype=torch.long), None, "exceeds the 128"),
+])
+def test_bad_prompts_get_one_line_errors(llama_graphs, ids, mask, words):
+    _, graphs = llama_graphs
+    with pytest.raises(BadInput, match=words) as info:
+        graphs.generate(ids, mask, max_new_tokens=20)
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused():
+    with pytest.raises(BadInput, match="not a transformers causal LM"):
+        prepare_generation(torch.nn.Linear(4, 4))
+
+
+def test_the_eager_step_matches_the_model_forward():
+    model = build("qwen2")
+    graphs_layout = read_cache_layout(model)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    mask[:, :6] = 1
+    positions = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        step = CausalLMStep(model)(ids, mask, positions, torch.tensor(0), graphs_layout.allocate(2, 10))
+        full = model(ids, use_cache=False).logits[:, -1:]
+    assert torch.allclose(step, full, atol=1e-5)
