@@ -13,6 +13,7 @@ from graphopt import ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
 from graphopt.errors import GraphoptError, OptionError
+from graphopt.generate import GenerationGraphs, prepare_generation
 from graphopt.onnx import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx, record_onnx_export
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
@@ -41,6 +42,7 @@ __all__ = [
     "Declined",
     "ErrorBudget",
     "FunctionPass",
+    "GenerationGraphs",
     "GraphoptError",
     "Instrument",
     "OnnxExport",
@@ -58,6 +60,7 @@ __all__ = [
     "capture",
     "export_onnx",
     "optimize",
+    "prepare_generation",
     "record_onnx_export",
     "visualize",
 ]

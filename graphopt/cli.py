@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from graphopt.commands import analyze as analyze_cmd
 from graphopt.commands import convert as convert_cmd
+from graphopt.commands import generate as generate_cmd
 from graphopt.commands import optimize as optimize_cmd
 from graphopt.commands import passes as passes_cmd
 from graphopt.commands import run as run_cmd
@@ -30,7 +31,7 @@ from graphopt.commands.common import err_console
 from graphopt.errors import GraphoptError
 
 #: subcommand modules, each with ``register(subparsers)``
-COMMANDS = [optimize_cmd, convert_cmd, passes_cmd, analyze_cmd, run_cmd, viz_cmd]
+COMMANDS = [optimize_cmd, convert_cmd, generate_cmd, passes_cmd, analyze_cmd, run_cmd, viz_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,3 +54,19 @@ def test_example_scripts_run(script, argv, tmp_path, monkeypatch, capsys):
         assert "batch norms: 2 -> 0" in out and "top-1 agreement 100%" in out
     else:
         assert "CausalLMOutputWithPast" in out
+
+
+def test_generation_page_runs():
+    blocks = python_blocks("generation.md")
+    assert len(blocks) == 1
+    namespace: dict = {"__name__": "generation_page"}
+    exec(compile(blocks[0], "docs/generation.md", "exec"), namespace)
+    assert namespace["tokens"].shape == (2, 36)
+
+
+def test_generate_example_matches_transformers(monkeypatch, capsys):
+    path = os.path.join(REPO_ROOT, "examples", "generate.py")
+    monkeypatch.setattr("sys.argv", [path, "--batch", "2", "--new-tokens", "4"])
+    runpy.run_path(path, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "greedy tokens equal to transformers' generate: True" in out

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
 MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "<the model's>"})()
 #: the decode steps the end-to-end check teacher-forces
 CHECK_STEPS = 6
+#: the longest prompt + tokens the build's own examples and checks use
+CHECK_LENGTH = 32
 
 
 @dataclass
@@ -201,7 +203,8 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
         layout = read_cache_layout(model)
         length_cap = model_max_length(model, layout, max_length)
         step = CausalLMStep(model)
-        batch, prompt, cache_len = _dims(max_batch, length_cap)
+        # the graphs take any length up to the cap; the examples and checks below need up to CHECK_LENGTH
+        batch, prompt, cache_len = _dims(max_batch, max(length_cap, CHECK_LENGTH))
         kv = [{0: batch, 2: cache_len}] * (2 * layout.layers)
         say("generation: prefill graph")
         pre_args, _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_PROMPT + EXAMPLE_NEW, 1, 0)

@@ -1,0 +1,215 @@
+"""Generation: prefill and decode speed of transformers' variants and graphopt's, side by side in one process.
+
+Models (random weights, configs only):
+
+* ``llama``: LlamaForCausalLM, 4 layers, hidden 512, 8 heads / 2 KV heads,
+  intermediate 1376, vocab 32000 (issue 16's model);
+* ``gpt2``: GPT2LMHeadModel, 12 layers, hidden 768 (GPT-2 small's shape).
+
+Variants, each generating ``--new`` tokens greedily after a ``--prompt``-token
+prompt at every ``--batches`` size:
+
+* ``hf eager dynamic``: transformers, eager attention, dynamic KV cache;
+* ``hf sdpa static``: sdpa attention, ``cache_implementation="static"``;
+* ``hf sdpa static compile``: the same with the forward ``torch.compile``d
+  (fullgraph; its first-call compile time is reported, not timed);
+* ``graphopt fp32`` / ``bf16`` / ``int8`` / ``int8wo`` / ``int4`` / ``auto``:
+  :func:`graphopt.prepare_generation` with that ``precision`` (the build time
+  is reported, not timed).
+
+All variants are timed round-robin (``--rounds`` rounds, after one warm-up
+each), the median kept: the load of a busy machine hits them alike; the load
+average is printed with the figures. Prefill ms is the time to the first new
+token; decode is the mean time per later token (a step gives every row one
+token; tokens/s counts all rows). Greedy tokens are compared with ``hf eager
+dynamic``'s. Reduced precision is judged by teacher-forced logits over a
+prompt plus 32 decode steps against the fp32 model (relative L2 and top-1),
+never by free-running text.
+
+    python benchmarks/generate.py                          # llama and gpt2, batches 1 and 8
+    python benchmarks/generate.py --models llama --batches 1 --write   # figures into RESULTS.md
+    python benchmarks/generate.py --tiny                   # a seconds-long smoke run (CI)
+    python benchmarks/generate.py --device cuda            # a lent GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import graphopt  # noqa: E402
+from graphopt.generate import check_steps  # noqa: E402
+from graphopt.generate.measure import time_generation  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16", "int8", "int8wo", "int4", "auto")
+HF_VARIANTS = ("hf eager dynamic", "hf sdpa static", "hf sdpa static compile")
+
+
+def build(name: str, attn: str, tiny: bool) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "llama":
+        size = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=512) if tiny else dict(
+            num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+            num_key_value_heads=2, vocab_size=32000)
+        config = transformers.LlamaConfig(**size)
+    elif name == "gpt2":
+        config = transformers.GPT2Config(**(dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512) if tiny else {}))
+    else:
+        raise SystemExit(f"unknown model {name!r}: llama or gpt2")
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def hf_runner(model: torch.nn.Module, **kw: Any):
+    def run(ids: torch.Tensor, new: int):
+        return time_generation(model.generate, ids, torch.ones_like(ids), new, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, use_cache=True, **kw)
+    return run
+
+
+def graphopt_runner(graphs: Any):
+    def run(ids: torch.Tensor, new: int):
+        return time_generation(graphs.generate, ids, None, new, eos_token_id=None)
+    return run
+
+
+def variants(name: str, args: argparse.Namespace, info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every variant's runner; build and compile times and errors go into ``info``."""
+    eager = build(name, "eager", args.tiny).to(args.device)
+    sdpa = build(name, "sdpa", args.tiny).to(args.device)
+    sdpa.load_state_dict(eager.state_dict())
+    runners: dict[str, Any] = {}
+    if "hf" in args.variants:
+        runners["hf eager dynamic"] = hf_runner(eager)
+        runners["hf sdpa static"] = hf_runner(sdpa, cache_implementation="static", disable_compile=True)
+        if not args.no_compile:
+            compiled = copy.deepcopy(sdpa)
+            compiled.forward = torch.compile(compiled.forward, fullgraph=True)
+            runners["hf sdpa static compile"] = hf_runner(compiled, cache_implementation="static",
+                                                          disable_compile=True)
+    for precision in [p for p in args.variants.split(",") if p in PRECISIONS]:
+        label = f"graphopt {precision}"
+        t0 = time.perf_counter()
+        try:
+            options = {} if precision == "fp32" else {"precision": precision}
+            graphs = graphopt.prepare_generation(sdpa, max_length=args.prompt + args.new + 8, **options)
+        except Exception as exc:  # a precision the machine cannot run is a row, not a crash
+            info[label] = {"status": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            continue
+        check = check_steps(graphs, eager, steps=32 if not args.tiny else 6)
+        info[label] = {"build_s": round(time.perf_counter() - t0, 1), "teacher_forced_rel_l2": check.rel_l2,
+                       "teacher_forced_top1": check.top1,
+                       "approximate": list(graphs.decode.approximate + graphs.prefill.approximate)}
+        runners[label] = graphopt_runner(graphs)
+    return runners
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    info: dict[str, dict[str, Any]] = {}
+    runners = variants(name, args, info)
+    vocab_hi = 500 if args.tiny else 30000
+    results: dict[str, Any] = {}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = torch.randint(1, vocab_hi, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+        ids = ids.to(args.device)
+        samples: dict[str, list[Any]] = {v: [] for v in runners}
+        for v, run in runners.items():  # warm-up (and the compile, timed)
+            t0 = time.perf_counter()
+            run(ids, args.new)  # the same lengths as the timed runs: a static cache of another size recompiles
+            info.setdefault(v, {})[f"warmup_s_b{batch}"] = round(time.perf_counter() - t0, 1)
+        for _ in range(args.rounds):
+            for v, run in runners.items():
+                samples[v].append(run(ids, args.new))
+        reference = samples.get("hf eager dynamic", [None])[0]
+        for v, runs in samples.items():
+            row = {"prefill_ms": statistics.median(r.prefill_ms for r in runs),
+                   "decode_ms": statistics.median(r.decode_ms for r in runs), "batch": batch}
+            row["decode_tokens_per_s"] = batch * 1e3 / row["decode_ms"]
+            if reference is not None:
+                same = (runs[0].tokens == reference.tokens)[:, args.prompt:]
+                row["tokens_equal"] = bool(same.all())
+                row["token_agreement"] = float(same.float().mean())
+            results[f"{v} b{batch}"] = {**row, **info.get(v, {})}
+        print(f"[{name} b{batch}] load average {os.getloadavg()}", file=sys.stderr)
+    return {"results": results, "load_average": os.getloadavg()}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    from results_file import cpu_description, markers
+
+    begin, end = markers("generate")
+    out = [begin, "## Generation (benchmarks/generate.py)", "",
+           f"{data['machine']}, {torch.get_num_threads()} threads, torch {torch.__version__}; prompt "
+           f"{data['prompt']}, {data['new']} new tokens, greedy, median of {data['rounds']} interleaved rounds.", ""]
+    _ = cpu_description
+    for model, section in data["models"].items():
+        rows = section["results"]
+        fastest_hf = {b: max((r["decode_tokens_per_s"] for k, r in rows.items()
+                              if k.startswith("hf") and r["batch"] == b), default=None)
+                      for b in {r["batch"] for r in rows.values()}}
+        out += [f"**{model}** (load average after: {', '.join(f'{x:.2f}' for x in section['load_average'])})", "",
+                "| variant | prefill ms | decode ms/step | decode tokens/s | x fastest hf | tokens equal | "
+                "teacher-forced rel L2 / top-1 | build s |", "|---|---|---|---|---|---|---|---|"]
+        for key, r in rows.items():
+            ratio = r["decode_tokens_per_s"] / fastest_hf[r["batch"]] if fastest_hf.get(r["batch"]) else None
+            err = (f"{r['teacher_forced_rel_l2']:.2e} / {r['teacher_forced_top1']:.3f}"
+                   if "teacher_forced_rel_l2" in r else "")
+            out.append(f"| {key} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['decode_tokens_per_s']:.1f} | "
+                       f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('tokens_equal', '')} | {err} | "
+                       f"{r.get('build_s', '')} |")
+        out.append("")
+    out.append(end)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama,gpt2")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default="hf," + ",".join(PRECISIONS),
+                   help="comma list: hf (the three transformers variants) and graphopt precisions")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to compile)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="tiny models and lengths: a smoke run")
+    p.add_argument("--json", metavar="FILE", help="also write the raw figures here")
+    p.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.prompt, args.new, args.rounds = min(args.prompt, 8), min(args.new, 6), 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from results_file import cpu_description, write_section
+
+    data = {"machine": cpu_description() if args.device == "cpu" else torch.cuda.get_device_name(),
+            "prompt": args.prompt, "new": args.new, "rounds": args.rounds, "models": {}}
+    for name in args.models.split(","):
+        data["models"][name] = measure(name, args)
+    text = markdown(data)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+    if args.write:
+        write_section("generate", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""``graphopt generate``: builds the graphs, times them, checks the tokens against the original."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graphopt import cli
+
+pytest.importorskip("transformers")
+
+SPEC = ("hf:llama?num_hidden_layers=2&hidden_size=64&intermediate_size=128&num_attention_heads=4"
+        "&num_key_value_heads=2&vocab_size=300")
+
+
+def test_generate_compare_reports_equal_tokens_and_both_timings(capsys):
+    code = cli.main(["generate", SPEC, "--prompt-len", "6", "--new-tokens", "5", "--batch", "2", "--compare",
+                     "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["tokens_equal"] is True
+    for who in ("graphopt", "original"):
+        assert report[who]["decode_ms_per_token"] > 0 and report[who]["batch"] == 2
+    assert report["check"].startswith("teacher-forced")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--new-tokens", "1"], "at least 2"),
+    (["--batch", "0"], "--batch must be at least 1"),
+])
+def test_generate_refuses_bad_sizes_in_one_line(argv, words, capsys):
+    code = cli.main(["generate", SPEC, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err
+
+
+def test_generate_refuses_a_model_that_is_not_a_causal_lm(capsys):
+    code = cli.main(["generate", "examples:mlp"])
+    assert code == 2 and "not a transformers causal LM" in capsys.readouterr().err
