@@ -99,7 +99,10 @@ def test_smoke_run_from_a_checkout_without_install(tmp_path):
         for v in ("eager dynamic cache", "sdpa static cache", "sdpa static cache + compile"):
             r = gen[f"{v} b{b}"]
             assert r["prefill_ms"] > 0 and r["decode_tok_s"] > 0 and r["new_tokens"] == 6, (v, b, r)
-    assert gen["graphopt"]["status"].startswith("not built yet")
+    assert gen["graphopt prepare_generation"].get("check", "").startswith("teacher-forced"), gen["graphopt prepare_generation"]
+    for b in (1, 2):
+        r = gen[f"graphopt b{b}"]
+        assert r["prefill_ms"] > 0 and r["decode_tok_s"] > 0, (b, r)
 
     assert md.startswith("<!-- gpu_suite:begin -->") and md.rstrip().endswith("<!-- gpu_suite:end -->")
     for heading in ("### Attention", "### Precision", "### Blocked", "### Generation"):

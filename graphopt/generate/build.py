@@ -31,7 +31,7 @@ from graphopt.generate.loop import GenerationTimes, prompt_positions, run_genera
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.optimize import OptimizeResult, optimize
-from graphopt.verify import ErrorBudget
+from graphopt.verify import REDUCED_FLOATS, REL_L2_TOLERANCE, ErrorBudget
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,18 @@ class StepCheck:
     rel_l2: float
     top1: float
     steps: int
+    dtype: torch.dtype = torch.float32
 
     def ok(self, budget: ErrorBudget | None) -> bool:
-        limit = budget.rel_l2 if budget is not None else 1e-4
+        """Within ``budget`` (reduced precision), or as exact as the model's dtype allows (``None``).
+
+        Exact: 10x the dtype's per-output tolerance at fp32 (rounding of another summation order,
+        compounded over the steps through the cache); 3x for a bf16/fp16 model (its own roundings
+        already fill most of the tolerance).
+        """
+        tolerance = REL_L2_TOLERANCE.get(self.dtype, 1e-5)
+        exact = tolerance * (3 if self.dtype in REDUCED_FLOATS else 10)
+        limit = budget.rel_l2 if budget is not None else exact
         return self.rel_l2 <= limit and (budget is None or budget.top1 is None or self.top1 >= budget.top1)
 
     def summary(self) -> str:
@@ -182,7 +191,7 @@ def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int = C
     got = teacher_forced_logits(graphs.prefill.module, graphs.decode.module, graphs.layout, model, steps)
     rel = float((got - reference).norm() / reference.norm().clamp_min(1e-30))
     top1 = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
-    return StepCheck(rel if math.isfinite(rel) else math.inf, top1, steps)
+    return StepCheck(rel if math.isfinite(rel) else math.inf, top1, steps, graphs.layout.dtype)
 
 
 def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_length: int | None = None,
