@@ -166,3 +166,22 @@ def test_an_output_that_aliased_its_input_still_does(name):
     assert model(x).data_ptr() == x.data_ptr()  # eager PyTorch returns the input's memory
     got = graphopt.optimize(model, (x,)).module(x)
     assert got.data_ptr() == x.data_ptr() and torch.equal(got, model(x))
+
+
+def test_metadata_asserts_on_computed_values_go_and_on_inputs_stay():
+    class Casts(nn.Module):
+        def forward(self, ids, x):
+            mask = (ids > 0).to(torch.int64)  # export asserts the cast's result and the input
+            return x * mask.to(x.dtype)
+
+    args = (torch.tensor([[0, 3, 5]]), torch.randn(1, 3))
+    gm, ctx = capture_for_pass(Casts(), args)
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function"
+               and n.target == torch.ops.aten._assert_tensor_metadata.default]
+    on_inputs = [n for n in asserts if n.args[0].op == "placeholder"]
+    assert len(asserts) > len(on_inputs), "the test needs asserts on computed values"
+    out = run_pass(RemoveNoOps(), gm, ctx).module
+    left = [n for n in out.graph.nodes if n.op == "call_function"
+            and n.target == torch.ops.aten._assert_tensor_metadata.default]
+    assert len(left) == len(on_inputs) and all(n.args[0].op == "placeholder" for n in left)
+    assert torch.equal(call(out, args), call(Casts(), args))

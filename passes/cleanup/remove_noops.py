@@ -7,6 +7,9 @@ Rewrites (each only when the result has the input's shape and dtype):
     view(x, shape) / reshape / expand to x's own shape    -> x
     slice(x, dim, 0, >= size, 1)                          -> x
     add(x, 0) / sub(x, 0) / mul(x, 1) / div(x, 1)         -> x
+    _assert_tensor_metadata(x, dtype, device) on a value the graph computes,
+        when x's recorded dtype and device are those     -> removed (it can only pass; on
+                                                            an input it stays: it checks the caller's tensor)
 
 Declines: a node whose input or result is mutated in place by a later op
 (removing the copy would let the mutation leak); "output would alias an
@@ -25,7 +28,8 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.cost import alias_root
-from graphopt.opsets import CASTS_INCLUDING_DEVICE, IDENTITY_OPS, RESHAPES_AND_EXPAND, is_inactive_dropout
+from graphopt.opsets import CASTS_INCLUDING_DEVICE, IDENTITY_OPS, METADATA_ASSERTS, RESHAPES_AND_EXPAND, \
+    is_inactive_dropout
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.report import Declined
 
@@ -72,6 +76,20 @@ def _identity_input(node: fx.Node) -> fx.Node | None:
         alpha = node.kwargs.get("alpha", 1)
         return x if isinstance(other, (int, float)) and other == _NEUTRAL[t] and alpha == 1 else None
     return None
+
+
+def _assert_always_passes(node: fx.Node) -> bool:
+    """A metadata assert on a computed value whose recorded dtype and device are the asserted ones."""
+    if node.op != "call_function" or node.target not in METADATA_ASSERTS or not node.args:
+        return False
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or x.op != "call_function":
+        return False
+    val = ir.tensor_meta(x)
+    if val is None:
+        return False
+    dtype, device = node.kwargs.get("dtype"), node.kwargs.get("device")
+    return (dtype is None or val.dtype == dtype) and (device is None or val.device == torch.device(device))
 
 
 def _output_leaves(gm: fx.GraphModule) -> list[fx.Node]:
@@ -123,6 +141,10 @@ class RemoveNoOps(Pass):
         removed: dict[str, int] = {}
         declined: list[Declined] = []
         for node in list(gm.graph.nodes):
+            if _assert_always_passes(node):
+                gm.graph.erase_node(node)
+                removed["aten._assert_tensor_metadata"] = removed.get("aten._assert_tensor_metadata", 0) + 1
+                continue
             x = _identity_input(node)
             if x is None and node.op == "call_function" and node.target == aten.dropout.default:
                 declined.append(Declined(node.name, "dropout in training mode draws random values; kept"))
