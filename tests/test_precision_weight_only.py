@@ -157,3 +157,21 @@ def test_auto_considers_int4_only_when_the_budget_admits_it():
     res, ctx, timer = _auto(0.5, {"fp32": 1.0, "int8": 0.6, "int8wo": 0.3, "bf16": 0.5, "int4": 0.1})
     assert any("int4" in c for c in timer.calls)
     assert res.modified and {e["precision"] for e in ctx.report.extra["precision"]} == {"int4"}
+
+
+@needs_kernels
+def test_int4_plan_saves_as_pt2_and_reloads_onto_the_kernels(tmp_path, monkeypatch):
+    """The stored nibbles are what is saved; after torch.export.load each weight is converted for the CPU
+    kernel on first use (the reloaded tensors are new, so the layouts are made afresh)."""
+    model, args = _mlp()
+    result = graphopt.optimize(model, args, precision="int4", error_budget=0.5)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = result.module(x)
+    loaded = torch.export.load(result.save(tmp_path)["pt2"]).module()
+    converted = []
+    real = torch._convert_weight_to_int4pack_for_cpu
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", lambda *a: converted.append(1) or real(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want)
+    assert len(converted) == 2
