@@ -175,3 +175,13 @@ def test_int4_plan_saves_as_pt2_and_reloads_onto_the_kernels(tmp_path, monkeypat
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), want)
     assert len(converted) == 2
+
+
+@needs_kernels
+def test_int4_llama_exports_to_onnx_and_holds_the_budget_in_onnxruntime(tmp_path):
+    model, args = _llama()
+    result = graphopt.optimize(model, args, precision="int4")
+    assert _targets(result.module).count(INT4) >= 2
+    info = graphopt.export_onnx(result, tmp_path / "int4.onnx")
+    assert info.numerics.ok and info.numerics.rel_l2 <= INT4_BUDGET.rel_l2, info.numerics
+    assert info.checked_against == "the original model"
