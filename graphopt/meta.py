@@ -25,7 +25,7 @@ HOT_RANK = "hot_rank"
 
 # --- node.meta: written by rewrite passes on the nodes they create ---------------------------------
 
-#: ``str``: the precision the ``precision`` pass gave the node (``"int8"``, ``"fp8"``, ``"bf16"``,
+#: ``str``: the precision the ``precision`` pass gave the node (``"int8"``, ``"fp8"``, ``"int8wo"``, ``"int4"``, ``"bf16"``,
 #: ``"fp16"``, ``"fp16 (scaled)"``, ``"fp32"``); the viewer shows it
 PRECISION = "graphopt_precision"
 

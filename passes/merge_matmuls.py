@@ -25,9 +25,10 @@ timings are kept per shape on the context (``ctx.target.timings``), so a
 model with 32 identical layers measures once per ``optimize()`` call.
 Option ``merge_matmuls_policy``: ``measure`` (default), ``always`` (merge
 without measuring: never more FLOPs, the activation is read once), or
-``off``. Without the option, when ``precision`` is ``int8``, ``fp8`` or
-``auto``, groups are merged without measuring: the precision pass quantizes
-each matmul's activation at run time, and a merged group quantizes it once
+``off``. Without the option, when ``precision`` is ``int8``, ``fp8``,
+``int8wo``, ``int4`` or ``auto``, groups are merged without measuring: the
+precision pass quantizes each matmul's activation at run time (the
+weight-only modes round it to bf16), and a merged group does it once
 (on BERT-base in int8, separate q/k/v linears quantize the same tensor three
 times). Tests inject the decision with ``MergeMatmuls(decide=...)``.
 
@@ -63,8 +64,8 @@ POLICIES = ("measure", "always", "off")
 #: the merged matmul must measure at least this much faster than the separate ones to be kept:
 #: below it the gain is within timing noise and the decision would flip between runs
 MERGE_MIN_SPEEDUP = 1.05
-#: precisions that quantize each matmul's activation at run time: merged, it is quantized once
-QUANTIZING_PRECISIONS = ("int8", "fp8", "auto")
+#: precisions that quantize (weight-only: round to bf16) each matmul's activation at run time: merged, once
+QUANTIZING_PRECISIONS = ("int8", "fp8", "int8wo", "int4", "auto")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_declared_defaults_are_accepted():
 
 
 @pytest.mark.parametrize("option", [{"attention_verify": "bogus"}, {"blocked_kinds": "bogus"},
-                                    {"precision": "int4"}, {"merge_matmuls_policy": "sometimes"}])
+                                    {"precision": "int2"}, {"merge_matmuls_policy": "sometimes"}])
 def test_optimize_rejects_a_bad_option_before_any_pass_runs(option):
     ran: list[str] = []
     spy = FunctionPass(lambda gm, ctx: ran.append("spy") or False, name="spy")

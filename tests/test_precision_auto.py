@@ -12,6 +12,7 @@ from graphopt.passes.precision import ReducedPrecision
 from graphopt.precision.speed import choose_precision, time_interleaved
 from graphopt.precision.target import PrecisionTarget, cpu_flags, native_float_formats
 from graphopt.verify import ErrorBudget, Verifier
+from tests.support.precision_models import FakeTimer
 
 CPU = torch.device("cpu")
 #: an x86 CPU with AMX: bf16 is a candidate there
@@ -49,20 +50,6 @@ def _ctx(model, args, **options):
                           error_budget=ErrorBudget(0.03), options=options)
     ctx.verifier = Verifier(model, cap.args, cap.kwargs, cap.module, n_random=1)
     return cap.module, ctx
-
-
-class FakeTimer:
-    """Timings injected per precision: each candidate op costs ``cost[precision]``; whole graphs ``graph``."""
-
-    def __init__(self, cost: dict[str, float], graph: dict[str, float] | None = None) -> None:
-        self.cost, self.graph = cost, graph or {"fp32": 1.0, "plan": 0.5}
-        self.calls: list[set[str]] = []
-
-    def __call__(self, fns, **_kw):
-        self.calls.append(set(fns))
-        if set(fns) == {"fp32", "plan"}:
-            return dict(self.graph)
-        return {k: self.cost[k] for k in fns}
 
 
 def test_auto_follows_injected_timings_bf16_slower():
@@ -113,7 +100,7 @@ def test_native_float_formats_come_from_cpu_flags():
 def test_auto_keeps_fp32_when_the_whole_plan_is_not_faster():
     model, args = _mlp(64, 128, 16)
     gm, ctx = _ctx(model, args)
-    timer = FakeTimer({"fp32": 1.0, "int8": 0.5, "bf16": 4.0}, graph={"fp32": 1.0, "plan": 1.2})
+    timer = FakeTimer({"fp32": 1.0, "int8": 0.5, "bf16": 4.0, "int8wo": 4.0}, graph={"fp32": 1.0, "plan": 1.2})
     res = ReducedPrecision("auto", timer=timer)(ir.copy_graph_module(gm), ctx)
     assert not res.modified
     assert any("slower on this target" in d.reason for d in res.declined)

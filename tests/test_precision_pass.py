@@ -201,7 +201,7 @@ def test_fp8_rewrite_with_reference_kernel_on_a_target_that_claims_fp8():
 
 def test_unknown_precision_is_an_error():
     with pytest.raises(ValueError, match="choose one of"):
-        ReducedPrecision("int4")
+        ReducedPrecision("int2")
 
 
 def test_remove_redundant_casts_only_removes_lossless_round_trips():

@@ -21,7 +21,7 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", metavar="A,B,...", help="run these passes (see `graphopt passes`) instead of the default pipeline")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric check of each rewrite (not recommended)")
     p.add_argument("--memory-budget", metavar="SIZE", help="peak activation memory to fit, e.g. 2GiB")
-    p.add_argument("--precision", choices=["bf16", "fp16", "int8", "fp8", "auto"],
+    p.add_argument("--precision", choices=["bf16", "fp16", "int8", "fp8", "int8wo", "int4", "auto"],
                    help="reduced precision within the error budget ('auto': fastest measured on this machine)")
     p.add_argument("--error-budget", type=float, metavar="REL_L2",
                    help="largest relative L2 error of the outputs a reduced-precision rewrite may add (default 1e-2)")

@@ -79,7 +79,9 @@ def compute_precision(ep: torch.export.ExportedProgram) -> str | None:
         if node.op != "call_function":
             continue
         target = str(node.target)
-        if target.startswith("graphopt."):
+        if target.startswith("graphopt.") and "weight_only" in target:
+            found.add("bfloat16")  # weight-only ops compute in bf16 (graphopt.ops.weight_only_linear)
+        elif target.startswith("graphopt."):
             found.update(p for p in ("int8", "float8") if p in target or p.replace("float", "fp") in target)
         val = node.meta.get("val")
         for v in val if isinstance(val, (tuple, list)) else (val,):

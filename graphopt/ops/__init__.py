@@ -20,14 +20,16 @@ from typing import Any
 
 import torch.fx as fx
 
-from graphopt.ops import blocked_attention, blocked_matmul, chunked_ffn, chunked_lm_head, fp8_linear, int8_linear
+from graphopt.ops import (
+    blocked_attention, blocked_matmul, chunked_ffn, chunked_lm_head, fp8_linear, int8_linear, weight_only_linear,
+)
 from graphopt.ops.declare import OpCall, OpDeclaration
 
 __all__ = ["OP_MODULES", "declaration_for", "declarations", "onnx_translations", "workspace_bytes"]
 
 #: operator modules, each with its ``DECLARATIONS`` (add new ones here)
-OP_MODULES: list[ModuleType] = [int8_linear, fp8_linear, blocked_matmul, blocked_attention, chunked_ffn,
-                                chunked_lm_head]
+OP_MODULES: list[ModuleType] = [int8_linear, fp8_linear, weight_only_linear, blocked_matmul, blocked_attention,
+                                chunked_ffn, chunked_lm_head]
 
 
 def declarations() -> dict[Any, OpDeclaration]:

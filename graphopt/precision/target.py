@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graphopt.ops import fp8_linear
+from graphopt.ops import fp8_linear, weight_only_linear
 from graphopt.target.int8_kernels import fbgemm_available
 from graphopt.target.probes import KernelProbes, cpu_flags
 
@@ -78,6 +78,9 @@ class PrecisionTarget:
     native_floats: frozenset[str] = field(default_factory=frozenset)
     #: quantize int8 weights pair-safe (the scheme's kernel saturates plain weights here: no VNNI)
     int8_pair_safe: bool = True
+    #: weight-only modes with a kernel here (``"int8wo"``: ``torch._weight_int8pack_mm``, ``"int4"``: torch's
+    #: int4 kernels; :mod:`graphopt.ops.weight_only_linear`); empty in hand-built targets unless given
+    weight_only: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
     def detect(cls, device: torch.device | str, cpu_flags: Iterable[str] | None = None,
@@ -87,20 +90,34 @@ class PrecisionTarget:
         device = torch.device(device)
         probes = probes or KernelProbes()
         floats = native_float_formats(device, probes.cpu_flags if cpu_flags is None else cpu_flags)
+        wo = frozenset(m for m, has in (("int8wo", weight_only_linear.int8_kernel(device)),
+                                        ("int4", weight_only_linear.int4_kernel(device))) if has)
         if device.type == "cuda":
-            return cls(device, "per_token_s8", fp8_linear.fp8_supported(device), floats)
+            return cls(device, "per_token_s8", fp8_linear.fp8_supported(device), floats, weight_only=wo)
         if device.type == "cpu" and probes.onednn_u8_exact:
-            return cls(device, "per_token_sym_u8", False, floats, probes.weights_need_pair_safety("per_token_sym_u8"))
+            return cls(device, "per_token_sym_u8", False, floats, probes.weights_need_pair_safety("per_token_sym_u8"),
+                       wo)
         if device.type == "cpu" and fbgemm_available():
             scheme = "per_token_u8" if probes.fbgemm_u8_exact else "per_token_u7"
-            return cls(device, scheme, False, floats, probes.weights_need_pair_safety(scheme))
-        return cls(device, None, False, floats, False)
+            return cls(device, scheme, False, floats, probes.weights_need_pair_safety(scheme), wo)
+        return cls(device, None, False, floats, False, wo)
 
-    def auto_candidates(self) -> list[str]:
-        """Precisions ``auto`` benchmarks on this target (it keeps only the faster ones)."""
+    def auto_candidates(self, int4: bool = False) -> list[str]:
+        """Precisions ``auto`` benchmarks on this target (it keeps only the faster ones).
+
+        ``int4``: the user's error budget admits int4 (see ``passes/precision/run.py``, ``INT4_BUDGET``);
+        without it int4 is never a candidate, however fast it measures. The weight-only ops compute in
+        bf16, so, like bf16, they are candidates only where the target has native bf16 (measured fast on
+        AVX512-BF16; never measured on a CPU without it).
+        """
         out = ["fp8"] if self.fp8 else []
+        bf16 = "bf16" in self.native_floats
+        if int4 and bf16 and "int4" in self.weight_only:
+            out.append("int4")
         if self.int8_scheme is not None:
             out.append("int8")
+        if bf16 and "int8wo" in self.weight_only:
+            out.append("int8wo")
         if "bf16" in self.native_floats:
             out.append("bf16")
         return out
@@ -108,6 +125,12 @@ class PrecisionTarget:
     def fp8_unsupported_reason(self) -> str:
         return (f"fp8 needs CUDA with compute capability >= 8.9 (torch._scaled_mm); this target is "
                 f"{self.device.type}: use precision='int8', 'bf16' or 'auto'")
+
+    def weight_only_unsupported_reason(self, mode: str) -> str:
+        kernel = ("torch._weight_int8pack_mm (CPU)" if mode == "int8wo" else
+                  "torch._weight_int4pack_mm_for_cpu (CPU) or torch._weight_int4pack_mm (CUDA)")
+        return (f"{mode} needs {kernel}; this target ({self.device.type}, torch {torch.__version__}) has none, "
+                f"and the dequantizing reference is no faster than fp32: use precision='int8', 'bf16' or 'auto'")
 
     def no_native_float_reason(self, fmt: str) -> str:
         where = f"{platform.machine() or 'this'} CPU" if self.device.type == "cpu" else self.device.type
@@ -117,5 +140,6 @@ class PrecisionTarget:
     def describe(self) -> str:
         floats = ", ".join(sorted(self.native_floats)) or "none"
         weights = "pair-safe" if self.int8_pair_safe else "plain"
+        wo = ", ".join(sorted(self.weight_only)) or "none"
         return (f"{self.device.type} (int8 kernel: {self.int8_scheme or 'reference only'}, {weights} int8 weights, "
-                f"fp8: {self.fp8}, native bf16/fp16: {floats})")
+                f"fp8: {self.fp8}, native bf16/fp16: {floats}, weight-only kernels: {wo})")

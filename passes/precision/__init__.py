@@ -3,7 +3,7 @@
 * :mod:`.reduced_precision` -- the pass (:class:`ReducedPrecision`; its docstring
   lists the rewrites and declines).
 * :mod:`.run` -- one run's candidates, measurements and choices (:class:`PrecisionRun`).
-* :mod:`.quantized_linears` -- the linear sites it quantizes, their int8 / fp8
+* :mod:`.quantized_linears` -- the linear sites it quantizes, their int8 / fp8 / weight-only
   weights and the rewrite.
 
 The building blocks that need no pass (targets, calibration, float lowering,
@@ -11,6 +11,6 @@ speed, the search) are in ``graphopt.precision``.
 """
 
 from graphopt.passes.precision.reduced_precision import ReducedPrecision
-from graphopt.passes.precision.run import DEFAULT_BUDGET, MODES, NodePlan, PrecisionRun
+from graphopt.passes.precision.run import DEFAULT_BUDGET, INT4_BUDGET, MODES, NodePlan, PrecisionRun
 
-__all__ = ["ReducedPrecision", "PrecisionRun", "NodePlan", "MODES", "DEFAULT_BUDGET"]
+__all__ = ["ReducedPrecision", "PrecisionRun", "NodePlan", "MODES", "DEFAULT_BUDGET", "INT4_BUDGET"]

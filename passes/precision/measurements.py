@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import constant_nodes
-from graphopt.passes.precision.quantized_linears import QuantizableLinear, QuantizedWeights
+from graphopt.passes.precision.quantized_linears import QUANTIZED, QuantizableLinear, QuantizedWeights
 from graphopt.precision.calibrate import Calibration, calibrate
 from graphopt.precision.ops_classes import FLOAT_DTYPES
 from graphopt.precision.quantize import input_shift
@@ -71,7 +71,7 @@ class NodeMeasurements:
 
 
     def _quantized_call(self, name: str, precision: str, args: tuple, kwargs: dict) -> Any:
-        """The int8/fp8 replacement of linear site ``name`` on concrete arguments of the original node."""
+        """The quantized (int8, fp8, weight-only) replacement of linear site ``name`` on concrete arguments of the original node."""
         node = self.nodes[name]
         addmm = node.target == torch.ops.aten.addmm.default
         x = args[1] if addmm else args[0]
@@ -87,7 +87,7 @@ class NodeMeasurements:
         ref = lambda: node.target(*args, **kwargs)  # noqa: E731
         if precision == "fp32":
             return ref, ref
-        if precision in ("int8", "fp8"):
+        if precision in QUANTIZED:
             self.weights.get(self.sites[name], precision)
             return (lambda: self._quantized_call(name, precision, args, kwargs)), ref
         dtype = FLOAT_DTYPES[precision]

@@ -1,4 +1,4 @@
-"""The linear sites the ``precision`` pass quantizes, their int8 / fp8 weights, and the rewrite.
+"""The linear sites the ``precision`` pass quantizes, their int8 / fp8 / weight-only weights, and the rewrite.
 
 A quantizable linear is a :class:`~graphopt.passes.analysis.sites.linear.LinearSite`
 whose weight is a constant (a parameter, possibly computed from parameters or
@@ -9,6 +9,8 @@ finds) with its fp32 value in hand:
     addmm(b, x, W[K,N])           -> graphopt.int8_linear(x, Wq, s, b, scheme)   (GPT-2's Conv1D)
     mm(x, W[K,N]) / matmul(x, W)  -> graphopt.int8_linear(x, Wq, s, None, scheme)
     (same shapes)                 -> graphopt.fp8_linear(x, Wq, s, b)
+    (same shapes)                 -> graphopt.int8_weight_only_linear(x, Wq, s_bf16, b)          ("int8wo")
+    (same shapes)                 -> graphopt.int4_weight_only_linear(x, W_packed, scales_and_zeros, G, b)  ("int4")
     linear(x, W, b) with an input shift mu (:func:`graphopt.precision.quantize.input_shift`)
                                   -> graphopt.int8_linear(x, Wq, s, b + W @ mu, scheme, mu)
 
@@ -21,7 +23,8 @@ weight operand as the op reads it (``weight_transposed`` False).
 Declines (``Decline``, reported per node): matmuls of two activations
 (attention scores: no constant weight to quantize), addmm with
 ``beta``/``alpha`` other than 1, weights that are not 2-D fp32, activations
-that are not fp32.
+that are not fp32; for int4 (:func:`int4_decline`), ``in_features`` not
+divisible by any group size (128, 64, 32).
 """
 
 from __future__ import annotations
@@ -33,13 +36,17 @@ import torch.fx as fx
 
 from graphopt import ir, meta
 from graphopt.ir import constant_nodes, evaluate
-from graphopt.ops import fp8_linear, int8_linear
+from graphopt.ops import fp8_linear, int8_linear, weight_only_linear
 from graphopt.passes.analysis.sites.linear import LINEAR_OPS, LinearSite
 from graphopt.pattern import Decline, attempt
 
 aten = torch.ops.aten
 
-__all__ = ["QuantizableLinear", "quantizable_linear", "quantizable_linears", "QuantizedWeights", "replace_site"]
+__all__ = ["QUANTIZED", "QuantizableLinear", "int4_decline", "quantizable_linear", "quantizable_linears",
+           "QuantizedWeights", "replace_site"]
+
+#: precisions that replace a linear site by a quantized op (the rest are float formats)
+QUANTIZED = ("int8", "fp8", "int8wo", "int4")
 
 
 @dataclass
@@ -131,6 +138,12 @@ class QuantizedWeights:
                     int8_linear.prepack(q, s, self.int8_scheme)
             elif precision == "fp8":
                 q, s = fp8_linear.quantize_weight(site.weight)
+            elif precision == "int8wo":
+                q, s = weight_only_linear.quantize_int8_weight_only(site.weight)
+                weight_only_linear.prepack(q, s)
+            elif precision == "int4":
+                q, s, _ = weight_only_linear.quantize_int4(site.weight)
+                weight_only_linear.prepack(q, s)
             else:
                 raise ValueError(f"no quantized weights for precision {precision!r}")
             self._cache[key] = (q, s)
@@ -145,7 +158,23 @@ class QuantizedWeights:
                 folded = site.weight @ shift
                 bias = folded if bias is None else bias.float() + folded
             return torch.ops.graphopt.int8_linear(x, q, s, bias, self.int8_scheme, shift)
+        if precision == "int8wo":
+            return torch.ops.graphopt.int8_weight_only_linear(x, q, s, bias)
+        if precision == "int4":
+            return torch.ops.graphopt.int4_weight_only_linear(x, q, s, _group_size(site), bias)
         return torch.ops.graphopt.fp8_linear(x, q, s, bias)
+
+
+def int4_decline(site: QuantizableLinear) -> str | None:
+    """Why ``site`` cannot be int4 (None: it can): its ``in_features`` must be a multiple of a group size."""
+    k = site.site.in_features
+    if weight_only_linear.int4_group_size(k) is None:
+        return f"in_features {k} is not divisible by any int4 group size {weight_only_linear.GROUP_SIZES}"
+    return None
+
+
+def _group_size(site: QuantizableLinear) -> int:
+    return int(weight_only_linear.int4_group_size(site.site.in_features))
 
 
 def replace_site(gm: fx.GraphModule, site: QuantizableLinear, precision: str, weights: QuantizedWeights,
@@ -177,6 +206,11 @@ def replace_site(gm: fx.GraphModule, site: QuantizableLinear, precision: str, we
             args = (x, qn, sn, bias, weights.int8_scheme, mu)
         if precision == "int8":
             new = gm.graph.call_function(torch.ops.graphopt.int8_linear.default, args)
+        elif precision == "int8wo":
+            new = gm.graph.call_function(torch.ops.graphopt.int8_weight_only_linear.default, (x, qn, sn, bias))
+        elif precision == "int4":
+            new = gm.graph.call_function(torch.ops.graphopt.int4_weight_only_linear.default,
+                                         (x, qn, sn, _group_size(site), bias))
         else:
             new = gm.graph.call_function(torch.ops.graphopt.fp8_linear.default, (x, qn, sn, bias))
     for key in ("nn_module_stack", "stack_trace", "val", "tensor_meta"):
@@ -186,4 +220,19 @@ def replace_site(gm: fx.GraphModule, site: QuantizableLinear, precision: str, we
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     by_name[site.name] = new
+    _erase_unused(gm, by_name.get(site.site.weight.name), by_name)
     return new
+
+
+def _erase_unused(gm: fx.GraphModule, node: fx.Node | None, by_name: dict[str, fx.Node]) -> None:
+    """Erase the replaced fp32 weight (and the constant views it came through) once nothing reads it, so the
+    module stops holding it (a weight another node still reads, e.g. a tied embedding, stays)."""
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if n.users or n.op not in ("get_attr", "call_function") or n.graph is not gm.graph:
+            continue
+        inputs = list(n.all_input_nodes)
+        gm.graph.erase_node(n)
+        by_name.pop(n.name, None)
+        stack.extend(inputs)

@@ -22,9 +22,18 @@ Option ``precision``:
     (merge_matmuls), so the shared activation is quantized once.
 ``"fp8"``
     linear(x, W, b) ...                 -> graphopt.fp8_linear(x, W_e4m3, per-row scales, b)  (``torch._scaled_mm``).
+``"int8wo"`` (weight only: int8 weights, bf16 activations)
+    linear(x, W, b) ...                 -> graphopt.int8_weight_only_linear(x, W_int8, bf16 scales per channel, b)
+    (``torch._weight_int8pack_mm`` on CPUs; the fast path of decoding, where linears are matrix-vector
+    products bound by weight bytes; on many rows it is slower than bf16 or fp32).
+``"int4"`` (weight only: group-wise int4 weights, bf16 activations)
+    linear(x, W, b) ...                 -> graphopt.int4_weight_only_linear(x, W_packed, scales_and_zeros, G, b)
+    (G the largest of 128, 64, 32 dividing in_features; torch's int4 kernels, CPU and CUDA). Its
+    default budget is ``INT4_BUDGET`` (rel_l2 5e-2, top-1 0.9; measured in docs/precision.md), not 1e-2.
 ``"auto"``
     per node, the precision measured fastest on the target among those it has
-    (fp8, int8, and bf16 only where the target computes bf16 natively); a
+    (fp8, int8, int8wo, and bf16 only where the target computes bf16 natively; int4 only when
+    the error budget the user gives is at least as loose as int4's own, ``admits_int4``); a
     conversion slower than fp32 is not made; a node the search takes out of its
     fastest precision gets the next fastest, more accurate one (int8 -> bf16)
     where the budget still holds; the whole plan is timed against fp32 and
@@ -43,7 +52,10 @@ Declines (listed in the report with the reason, per node): islands ('softmax
 island', 'norm island', ...); 'over budget: ...' (kept by the search); 'slower
 on this target: ...' (auto, or ``precision_speed_check``); int8/fp8 on matmuls
 without a constant weight; fp8 where ``torch._scaled_mm`` has no fp8 kernel
-(CPU, CUDA below compute capability 8.9); models that are not fp32; graphs
+(CPU, CUDA below compute capability 8.9); int8wo/int4 where torch has no
+kernel for the device (the dequantizing reference would be slower than
+fp32, so it is not offered as a speed-up); int4 on linears whose
+``in_features`` no group size divides; models that are not fp32; graphs
 already converted (the pass is idempotent).
 """
 
@@ -61,7 +73,9 @@ from graphopt.passes.precision.run import (
     MAX_MODEL_SENSITIVITY_NODES,
     MODES,
     SEARCH_MARGIN,
+    WEIGHT_ONLY_MODES,
     PrecisionRun,
+    default_budget,
     non_fp32_weights,
 )
 from graphopt.precision.search import describe_steps, search_kept
@@ -77,12 +91,14 @@ class ReducedPrecision(Pass):
     """Convert matmuls/convs/attention to bf16/fp16/int8/fp8 within the error budget."""
 
     name = "precision"
-    summary = "reduced precision (bf16/fp16/int8/fp8/auto) within the error budget, chosen by measured speed"
+    summary = ("reduced precision (bf16/fp16/int8/fp8/int8wo/int4/auto) within the error budget, chosen by "
+               "measured speed")
     uses_error_budget = True
     default_error_budget = DEFAULT_BUDGET
     options = {
-        "precision": Option("'bf16', 'fp16', 'int8', 'fp8' or 'auto' (fastest measured on the target within "
-                            "the budget)", str, None, MODES),
+        "precision": Option("'bf16', 'fp16', 'int8', 'fp8', 'int8wo' (int8 weights, bf16 activations), 'int4' "
+                            "(group-wise int4 weights) or 'auto' (fastest measured on the target within the "
+                            "budget)", str, None, MODES),
         "precision_keep_residual_fp32": Option("keep the residual stream in fp32 under bf16/fp16 (default true)",
                                                bool, True),
         "precision_speed_check": Option("convert only ops measured faster than fp32 (default: on for auto, off "
@@ -101,6 +117,8 @@ class ReducedPrecision(Pass):
                  timer: Callable[..., dict[str, float]] | None = None) -> None:
         self.options["precision"].validate("precision", precision)
         self.precision = precision
+        #: the budget without a user's one depends on the mode (int4 has its own); set again once call() knows it
+        self.default_error_budget = default_budget(precision)  # type: ignore[misc]
         self.target = target
         self.timer = timer or time_interleaved
 
@@ -109,6 +127,7 @@ class ReducedPrecision(Pass):
         mode = self.precision or self.option(ctx, "precision")
         if mode is None:
             return PassResult(gm, False, ["no precision requested (precision=...)"])
+        self.default_error_budget = default_budget(mode)  # type: ignore[misc]  # read by ctx.budget_for(self)
         target = self.target or PrecisionTarget.detect(ctx.device, probes=ctx.target.probes)
         refused = _refusal(gm, mode, target)
         if refused is not None:
@@ -158,6 +177,8 @@ def _refusal(gm: fx.GraphModule, mode: str, target: PrecisionTarget) -> PassResu
                                                         "reduced precision starts from an fp32 model")])
     if mode == "fp8" and not target.fp8:
         return PassResult(gm, False, declined=[Declined("graph", target.fp8_unsupported_reason())])
+    if mode in WEIGHT_ONLY_MODES and mode not in target.weight_only:
+        return PassResult(gm, False, declined=[Declined("graph", target.weight_only_unsupported_reason(mode))])
     return None
 
 

@@ -19,8 +19,10 @@ from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
 from graphopt.passes.precision.measurements import NodeMeasurements
 from graphopt.passes.precision.quantized_linears import (
+    QUANTIZED,
     QuantizableLinear,
     QuantizedWeights,
+    int4_decline,
     quantizable_linears,
     replace_site,
 )
@@ -33,8 +35,13 @@ from graphopt.verify import ErrorBudget, Numerics, Verifier, compare_outputs
 
 log = logging.getLogger(__name__)
 
-MODES = ("bf16", "fp16", "int8", "fp8", "auto")
+MODES = ("bf16", "fp16", "int8", "fp8", "int8wo", "int4", "auto")
 DEFAULT_BUDGET = ErrorBudget(rel_l2=1e-2)
+#: int4's default budget (docs/precision.md, "int4's budget": measured on a tiny random-weight Llama); ``auto``
+#: considers int4 only when the budget the user gives is at least this loose (:func:`admits_int4`)
+INT4_BUDGET = ErrorBudget(rel_l2=5e-2, top1=0.9)
+#: weight-only modes: quantized weights, bf16 activations (graphopt.ops.weight_only_linear)
+WEIGHT_ONLY_MODES = ("int8wo", "int4")
 #: the search aims this fraction of the budget, so fresh inputs have some room
 SEARCH_MARGIN = 0.8
 #: auto converts a node only when it is at least this much faster (timings on a busy machine are noisy)
@@ -65,6 +72,17 @@ def non_fp32_weights(gm: fx.GraphModule) -> str:
               and ir.tensor_meta(n) is not None and ir.tensor_meta(n).dtype.is_floating_point
               and ir.tensor_meta(n).dtype != torch.float32}
     return ", ".join(sorted(dtypes))
+
+
+def default_budget(mode: str | None) -> ErrorBudget:
+    """The budget a mode is held to when the user gives none: :data:`INT4_BUDGET` for int4, else 1e-2."""
+    return INT4_BUDGET if mode == "int4" else DEFAULT_BUDGET
+
+
+def admits_int4(budget: ErrorBudget | None) -> bool:
+    """Whether a budget the user gave lets ``auto`` consider int4: its rel_l2 is at least :data:`INT4_BUDGET`'s
+    (the search then holds the user's budget, top-1 included); no budget given: never."""
+    return budget is not None and budget.rel_l2 >= INT4_BUDGET.rel_l2
 
 
 class PrecisionRun(NodeMeasurements):
@@ -105,8 +123,12 @@ class PrecisionRun(NodeMeasurements):
         declined: list[Declined] = []
         sites, why_not = quantizable_linears(self.gm)
         self.sites = sites
-        auto = self.target.auto_candidates() if self.mode == "auto" else []
-        quant = {"int8": self.mode == "int8" or "int8" in auto, "fp8": self.mode == "fp8" or "fp8" in auto}
+        auto = self.target.auto_candidates(admits_int4(self.ctx.error_budget)) if self.mode == "auto" else []
+        quant = {p: self.mode == p or p in auto for p in QUANTIZED}
+        if self.mode == "auto" and "int4" in self.target.weight_only and "int4" not in auto \
+                and "bf16" in self.target.native_floats:
+            self.notes.append(f"int4 not considered: its error needs a budget of rel_l2 >= {INT4_BUDGET.rel_l2:g} "
+                              "(give error_budget=... to admit it)")
         if self.mode == "auto" and "bf16" not in auto:
             self.notes.append(f"bf16 not considered: {self.target.no_native_float_reason('bf16')}")
         elif self.mode in FLOAT_DTYPES and self.mode not in self.target.native_floats:
@@ -117,7 +139,10 @@ class PrecisionRun(NodeMeasurements):
                 continue
             opts: list[str] = []
             if node.name in sites:
-                opts += [p for p in ("fp8", "int8") if quant[p]]
+                opts += [p for p in ("fp8", "int4", "int8", "int8wo") if quant[p]]
+                if "int4" in opts and int4_decline(sites[node.name]):
+                    opts.remove("int4")
+                    why_not[node.name] = int4_decline(sites[node.name])
             if self.mode in FLOAT_DTYPES or "bf16" in auto:
                 opts.append("bf16" if self.mode == "auto" else self.mode)
             if opts:
@@ -144,17 +169,17 @@ class PrecisionRun(NodeMeasurements):
         casts around them, get a rebuilt graph each.
         """
         (a, kw), ref = verifier.input_sets[0], verifier.references[0]
-        replay = self._replay(a, kw) if any(p in ("int8", "fp8") for p in plan.values()) else None
+        replay = self._replay(a, kw) if any(p in QUANTIZED for p in plan.values()) else None
         out: dict[str, float] = {}
         with torch.no_grad():
             for i, (name, p) in enumerate(plan.items()):
                 self.ctx.step(f"error search: ranking, {name} alone in {p} ({i + 1} of {len(plan)})")
                 try:
-                    if replay is not None and p in ("int8", "fp8"):
+                    if replay is not None and p in QUANTIZED:
                         got = replay.run(name, functools.partial(self._quantized_call, name, p))
                     else:
                         got = self.build({name: p})(*a, **kw)
-                    errs = compare_outputs(ref, got, self.ctx.error_budget or DEFAULT_BUDGET)
+                    errs = compare_outputs(ref, got, self.ctx.error_budget or default_budget(self.mode))
                     out[name] = max((e.rel_l2 for e in errs), default=0.0)
                 except Exception as exc:  # noqa: BLE001 - a node that breaks the model ranks first
                     log.info("%s alone in %s failed: %s", name, p, exc)
@@ -276,7 +301,7 @@ class PrecisionRun(NodeMeasurements):
         out = ir.copy_graph_module(self.gm)
         by_name = {n.name: n for n in out.graph.nodes}
         for name, p in plan.items():
-            if p in ("int8", "fp8"):
+            if p in QUANTIZED:
                 replace_site(out, self.sites[name], p, self.weights, by_name)
         floats = {n for n, p in plan.items() if p in FLOAT_DTYPES}
         if floats:

@@ -50,3 +50,17 @@ class QuantModule(torch.nn.Module):
     def forward(self, x):
         h = torch.ops.graphopt.int8_linear(x, self.q, self.s, self.b, self.scheme, self.shift)
         return h, torch.ops.graphopt.fp8_linear(x, self.fq, self.fs, None)
+
+
+class FakeTimer:
+    """Timings injected per precision: each candidate op costs ``cost[precision]``; whole graphs ``graph``."""
+
+    def __init__(self, cost: dict[str, float], graph: dict[str, float] | None = None) -> None:
+        self.cost, self.graph = cost, graph or {"fp32": 1.0, "plan": 0.5}
+        self.calls: list[set[str]] = []
+
+    def __call__(self, fns, **_kw):
+        self.calls.append(set(fns))
+        if set(fns) == {"fp32", "plan"}:
+            return dict(self.graph)
+        return {k: self.cost[k] for k in fns}
