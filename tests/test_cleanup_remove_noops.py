@@ -185,3 +185,18 @@ def test_metadata_asserts_on_computed_values_go_and_on_inputs_stay():
             and n.target == torch.ops.aten._assert_tensor_metadata.default]
     assert len(left) == len(on_inputs) and all(n.args[0].op == "placeholder" for n in left)
     assert torch.equal(call(out, args), call(Casts(), args))
+
+
+def test_declines_a_copy_mutated_through_a_cast_that_returns_it():
+    """clone(p).to(int64).add_(1): the cast returns its input, so the add writes the clone; without it, p."""
+    class Counter(nn.Module):
+        def forward(self, x, position):
+            advanced = position.clone().to(torch.int64)
+            advanced.add_(1)
+            return x + advanced
+
+    position = torch.tensor(4)
+    gm, ctx = capture_for_pass(Counter(), (torch.zeros(2), position))
+    out = run_pass(RemoveNoOps(), gm, ctx).module
+    assert torch.equal(call(out, (torch.zeros(2), position)), torch.full((2,), 5))
+    assert int(position) == 4, "the caller's tensor was advanced"

@@ -11,8 +11,10 @@ Rewrites (each only when the result has the input's shape and dtype):
         when x's recorded dtype and device are those     -> removed (it can only pass; on
                                                             an input it stays: it checks the caller's tensor)
 
-Declines: a node whose input or result is mutated in place by a later op
-(removing the copy would let the mutation leak); "output would alias an
+Declines: a node whose input or result is mutated in place by a later op,
+directly or through a view or a cast that returns its input (removing the copy
+would let the mutation leak: a KV cache layer's ``clone(position).to(int64).add_(1)``
+would advance the caller's position tensor); "output would alias an
 input" (or a weight, or another output): a returned fresh tensor whose removal
 would hand back the caller's own tensor, the model's weight or another output
 (``return x * 1``, ``return x + 0``, ``return x.clone()``: writing into the
@@ -29,7 +31,7 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.cost import alias_root
 from graphopt.opsets import CASTS_INCLUDING_DEVICE, IDENTITY_OPS, METADATA_ASSERTS, RESHAPES_AND_EXPAND, \
-    is_inactive_dropout
+    is_inactive_dropout, mutated_storage
 from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.report import Declined
 
@@ -37,15 +39,6 @@ aten = torch.ops.aten
 
 _NEUTRAL = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1,
             aten.add.Scalar: 0, aten.sub.Scalar: 0, aten.mul.Scalar: 1, aten.div.Scalar: 1}
-
-
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
-
-
-def _mutated_later(node: fx.Node) -> bool:
-    return any(_mutates(u) for u in node.users)
 
 
 def _identity_input(node: fx.Node) -> fx.Node | None:
@@ -140,6 +133,7 @@ class RemoveNoOps(Pass):
     def call(self, gm: fx.GraphModule, ctx: OptimizeContext) -> PassResult:
         removed: dict[str, int] = {}
         declined: list[Declined] = []
+        mutated = mutated_storage(gm.graph)  # also through views and casts that return their input
         for node in list(gm.graph.nodes):
             if _assert_always_passes(node):
                 gm.graph.erase_node(node)
@@ -150,7 +144,7 @@ class RemoveNoOps(Pass):
                 declined.append(Declined(node.name, "dropout in training mode draws random values; kept"))
             if x is None or not _same_value_type(node, x):
                 continue
-            if _mutated_later(node) or _mutated_later(x):
+            if node in mutated or x in mutated:
                 declined.append(Declined(node.name, "its input or result is mutated in place later"))
                 continue
             aliased = _output_would_alias(gm, node, x)
