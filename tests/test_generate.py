@@ -157,3 +157,25 @@ def test_the_eager_step_matches_the_model_forward():
         step = CausalLMStep(model)(ids, mask, positions, torch.tensor(0), graphs_layout.allocate(2, 10))
         full = model(ids, use_cache=False).logits[:, -1:]
     assert torch.allclose(step, full, atol=1e-5)
+
+
+def test_reduced_precision_over_budget_end_to_end_is_replanned_then_dropped(monkeypatch):
+    """Plans are made on single steps; when the pair misses the budget over many, the build falls back."""
+    import graphopt.generate.build as build_module
+
+    real, calls = build_module.check_steps, []
+
+    def failing_twice(graphs, model, steps=build_module.CHECK_STEPS):
+        calls.append(bool(graphs.decode.approximate))
+        check = real(graphs, model, steps)
+        return check if len(calls) > 2 else build_module.StepCheck(0.5, 0.1, steps, check.dtype)
+
+    monkeypatch.setattr(build_module, "check_steps", failing_twice)
+    model = build("llama")
+    graphs = prepare_generation(model, precision="bf16")
+    assert calls[0] is True, "the first plan must have reduced precision for this test"
+    assert len(graphs.notes) == 2 and "re-planned" in graphs.notes[0] and "dropped" in graphs.notes[1]
+    assert not graphs.decode.approximate and not graphs.prefill.approximate
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(graphs.generate(ids, max_new_tokens=6, eos_token_id=None), expected)

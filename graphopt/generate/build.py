@@ -16,6 +16,7 @@ agreement), the check that also covers the cache writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -39,10 +40,12 @@ log = logging.getLogger(__name__)
 EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
 #: ``eos_token_id`` not given: the model's generation config decides (``None`` means none, as in transformers)
 MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "<the model's>"})()
-#: the decode steps the end-to-end check teacher-forces
-CHECK_STEPS = 6
+#: the decode steps the end-to-end check teacher-forces (x 2 rows: top-1 over 34 positions)
+CHECK_STEPS = 16
+#: real decode steps the decode graph's passes are verified on (besides the example step)
+DECODE_STATES = 6
 #: the longest prompt + tokens the build's own examples and checks use
-CHECK_LENGTH = 32
+CHECK_LENGTH = 40
 
 
 @dataclass
@@ -82,6 +85,8 @@ class GenerationGraphs:
     pad_token_id: int | None = None
     check: StepCheck | None = None
     times: GenerationTimes = field(default_factory=GenerationTimes)
+    #: what the build did beyond the plan (a decode graph re-planned, reduced precision dropped)
+    notes: list[str] = field(default_factory=list)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -203,41 +208,90 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
     to both graphs. ``max_length`` caps prompt + generated tokens (default:
     the model's position table or sliding window). The user's model is not
     modified.
+
+    Reduced precision is planned per graph on single steps; errors then add up
+    through the cache. When the pair's teacher-forced logits miss the budget,
+    the decode graph is planned again at half the budget, then both graphs are
+    built exact; ``graphs.notes`` says what happened.
     """
     if not is_causal_lm(model):
         raise BadInput(f"{type(model).__name__} is not a transformers causal LM (a PreTrainedModel with "
                        "generate()); generation graphs are built for those only")
     say = progress or (lambda _msg: None)
     with eval_mode(model):
-        layout = read_cache_layout(model)
-        length_cap = model_max_length(model, layout, max_length)
-        step = CausalLMStep(model)
-        # the graphs take any length up to the cap; the examples and checks below need up to CHECK_LENGTH
-        batch, prompt, cache_len = _dims(max_batch, max(length_cap, CHECK_LENGTH))
-        kv = [{0: batch, 2: cache_len}] * (2 * layout.layers)
+        builder = _Builder(model, max_batch, max_length, progress)
         say("generation: prefill graph")
-        pre_args, _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_PROMPT + EXAMPLE_NEW, 1, 0)
-        prefill_checks = [_prompt_inputs(model, layout, b, t, t + n, pads, seed)
-                          for b, t, n, pads, seed in ((3, 5, 7, 2, 1), (1, 13, 4, 0, 2), (2, 8, 9, 0, 3))]
-        prefill = optimize(step, pre_args, dynamic_shapes=({0: batch, 1: prompt}, {0: batch, 1: cache_len},
-                                                           {0: batch, 1: prompt}, None, kv),
-                           verify_inputs=prefill_checks, progress=progress, **optimize_options)
+        prefill = builder.prefill(optimize_options)
         say("generation: decode graph")
-        states = _decode_states(step, layout, model, 4, seed=4)
-        decode = optimize(step, states[0][0], dynamic_shapes=({0: batch}, {0: batch, 1: cache_len}, {0: batch},
-                                                              None, kv),
-                          verify_inputs=states[1:], progress=progress, **optimize_options)
+        decode = builder.decode(optimize_options)
         config = getattr(model, "generation_config", None) or model.config
-        graphs = GenerationGraphs(prefill, decode, layout, length_cap,
+        graphs = GenerationGraphs(prefill, decode, builder.layout, builder.length_cap,
                                   eos_token_id=getattr(config, "eos_token_id", None),
                                   pad_token_id=getattr(config, "pad_token_id", None))
         say("generation: teacher-forced check")
         graphs.check = check_steps(graphs, model)
-    approximate = [r for r in (prefill, decode) if r.approximate]
+        _fall_back_within_budget(graphs, builder, optimize_options, say)
     log.info("generation graphs ready: %s", graphs.check.summary())
-    if not graphs.check.ok(approximate[0].context.error_budget if approximate else None):
-        raise GenerationCheckError(graphs.check)
     return graphs
+
+
+def _budget(graphs: GenerationGraphs) -> ErrorBudget | None:
+    approximate = [r for r in (graphs.prefill, graphs.decode) if r.approximate]
+    return approximate[0].context.error_budget if approximate else None
+
+
+def _fall_back_within_budget(graphs: GenerationGraphs, builder: _Builder, options: dict[str, Any],
+                             say: Callable[[str], None]) -> None:
+    """Re-plan the decode graph at half the budget, then build both exact, until the check passes."""
+    budget = _budget(graphs)
+    if budget is not None and not graphs.check.ok(budget):
+        missed = graphs.check.summary()
+        say("generation: decode re-planned at half the error budget")
+        tighter = {**options, "error_budget": dataclasses.replace(budget, rel_l2=budget.rel_l2 / 2)}
+        graphs.decode = builder.decode(tighter)
+        graphs.check = check_steps(graphs, builder.model)
+        graphs.notes.append(f"the pair missed the budget ({missed}); decode re-planned at rel_l2 "
+                            f"{budget.rel_l2 / 2:g}: {graphs.check.summary()}")
+    if budget is not None and not graphs.check.ok(budget):
+        exact = {k: v for k, v in options.items() if k not in ("precision", "error_budget")}
+        say("generation: reduced precision dropped (over the budget end to end)")
+        graphs.prefill, graphs.decode = builder.prefill(exact), builder.decode(exact)
+        graphs.check = check_steps(graphs, builder.model)
+        graphs.notes.append(f"reduced precision dropped: over the budget end to end; exact: {graphs.check.summary()}")
+    for note in graphs.notes:
+        log.warning("generation: %s", note)
+    if not graphs.check.ok(_budget(graphs)):
+        raise GenerationCheckError(graphs.check)
+
+
+class _Builder:
+    """Captures and optimizes the two graphs of one model (the shapes and real inputs they are checked on)."""
+
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_length: int | None,
+                 progress: Callable[[str], None] | None) -> None:
+        self.model, self.progress = model, progress
+        self.layout = read_cache_layout(model)
+        self.length_cap = model_max_length(model, self.layout, max_length)
+        self.step = CausalLMStep(model)
+        # the graphs take any length up to the cap; the examples and checks below need up to CHECK_LENGTH
+        self.batch, self.prompt, self.cache_len = _dims(max_batch, max(self.length_cap, CHECK_LENGTH))
+        self.kv = [{0: self.batch, 2: self.cache_len}] * (2 * self.layout.layers)
+
+    def prefill(self, options: dict[str, Any]) -> OptimizeResult:
+        model, layout = self.model, self.layout
+        example, _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_PROMPT + EXAMPLE_NEW, 1, 0)
+        checks = [_prompt_inputs(model, layout, b, t, t + n, pads, seed)
+                  for b, t, n, pads, seed in ((3, 5, 7, 2, 1), (1, 13, 4, 0, 2), (2, 8, 9, 0, 3))]
+        shapes = ({0: self.batch, 1: self.prompt}, {0: self.batch, 1: self.cache_len},
+                  {0: self.batch, 1: self.prompt}, None, self.kv)
+        return optimize(self.step, example, dynamic_shapes=shapes, verify_inputs=checks, progress=self.progress,
+                        **options)
+
+    def decode(self, options: dict[str, Any]) -> OptimizeResult:
+        states = _decode_states(self.step, self.layout, self.model, DECODE_STATES + 1, seed=4)
+        shapes = ({0: self.batch}, {0: self.batch, 1: self.cache_len}, {0: self.batch}, None, self.kv)
+        return optimize(self.step, states[0][0], dynamic_shapes=shapes, verify_inputs=states[1:],
+                        progress=self.progress, **options)
 
 
 class GenerationCheckError(BadInput, RuntimeError):
