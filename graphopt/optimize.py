@@ -121,6 +121,9 @@ def optimize(
     breaks numerics, and returns an :class:`OptimizeResult`. The user's model
     is not modified.
 
+    ``example_inputs`` may be left out for a transformers model (built from its config, use_cache=False,
+    dynamic batch/seq); ``dynamic``: "batch,seq", "batch", names, {"seq": (lo, hi)} or False
+    (None: on for built inputs, off for given ones); see :mod:`graphopt.model_inputs`.
     Pass options are keyword arguments (see ``graphopt passes``), checked
     against the pipeline's declarations before any pass runs: an unknown one
     raises :class:`graphopt.errors.UnknownOptionError` (a ``TypeError``), a

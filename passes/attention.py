@@ -4,6 +4,11 @@ Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attentio
     softmax(scale * (q @ k^T) + mask) @ v            -> sdpa(q, k, v, attn_mask=mask, scale=scale)
     ... with a constant causal mask (tril buffer, HF mask construction)
                                                       -> sdpa(q, k, v, is_causal=True, scale=scale)
+    ... with a mask computed from dynamic sizes and proved exactly kv <= q
+        (attention_causal: arange positions, index, le, and-ed terms true for every length)
+                                                      -> sdpa(q, k, v, is_causal=True, scale=scale)
+    sdpa(q, k, v, attn_mask=m), m proved kv <= q the same way (transformers' sdpa path)
+                                                      -> sdpa(q, k, v, is_causal=True)
     ... with masked_fill(m, -inf) / where(keep, s, -inf)
                                                       -> sdpa(q, k, v, attn_mask=~m / keep)
     ... with a finite fill value (finfo.min, -1e9)    -> sdpa(q, k, v, attn_mask=where(m, fill, 0))
@@ -24,7 +29,10 @@ Declines (listed in the report with the reason): softmax over another dim
 than the keys; attention weights used elsewhere (``output_attentions``);
 scores multiplied by or biased with a learned tensor ("left for blocked
 attention"); active dropout; products with a constant operand (a learned
-projection, not Q @ K^T); mixed dtypes; broadcast batch shapes. A site whose
+projection, not Q @ K^T); mixed dtypes; broadcast batch shapes. A mask with a ``kv <= q`` term that is not
+provably causal (it reads an input's values such as a padding mask, or a
+sliding window shorter than the seq range) keeps the explicit mask and is
+reported as ``is_causal: <reason>; the explicit mask is kept``. A site whose
 rewrite fails the numeric check is rolled back and declined with the figures.
 
 Verification (option ``attention_verify``): ``"auto"`` (default) fuses every
