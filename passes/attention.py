@@ -295,7 +295,7 @@ def causal_sdpa(gm: fx.GraphModule) -> tuple[list[fx.Node], list[Declined]]:
                 declined.append(Declined(where, f"is_causal: {reason}; the explicit mask is kept"))
             continue
         kwargs = {k: v for k, v in n.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
-        n.args, n.kwargs = (*n.args[:3], None, 0.0, True), kwargs
+        n.args, n.kwargs = (*n.args[:3], None, 0.0, True, *n.args[6:]), kwargs
         done.append(n)
         erase_unused(gm, [mask])
     return done, declined

@@ -146,8 +146,9 @@ def test_an_encoder_without_inputs_runs_at_other_sizes():
         assert rel_l2(result(x, attention_mask=mask).last_hidden_state, ref) <= 1e-5
 
 
-def test_a_padding_mask_keeps_the_explicit_mask_with_the_reason():
-    model = causal_lm("llama")
+@pytest.mark.parametrize("attn", [None, "eager"], ids=["sdpa", "eager"])
+def test_a_padding_mask_keeps_the_explicit_mask_with_the_reason(attn):
+    model = causal_lm("llama", attn)
     x = ids(2, 16)
     mask = torch.ones_like(x)
     result = graphopt.optimize(model, (x,), {"attention_mask": mask}, dynamic="batch,seq")

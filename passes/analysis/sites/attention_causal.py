@@ -263,8 +263,8 @@ def _index(it: _Interpreter, n: fx.Node, shape: tuple) -> Affine:
     """``x[i0, i1, ...]`` with position-tensor indices (leading axes, none negative)."""
     a = it.affine(n.args[0])
     indices = list(n.args[1])
-    if any(i is None for i in indices):
-        raise _Unreadable(f"{n.name}: indexing with None")
+    if any(i is None or not _is_int(i) for i in indices):
+        raise _Unreadable(f"{n.name}: indexing with None or a boolean mask")
     src_ndim = len(_shape(n.args[0]))
     out_ndim = len(shape)
     rest = src_ndim - len(indices)
@@ -335,7 +335,7 @@ def causal_reason(keep: fx.Node, q_len: Any) -> tuple[str | None, bool]:
     ``kv <= q`` term was found (a mask worth reporting as not causal).
     """
     pred = _Interpreter().pred(keep)
-    ndim = len(_shape(keep))
+    ndim = max(len(_shape(keep)), 2)
     q_max = _upper_bound(q_len)
     q_max = None if q_max is None else q_max - 1
     causal_term, others, reason = False, [], None
