@@ -233,7 +233,7 @@ def dynamic_shapes_for_ranges(module: torch.nn.Module, args: tuple[Any, ...], kw
         for leaf in pytree.tree_leaves(value):
             spec = axes_of_input(leaf, tuple(ranges))
             if spec:
-                collection[leaf] = {axis: dim(prefix + name) for axis, name in spec.items()}
+                collection[leaf] = {axis: dim(prefix + name if name == "seq" else name) for axis, name in spec.items()}
                 used.update(spec.values())
     missing = [a for a in ranges if a not in used]
     if missing:

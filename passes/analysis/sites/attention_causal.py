@@ -303,9 +303,14 @@ for _op in ("le", "lt", "ge", "gt", "eq", "ne"):
 
 
 def _upper_bound(size: Any) -> int | None:
-    """The largest value a (possibly symbolic) size takes; None when unbounded or unknown."""
+    """The largest value a symbolic size takes; None when unbounded or unknown.
+
+    A plain int is not trusted as a bound: a mask computed from the sizes
+    (not a constant) means the graph takes other sizes, and metadata
+    propagated from the example inputs would show the example's size.
+    """
     if isinstance(size, int):
-        return size
+        return None
     node = getattr(size, "node", None)
     try:
         upper = node.shape_env.bound_sympy(node.expr).upper
