@@ -24,6 +24,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -126,8 +127,17 @@ _DATA_DEPENDENT_MARKERS = (
 )
 
 
+#: a transformers KV cache in the output: ``DynamicCache``, ``StaticCache``, ``EncoderDecoderCache``, ...
+_CACHE_OUTPUT = re.compile(r"\b(\w*Cache)\b[^\n]*(in output|at output)|(in output|at output)[^\n]*\b(\w*Cache)\b")
+
+
 def _hint(attempts: Sequence[CaptureAttempt]) -> str:
     text = " ".join(a.message + a.error_type for a in attempts)
+    cache = next((m.group(1) or m.group(4) for a in attempts if (m := _CACHE_OUTPUT.search(a.message))), None)
+    if cache:
+        return (f"the model returns a KV cache object ({cache}), which a graph cannot output; pass "
+                "use_cache=False (as a forward argument, or in its config), or call graphopt.optimize "
+                "without example inputs, which does that for transformers models")
     if any(m.lower() in text.lower() for m in _DATA_DEPENDENT_MARKERS):
         src = next((a.source for a in attempts if a.source), "")
         where = f" ({src})" if src else ""

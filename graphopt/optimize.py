@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.capture import Captured, capture, eval_mode
+from graphopt import model_inputs
 from graphopt.pass_infra import (
     Instrument,
     OptimizeContext,
@@ -143,12 +144,13 @@ class OptimizeResult:
 @preserves_user_state
 def optimize(
     model: torch.nn.Module,
-    example_inputs: Sequence[Any] | torch.Tensor,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
     example_kwargs: dict[str, Any] | None = None,
     *,
     passes: Sequence[Pass] | None = None,
     verify: bool = True,
     dynamic_shapes: Any = None,
+    dynamic: Any = None,
     memory_budget: int | str | None = None,
     error_budget: ErrorBudget | float | None = None,
     n_random_inputs: int = 2,
@@ -168,6 +170,9 @@ def optimize(
     breaks numerics, and returns an :class:`OptimizeResult`. The user's model
     is not modified.
 
+    ``example_inputs`` may be left out for a transformers model (built from its config, use_cache=False,
+    dynamic batch/seq); ``dynamic``: "batch,seq", "batch", names, {"seq": (lo, hi)} or False
+    (None: on for built inputs, off for given ones); see :mod:`graphopt.model_inputs`.
     Pass options are keyword arguments (see ``graphopt passes``), checked
     against the pipeline's declarations before any pass runs: an unknown one
     raises :class:`graphopt.errors.UnknownOptionError` (a ``TypeError``), a
@@ -182,13 +187,13 @@ def optimize(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
+    target, example_inputs, example_kwargs, dynamic_shapes = model_inputs.prepare(
+        model, example_inputs, example_kwargs, dynamic, dynamic_shapes)
     if isinstance(error_budget, (int, float)):
         error_budget = ErrorBudget(rel_l2=float(error_budget))
     start = time.perf_counter()
     report = Report(model=type(model).__name__)
-    captured = _capture(model, example_inputs, example_kwargs, dynamic_shapes, report)
+    captured = _capture(target, example_inputs, example_kwargs, dynamic_shapes, report)
     gm = captured.module
 
     ctx = OptimizeContext(
@@ -204,8 +209,8 @@ def optimize(
     pipeline = list(passes) if passes is not None else pipelines.default_pipeline(ctx)
     check_options(pipeline, options)
     if verify:
-        with eval_mode(model):
-            ctx.verifier = Verifier(model, captured.args, captured.kwargs, gm, n_random=n_random_inputs,
+        with eval_mode(target):
+            ctx.verifier = Verifier(target, captured.args, captured.kwargs, gm, n_random=n_random_inputs,
                                     input_sets=verify_inputs)
     all_instruments = _instruments(verify, progress, instruments)
 

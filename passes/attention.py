@@ -4,6 +4,11 @@ Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attentio
     softmax(scale * (q @ k^T) + mask) @ v            -> sdpa(q, k, v, attn_mask=mask, scale=scale)
     ... with a constant causal mask (tril buffer, HF mask construction)
                                                       -> sdpa(q, k, v, is_causal=True, scale=scale)
+    ... with a mask computed from dynamic sizes and proved exactly kv <= q
+        (attention_causal: arange positions, index, le, and-ed terms true for every length)
+                                                      -> sdpa(q, k, v, is_causal=True, scale=scale)
+    sdpa(q, k, v, attn_mask=m), m proved kv <= q the same way (transformers' sdpa path)
+                                                      -> sdpa(q, k, v, is_causal=True)
     ... with masked_fill(m, -inf) / where(keep, s, -inf)
                                                       -> sdpa(q, k, v, attn_mask=~m / keep)
     ... with a finite fill value (finfo.min, -1e9)    -> sdpa(q, k, v, attn_mask=where(m, fill, 0))
@@ -24,7 +29,10 @@ Declines (listed in the report with the reason): softmax over another dim
 than the keys; attention weights used elsewhere (``output_attentions``);
 scores multiplied by or biased with a learned tensor ("left for blocked
 attention"); active dropout; products with a constant operand (a learned
-projection, not Q @ K^T); mixed dtypes; broadcast batch shapes. A site whose
+projection, not Q @ K^T); mixed dtypes; broadcast batch shapes. A mask with a ``kv <= q`` term that is not
+provably causal (it reads an input's values such as a padding mask, or a
+sliding window shorter than the seq range) keeps the explicit mask and is
+reported as ``is_causal: <reason>; the explicit mask is kept``. A site whose
 rewrite fails the numeric check is rolled back and declined with the figures.
 
 Verification (option ``attention_verify``): ``"auto"`` (default) fuses every
@@ -52,7 +60,9 @@ from graphopt import ir
 from graphopt.opsets import METADATA_ASSERTS, is_inactive_dropout
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.sites import AttentionSite, find_attention_sites
-from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, dtype_of
+from graphopt.passes.analysis.sites.attention_causal import causal_reason, keep_mask_of
+from graphopt.passes.analysis.sites.attention_masks import MaskTerm
+from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, arg, dtype_of
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
@@ -260,6 +270,37 @@ def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
     return sum(1 for n in erased if n.target not in _ASSERTS)
 
 
+def causal_sdpa(gm: fx.GraphModule) -> tuple[list[fx.Node], list[Declined]]:
+    """``sdpa(q, k, v, attn_mask=m)`` with ``m`` proved to be ``kv <= q`` -> ``sdpa(q, k, v, is_causal=True)``.
+
+    The mask a transformers model builds for its own ``scaled_dot_product_attention``
+    call from the (dynamic) sizes (:mod:`graphopt.passes.analysis.sites.attention_causal`).
+    Returns the rewritten nodes and, for masks with a ``kv <= q`` term that are not
+    exactly causal, the reason (the explicit mask is kept).
+    """
+    done: list[fx.Node] = []
+    declined: list[Declined] = []
+    for n in list(gm.graph.nodes):
+        mask = arg(n, 3, "attn_mask") if n.op == "call_function" and n.target == SDPA else None
+        if not isinstance(mask, fx.Node) or arg(n, 5, "is_causal", False) or arg(n, 4, "dropout_p", 0.0):
+            continue
+        q = ir.tensor_meta(n.args[0])
+        keep = mask if dtype_of(mask) == torch.bool else keep_mask_of(MaskTerm(mask, "additive", ()))[0]
+        if q is None or keep is None:
+            continue
+        reason, has_causal_term = causal_reason(keep, q.shape[-2])
+        if reason is not None:
+            if has_causal_term:
+                where = n.name + (f" ({ir.module_path(n)})" if ir.module_path(n) else "")
+                declined.append(Declined(where, f"is_causal: {reason}; the explicit mask is kept"))
+            continue
+        kwargs = {k: v for k, v in n.kwargs.items() if k not in ("attn_mask", "dropout_p", "is_causal")}
+        n.args, n.kwargs = (*n.args[:3], None, 0.0, True, *n.args[6:]), kwargs
+        done.append(n)
+        erase_unused(gm, [mask])
+    return done, declined
+
+
 def _site_name(site: AttentionSite) -> str:
     return site.softmax.name + (f" ({site.module})" if site.module else "")
 
@@ -282,10 +323,13 @@ class FuseAttention(Pass):
         switch = self.option(ctx, "attention_fusion")
         if switch == "off":
             return PassResult(gm, False, ["switched off (attention_fusion='off')"])
+        made_causal, declined = causal_sdpa(gm)
         sites = find_attention_sites(gm)
         mode = self.option(ctx, "attention_verify")
         reasons = {s.softmax: sdpa_decline(s) for s in sites}
-        declined = [Declined(_site_name(s), reasons[s.softmax]) for s in sites if reasons[s.softmax]]
+        declined += [Declined(_site_name(s), reasons[s.softmax]) for s in sites if reasons[s.softmax]]
+        declined += [Declined(_site_name(s), f"is_causal: {s.causal_declined}; the explicit mask is kept")
+                     for s in sites if not reasons[s.softmax] and s.causal_declined]
         candidates = [s for s in sites if not reasons[s.softmax]]
         fused: list[tuple[AttentionSite, fx.Node, list[fx.Node]]] = []
         replaced: dict[fx.Node, fx.Node] = {}
@@ -313,7 +357,7 @@ class FuseAttention(Pass):
                 checked = numerics
                 fused.append((site, out, created))
         if not fused:
-            return PassResult(gm, False, declined=declined)
+            return self._causal_only(gm, made_causal, declined)
         start = [n for site, _, _ in fused for n in site.nodes + [t.node for t in site.mask_terms]]
         removed = erase_unused(gm, start)
         gm.graph.eliminate_dead_code()
@@ -324,8 +368,19 @@ class FuseAttention(Pass):
                  f"({n_causal} causal, {n_mask} with an explicit mask, {n_gqa} grouped-query)",
                  f"removed {removed} nodes of the unfused attention"]
         notes += [f"{s.describe()}" for s, _, _ in fused[:64]]
-        involved = [out.name for _, out, _ in fused]
+        notes += [f"{len(made_causal)} scaled_dot_product_attention calls: proved-causal mask -> is_causal=True"
+                  ] if made_causal else []
+        involved = [out.name for _, out, _ in fused] + [n.name for n in made_causal]
         return PassResult(gm, True, notes, declined, involved, numerics=checked)
+
+    @staticmethod
+    def _causal_only(gm: fx.GraphModule, made_causal: list[fx.Node], declined: list[Declined]) -> PassResult:
+        """The result when no site was fused: the sdpa calls made causal, if any."""
+        if not made_causal:
+            return PassResult(gm, False, declined=declined)
+        gm.graph.eliminate_dead_code()
+        notes = [f"{len(made_causal)} scaled_dot_product_attention calls: proved-causal mask -> is_causal=True"]
+        return PassResult(gm, True, notes, declined, [n.name for n in made_causal])
 
     @staticmethod
     def _numerics_ok(gm: fx.GraphModule, ctx: OptimizeContext) -> tuple[bool, Any]:

@@ -25,7 +25,7 @@ LAYER_NAMES = {LIBRARY: "library", PASSES: "passes", API: "API"}
 #: top-level graphopt modules and packages in the API-and-outputs layer; every other graphopt module is library
 API_MODULES = frozenset({
     "graphopt", "graphopt.__main__", "graphopt.cli", "graphopt.optimize", "graphopt.analysis",
-    "graphopt.parallel", "graphopt.launch", "graphopt.specs", "graphopt.examples_models",
+    "graphopt.parallel", "graphopt.launch", "graphopt.specs", "graphopt.examples_models", "graphopt.model_inputs",
 })
 API_PACKAGES = ("graphopt.viz", "graphopt.onnx", "graphopt.commands", "graphopt.generate")
 

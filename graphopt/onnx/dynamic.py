@@ -5,7 +5,9 @@ was given, and its passes may rely on them, so graphopt does *not* re-export
 the original model (that would drop the optimizations): optimize with
 ``dynamic_shapes=dynamic_shapes_for(model, args, kwargs, "batch,seq")`` (what
 ``graphopt convert --dynamic`` does) and export the result with the same
-``dynamic=``.
+``dynamic=``. The axis helpers (``parse_dynamic``, ``axes_of_input``,
+``widen_for_dynamic``) live in :mod:`graphopt.model_inputs`, which
+:func:`graphopt.optimize` uses for ``dynamic=``; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,66 +18,16 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from graphopt.model_inputs import DYNAMIC_AXES, axes_of_input, parse_dynamic, widen_for_dynamic
 from graphopt.onnx.result import OnnxExportError
 
-#: axis names ``dynamic=`` understands
-DYNAMIC_AXES = ("batch", "seq")
+__all__ = ["DYNAMIC_AXES", "axes_of_input", "dynamic_shapes_for", "name_dynamic_axes", "parse_dynamic",
+           "static_size", "widen_for_dynamic"]
 
 #: what to do when a captured result cannot take the asked dynamic axes
 STATIC_CAPTURE_HINT = ("the graph was captured with static shapes; optimize it with dynamic_shapes="
                        "graphopt.onnx.dynamic_shapes_for(model, args, kwargs, dynamic) (graphopt convert "
                        "--dynamic does this)")
-
-
-def parse_dynamic(dynamic: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"batch,seq"`` -> ``("batch", "seq")``; None or "" -> ``()``."""
-    if not dynamic:
-        return ()
-    names = [n.strip() for n in dynamic.split(",")] if isinstance(dynamic, str) else [str(n) for n in dynamic]
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in DYNAMIC_AXES]
-    if unknown:
-        raise ValueError(f"unknown dynamic axis {unknown[0]!r}; name batch and/or seq, e.g. 'batch,seq'")
-    return tuple(dict.fromkeys(names))
-
-
-def axes_of_input(x: Any, axes: Sequence[str]) -> dict[int, str]:
-    """Which axes of one input tensor are dynamic.
-
-    ``batch``: axis 0 of every tensor input. ``seq``: axis 1 of integer/bool
-    inputs of rank >= 2 (token ids, attention masks, position ids) and of float
-    inputs of rank 3 ((batch, seq, hidden) embeddings); never of images or
-    (batch, features) inputs.
-    """
-    if not isinstance(x, torch.Tensor):
-        return {}
-    out: dict[int, str] = {}
-    if "batch" in axes and x.ndim >= 1:
-        out[0] = "batch"
-    if "seq" in axes and x.ndim >= 2 and (not x.dtype.is_floating_point or x.ndim == 3):
-        out[1] = "seq"
-    return out
-
-
-def widen_for_dynamic(args: Sequence[Any], kwargs: dict[str, Any] | None,
-                      dynamic: str | Sequence[str] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Repeat inputs whose dynamic axis has size 1 to size 2.
-
-    ``torch.export`` specialises a size-1 dimension to the constant 1, so a
-    batch-1 example cannot give a dynamic batch axis.
-    """
-    axes = parse_dynamic(dynamic)
-
-    def widen(x: Any) -> Any:
-        for axis in axes_of_input(x, axes):
-            if x.shape[axis] == 1:
-                reps = [1] * x.ndim
-                reps[axis] = 2
-                x = x.repeat(*reps)
-        return x
-
-    args2, kwargs2 = pytree.tree_map(widen, (tuple(args), dict(kwargs or {})))
-    return tuple(args2), dict(kwargs2)
 
 
 def dynamic_shapes_for(module: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None,

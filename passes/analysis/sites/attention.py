@@ -65,7 +65,9 @@ class AttentionSite:
     apply first, for einsum layouts), ``k_transposed`` (``k`` holds K^T),
     ``k_expanded`` / ``v_expanded`` (the repeat_kv output: GQA),
     ``mask_kind`` (``None``, ``"causal"``, ``"none"`` when a constant mask
-    masks nothing, ``"constant"`` or ``"input"``), ``score_shape`` (scores
+    masks nothing, ``"constant"`` or ``"input"``), ``causal_declined`` (why
+    a mask computed from the shapes with a ``kv <= q`` term is not exactly
+    causal: the explicit mask is kept), ``score_shape`` (scores
     as the fused op sees them), ``out_perm`` (einsum output layout), ``form``
     (``matmul``, ``bmm``, ``baddbmm``, ``einsum``), ``module`` (the
     nn.Module path), ``nodes`` (every node of the site).
@@ -108,6 +110,7 @@ class AttentionSite:
     k_expanded: fx.Node | None = None
     v_expanded: fx.Node | None = None
     mask_kind: str | None = None
+    causal_declined: str | None = None
     score_shape: tuple[int, ...] | None = None
     out_perm: tuple[int, ...] | None = None
 
@@ -228,6 +231,7 @@ class AttentionSite:
             "nodes": [n.name for n in self.nodes], "declined": self.declined,
             "layout_declined": self.layout_declined,
             "form": self.form, "module": self.module, "mask_kind": self.mask_kind,
+            "causal_declined": self.causal_declined,
             "mask_terms": [t.to_dict() for t in self.mask_terms],
         }
 

@@ -6,7 +6,8 @@ a scalar pre-scale of q or k moves into the scale, and a key/value repeated
 for grouped-query attention (``repeat_kv``: ``unsqueeze -> expand ->
 reshape``, or ``repeat_interleave`` over the heads) is recognised. A mask that
 depends on no input is evaluated once and recognised as causal or as no mask
-at all. :func:`normalise_layout` declines (:class:`graphopt.pattern.Decline`)
+at all; one computed from the (dynamic) sizes is proved causal or not by
+:mod:`.attention_causal`. :func:`normalise_layout` declines (:class:`graphopt.pattern.Decline`)
 a site whose operands have no such layout; only consumers that need it (the
 ``scaled_dot_product_attention`` rewrite) care.
 """
@@ -22,6 +23,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.opsets import RESHAPES
+from graphopt.passes.analysis.sites.attention_causal import causal_reason, keep_mask_of
 from graphopt.passes.analysis.sites.attention_masks import broadcastable, classify_constant_mask, evaluate_mask
 from graphopt.passes.analysis.sites.attention_ops import (
     Constants, arg, dtype_of, is_leading_reshape, static_shape, swaps_last_two,
@@ -291,9 +293,26 @@ def _classify_masks(site: AttentionSite, consts: Constants) -> None:
         bias = None if learned else evaluate_mask(site.mask_terms, site.score_shape, consts)
         site.mask_kind = classify_constant_mask(bias) if bias is not None else "constant"
     else:
-        site.mask_kind = "input"
+        site.mask_kind, site.causal_declined = _computed_mask_kind(site)
     site.is_causal = site.mask_kind == "causal"
     site.mask = site.mask_terms[0].node  # the one applied last, nearest the softmax
+
+
+def _computed_mask_kind(site: AttentionSite) -> tuple[str, str | None]:
+    """``("causal", None)`` for one mask term proved ``kv <= q``; else ``("input", why not causal)``.
+
+    The reason is kept only for a mask with a ``kv <= q`` term (a padding mask alone is no decline).
+    """
+    if len(site.mask_terms) != 1 or site.form == "einsum":
+        return "input", None
+    keep, _ = keep_mask_of(site.mask_terms[0])
+    val = ir.tensor_meta(site.softmax)
+    if keep is None or val is None:
+        return "input", None
+    reason, has_causal_term = causal_reason(keep, val.shape[-2])
+    if reason is None:
+        return "causal", None
+    return "input", (reason if has_causal_term else None)
 
 
 def _check_dynamic(site: AttentionSite) -> None:
