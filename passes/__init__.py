@@ -47,10 +47,11 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
 
     Options in ``ctx.options`` switch on the passes that need them.
     """
-    pipeline = cleanup_pipeline() + [FuseAttention(), RegroupSdpaHeads(), MergeMatmuls(), MatvecWeightLayout()] + cleanup_pipeline()
+    pipeline = cleanup_pipeline() + [FuseAttention(), RegroupSdpaHeads(), MergeMatmuls()] + cleanup_pipeline()
     if ctx is not None and (ctx.memory_budget is not None or ctx.options.get("autotune")
                             or any(k in ctx.options for k in BlockedOperators.options if k.startswith("block"))):
         pipeline.append(BlockedOperators())
+    pipeline.append(MatvecWeightLayout())  # after the planners that read linear sites (blocked LM head)
     if ctx is not None and ctx.options.get("precision"):
         pipeline.append(ReducedPrecision())  # last: passes after it would be checked at fp32 tolerance
     return pipeline
@@ -67,10 +68,10 @@ def all_pass_classes() -> list[type[Pass]]:
         FuseAttention,
         RegroupSdpaHeads,
         MergeMatmuls,
-        MatvecWeightLayout,
         ReducedPrecision,
         TensorParallel,
         BlockedOperators,
+        MatvecWeightLayout,
         CostAnnotation,
         HotMatmuls,
         FFNChains,
