@@ -51,7 +51,9 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
     if ctx is not None and (ctx.memory_budget is not None or ctx.options.get("autotune")
                             or any(k in ctx.options for k in BlockedOperators.options if k.startswith("block"))):
         pipeline.append(BlockedOperators())
-    pipeline.append(MatvecWeightLayout())  # after the planners that read linear sites (blocked LM head)
+    if ctx is not None and "weight_layout_policy" in ctx.options:
+        # asked for (generation asks for it on its decode graph): after the planners that read linear sites
+        pipeline.append(MatvecWeightLayout())
     if ctx is not None and ctx.options.get("precision"):
         pipeline.append(ReducedPrecision())  # last: passes after it would be checked at fp32 tolerance
     return pipeline

@@ -13,7 +13,9 @@ speed of the same weight stored (in, out): measured on an AMD EPYC Zen 5
 512, vocab 32000) take 7.3 ms as ``linear`` and 3.9 ms as ``x @ W_in_out``.
 Numerics: the same products summed in another order (fp32: ~1e-7 relative).
 
-Applied only where it is faster on the target: each (rows, in, out, dtype)
+Not in the default pipeline unless ``weight_layout_policy`` is given;
+generation turns it on for its decode graph, where every linear is a
+matrix-vector product. Applied only where it is faster on the target: each (rows, in, out, dtype)
 shape is timed both ways on ``ctx.device`` in alternating rounds (timings kept
 on ``ctx.target.timings``), and the rewrite is kept when it measures at least
 ``LAYOUT_MIN_SPEEDUP`` (1.05x) faster. Runs before ``precision``, which reads

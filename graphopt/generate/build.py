@@ -290,6 +290,8 @@ class _Builder:
     def decode(self, options: dict[str, Any]) -> OptimizeResult:
         states = _decode_states(self.step, self.layout, self.model, DECODE_STATES + 1, seed=4)
         shapes = ({0: self.batch}, {0: self.batch, 1: self.cache_len}, {0: self.batch}, None, self.kv)
+        if options.get("passes") is None:  # one token per row: matrix-vector products, where the layout pays
+            options = {"weight_layout_policy": "measure", **options}
         return optimize(self.step, states[0][0], dynamic_shapes=shapes, verify_inputs=states[1:],
                         progress=self.progress, **options)
 
