@@ -211,8 +211,8 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
 
     Reduced precision is planned per graph on single steps; errors then add up
     through the cache. When the pair's teacher-forced logits miss the budget,
-    the decode graph is planned again at half the budget, then both graphs are
-    built exact; ``graphs.notes`` says what happened.
+    both graphs are planned again at half the budget, then built exact;
+    ``graphs.notes`` says what happened.
     """
     if not is_causal_lm(model):
         raise BadInput(f"{type(model).__name__} is not a transformers causal LM (a PreTrainedModel with "
@@ -242,15 +242,15 @@ def _budget(graphs: GenerationGraphs) -> ErrorBudget | None:
 
 def _fall_back_within_budget(graphs: GenerationGraphs, builder: _Builder, options: dict[str, Any],
                              say: Callable[[str], None]) -> None:
-    """Re-plan the decode graph at half the budget, then build both exact, until the check passes."""
+    """Re-plan both graphs at half the budget, then build both exact, until the check passes."""
     budget = _budget(graphs)
     if budget is not None and not graphs.check.ok(budget):
         missed = graphs.check.summary()
-        say("generation: decode re-planned at half the error budget")
+        say("generation: re-planned at half the error budget")
         tighter = {**options, "error_budget": dataclasses.replace(budget, rel_l2=budget.rel_l2 / 2)}
-        graphs.decode = builder.decode(tighter)
+        graphs.prefill, graphs.decode = builder.prefill(tighter), builder.decode(tighter)
         graphs.check = check_steps(graphs, builder.model)
-        graphs.notes.append(f"the pair missed the budget ({missed}); decode re-planned at rel_l2 "
+        graphs.notes.append(f"the pair missed the budget ({missed}); both graphs re-planned at rel_l2 "
                             f"{budget.rel_l2 / 2:g}: {graphs.check.summary()}")
     if budget is not None and not graphs.check.ok(budget):
         exact = {k: v for k, v in options.items() if k not in ("precision", "error_budget")}
