@@ -147,7 +147,7 @@ def built_inputs(model: torch.nn.Module) -> tuple[tuple[Any, ...], dict[str, Any
         pixels = torch.randn(EXAMPLE_BATCH, channels, *size, generator=gen).to(device, dtype)
         return (pixels,), {}
     vocab = int(getattr(config, "vocab_size", None) or 1000)
-    seq = min(EXAMPLE_SEQ, _max_positions(config) or EXAMPLE_SEQ)
+    seq = min(EXAMPLE_SEQ, max_positions(config) or EXAMPLE_SEQ)
     ids = torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=gen).to(device)
     if task == "causal-lm":
         return (ids,), {}
@@ -157,9 +157,19 @@ def built_inputs(model: torch.nn.Module) -> tuple[tuple[Any, ...], dict[str, Any
     return (ids,), kwargs
 
 
-def _max_positions(config: Any) -> int | None:
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
+def max_positions(config: Any) -> int | None:
+    """The model's position table length, under any of the names configs give it (None: no table)."""
+    known = [int(v) for name in ("max_position_embeddings", "n_positions", "n_ctx")
+             if isinstance(v := getattr(config, name, None), int) and v > 0]
+    return min(known) if known else None
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """A transformers decoder-only model that generates (``PreTrainedModel`` and ``GenerationMixin``)."""
+    transformers = sys.modules.get("transformers")
+    mixin = getattr(transformers, "GenerationMixin", None) if transformers is not None else None
+    return (is_transformers_model(model) and mixin is not None and isinstance(model, mixin)
+            and not getattr(model.config, "is_encoder_decoder", False))
 
 
 def without_cache(model: torch.nn.Module) -> torch.nn.Module:
@@ -188,7 +198,7 @@ def dynamic_ranges(dynamic: Any, model: torch.nn.Module, built: bool) -> dict[st
     if dynamic is False or (not isinstance(dynamic, Mapping) and not dynamic):
         return {}
     config = getattr(model, "config", None)
-    defaults = {"batch": (1, MAX_BATCH), "seq": (1, _max_positions(config) if config is not None else None)}
+    defaults = {"batch": (1, MAX_BATCH), "seq": (1, max_positions(config) if config is not None else None)}
     if isinstance(dynamic, Mapping):
         names = parse_dynamic(list(dynamic))
         ranges = {n: _range(n, dynamic[n], defaults[n]) for n in names}

@@ -227,7 +227,7 @@ def optimize(
 def _result(model: torch.nn.Module, gm: fx.GraphModule, captured: Captured, ctx: OptimizeContext,
             approximate: tuple[str, ...], options: dict[str, Any]) -> OptimizeResult:
     result = OptimizeResult(gm, ctx.report, captured, ctx, approximate, source_model=model, options=options)
-    if _generates(model):  # existing code calling module.generate(...) changes one line
+    if model_inputs.is_causal_lm(model):  # existing code calling module.generate(...) changes one line
         gm.generate = result.generate
     return result
 
@@ -244,12 +244,6 @@ def _generation_options(passes: Sequence[Pass] | None, memory_budget: Any, error
         kept["error_budget"] = error_budget
     return kept
 
-
-def _generates(model: torch.nn.Module) -> bool:
-    """A transformers model with ``generate`` and a decoder-only config (checked fully when generating)."""
-    config = getattr(model, "config", None)
-    return callable(getattr(model, "generate", None)) and config is not None \
-        and not getattr(config, "is_encoder_decoder", False)
 
 
 

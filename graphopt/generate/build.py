@@ -31,6 +31,7 @@ from graphopt.errors import BadInput
 from graphopt.generate.loop import GenerationTimes, prompt_positions, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
+from graphopt.model_inputs import is_causal_lm, max_positions
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.verify import REDUCED_FLOATS, REL_L2_TOLERANCE, ErrorBudget
 
@@ -106,23 +107,9 @@ class GenerationGraphs:
                               max_length=self.max_length, times=self.times)
 
 
-def is_causal_lm(model: torch.nn.Module) -> bool:
-    """A transformers model with a language-modelling head that generates (``GenerationMixin``)."""
-    try:
-        from transformers import GenerationMixin, PreTrainedModel
-    except ImportError:
-        return False
-    config = getattr(model, "config", None)
-    return (isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
-            and not getattr(config, "is_encoder_decoder", False))
-
-
 def model_max_length(model: torch.nn.Module, layout: CacheLayout, limit: int | None) -> int:
     """The longest prompt + generation the graphs accept: the position table, the sliding window, ``limit``."""
-    config = model.config
-    candidates = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")]
-    known = [int(c) for c in candidates if isinstance(c, int) and c > 0]
-    length = min(known) if known else 8192
+    length = max_positions(model.config) or 8192
     if layout.sliding_window is not None:
         length = min(length, layout.sliding_window)
     return min(length, limit) if limit else length
