@@ -159,6 +159,29 @@ def test_the_eager_step_matches_the_model_forward():
     assert torch.allclose(step, full, atol=1e-5)
 
 
+def test_prefill_reads_only_the_prompts_part_of_the_cache_and_writes_the_full_cache():
+    """The prefill attends over the prompt, not over every position still to be generated."""
+    from graphopt.generate.loop import run_generation
+    from graphopt.generate.sampling import Sampling
+
+    model = build("llama")
+    layout, step = read_cache_layout(model), CausalLMStep(model)
+    seen, caches = [], []
+
+    def prefill(ids, mask, positions, start, cache):
+        seen.append((cache[0].shape[2], mask.shape[1]))
+        caches.append(cache[0])
+        return step(ids, mask, positions, start, cache)
+
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    out = run_generation(prefill, step, layout, ids, None, max_new_tokens=9, sampling=Sampling(),
+                         eos_token_id=None)
+    reference = model.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert seen == [(7, 7)]
+    assert caches[0]._base is not None and caches[0]._base.shape[2] == 7 + 9  # a view of the full cache
+    assert torch.equal(out, reference)
+
+
 def test_reduced_precision_over_budget_end_to_end_is_replanned_then_dropped(monkeypatch):
     """Plans are made on single steps; when the pair misses the budget over many, the build falls back."""
     import graphopt.generate.build as build_module

@@ -28,7 +28,7 @@ from torch.export import Dim
 
 from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
-from graphopt.generate.loop import GenerationTimes, prompt_positions, run_generation
+from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.model_inputs import is_causal_lm, max_positions
@@ -166,7 +166,8 @@ def teacher_forced_logits(prefill: Callable, decode: Callable, layout: CacheLayo
                            generator=torch.Generator().manual_seed(seed + 1)).to(ids.device)
     out = []
     with torch.no_grad():
-        out.append(prefill(ids, mask, pos, start, cache)[:, -1].float())
+        view, view_mask = prefill_view(cache, mask, prompt)  # as the generation loop calls it
+        out.append(prefill(ids, view_mask, pos, start, view)[:, -1].float())
         positions = pos[:, -1:]
         for i in range(steps):
             mask[:, prompt + i] = 1
@@ -268,7 +269,8 @@ class _Builder:
         model, layout = self.model, self.layout
         example, _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_PROMPT + EXAMPLE_NEW, 1, 0)
         checks = [_prompt_inputs(model, layout, b, t, t + n, pads, seed)
-                  for b, t, n, pads, seed in ((3, 5, 7, 2, 1), (1, 13, 4, 0, 2), (2, 8, 9, 0, 3))]
+                  for b, t, n, pads, seed in ((3, 5, 7, 2, 1), (1, 13, 4, 0, 2), (2, 8, 9, 0, 3), (2, 6, 0, 1, 5))]
+        # the last set: a cache exactly as long as the prompt, which is how the loop calls prefill (prefill_view)
         shapes = ({0: self.batch, 1: self.prompt}, {0: self.batch, 1: self.cache_len},
                   {0: self.batch, 1: self.prompt}, None, self.kv)
         return optimize(self.step, example, dynamic_shapes=shapes, verify_inputs=checks, progress=self.progress,

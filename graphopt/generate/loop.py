@@ -68,6 +68,23 @@ def check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
     return input_ids, mask
 
 
+#: the shortest cache the prefill graph takes (its ``cache_len`` axis starts there)
+MIN_CACHE_VIEW = 4
+
+
+def prefill_view(cache: list[torch.Tensor], mask: torch.Tensor,
+                 prompt: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The cache and mask the prefill reads: only the prompt's positions (views, written through).
+
+    Positions after the prompt are empty during prefill; attending over the
+    whole allocated cache (prompt + every token still to come) with a mask
+    costs time that grows with ``max_new_tokens``. The views share storage
+    with ``cache``, so the prefill's in-place writes land in the full cache.
+    """
+    length = min(max(prompt, MIN_CACHE_VIEW), mask.shape[1])
+    return [c[:, :, :length] for c in cache], mask[:, :length]
+
+
 def _eos_set(eos_token_id: int | Sequence[int] | None) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
@@ -115,7 +132,8 @@ def run_generation(
         streamer.put(input_ids.cpu())
     t0 = time.perf_counter()
     with torch.no_grad():
-        logits = prefill(input_ids, full_mask, prompt_positions(mask), torch.tensor(0, device=device), cache)
+        view = prefill_view(cache, full_mask, prompt)
+        logits = prefill(input_ids, view[1], prompt_positions(mask), torch.tensor(0, device=device), view[0])
     times.prefill_s = time.perf_counter() - t0
     positions = prompt_positions(mask)[:, -1:]
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
