@@ -93,6 +93,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -676,14 +677,18 @@ def generation_section(suite: Suite, sec: dict[str, Any]) -> None:
                                                "check": graphs.check.summary()}
     sec["graphopt_generate"] = "graphopt.prepare_generation(...).generate"
     for b in batches:
-        name = f"graphopt b{b}"
-        with step(suite, rows, name):
-            figures = [time_generation(graphs.generate, prompts[b], None, new, eos_token_id=None)
-                       for _ in range(3 if not suite.tiny else 1)]
-            rows[name] = {"prefill_ms": statistics.median(f.prefill_ms for f in figures[1:] or figures),
-                          "decode_ms_per_step": statistics.median(f.decode_ms for f in figures[1:] or figures),
-                          "new_tokens": new}
-            rows[name]["decode_tok_s"] = b * 1e3 / rows[name]["decode_ms_per_step"]
+        for cuda_graphs in (False, True):  # decode replayed from CUDA graphs, and without them
+            graphs.cuda_graphs = cuda_graphs
+            name = f"graphopt b{b}" + (" cuda graphs" if cuda_graphs else "")
+            with step(suite, rows, name):
+                figures = [time_generation(graphs.generate, prompts[b], None, new, eos_token_id=None)
+                           for _ in range(3 if not suite.tiny else 1)]
+                rows[name] = {"prefill_ms": statistics.median(f.prefill_ms for f in figures[1:] or figures),
+                              "decode_ms_per_step": statistics.median(f.decode_ms for f in figures[1:] or figures),
+                              "new_tokens": new}
+                rows[name]["decode_tok_s"] = b * 1e3 / rows[name]["decode_ms_per_step"]
+                if cuda_graphs:
+                    rows[name]["cuda_graphs"] = graphs.cuda_graphs_note or "replayed"
 
 
 # ---------------------------------------------------------------- markdown
@@ -822,11 +827,12 @@ def render_markdown(data: dict[str, Any]) -> str:
                 "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         rows = gen.get("rows", {})
         for name, r in rows.items():
-            b = name.rsplit(" b", 1)[-1] if " b" in name else ""
+            found = re.search(r" b(\d+)\b", name)
+            b = found.group(1) if found else ""
             base = rows.get(f"eager dynamic cache b{b}", {}).get("decode_tok_s")
             ratio = _f(r["decode_tok_s"] / base, ".2f") if base and "decode_tok_s" in r else ""
             out.append(f"| {name} | {_f(r.get('prefill_ms'), '.1f')} | {_f(r.get('decode_tok_s'), '.1f')} | "
-                       f"{_f(r.get('decode_ms_per_step'), '.2f')} | {ratio} | {r.get('warmup_s', '')} | {_status(r)} |")
+                       f"{_f(r.get('decode_ms_per_step'), '.2f')} | {ratio} | {r.get('warmup_s', '')} | {_status(r) or r.get('cuda_graphs', '')} |")
         out.append("")
         out.append("decode tokens/s counts every sequence of the batch; transformers' static cache + compile is "
                    "the bar for graphopt's decode (issue 19).")

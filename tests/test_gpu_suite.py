@@ -103,6 +103,8 @@ def test_smoke_run_from_a_checkout_without_install(tmp_path):
     for b in (1, 2):
         r = gen[f"graphopt b{b}"]
         assert r["prefill_ms"] > 0 and r["decode_tok_s"] > 0, (b, r)
+        r = gen[f"graphopt b{b} cuda graphs"]  # on the CPU: the fallback, with its reason
+        assert r["decode_tok_s"] > 0 and "CUDA device" in r["cuda_graphs"], (b, r)
 
     assert md.startswith("<!-- gpu_suite:begin -->") and md.rstrip().endswith("<!-- gpu_suite:end -->")
     for heading in ("### Attention", "### Precision", "### Blocked", "### Generation"):

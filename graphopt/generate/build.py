@@ -28,6 +28,7 @@ from torch.export import Dim
 
 from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
+from graphopt.generate.cuda_graphs import CudaGraphDecode
 from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
@@ -88,6 +89,22 @@ class GenerationGraphs:
     times: GenerationTimes = field(default_factory=GenerationTimes)
     #: what the build did beyond the plan (a decode graph re-planned, reduced precision dropped)
     notes: list[str] = field(default_factory=list)
+    #: replay decode from CUDA graphs: None on a CUDA device, False never, True (also) where possible
+    cuda_graphs: bool | None = None
+    _decode_runner: Any = field(default=None, repr=False)
+
+    def decode_step(self, device: torch.device) -> Any:
+        """What the loop calls per token: the decode graph, replayed from CUDA graphs on a GPU."""
+        if self.cuda_graphs is False or (self.cuda_graphs is None and device.type != "cuda"):
+            return self.decode.module
+        if self._decode_runner is None:
+            self._decode_runner = CudaGraphDecode(self.decode.module, self.layout, max_length=self.max_length)
+        return self._decode_runner
+
+    @property
+    def cuda_graphs_note(self) -> str | None:
+        """Why decode ran without CUDA graphs although they were asked for (None: it did not, or they ran)."""
+        return self._decode_runner.fallback_reason if self._decode_runner is not None else None
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -101,7 +118,8 @@ class GenerationGraphs:
         """
         eos = self.eos_token_id if eos_token_id is MODEL_DEFAULT else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
-        return run_generation(self.prefill.module, self.decode.module, self.layout, input_ids, attention_mask,
+        decode = self.decode_step(input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu"))
+        return run_generation(self.prefill.module, decode, self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
                               max_length=self.max_length, times=self.times)

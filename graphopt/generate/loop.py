@@ -123,8 +123,10 @@ def run_generation(
     device = input_ids.device
     eos = _eos_set(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
-    cache = layout.allocate(batch, length, device)
-    full_mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    # a decode step that owns its caches (CUDA graphs replay fixed addresses) allocates them; it may round up
+    allocate = getattr(decode, "allocate", None) or layout.allocate
+    cache = allocate(batch, length, device)
+    full_mask = torch.zeros(batch, cache[0].shape[2], dtype=torch.long, device=device)
     full_mask[:, :prompt] = mask
     times = times if times is not None else GenerationTimes()
     times.prefill_s, times.decode_s = 0.0, []
