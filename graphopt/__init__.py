@@ -14,6 +14,7 @@ from graphopt.analysis import Analysis, analyze
 from graphopt.capture import CaptureError, Captured, capture
 from graphopt.errors import GraphoptError, OptionError
 from graphopt.generate import GenerationGraphs, prepare_generation
+from graphopt.loading import load
 from graphopt.onnx import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx, record_onnx_export
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.pass_infra import (
@@ -28,6 +29,7 @@ from graphopt.pass_infra import (
 )
 from graphopt.program_file import UnsafeProgramFile
 from graphopt.report import Declined, Report
+from graphopt.saved import LoadedModel, NotASavedModel
 from graphopt.verify import ErrorBudget
 from graphopt.viz import visualize
 
@@ -45,6 +47,8 @@ __all__ = [
     "GenerationGraphs",
     "GraphoptError",
     "Instrument",
+    "LoadedModel",
+    "NotASavedModel",
     "OnnxExport",
     "OnnxExportError",
     "OnnxMismatchError",
@@ -59,6 +63,7 @@ __all__ = [
     "UnsafeProgramFile",
     "capture",
     "export_onnx",
+    "load",
     "optimize",
     "prepare_generation",
     "record_onnx_export",

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.capture import Captured, capture, eval_mode
-from graphopt import model_inputs
+from graphopt import model_inputs, saved
 from graphopt.pass_infra import (
     Instrument,
     OptimizeContext,
@@ -123,17 +123,20 @@ class OptimizeResult:
             generator=generator, **eos)
 
     def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
-        """Write ``model.pt2`` (reload with ``torch.export.load``) and ``report.json`` into ``directory``.
+        """Write ``model.pt2``, ``graphopt.json`` and ``report.json`` into ``directory``; returns the paths.
 
+        ``model.pt2`` returns a flat tuple of tensors, so plain ``torch.export.load``
+        reads it anywhere torch is (no transformers, no model code);
+        ``graphopt.json`` records the output's structure, and
+        :func:`graphopt.load` rebuilds it (see :mod:`graphopt.saved`).
         Files are written to temporary names and renamed, so a failure leaves no partial file.
-        Returns the paths written.
         """
         os.makedirs(directory, exist_ok=True)
         paths = {"pt2": os.path.join(directory, "model.pt2"), "report": os.path.join(directory, "report.json")}
-        ep = self.exported_program()
-        tmp = os.path.join(directory, ".model.partial.pt2")
-        torch.export.save(ep, tmp)
-        os.replace(tmp, paths["pt2"])
+        structure = saved.save_program(self.module, self.example_args, self.example_kwargs, paths["pt2"])
+        paths["manifest"] = saved.write_manifest(
+            os.fspath(directory), "model", program="model.pt2", outputs=structure,
+            model=self.report.model, approximate=list(self.approximate), torch=torch.__version__)
         tmp = paths["report"] + ".tmp"
         with open(tmp, "w") as f:
             f.write(self.report.to_json())

@@ -49,7 +49,7 @@ def test_example_scripts_run(script, argv, tmp_path, monkeypatch, capsys):
     runpy.run_path(path, run_name="__main__")
     out = capsys.readouterr().out
     assert "graphopt report" in out and "final check vs the original model: ok" in out
-    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "report.json"]
+    assert sorted(os.listdir(tmp_path)) == ["graphopt.json", "model.pt2", "report.json"]
     if script == "cnn.py":
         assert "batch norms: 2 -> 0" in out and "top-1 agreement 100%" in out
     else:

@@ -26,6 +26,7 @@ LAYER_NAMES = {LIBRARY: "library", PASSES: "passes", API: "API"}
 API_MODULES = frozenset({
     "graphopt", "graphopt.__main__", "graphopt.cli", "graphopt.optimize", "graphopt.analysis",
     "graphopt.parallel", "graphopt.launch", "graphopt.specs", "graphopt.examples_models", "graphopt.model_inputs",
+    "graphopt.loading",
 })
 API_PACKAGES = ("graphopt.viz", "graphopt.onnx", "graphopt.commands", "graphopt.generate")
 

@@ -30,7 +30,7 @@ def no_viewer(monkeypatch):
 def test_convert_writes_checked_model_and_reports(tmp_path, no_viewer):
     out = tmp_path / "out"
     assert main(["convert", "examples:mlp?batch=2", "-o", str(out), "--speed-runs", "2"]) == 0
-    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt2", "report.json", "report.md"]
+    assert sorted(os.listdir(out)) == ["graphopt.json", "model.onnx", "model.pt2", "report.json", "report.md"]
     assert _leftovers(tmp_path) == []
     report = json.loads((out / "report.json").read_text())
     onnx_part = report["extra"]["onnx"]
@@ -45,7 +45,7 @@ def test_convert_writes_checked_model_and_reports(tmp_path, no_viewer):
     model, args = graphopt.examples_models.mlp(batch=2)
     program = torch.export.load(str(out / "model.pt2"))
     with torch.no_grad():
-        assert torch.allclose(program.module()(*args), model(*args), atol=1e-6)
+        assert torch.allclose(program.module()(*args)[0], model(*args), atol=1e-6)  # flat outputs
     (got,) = run_onnx(str(out / "model.onnx"), list(args))
     assert rel_l2(model(*args).detach().numpy(), got) <= 1e-4
 
@@ -77,7 +77,7 @@ def test_existing_directory_is_refused_without_force(tmp_path, capsys, no_viewer
 
     assert main(["convert", "examples:mlp", "-o", str(out), "--no-speed", "--force"]) == 0
     # graphopt's files replaced, the user's kept, the stale graph.html (not written this time) removed
-    assert sorted(os.listdir(out)) == ["keep.txt", "model.onnx", "model.pt2", "report.json", "report.md"]
+    assert sorted(os.listdir(out)) == ["graphopt.json", "keep.txt", "model.onnx", "model.pt2", "report.json", "report.md"]
     assert _leftovers(tmp_path) == []
 
 
@@ -160,7 +160,7 @@ def test_help_documents_the_exit_codes(capsys):
 def test_convert_writes_the_viewer_page(tmp_path):
     out = tmp_path / "out"
     assert main(["convert", "examples:cnn", "-o", str(out), "--no-speed", "--dynamic", "batch"]) == 0
-    assert sorted(os.listdir(out)) == ["graph.html", "model.onnx", "model.pt2", "report.json", "report.md"]
+    assert sorted(os.listdir(out)) == ["graph.html", "graphopt.json", "model.onnx", "model.pt2", "report.json", "report.md"]
     page = (out / "graph.html").read_text()
     assert page.lstrip().lower().startswith("<!doctype html") or "<html" in page[:500].lower()
     assert not json.loads((out / "report.json").read_text())["extra"]["onnx"]["notes"]

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
+import graphopt
 from graphopt.cli import main
+from graphopt.saved import flatten_outputs
 from graphopt.commands.common import UsageError
 from tests.support.helpers import assert_outputs_close, call
 
@@ -35,14 +37,16 @@ def _run(argv: list[str], cwd: str, timeout: int = 240) -> subprocess.CompletedP
 def test_saved_program_reloads_to_the_same_outputs(optimized, name, tmp_path):
     oc = optimized(name)
     paths = oc.result.save(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "report.json"]
-    loaded = torch.export.load(paths["pt2"])
+    assert sorted(os.listdir(tmp_path)) == ["graphopt.json", "model.pt2", "report.json"]
+    plain = torch.export.load(paths["pt2"])  # flat tensors: loads with no output class registered
+    loaded = graphopt.load(tmp_path)
     for seed in (21, 22):
         args, kwargs = oc.case.fresh_inputs(seed)
         expected = call(oc.result.module, args, kwargs)
-        got = call(loaded.module(), args, kwargs)
-        assert type(got) is type(expected)  # a transformers ModelOutput for gpt2
+        got = call(loaded, args, kwargs)
+        assert type(got) is type(expected)  # a transformers ModelOutput for gpt2, rebuilt by graphopt.load
         assert_outputs_close(expected, got, tol=1e-6)
+        assert_outputs_close(tuple(flatten_outputs(expected)), tuple(call(plain.module(), args, kwargs)), tol=1e-6)
     report = json.loads(open(paths["report"]).read())
     assert [p["name"] for p in report["passes"]] == [r.name for r in oc.result.report.passes]
     assert report["final_numerics"]["ok"] is True
@@ -90,7 +94,7 @@ def test_cli_optimize_hf_spec_saves_and_prints_the_report(tmp_path, capsys):
     rc = main(["optimize", "hf:gpt2?n_layer=2&n_embd=128&seq=64", "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert sorted(os.listdir(out)) == ["model.pt2", "report.json"]
+    assert sorted(os.listdir(out)) == ["graphopt.json", "model.pt2", "report.json"]
     for expected in ("graphopt report", "remove_noops", "applied", "final check vs the original model: ok"):
         assert expected in captured.out
     assert "wrote" in captured.err
