@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from graphopt.generate.bundle import load_bundle
 from graphopt.saved import NotASavedModel, load_program, read_manifest
 
 __all__ = ["NotASavedModel", "load"]
@@ -21,7 +22,9 @@ def load(path: str | os.PathLike[str]) -> Any:
     ``path``: a directory written by :meth:`graphopt.OptimizeResult.save` or
     ``graphopt convert`` (its ``graphopt.json`` says what it holds), or a
     ``.pt2`` file (then the outputs come back as the program returns them).
-    Returns a :class:`graphopt.saved.LoadedModel`: ``model(*args, **kwargs)``
+    A generation bundle (saved with ``generation=True``) comes back as a
+    :class:`graphopt.generate.bundle.LoadedGeneration`, which is also
+    ``.generate(...)``. Otherwise returns a :class:`graphopt.saved.LoadedModel`: ``model(*args, **kwargs)``
     with the original's arguments; outputs rebuilt as the original's (a
     transformers ``ModelOutput`` where transformers is importable, else a
     ``dict`` of the same fields, in the same order). Programs are read
@@ -47,4 +50,6 @@ def load(path: str | os.PathLike[str]) -> Any:
             raise NotASavedModel(f"{path}: graphopt.json names the program {program!r}, not a file of this "
                                  "directory; save the model again")
         return load_program(os.path.join(path, program), manifest.get("outputs"), manifest)
+    if kind == "generation":
+        return load_bundle(path, manifest)
     raise NotASavedModel(f"{path}: holds a {kind!r}, which this graphopt cannot load; upgrade graphopt")

@@ -122,8 +122,13 @@ class OptimizeResult:
             temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_token_id, streamer=streamer,
             generator=generator, **eos)
 
-    def save(self, directory: str | os.PathLike[str]) -> dict[str, str]:
+    def save(self, directory: str | os.PathLike[str], *, generation: bool = False) -> dict[str, str]:
         """Write ``model.pt2``, ``graphopt.json`` and ``report.json`` into ``directory``; returns the paths.
+
+        ``generation=True`` (a transformers causal LM) also writes the generation
+        bundle: ``prefill.pt2`` and ``decode.pt2`` (built by :meth:`prepare_generation`
+        if not yet), the cache layout and generation config in ``graphopt.json``;
+        ``graphopt.load(directory).generate(...)`` then gives this result's tokens.
 
         ``model.pt2`` returns a flat tuple of tensors, so plain ``torch.export.load``
         reads it anywhere torch is (no transformers, no model code);
@@ -134,9 +139,13 @@ class OptimizeResult:
         os.makedirs(directory, exist_ok=True)
         paths = {"pt2": os.path.join(directory, "model.pt2"), "report": os.path.join(directory, "report.json")}
         structure = saved.save_program(self.module, self.example_args, self.example_kwargs, paths["pt2"])
+        extra: dict[str, Any] = {}
+        if generation:
+            extra["generation"] = self.prepare_generation().save(os.fspath(directory))
+            paths.update(prefill=os.path.join(directory, "prefill.pt2"), decode=os.path.join(directory, "decode.pt2"))
         paths["manifest"] = saved.write_manifest(
-            os.fspath(directory), "model", program="model.pt2", outputs=structure,
-            model=self.report.model, approximate=list(self.approximate), torch=torch.__version__)
+            os.fspath(directory), "generation" if generation else "model", program="model.pt2", outputs=structure,
+            model=self.report.model, approximate=list(self.approximate), torch=torch.__version__, **extra)
         tmp = paths["report"] + ".tmp"
         with open(tmp, "w") as f:
             f.write(self.report.to_json())

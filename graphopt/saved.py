@@ -199,6 +199,8 @@ def load_program(path: str, structure: dict[str, Any] | None = None,
 def save_program(module: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], path: str,
                  dynamic_shapes: Any = None) -> dict[str, Any]:
     """Export ``module`` with flat outputs and save it to ``path`` (atomically); returns the output structure."""
+    if isinstance(dynamic_shapes, (tuple, list)):  # positional shapes -> FlatOutputs' *args (and **kwargs)
+        dynamic_shapes = {"args": tuple(dynamic_shapes), **({"kwargs": {k: None for k in kwargs}} if kwargs else {})}
     with torch.no_grad():
         structure = output_structure(module(*args, **kwargs))
         program = torch.export.export(FlatOutputs(module), args, kwargs, dynamic_shapes=dynamic_shapes,

@@ -3,7 +3,10 @@
 It is ``graphopt optimize`` (same options, same code path) followed by the
 export. DIR receives:
 
-  model.pt2     the optimized program (torch.export.load)
+  model.pt2     the optimized program, flat tensor outputs (torch.export.load)
+  graphopt.json what graphopt.load(DIR) reads: the output structure (and, with
+                --generate, the cache layout and generation config)
+  prefill.pt2, decode.pt2   with --generate: the generation bundle
   model.onnx    the ONNX model, checked: onnx.checker, shape inference, and
                 onnxruntime vs torch on the example and fresh inputs
                 (model.onnx.data next to it when the weights exceed 1 GiB)
@@ -70,6 +73,9 @@ def register(sub: Any) -> None:
     p.add_argument("--no-speed", action="store_true",
                    help="skip timing the plain torch.onnx export of the original against graphopt's")
     p.add_argument("--speed-runs", type=int, default=10, metavar="N", help="timed runs per model (default 10)")
+    p.add_argument("--generate", action="store_true",
+                   help="a causal LM: also write the generation bundle (prefill.pt2, decode.pt2, the cache layout "
+                        "in graphopt.json); graphopt.load(DIR).generate(...) runs it without the model's code")
     p.set_defaults(handler=run)
 
 
@@ -100,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             final = report.final_numerics
             if final is not None and not final.ok:
                 raise CheckFailed(f"the optimized graph differs from the original model: {final.reason}")
-            with step("saving model.pt2"):
-                result.save(staging)
+            with step("saving model.pt2" + (" and the generation bundle" if args.generate else "")):
+                result.save(staging, generation=args.generate)
             with step("exporting model.onnx and checking it in onnxruntime"):
                 info = _export(result, os.path.join(staging, "model.onnx"), args, axes)
             record_onnx_export(report, info)

@@ -33,7 +33,7 @@ from graphopt.commands.common import UsageError
 log = logging.getLogger(__name__)
 
 #: every file a graphopt command may write into DIR
-OUTPUT_NAMES = ("model.pt2", "graphopt.json", "model.onnx", "model.onnx.data", "report.json", "report.md", "graph.html")
+OUTPUT_NAMES = ("model.pt2", "graphopt.json", "prefill.pt2", "decode.pt2", "model.onnx", "model.onnx.data", "report.json", "report.md", "graph.html")
 
 
 def check_output_dir(path: str, force: bool) -> None:

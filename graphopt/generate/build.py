@@ -28,6 +28,7 @@ from torch.export import Dim
 
 from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
+from graphopt.generate.bundle import save_generation_programs
 from graphopt.generate.cuda_graphs import CudaGraphDecode
 from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation
 from graphopt.generate.sampling import Sampling
@@ -92,6 +93,12 @@ class GenerationGraphs:
     #: replay decode from CUDA graphs: None on a CUDA device, False never, True (also) where possible
     cuda_graphs: bool | None = None
     _decode_runner: Any = field(default=None, repr=False)
+    #: the graphs' dynamic axes (``torch.export`` dynamic_shapes), what saving re-exports them with
+    dynamic_shapes: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def save(self, directory: str) -> dict[str, Any]:
+        """Write ``prefill.pt2`` and ``decode.pt2`` into ``directory``; returns the bundle's manifest fields."""
+        return save_generation_programs(self, directory)
 
     def decode_step(self, device: torch.device) -> Any:
         """What the loop calls per token: the decode graph, replayed from CUDA graphs on a GPU."""
@@ -233,7 +240,8 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
         config = getattr(model, "generation_config", None) or model.config
         graphs = GenerationGraphs(prefill, decode, builder.layout, builder.length_cap,
                                   eos_token_id=getattr(config, "eos_token_id", None),
-                                  pad_token_id=getattr(config, "pad_token_id", None))
+                                  pad_token_id=getattr(config, "pad_token_id", None),
+                                  dynamic_shapes={"prefill": builder.prefill_shapes, "decode": builder.decode_shapes})
         say("generation: teacher-forced check")
         graphs.check = check_steps(graphs, model)
         _fall_back_within_budget(graphs, builder, optimize_options, say)
@@ -282,6 +290,9 @@ class _Builder:
         # the graphs take any length up to the cap; the examples and checks below need up to CHECK_LENGTH
         self.batch, self.prompt, self.cache_len = _dims(max_batch, max(self.length_cap, CHECK_LENGTH))
         self.kv = [{0: self.batch, 2: self.cache_len}] * (2 * self.layout.layers)
+        self.prefill_shapes = ({0: self.batch, 1: self.prompt}, {0: self.batch, 1: self.cache_len},
+                               {0: self.batch, 1: self.prompt}, None, self.kv)
+        self.decode_shapes = ({0: self.batch}, {0: self.batch, 1: self.cache_len}, {0: self.batch}, None, self.kv)
 
     def prefill(self, options: dict[str, Any]) -> OptimizeResult:
         model, layout = self.model, self.layout
@@ -289,17 +300,14 @@ class _Builder:
         checks = [_prompt_inputs(model, layout, b, t, t + n, pads, seed)
                   for b, t, n, pads, seed in ((3, 5, 7, 2, 1), (1, 13, 4, 0, 2), (2, 8, 9, 0, 3), (2, 6, 0, 1, 5))]
         # the last set: a cache exactly as long as the prompt, which is how the loop calls prefill (prefill_view)
-        shapes = ({0: self.batch, 1: self.prompt}, {0: self.batch, 1: self.cache_len},
-                  {0: self.batch, 1: self.prompt}, None, self.kv)
-        return optimize(self.step, example, dynamic_shapes=shapes, verify_inputs=checks, progress=self.progress,
+        return optimize(self.step, example, dynamic_shapes=self.prefill_shapes, verify_inputs=checks, progress=self.progress,
                         **options)
 
     def decode(self, options: dict[str, Any]) -> OptimizeResult:
         states = _decode_states(self.step, self.layout, self.model, DECODE_STATES + 1, seed=4)
-        shapes = ({0: self.batch}, {0: self.batch, 1: self.cache_len}, {0: self.batch}, None, self.kv)
         if options.get("passes") is None:  # one token per row: matrix-vector products, where the layout pays
             options = {"weight_layout_policy": "measure", **options}
-        return optimize(self.step, states[0][0], dynamic_shapes=shapes, verify_inputs=states[1:],
+        return optimize(self.step, states[0][0], dynamic_shapes=self.decode_shapes, verify_inputs=states[1:],
                         progress=self.progress, **options)
 
 

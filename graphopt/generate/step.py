@@ -56,6 +56,16 @@ class CacheLayout:
         per = sum(h * d for h, d in self.keys) + sum(h * d for h, d in self.values)
         return per * batch * torch.empty((), dtype=self.dtype).element_size()
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheLayout:
+        """The layout :meth:`to_dict` wrote (a bundle's ``graphopt.json``)."""
+        dtype = getattr(torch, str(data["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown cache dtype {data['dtype']!r}")
+        window = data.get("sliding_window")
+        return cls(tuple((int(h), int(d)) for h, d in data["keys"]), tuple((int(h), int(d)) for h, d in data["values"]),
+                   dtype, int(window) if window else None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"keys": [list(k) for k in self.keys], "values": [list(v) for v in self.values],
                 "dtype": str(self.dtype).replace("torch.", ""), "sliding_window": self.sliding_window}

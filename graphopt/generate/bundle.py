@@ -1,0 +1,94 @@
+"""A generation bundle: the prefill and decode programs, the cache layout and the generation config, on disk.
+
+Written by :meth:`graphopt.OptimizeResult.save` with ``generation=True`` (or
+``graphopt convert --generate``) beside the single-forward ``model.pt2``;
+read by :func:`graphopt.load`, which returns a :class:`LoadedGeneration`:
+called like the model, and ``.generate(...)`` like the result it came from,
+in a process without the model's code or transformers (the loop,
+:mod:`graphopt.generate.loop`, and the sampling, :mod:`graphopt.generate.sampling`,
+need neither).
+
+Files: ``prefill.pt2`` and ``decode.pt2`` (each the step graph
+``(input_ids, attention_mask, position_ids, cache_position, cache) -> logits``,
+re-exported with its dynamic batch / prompt / cache axes; the cache is written
+in place), and in ``graphopt.json`` under ``generation``: the cache layout
+(per layer the key and value heads and head dims, the dtype, a sliding
+window), ``max_length``, ``eos_token_id``, ``pad_token_id``, and the
+teacher-forced check the graphs passed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from graphopt.generate.loop import GenerationTimes, run_generation
+from graphopt.generate.sampling import Sampling
+from graphopt.generate.step import CacheLayout
+from graphopt.saved import LoadedModel, NotASavedModel, load_program, save_program
+
+__all__ = ["LoadedGeneration", "load_bundle", "save_generation_programs"]
+
+PROGRAMS = {"prefill": "prefill.pt2", "decode": "decode.pt2"}
+
+
+def save_generation_programs(graphs: Any, directory: str) -> dict[str, Any]:
+    """Save ``graphs``' prefill and decode programs into ``directory``; the manifest's ``generation`` entry."""
+    for name, file in PROGRAMS.items():
+        result = getattr(graphs, name)
+        save_program(result.module, result.example_args, result.example_kwargs, os.path.join(directory, file),
+                     dynamic_shapes=graphs.dynamic_shapes.get(name))
+    return {"programs": dict(PROGRAMS), "layout": graphs.layout.to_dict(), "max_length": graphs.max_length,
+            "eos_token_id": graphs.eos_token_id, "pad_token_id": graphs.pad_token_id,
+            "check": graphs.check.summary() if graphs.check is not None else None, "notes": list(graphs.notes)}
+
+
+class LoadedGeneration(LoadedModel):
+    """A loaded bundle: called like the model (its ``model.pt2``), and ``generate(...)`` like the result."""
+
+    def __init__(self, model: LoadedModel, prefill: LoadedModel, decode: LoadedModel,
+                 config: dict[str, Any]) -> None:
+        super().__init__(model.program, model.structure, model.manifest)
+        self.prefill, self.decode = prefill, decode
+        self.layout = CacheLayout.from_dict(config["layout"])
+        self.max_length = int(config["max_length"])
+        self.eos_token_id, self.pad_token_id = config.get("eos_token_id"), config.get("pad_token_id")
+        self.times = GenerationTimes()
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: Any = ...,
+                 pad_token_id: int | None = None, streamer: Any = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate as :meth:`graphopt.OptimizeResult.generate` does (same arguments, same tokens)."""
+        eos = self.eos_token_id if eos_token_id is ... else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        return run_generation(self.prefill, self.decode, self.layout, input_ids, attention_mask,
+                              max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
+                              eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
+                              max_length=self.max_length, times=self.times)
+
+
+def _program_name(path: str, name: Any) -> str:
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        raise NotASavedModel(f"{path}: graphopt.json names the program {name!r}, not a file of this directory; "
+                             "save the model again")
+    return os.path.join(path, name)
+
+
+def load_bundle(path: str, manifest: dict[str, Any]) -> LoadedGeneration:
+    """The bundle in ``path`` (its ``graphopt.json`` already read and checked)."""
+    config = manifest.get("generation")
+    if not isinstance(config, dict) or not isinstance(config.get("programs"), dict):
+        raise NotASavedModel(f"{path}: graphopt.json has no generation entry; save the bundle again")
+    try:
+        model = load_program(_program_name(path, manifest.get("program", "model.pt2")), manifest.get("outputs"),
+                             manifest)
+        prefill, decode = (load_program(_program_name(path, config["programs"].get(k)), {"t": "leaf"})
+                           for k in PROGRAMS)
+        return LoadedGeneration(model, prefill, decode, config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NotASavedModel(f"{path}: graphopt.json's generation entry is incomplete ({exc}); "
+                             "save the bundle again") from None
