@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from graphopt.generate.bundle import load_bundle
-from graphopt.saved import NotASavedModel, load_program, read_manifest
+from graphopt.saved import NotASavedModel, load_program, program_path, read_manifest
 
 __all__ = ["NotASavedModel", "load"]
 
@@ -45,11 +45,8 @@ def load(path: str | os.PathLike[str]) -> Any:
     manifest = read_manifest(path)
     kind = manifest.get("kind")
     if kind == "model":
-        program = manifest.get("program", "model.pt2")
-        if not isinstance(program, str) or os.path.basename(program) != program or program in ("", ".", ".."):
-            raise NotASavedModel(f"{path}: graphopt.json names the program {program!r}, not a file of this "
-                                 "directory; save the model again")
-        return load_program(os.path.join(path, program), manifest.get("outputs"), manifest)
+        return load_program(program_path(path, manifest.get("program", "model.pt2")), manifest.get("outputs"),
+                            manifest)
     if kind == "generation":
         return load_bundle(path, manifest)
     raise NotASavedModel(f"{path}: holds a {kind!r}, which this graphopt cannot load; upgrade graphopt")

@@ -37,7 +37,7 @@ from graphopt.program_file import load_exported_program
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "FlatOutputs", "LoadedModel", "NotASavedModel", "flatten_outputs", "load_program",
-           "output_structure", "read_manifest", "rebuild_outputs", "save_program", "write_manifest"]
+           "output_structure", "program_path", "read_manifest", "rebuild_outputs", "save_program", "write_manifest"]
 
 FORMAT, VERSION, MANIFEST = "graphopt.saved", 1, "graphopt.json"
 
@@ -188,6 +188,14 @@ def _program(path: str) -> torch.export.ExportedProgram:
     except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: one line)
         raise NotASavedModel(f"{path}: not a loadable torch.export program "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+def program_path(directory: str, name: Any) -> str:
+    """``directory/name`` for a program a manifest names; refused unless ``name`` is a plain file name."""
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        raise NotASavedModel(f"{directory}: graphopt.json names the program {name!r}, not a file of this "
+                             "directory; save the model again")
+    return os.path.join(directory, name)
 
 
 def load_program(path: str, structure: dict[str, Any] | None = None,

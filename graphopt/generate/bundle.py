@@ -27,7 +27,7 @@ import torch
 from graphopt.generate.loop import GenerationTimes, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout
-from graphopt.saved import LoadedModel, NotASavedModel, load_program, save_program
+from graphopt.saved import LoadedModel, NotASavedModel, load_program, program_path, save_program
 
 __all__ = ["LoadedGeneration", "load_bundle", "save_generation_programs"]
 
@@ -71,22 +71,15 @@ class LoadedGeneration(LoadedModel):
                               max_length=self.max_length, times=self.times)
 
 
-def _program_name(path: str, name: Any) -> str:
-    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-        raise NotASavedModel(f"{path}: graphopt.json names the program {name!r}, not a file of this directory; "
-                             "save the model again")
-    return os.path.join(path, name)
-
-
 def load_bundle(path: str, manifest: dict[str, Any]) -> LoadedGeneration:
     """The bundle in ``path`` (its ``graphopt.json`` already read and checked)."""
     config = manifest.get("generation")
     if not isinstance(config, dict) or not isinstance(config.get("programs"), dict):
         raise NotASavedModel(f"{path}: graphopt.json has no generation entry; save the bundle again")
     try:
-        model = load_program(_program_name(path, manifest.get("program", "model.pt2")), manifest.get("outputs"),
+        model = load_program(program_path(path, manifest.get("program", "model.pt2")), manifest.get("outputs"),
                              manifest)
-        prefill, decode = (load_program(_program_name(path, config["programs"].get(k)), {"t": "leaf"})
+        prefill, decode = (load_program(program_path(path, config["programs"].get(k)), {"t": "leaf"})
                            for k in PROGRAMS)
         return LoadedGeneration(model, prefill, decode, config)
     except (KeyError, TypeError, ValueError) as exc:
