@@ -7,6 +7,7 @@ import re
 import runpy
 
 import pytest
+import torch
 
 from tests.conftest import REPO_ROOT
 
@@ -70,3 +71,17 @@ def test_generate_example_matches_transformers(monkeypatch, capsys):
     runpy.run_path(path, run_name="__main__")
     out = capsys.readouterr().out
     assert "greedy tokens equal to transformers' generate: True" in out
+
+
+def test_convert_deploying_section_runs(tmp_path, monkeypatch):
+    """docs/convert.md 'Deploying the artifacts': make, save, load, plain torch.export.load, the bundle's generate."""
+    monkeypatch.chdir(tmp_path)
+    text = open(os.path.join(REPO_ROOT, "docs", "convert.md")).read()
+    section = text.split("## Deploying the artifacts", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 3
+    namespace: dict = {"__name__": "convert_deploying"}
+    for block in blocks:
+        exec(compile(block, "docs/convert.md", "exec"), namespace)
+    result, tokens = namespace["result"], namespace["tokens"]
+    assert torch.equal(tokens, result.generate(namespace["input_ids"], namespace["attention_mask"], max_new_tokens=32))
