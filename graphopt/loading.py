@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from graphopt.generate.bundle import load_bundle
-from graphopt.saved import NotASavedModel, load_program, program_path, read_manifest
+from graphopt.saved import NotASavedModel, load_program, load_saved_model, read_manifest
 
 __all__ = ["NotASavedModel", "load"]
 
@@ -45,8 +45,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     manifest = read_manifest(path)
     kind = manifest.get("kind")
     if kind == "model":
-        return load_program(program_path(path, manifest.get("program", "model.pt2")), manifest.get("outputs"),
-                            manifest)
+        return load_saved_model(path, manifest)
     if kind == "generation":
         return load_bundle(path, manifest)
     raise NotASavedModel(f"{path}: holds a {kind!r}, which this graphopt cannot load; upgrade graphopt")

@@ -7,9 +7,9 @@ registered. graphopt therefore saves the program returning a **flat tuple of
 tensors** (loads with plain ``torch.export.load`` anywhere torch is) and writes
 the output's structure -- tuples, lists, dicts, ``None`` fields, a
 ``ModelOutput`` by class path and field names -- into ``graphopt.json``
-beside it. :func:`load` puts the structure back: a ``ModelOutput`` of the
-recorded class when transformers is importable, else a plain ``dict`` with the
-same field names in the same order. :func:`graphopt.load` (``graphopt/loading.py``)
+beside it. :class:`LoadedModel` puts the structure back (:func:`rebuild_outputs`):
+a ``ModelOutput`` of the recorded class when transformers is importable, else a
+plain ``dict`` with the same field names in the same order. :func:`graphopt.load` (``graphopt/loading.py``)
 reads what is saved here.
 
 Why not torch's pytree serialization (``treespec_dumps``)? It names the same
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +33,7 @@ import torch
 from graphopt.errors import BadInput
 from graphopt.program_file import load_exported_program
 
-log = logging.getLogger(__name__)
-
-__all__ = ["FORMAT", "FlatOutputs", "LoadedModel", "NotASavedModel", "flatten_outputs", "load_program",
+__all__ = ["FORMAT", "FlatOutputs", "LoadedModel", "NotASavedModel", "flatten_outputs", "load_program", "load_saved_model",
            "output_structure", "program_path", "read_manifest", "rebuild_outputs", "save_program", "write_manifest"]
 
 FORMAT, VERSION, MANIFEST = "graphopt.saved", 1, "graphopt.json"
@@ -67,9 +64,8 @@ def output_structure(obj: Any) -> dict[str, Any]:
             raise BadInput(f"a model output dict with keys of type {sorted({type(k).__name__ for k in obj})} "
                            "cannot be saved; return str or int keys")
         return {"t": "dict", "keys": list(obj.keys()), "items": [output_structure(v) for v in obj.values()]}
-    if isinstance(obj, (tuple, list)):
-        return {"t": type(obj).__name__ if type(obj) in (tuple, list) else "tuple",
-                "items": [output_structure(v) for v in obj]}
+    if isinstance(obj, (tuple, list)):  # a namedtuple comes back as a plain tuple
+        return {"t": "list" if isinstance(obj, list) else "tuple", "items": [output_structure(v) for v in obj]}
     if isinstance(obj, (bool, int, float, str)):
         return {"t": "const", "value": obj}
     raise BadInput(f"a model output of type {type(obj).__name__} cannot be saved; return tensors in "
@@ -121,14 +117,25 @@ def rebuild_outputs(structure: dict[str, Any], leaves: list[torch.Tensor] | tupl
 
 
 class FlatOutputs(torch.nn.Module):
-    """``module`` with its outputs flattened to a tuple of tensors: what is exported and saved."""
+    """``module`` with its outputs flattened to a tuple of tensors: what is exported and saved.
 
-    def __init__(self, module: Callable[..., Any]) -> None:
+    ``record`` (optional) is called with each call's :func:`output_structure`,
+    so exporting it (one traced call) also tells what the flat tuple was. A
+    callback rather than an attribute: torch.export puts back module state a
+    traced call changed.
+    """
+
+    def __init__(self, module: Callable[..., Any],
+                 record: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__()
         self.inner = module
+        self.record = record
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        return tuple(flatten_outputs(self.inner(*args, **kwargs)))
+        out = self.inner(*args, **kwargs)
+        if self.record is not None:
+            self.record(output_structure(out))
+        return tuple(flatten_outputs(out))
 
 
 def write_manifest(directory: str, kind: str, **fields: Any) -> str:
@@ -204,16 +211,24 @@ def load_program(path: str, structure: dict[str, Any] | None = None,
     return LoadedModel(_program(path), structure, manifest)
 
 
+def load_saved_model(directory: str, manifest: dict[str, Any]) -> LoadedModel:
+    """The single-forward program of a saved directory (``graphopt.json`` already read), outputs rebuilt."""
+    return load_program(program_path(directory, manifest.get("program", "model.pt2")), manifest.get("outputs"),
+                        manifest)
+
+
 def save_program(module: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], path: str,
                  dynamic_shapes: Any = None) -> dict[str, Any]:
     """Export ``module`` with flat outputs and save it to ``path`` (atomically); returns the output structure."""
     if isinstance(dynamic_shapes, (tuple, list)):  # positional shapes -> FlatOutputs' *args (and **kwargs)
         dynamic_shapes = {"args": tuple(dynamic_shapes), **({"kwargs": {k: None for k in kwargs}} if kwargs else {})}
-    with torch.no_grad():
-        structure = output_structure(module(*args, **kwargs))
-        program = torch.export.export(FlatOutputs(module), args, kwargs, dynamic_shapes=dynamic_shapes,
+    seen: list[dict[str, Any]] = []
+    with torch.no_grad():  # the export's traced call records the structure: no eager run of its own
+        program = torch.export.export(FlatOutputs(module, seen.append), args, kwargs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
+    if not seen:
+        raise RuntimeError(f"exporting {type(module).__name__} never called it; nothing was saved at {path}")
     tmp = os.path.join(os.path.dirname(path) or ".", f".partial.{os.path.basename(path)}")  # torch wants .pt2
     torch.export.save(program, tmp)
     os.replace(tmp, path)
-    return structure
+    return seen[-1]

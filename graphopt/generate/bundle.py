@@ -27,7 +27,7 @@ import torch
 from graphopt.generate.loop import GenerationTimes, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout
-from graphopt.saved import LoadedModel, NotASavedModel, load_program, program_path, save_program
+from graphopt.saved import LoadedModel, NotASavedModel, load_program, load_saved_model, program_path, save_program
 
 __all__ = ["LoadedGeneration", "load_bundle", "save_generation_programs"]
 
@@ -77,8 +77,7 @@ def load_bundle(path: str, manifest: dict[str, Any]) -> LoadedGeneration:
     if not isinstance(config, dict) or not isinstance(config.get("programs"), dict):
         raise NotASavedModel(f"{path}: graphopt.json has no generation entry; save the bundle again")
     try:
-        model = load_program(program_path(path, manifest.get("program", "model.pt2")), manifest.get("outputs"),
-                             manifest)
+        model = load_saved_model(path, manifest)
         prefill, decode = (load_program(program_path(path, config["programs"].get(k)), {"t": "leaf"})
                            for k in PROGRAMS)
         return LoadedGeneration(model, prefill, decode, config)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from graphopt.generate.loop import GenerationTimes, prompt_positions
 from graphopt.generate.step import read_cache_layout
 from graphopt.onnx.kv_step import PastPresentStep, kv_input_names, kv_output_names
 
@@ -49,16 +50,15 @@ def export_kv_onnx(model: torch.nn.Module, path: str | Path, opset: int | None =
 
 @dataclass
 class OrtGeneration:
-    """Tokens a greedy onnxruntime run produced, and its timings."""
+    """Tokens a greedy onnxruntime run produced, and its timings (the clock torch's generation loop keeps)."""
 
     tokens: np.ndarray
-    prefill_s: float = 0.0
-    decode_s: list[float] = field(default_factory=list)
+    times: GenerationTimes = field(default_factory=GenerationTimes)
 
     @property
     def decode_tokens_per_s(self) -> float:
         """Decode steps per second (each step gives one token per batch row)."""
-        return len(self.decode_s) / sum(self.decode_s) if self.decode_s else 0.0
+        return self.times.decode_tokens_per_s
 
 
 class OrtKVGenerator:
@@ -80,7 +80,7 @@ class OrtKVGenerator:
         mask = np.asarray(attention_mask, dtype=np.int64)
         batch = ids.shape[0]
         feed = {p.name: np.zeros((batch, p.shape[1], 0, p.shape[3]), dtype=np.float32) for p in self._past}
-        pos = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
+        pos = prompt_positions(torch.from_numpy(mask)).numpy()
         result = OrtGeneration(np.zeros((batch, new_tokens), dtype=np.int64))
         for n in range(new_tokens):
             start = time.perf_counter()
@@ -93,7 +93,7 @@ class OrtKVGenerator:
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             took = time.perf_counter() - start
             if n == 0:
-                result.prefill_s = took
+                result.times.prefill_s = took
             else:
-                result.decode_s.append(took)
+                result.times.decode_s.append(took)
         return result
