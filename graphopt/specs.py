@@ -21,6 +21,7 @@ Also built in: ``examples:<name>`` for graphopt's own example models
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import logging
 import importlib.util
@@ -89,10 +90,10 @@ def _hf(spec: str) -> ModelSpec:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    batch, seq = int(opts.pop("batch", 1)), int(opts.pop("seq", 64))
+    batch, seq = _positive(spec, opts, "batch", 1), _positive(spec, opts, "seq", 64)
     task = str(opts.pop("task", "auto"))
     with_mask = bool(opts.pop("mask", False))
-    seed = int(opts.pop("seed", 0))
+    seed = _positive(spec, opts, "seed", 0, minimum=0)
     opts.setdefault("use_cache", False)
     attn = opts.pop("attn_implementation", "eager")
     try:
@@ -102,6 +103,10 @@ def _hf(spec: str) -> ModelSpec:
             known = ", ".join(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)[:12])
             raise SpecError(f"unknown transformers model type {model_type!r}; try one of {known}, ...") from exc
         raise SpecError(f"{spec!r}: invalid config ({exc})") from exc
+    except Exception as exc:  # transformers' strict dataclass validation (wrong value types)
+        detail = " ".join(str(exc).split())
+        raise SpecError(f"{spec!r}: invalid config value ({detail}); fix the value after '?'") from exc
+    _check_config(spec, config, opts, seq)
     _fit_head_count(config, opts)
     if task == "auto":
         task = ("causal-lm" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -123,6 +128,34 @@ def _hf(spec: str) -> ModelSpec:
     args = (torch.randint(0, vocab, (batch, seq), generator=gen),)
     _ = transformers
     return ModelSpec(f"{type(model).__name__}({model_type})", model, args, kwargs)
+
+
+def _positive(spec: str, opts: dict[str, Any], key: str, default: int, minimum: int = 1) -> int:
+    """Pop ``key`` from ``opts`` as an integer >= ``minimum``, or raise a one-line SpecError."""
+    value = opts.pop(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{spec!r}: {key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _check_config(spec: str, config: Any, opts: dict[str, Any], seq: int) -> None:
+    """Refuse unknown config keys (with a close match), non-positive sizes and seq beyond max positions."""
+    default = type(config)()  # a default config: the instance keeps unknown kwargs as attributes
+    known = set(default.to_dict()) | set(getattr(config, "attribute_map", {}))
+    for key, value in opts.items():
+        if key not in known and key not in ("use_cache",):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see the model's config class for valid keys"
+            raise SpecError(f"{spec!r}: unknown config key {key!r}{hint}")
+        if isinstance(value, str) and isinstance(getattr(default, key, None), (int, float)):
+            raise SpecError(f"{spec!r}: {key}={value!r} must be a number")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 and (
+                key.startswith(("n_", "num_", "vocab", "hidden", "d_", "max_", "intermediate"))):
+            raise SpecError(f"{spec!r}: {key}={value!r} must be > 0")
+    limit = next((getattr(config, k) for k in ("n_positions", "max_position_embeddings")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if limit is not None and seq > limit:
+        raise SpecError(f"{spec!r}: seq={seq} exceeds the model's max positions ({limit}); lower seq")
 
 
 _HEAD_KEYS = (("n_embd", "n_head"), ("hidden_size", "num_attention_heads"), ("d_model", "num_heads"))
@@ -165,7 +198,12 @@ def _load_factory(spec: str) -> ModelSpec:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise SpecError(f"{target!r} has no callable {attr!r}; a factory returns (model, example_args[, kwargs])")
-    out = fn()
+    try:
+        out = fn()
+    except SystemExit as exc:
+        raise SpecError(f"your factory {attr!r} called sys.exit({exc.code!r}); return (model, example_args) instead") from exc
+    except Exception as exc:
+        raise SpecError(f"your factory {attr!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(out, tuple) or len(out) not in (2, 3) or not isinstance(out[0], torch.nn.Module):
         raise SpecError(f"{spec}: the factory must return (model, example_args[, example_kwargs])")
     model, args = out[0], out[1]
