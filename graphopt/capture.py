@@ -145,10 +145,11 @@ def _hint(attempts: Sequence[CaptureAttempt]) -> str:
             f"the forward branches on a tensor's value{where}; a graph cannot follow it. "
             "Make the branch depend on shapes or Python values, or use torch.cond."
         )
-    return (
-        "check that the model runs eagerly on these example inputs; run with --debug (CLI) "
-        "or inspect .attempts for each route's full error"
-    )
+    return _GENERIC_HINT
+
+
+_GENERIC_HINT = ("check that the model runs eagerly on these example inputs; run with --debug (CLI) "
+                 "or inspect .attempts for each route's full error")
 
 
 #: torch loggers that narrate a failing capture route (partial graphs, guard warnings)
@@ -249,4 +250,20 @@ def capture(
             gm = ep.module()
             log.info("captured with %s: %d nodes", route, len(gm.graph.nodes))
             return Captured(gm, ep, route, args, kwargs, attempts)
-    raise CaptureError(attempts, _hint(attempts))
+    hint = _hint(attempts)
+    if hint == _GENERIC_HINT:
+        hint = _eager_failure(model, args, kwargs) or hint
+    raise CaptureError(attempts, hint)
+
+
+def _eager_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Run the model once eagerly: when the user's own forward raises, that is the error to report."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # the user's code: reported, not raised
+        where = _user_frame(exc)
+        where = f" at {where}" if where else ""
+        return (f"your model raised {type(exc).__name__}: {_first_line(exc)}{where} (run eagerly on the example "
+                "inputs); fix the example inputs (shape, dtype, values) or the forward")
+    return None

@@ -63,13 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaptureError as exc:
         if args.debug:
             raise
-        first = exc.attempts[-1] if exc.attempts else None
         where = next((a.source for a in exc.attempts if a.source), "")
         where = f" at {where}" if where and where not in exc.hint else ""  # the hint may name it already
-        err_console.print(f"[red]error:[/] could not capture the model{escape(where)}: {escape(exc.hint)}",
-                          highlight=False)
-        if first is not None:
-            err_console.print("[dim](run with --debug to see each capture attempt)[/]")
+        message = exc.hint if exc.hint.startswith("your model raised") else \
+            f"could not capture the model{where}: {exc.hint}"
+        more = "; --debug shows each capture attempt" if exc.attempts and "--debug" not in message else ""
+        err_console.print(f"[red]error:[/] {escape(message)}{more}", highlight=False)
         return 2
     except GraphoptError as exc:  # bad input of any kind (spec, option, budget, command line): one line
         if args.debug:

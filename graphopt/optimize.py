@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -15,6 +16,7 @@ import torch.fx as fx
 
 from graphopt import ir
 from graphopt.capture import Captured, capture, eval_mode
+from graphopt.errors import BadInput, OptionError
 from graphopt import model_inputs, saved
 from graphopt.pass_infra import (
     Instrument,
@@ -37,13 +39,27 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
-    """Parse a memory size: ``2GiB``, ``512MB``, ``1.5g``, or a number of bytes."""
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read memory size {value!r}; write it like '2GiB', '512MB' or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """Parse a memory size: ``2GiB``, ``512MB``, ``1.5g``, or a number of bytes (> 0).
+
+    Raises :class:`graphopt.errors.OptionError` (a ``ValueError``) for anything
+    else: text it cannot read, zero, a negative, NaN or infinite size.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise OptionError("memory_budget", value, "a memory size is a number of bytes or text like '2GiB'")
+    if isinstance(value, (int, float)):
+        size = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise OptionError("memory_budget", value, "cannot read this memory size; write it like '2GiB', "
+                              "'512MB' or a number of bytes")
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(size) or size < 1:
+        raise OptionError("memory_budget", value, "a memory budget must be a finite size of at least 1 byte, "
+                          "e.g. '2GiB'")
+    return int(size)
 
 
 @dataclass
@@ -199,10 +215,12 @@ def optimize(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    target, example_inputs, example_kwargs, dynamic_shapes = model_inputs.prepare(
-        model, example_inputs, example_kwargs, dynamic, dynamic_shapes)
+    budget_bytes = parse_bytes(memory_budget)  # bad options fail before any work
     if isinstance(error_budget, (int, float)):
         error_budget = ErrorBudget(rel_l2=float(error_budget))
+    _refuse_meta_weights(model)
+    target, example_inputs, example_kwargs, dynamic_shapes = model_inputs.prepare(
+        model, example_inputs, example_kwargs, dynamic, dynamic_shapes)
     start = time.perf_counter()
     report = Report(model=type(model).__name__)
     captured = _capture(target, example_inputs, example_kwargs, dynamic_shapes, report)
@@ -213,7 +231,7 @@ def optimize(
         kwargs=captured.kwargs,
         flat_inputs=ir.flat_inputs(captured.args, captured.kwargs, gm),
         device=_device_of(model, captured.args, captured.kwargs),
-        memory_budget=parse_bytes(memory_budget),
+        memory_budget=budget_bytes,
         error_budget=error_budget,
         report=report,
         options=dict(options),
@@ -257,6 +275,15 @@ def _generation_options(passes: Sequence[Pass] | None, memory_budget: Any, error
     return kept
 
 
+
+
+def _refuse_meta_weights(model: torch.nn.Module) -> None:
+    """A model whose weights are on the meta device has no values to rewrite or check against."""
+    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise BadInput(f"the model's {meta!r} is on the meta device (no values): load its weights first "
+                       "(e.g. model.to_empty(device='cpu') then load_state_dict), or use graphopt.analyze, "
+                       "which needs only shapes")
 
 
 def _capture(model: torch.nn.Module, example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None,

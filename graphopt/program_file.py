@@ -37,7 +37,7 @@ from graphopt.errors import BadInput
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UnsafeProgramFile", "load_exported_program", "weights_only_loading"]
+__all__ = ["NotAProgramFile", "UnsafeProgramFile", "load_exported_program", "weights_only_loading"]
 
 _FORCE, _FORCE_NO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _ENV_LOCK = threading.Lock()
@@ -45,6 +45,26 @@ _ENV_LOCK = threading.Lock()
 
 class UnsafeProgramFile(BadInput):
     """A ``.pt2`` file with an entry that only a full pickle load can read (it could run code)."""
+
+
+class NotAProgramFile(BadInput):
+    """A file that is not a ``.pt2`` archive at all (random bytes, truncated, another format)."""
+
+
+@contextlib.contextmanager
+def _torch_export_log_quiet() -> Iterator[None]:
+    """torch.export.load logs a full traceback (as a warning) before it re-raises; graphopt reports the
+    failure in one line, so that log is held back unless graphopt's debug logging is on."""
+    logger = logging.getLogger("torch.export")
+    if logging.getLogger("graphopt").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -124,8 +144,11 @@ def load_exported_program(path: str) -> torch.export.ExportedProgram:
     Raises :class:`UnsafeProgramFile` (one line, naming the entry) when an
     entry needs a full pickle load; other failures propagate as torch raises them.
     """
+    if not zipfile.is_zipfile(path):
+        raise NotAProgramFile(f"{path} is not a torch.export program (a .pt2 is a zip archive; this file is not "
+                              "one, or it is truncated): write it with torch.export.save or graphopt convert")
     _import_output_modules(path)
-    with weights_only_loading():
+    with weights_only_loading(), _torch_export_log_quiet():
         try:
             return torch.export.load(path)
         except Exception as exc:

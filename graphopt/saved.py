@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from graphopt.errors import BadInput
-from graphopt.program_file import load_exported_program
+from graphopt.program_file import NotAProgramFile, load_exported_program
 
 __all__ = ["FORMAT", "FlatOutputs", "LoadedModel", "NotASavedModel", "flatten_outputs", "load_program", "load_saved_model",
            "output_structure", "program_path", "read_manifest", "rebuild_outputs", "save_program", "write_manifest"]
@@ -190,6 +190,9 @@ def _program(path: str) -> torch.export.ExportedProgram:
         raise NotASavedModel(f"{path}: the program file is missing; save the model again")
     try:
         return load_exported_program(path)
+    except NotAProgramFile:
+        raise NotASavedModel(f"{path}: not a loadable torch.export program (not a zip archive, or truncated); "
+                             "save the model again") from None
     except BadInput:
         raise
     except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: one line)

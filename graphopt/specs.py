@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import inspect
 import logging
 import importlib.util
 import os
@@ -141,7 +142,7 @@ def _positive(spec: str, opts: dict[str, Any], key: str, default: int, minimum: 
 def _check_config(spec: str, config: Any, opts: dict[str, Any], seq: int) -> None:
     """Refuse unknown config keys (with a close match), non-positive sizes and seq beyond max positions."""
     default = type(config)()  # a default config: the instance keeps unknown kwargs as attributes
-    known = set(default.to_dict()) | set(getattr(config, "attribute_map", {}))
+    known = set(default.to_dict()) | set(getattr(config, "attribute_map", {})) | _init_keywords(type(config))
     for key, value in opts.items():
         if key not in known and key not in ("use_cache",):
             close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -156,6 +157,17 @@ def _check_config(spec: str, config: Any, opts: dict[str, Any], seq: int) -> Non
                   if isinstance(getattr(config, k, None), int)), None)
     if limit is not None and seq > limit:
         raise SpecError(f"{spec!r}: seq={seq} exceeds the model's max positions ({limit}); lower seq")
+
+
+def _init_keywords(config_class: type) -> set[str]:
+    """The keyword arguments a config class and its bases accept (``num_labels`` is one, not kept in to_dict)."""
+    names: set[str] = set()
+    for cls in config_class.__mro__:
+        names |= {k for k, v in cls.__dict__.items() if isinstance(v, property) and v.fset is not None}
+        init = cls.__dict__.get("__init__")
+        with contextlib.suppress(TypeError, ValueError):
+            names |= {p for p in inspect.signature(init).parameters if p not in ("self", "kwargs")} if init else set()
+    return names
 
 
 _HEAD_KEYS = (("n_embd", "n_head"), ("hidden_size", "num_attention_heads"), ("d_model", "num_heads"))
@@ -217,7 +229,7 @@ def _load_pt2(path: str) -> ModelSpec:
         raise SpecError(f"no such file: {path}")
     try:
         ep = load_exported_program(path)
-    except UnsafeProgramFile:
+    except BadInput:  # refused as unsafe or not a program: already one line
         raise
     except Exception as exc:
         raise SpecError(f"{path} is not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc

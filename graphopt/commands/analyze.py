@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             with open(args.target) as f:
                 target = Roofline.from_dict(json.load(f))
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             raise UsageError(f"{args.target} is not a target JSON ({exc}); write it like Roofline.to_dict()") from exc
     spec = load_model(args.spec)
     with step("analysing" + (" and profiling" if args.profile else "")):

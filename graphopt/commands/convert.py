@@ -34,7 +34,8 @@ import os
 from typing import Any
 
 from graphopt.commands.common import UsageError, err_console, load_model, out_console, parse_options, step
-from graphopt.commands.optimize import add_optimize_arguments, check_output_dir, optimize_from_args
+from graphopt.commands.optimize import add_optimize_arguments, check_output_dir, named_options, \
+    optimize_from_args
 from graphopt.commands.output_dir import staged_output_dir
 from graphopt.onnx import (
     TARGETS,
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--dynamic: {exc}") from exc
     if args.opset is not None and not 7 <= args.opset <= 30:
         raise UsageError(f"--opset {args.opset}: give an ai.onnx opset such as 18, 20 or 23")
+    named_options(args, parse_options(args.option))  # budgets and verify checked before the model is built
     spec = load_model(args.spec)
     dynamic_shapes = None
     if axes:

@@ -60,12 +60,13 @@ def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_sh
     """
     import graphopt
 
-    spec = spec if spec is not None else load_model(args.spec)
     options = parse_options(args.option)
     if getattr(args, "precision", None):
         options["precision"] = args.precision
     options.update(extra)
+    named = named_options(args, options)  # checked before the model is built
     passes = select_passes(args.passes)
+    spec = spec if spec is not None else load_model(args.spec)
     label = {"text": "optimizing"}
 
     with step("optimizing") as status:
@@ -79,12 +80,39 @@ def optimize_from_args(args: argparse.Namespace, *, spec: Any = None, dynamic_sh
         # an unknown or bad option (errors.OptionError), a budget no plan meets (passes.blocked.BudgetError):
         # graphopt.errors.BadInput, which the CLI reports as one line
         result = graphopt.optimize(
-            spec.model, spec.args, spec.kwargs, passes=passes, verify=not args.no_verify,
-            memory_budget=args.memory_budget, error_budget=getattr(args, "error_budget", None),
-            dynamic_shapes=dynamic_shapes, progress=progress, **options,
+            spec.model, spec.args, spec.kwargs, passes=passes, dynamic_shapes=dynamic_shapes, progress=progress,
+            **named, **options,
         )
     result.report.model = spec.name
     return spec, result
+
+
+#: optimize()'s own arguments that ``--option`` may also name (each once: by its flag or by --option)
+_NAMED = {"memory_budget": "--memory-budget", "error_budget": "--error-budget", "verify": "--no-verify"}
+
+
+def named_options(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """``memory_budget``, ``error_budget`` and ``verify`` from their flags or ``--option`` (moved out of
+    ``options``), validated: a bad value, or one given both ways, is a UsageError before any work."""
+    from graphopt.optimize import parse_bytes
+    from graphopt.verify import ErrorBudget
+
+    flags = {"memory_budget": args.memory_budget, "error_budget": getattr(args, "error_budget", None),
+             "verify": False if args.no_verify else None}
+    for key, flag in _NAMED.items():
+        if key in options:
+            if flags[key] is not None:
+                raise UsageError(f"{key} is given twice ({flag} and --option {key}=...); keep one")
+            flags[key] = options.pop(key)
+    if not isinstance(flags["verify"], (bool, type(None))):
+        raise UsageError(f"--option verify={flags['verify']!r}: write verify=true or verify=false")
+    parse_bytes(flags["memory_budget"])
+    if flags["error_budget"] is not None:
+        if isinstance(flags["error_budget"], bool) or not isinstance(flags["error_budget"], (int, float)):
+            raise UsageError(f"error_budget={flags['error_budget']!r}: write a relative L2 error such as 1e-2")
+        ErrorBudget(rel_l2=float(flags["error_budget"]))
+    return {"memory_budget": flags["memory_budget"], "error_budget": flags["error_budget"],
+            "verify": True if flags["verify"] is None else flags["verify"]}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,12 +37,41 @@ OUTPUT_NAMES = ("model.pt2", "graphopt.json", "prefill.pt2", "decode.pt2", "mode
 
 
 def check_output_dir(path: str, force: bool) -> None:
-    """Refuse a ``DIR`` that exists (and is not empty) unless ``force``; refuse a file."""
+    """Refuse, before any work, a ``DIR`` graphopt could not publish into.
+
+    A file; a ``DIR`` that exists (and is not empty) unless ``force``; one
+    holding a directory where graphopt writes a file (``model.pt2/``); a
+    place where nothing can be created (read-only, ``/proc``, under a file).
+    """
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{path} exists and is not a directory; choose another -o")
     if os.path.isdir(path) and os.listdir(path) and not force:
         raise UsageError(f"{path} already exists and is not empty; pass --force to replace graphopt's "
                          f"files in it, or choose another -o")
+    if os.path.isdir(path):
+        blocked = [n for n in OUTPUT_NAMES if os.path.isdir(os.path.join(path, n))]
+        if blocked:
+            raise UsageError(f"{os.path.join(path, blocked[0])} is a directory where graphopt writes a file; "
+                             "move it away or choose another -o")
+    check_can_create(os.path.dirname(os.path.abspath(path)), path, "-o")
+
+
+def check_can_create(folder: str, wanted: str, flag: str) -> None:
+    """Refuse (UsageError) when nothing can be created in ``folder`` or its nearest existing ancestor.
+
+    Checked by creating (and removing) a probe directory, the only test the
+    filesystem answers truly (``os.access`` says yes to root on read-only mounts).
+    """
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"cannot write {wanted}: {existing} is a file, not a directory; choose another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".graphopt-probe-", dir=existing))
+    except OSError as exc:
+        raise UsageError(f"cannot write {wanted}: {existing} does not allow it ({exc.strerror}); "
+                         f"choose another {flag}") from None
 
 
 @contextlib.contextmanager

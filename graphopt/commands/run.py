@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from graphopt.parallel import ShardingError
     from graphopt.specs import SpecError
 
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: give a TCP port between 1 and 65535, or leave it out for a free one")
     try:
         with step(f"running {args.spec} on {args.nproc} processes"):
             result = run_sharded(args.spec, args.nproc, backend=args.backend, iters=args.iters,

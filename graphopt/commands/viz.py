@@ -18,6 +18,7 @@ import argparse
 import os
 from typing import Any
 
+from graphopt.commands.output_dir import check_can_create
 from graphopt.commands.common import UsageError, add_spec_argument, err_console, load_model, step
 
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.output} is a directory; give a file name such as {os.path.join(args.output, 'graph.html')}")
     if os.path.exists(args.output) and not args.force:
         raise UsageError(f"{args.output} already exists; pass --force to overwrite it")
+    check_can_create(os.path.dirname(os.path.abspath(args.output)), args.output, "-o")
     if (args.passes or args.option) and not args.diff:
         raise UsageError("--passes and --option only apply with --diff (they choose the optimization to show)")
     if args.diff and args.format == "model-explorer":
