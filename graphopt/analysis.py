@@ -152,13 +152,14 @@ class Analysis:
     def render(self, console: Any = None, top: int | None = None) -> None:
         """Print the hot-spot table and the summary to a rich console."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         console = console or Console()
         top = self.top if top is None else top
         by = "measured" if self.profiled else "predicted"
         title = f"graphopt analyze{': ' + self.model if self.model else ''} -- top {top} by {by} time"
-        table = Table(title=title, title_justify="left")
+        table = Table(title=escape(title), title_justify="left")
         for col, justify in (("#", "right"), ("node", "left"), ("module", "left"), ("op", "left"),
                              ("shape", "left"), ("FLOPs", "right"), ("bytes", "right"), ("FLOP/B", "right"),
                              ("bound", "left"), ("pred ms", "right"), ("meas ms", "right"), ("%", "right")):
@@ -167,12 +168,12 @@ class Analysis:
         for i, r in enumerate(self.nodes[:top], 1):
             shapes = "x".join(map(str, r.shapes[0])) if r.shapes else ""
             table.add_row(
-                str(i), r.name, r.module or "(top)", r.op.removeprefix("aten."), shapes, human(r.flops),
+                str(i), escape(r.name), escape(r.module or "(top)"), escape(r.op.removeprefix("aten.")), shapes, human(r.flops),
                 human_bytes(r.bytes), f"{r.intensity:.1f}", r.bound, f"{r.predicted_s * 1e3:.3f}",
                 f"{r.measured_s * 1e3:.3f}" if r.measured_s is not None else "-", f"{r.share * 100:.1f}",
             )
         console.print(table)
-        console.print(self.summary())
+        console.print(self.summary(), markup=False)
 
     def summary(self) -> str:
         """The few lines printed under the table."""

@@ -65,9 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         where = next((a.source for a in exc.attempts if a.source), "")
         where = f" at {where}" if where and where not in exc.hint else ""  # the hint may name it already
-        message = exc.hint if exc.hint.startswith("your model raised") else \
-            f"could not capture the model{where}: {exc.hint}"
-        more = "; --debug shows each capture attempt" if exc.attempts and "--debug" not in message else ""
+        raised = exc.hint.startswith("your model raised")
+        message = exc.hint if raised else f"could not capture the model{where}: {exc.hint}"
+        more = "; --debug shows each capture attempt" if raised else ""
         err_console.print(f"[red]error:[/] {escape(message)}{more}", highlight=False)
         return 2
     except GraphoptError as exc:  # bad input of any kind (spec, option, budget, command line): one line

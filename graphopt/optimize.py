@@ -215,10 +215,7 @@ def optimize(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    budget_bytes = parse_bytes(memory_budget)  # bad options fail before any work
-    if isinstance(error_budget, (int, float)):
-        error_budget = ErrorBudget(rel_l2=float(error_budget))
-    _refuse_meta_weights(model)
+    budget_bytes, error_budget = _checked_budgets(model, memory_budget, error_budget)  # before any work
     target, example_inputs, example_kwargs, dynamic_shapes = model_inputs.prepare(
         model, example_inputs, example_kwargs, dynamic, dynamic_shapes)
     start = time.perf_counter()
@@ -275,6 +272,16 @@ def _generation_options(passes: Sequence[Pass] | None, memory_budget: Any, error
     return kept
 
 
+
+
+def _checked_budgets(model: torch.nn.Module, memory_budget: int | str | None,
+                     error_budget: ErrorBudget | float | None) -> tuple[int | None, ErrorBudget | None]:
+    """The budgets validated (OptionError), and the model refused if it has no weight values."""
+    if isinstance(error_budget, (int, float)):
+        error_budget = ErrorBudget(rel_l2=float(error_budget))
+    budget_bytes = parse_bytes(memory_budget)
+    _refuse_meta_weights(model)
+    return budget_bytes, error_budget
 
 
 def _refuse_meta_weights(model: torch.nn.Module) -> None:

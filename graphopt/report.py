@@ -96,11 +96,12 @@ class Report:
     def render(self, console: Any = None) -> None:
         """Print the report to a rich console."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         console = console or Console()
         title = f"graphopt report{': ' + self.model if self.model else ''}"
-        table = Table(title=title, title_justify="left")
+        table = Table(title=escape(title), title_justify="left")
         for col in ("pass", "status", "nodes", "time", "numerics", "notes"):
             table.add_column(col, overflow="fold")
         for r in self.passes:
@@ -109,12 +110,13 @@ class Report:
             if r.declined:
                 notes += ("; " if notes else "") + f"{len(r.declined)} declined"
             style = {"rolled back": "red", "error": "red", "applied": "green"}.get(r.status, "")
-            table.add_row(r.name, f"[{style}]{r.status}[/]" if style else r.status, nodes,
-                          f"{r.seconds * 1e3:.1f} ms", r.numerics.summary() if r.numerics else "", notes)
+            table.add_row(escape(r.name), f"[{style}]{r.status}[/]" if style else r.status, nodes,
+                          f"{r.seconds * 1e3:.1f} ms", escape(r.numerics.summary()) if r.numerics else "",
+                          escape(notes))
         console.print(table)
         console.print(
             f"capture: {self.capture_route} ({self.capture_seconds:.2f} s); nodes {self.nodes_before} -> "
-            f"{self.nodes_after}; total {self.total_seconds:.2f} s"
+            f"{self.nodes_after}; total {self.total_seconds:.2f} s", markup=False
         )
         if self.final_numerics:
             status = "ok" if self.final_numerics.ok else "FAILED"
@@ -128,7 +130,7 @@ class Report:
             if len(declined) > 40:
                 console.print(f"  ... and {len(declined) - 40} more (see report.json)")
         for r in self.rolled_back:
-            console.print(f"[red]{r.name} {r.status}[/]: {r.numerics.reason if r.numerics else r.error}")
+            console.print(f"[red]{escape(r.name)} {r.status}[/]: {escape(str(r.numerics.reason if r.numerics else r.error))}")
 
     def to_markdown(self) -> str:
         """The report as Markdown (what ``graphopt convert`` writes to ``report.md``)."""

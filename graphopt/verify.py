@@ -86,13 +86,11 @@ class ErrorBudget:
     top1: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rel_l2, bool) or not isinstance(self.rel_l2, (int, float)) \
-                or not math.isfinite(self.rel_l2) or self.rel_l2 < 0:
-            raise OptionError("error_budget", self.rel_l2, "a relative L2 error must be a finite number >= 0",
-                              "e.g. 1e-2")
-        if self.top1 is not None and (isinstance(self.top1, bool) or not isinstance(self.top1, (int, float))
-                                      or not 0 <= self.top1 <= 1):
-            raise OptionError("top1", self.top1, "a top-1 agreement is a fraction between 0 and 1", "e.g. 0.95")
+        number = isinstance(self.rel_l2, (int, float)) and not isinstance(self.rel_l2, bool)
+        if not number or not math.isfinite(self.rel_l2) or self.rel_l2 < 0:
+            raise OptionError("error_budget", self.rel_l2, "a relative L2 error must be a finite number >= 0")
+        if self.top1 is not None and not (isinstance(self.top1, (int, float)) and 0 <= self.top1 <= 1):
+            raise OptionError("top1", self.top1, "a top-1 agreement is a fraction between 0 and 1")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from rich.markup import escape
+
 from graphopt.commands.common import UsageError, add_spec_argument, load_model, out_console, step
 
 
@@ -113,21 +115,21 @@ def run_onnx(args: argparse.Namespace) -> int:
         out_console.print_json(data=out)
         return 0
     unknown = sum(1 for n in graph.nodes if n.op_type in ("MatMul", "Gemm", "Conv") and n.flops is None)
-    table = Table(title=f"{args.spec}: the {len(heavy)} heaviest nodes by FLOPs")
+    table = Table(title=escape(f"{args.spec}: the {len(heavy)} heaviest nodes by FLOPs"))
     for col, justify in (("node", "left"), ("op", "left"), ("output shape", "left"), ("FLOPs", "right"),
                          ("% of total", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for n in heavy:
         info = graph.tensors.get(n.outputs[0]) if n.outputs else None
         shape = "x".join(str(d) for d in info.shape) if info is not None and info.shape is not None else "?"
-        table.add_row(n.name, n.op, shape, _human(n.flops or 0), f"{100 * (n.flops or 0) / total:.1f}"
+        table.add_row(escape(n.name), escape(n.op), escape(shape), _human(n.flops or 0), f"{100 * (n.flops or 0) / total:.1f}"
                       if total else "")
     out_console.print(table)
     ops = ", ".join(f"{op} {count}" for op, count in graph.op_counts().most_common(12))
-    out_console.print(f"nodes: {len(graph.nodes)} ({ops})", highlight=False)
+    out_console.print(f"nodes: {len(graph.nodes)} ({ops})", highlight=False, markup=False)
     out_console.print(f"total: {_human(total)}FLOP; weights {graph.weight_bytes() / 2**20:.1f} MiB; "
                       f"inputs " + ", ".join(f"{t.name} {t.dtype} {list(t.shape) if t.shape else '?'}"
-                                             for t in graph.inputs), highlight=False)
+                                             for t in graph.inputs), highlight=False, markup=False)
     if unknown:
         out_console.print(f"{unknown} MatMul/Gemm/Conv nodes have symbolic shapes: their FLOPs are not counted; "
                           "give sizes with --dim NAME=SIZE", highlight=False)

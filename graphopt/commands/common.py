@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from graphopt.errors import BadInput
 
@@ -35,10 +36,10 @@ def add_spec_argument(parser: argparse.ArgumentParser) -> None:
 def step(message: str) -> Iterator[Any]:
     """Show a spinner with ``message`` on stderr while a long step runs."""
     if err_console.is_terminal:
-        with err_console.status(message) as status:
+        with err_console.status(escape(message)) as status:
             yield status
     else:
-        err_console.print(f"[dim]{message}[/]")
+        err_console.print(f"[dim]{escape(message)}[/]")
         yield None
 
 

@@ -33,6 +33,8 @@ import logging
 import os
 from typing import Any
 
+from rich.markup import escape
+
 from graphopt.commands.common import UsageError, err_console, load_model, out_console, parse_options, step
 from graphopt.commands.optimize import add_optimize_arguments, check_output_dir, named_options, \
     optimize_from_args
@@ -124,11 +126,11 @@ def run(args: argparse.Namespace) -> int:
             written = sorted(os.listdir(staging))
     except CheckFailed as exc:
         _print_report(report, args)
-        err_console.print(f"[red]check failed:[/] {exc}; nothing was written to {args.output}")
+        err_console.print(f"[red]check failed:[/] {escape(f'{exc}; nothing was written to {args.output}')}")
         return EXIT_CHECK_FAILED
     _print_report(report, args)
-    err_console.print(info.summary())
-    err_console.print(f"wrote {', '.join(os.path.join(args.output, n) for n in written)}")
+    err_console.print(info.summary(), markup=False)
+    err_console.print(f"wrote {', '.join(os.path.join(args.output, n) for n in written)}", markup=False)
     return 0
 
 

@@ -99,9 +99,10 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         out_console.print_json(json.dumps(report))
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"generation: {report['model']}")
+    table = Table(title=escape(f"generation: {report['model']}"))
     for col in ("", "prefill ms", "decode ms/token", "tokens/s"):
         table.add_column(col, justify="right" if col else "left")
     for who in ("graphopt", "original"):
@@ -110,7 +111,7 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
             table.add_row(who, f"{f['prefill_ms']:.1f}", f"{f['decode_ms_per_token']:.2f}",
                           f"{f['decode_tokens_per_s'] * f['batch']:.1f}")
     out_console.print(table)
-    err_console.print(report["check"])
+    err_console.print(report["check"], markup=False)
     if "tokens_equal" in report:
         verdict = "tokens equal" if report["tokens_equal"] else (
             "tokens differ (reduced precision); teacher-forced error "

@@ -125,6 +125,6 @@ def run(args: argparse.Namespace) -> int:
         out_console.print_json(result.report.to_json())
     else:
         result.report.render(out_console)
-    err_console.print(f"wrote {', '.join(paths.values())}")
+    err_console.print(f"wrote {', '.join(paths.values())}", markup=False)
     final = result.report.final_numerics
     return 0 if final is None or final.ok else 1

@@ -39,6 +39,7 @@ def _mib(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from graphopt.launch import LaunchError, run_sharded
@@ -56,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
     except (ShardingError, SpecError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     except LaunchError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
     if args.json:
         out_console.print_json(json.dumps(result.to_dict()))
         return 0 if result.ok else 1
-    table = Table(title=f"{args.spec}: {result.nproc} processes ({result.backend})", title_justify="left")
+    table = Table(title=escape(f"{args.spec}: {result.nproc} processes ({result.backend})"), title_justify="left")
     for col in ("process", "weights", "sharded weights", "latency", "threads"):
         table.add_column(col)
     table.add_row("single", _mib(result.single_weight_bytes), _mib(result.sharded_weights_full_bytes),

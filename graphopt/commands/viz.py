@@ -76,5 +76,5 @@ def run(args: argparse.Namespace) -> int:
     with step(f"writing {args.output}"):
         path = visualize(subject, args.output, format=args.format, diff=args.diff, title=title, metric=args.metric,
                          analysis=analysis)
-    err_console.print(f"wrote {path}")
+    err_console.print(f"wrote {path}", markup=False)
     return 0

@@ -209,7 +209,8 @@ def _tensor_info(vi: Any, dims: Mapping[str, int]) -> TensorInfo:
     shape: tuple[Dim, ...] | None = None
     if t.HasField("shape"):
         shape = tuple(
-            d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, d.dim_param or None)
+            (d.dim_value if d.dim_value >= 0 else None)  # a negative size (-1: "any") is not a size
+            if d.HasField("dim_value") else dims.get(d.dim_param, d.dim_param or None)
             for d in t.shape.dim
         )
     return TensorInfo(vi.name, _dtype_name(t.elem_type) if t.elem_type else "?", shape)
@@ -230,7 +231,7 @@ def _initializer_info(init: Any) -> TensorInfo:
 
 def _shape(tensors: Mapping[str, TensorInfo], name: str) -> tuple[int, ...] | None:
     info = tensors.get(name) if name else None
-    if info is None or info.shape is None or not all(isinstance(d, int) for d in info.shape):
+    if info is None or info.shape is None or not all(isinstance(d, int) and d >= 0 for d in info.shape):
         return None
     return tuple(int(d) for d in info.shape)  # type: ignore[arg-type]
 
