@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from graphopt.errors import BadInput
 from graphopt.user_state import preserves_user_state
 
 log = logging.getLogger(__name__)
@@ -247,13 +248,27 @@ def capture(
                 continue
             if held.getvalue():  # warnings of a route that worked are the user's to see
                 sys.stderr.write(held.getvalue())
-            gm = ep.module()
+            gm = _unlifted(ep, model)
             log.info("captured with %s: %d nodes", route, len(gm.graph.nodes))
             return Captured(gm, ep, route, args, kwargs, attempts)
     hint = _hint(attempts)
     if hint == _GENERIC_HINT:
         hint = _eager_failure(model, args, kwargs) or hint
     raise CaptureError(attempts, hint)
+
+
+def _unlifted(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> fx.GraphModule:
+    """``ep.module()``, which writes Python code naming every parameter: a name that is not an identifier
+    (``add_module('"><svg', ...)``) breaks that code, so it is refused naming the attribute."""
+    try:
+        return ep.module()
+    except SyntaxError as exc:
+        odd = next((n for n, _ in [*model.named_modules(), *model.named_parameters(), *model.named_buffers()]
+                    if n and not all(part.isidentifier() for part in n.split("."))), None)
+        if odd is None:
+            raise
+        raise BadInput(f"the model has an attribute named {odd!r}, not a Python identifier; torch.export cannot "
+                       "rebuild a graph that names it: rename it (letters, digits and _ only)") from exc
 
 
 def _eager_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:

@@ -57,6 +57,19 @@ def wrong_dtype():
 def forward_raises():
     return Raises(), (torch.randn(2),)
 
+class OddName(torch.nn.Module):
+    NAME = "\"'><svg onload=x>"
+
+    def __init__(self):
+        super().__init__()
+        self.add_module(self.NAME, torch.nn.Linear(8, 8))
+
+    def forward(self, x):
+        return getattr(self, self.NAME)(x)
+
+def odd_name():
+    return OddName(), (torch.randn(2, 8),)
+
 def meta_weights():
     with torch.device("meta"):
         model = Small()
@@ -86,6 +99,7 @@ ROWS = [
     ("factory-sys-exit", ["analyze", "{dir}/m.py:leave"], "sys.exit(0)"),
     ("wrong-input-dtype", ["optimize", "{dir}/m.py:wrong_dtype", "-o", "{dir}/out"], "your model raised"),
     ("forward-raises", ["analyze", "{dir}/m.py:forward_raises"], "your model raised ValueError"),
+    ("attribute-not-an-identifier", ["optimize", "{dir}/m.py:odd_name", "-o", "{dir}/out"], "not a Python identifier"),
     ("meta-weights", ["optimize", "{dir}/m.py:meta_weights", "-o", "{dir}/out"], "meta device"),
     # options
     *[(f"memory-budget-{v}", ["optimize", OK, "-o", "{dir}/out", "--memory-budget", v], "memory_budget")
