@@ -192,6 +192,13 @@ def _fit_head_count(config: Any, opts: dict[str, Any]) -> None:
             config.num_key_value_heads = new
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: a SyntaxError with its file and line, anything else its first line."""
+    if isinstance(exc, SyntaxError):
+        return f"{exc.msg} ({os.path.basename(exc.filename or '?')}, line {exc.lineno})"
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
 def _load_factory(spec: str) -> ModelSpec:
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py"):
@@ -201,12 +208,18 @@ def _load_factory(spec: str) -> ModelSpec:
         module_spec = importlib.util.spec_from_file_location(mod_name, target)
         module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
         sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        try:
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except (Exception, SystemExit) as exc:  # the user's file: reported as theirs, one line
+            sys.modules.pop(mod_name, None)
+            raise SpecError(f"your file {target} raised {type(exc).__name__} on import: {_one_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise SpecError(f"cannot import {target!r} ({exc}); is it on PYTHONPATH?") from exc
+        except (Exception, SystemExit) as exc:
+            raise SpecError(f"your module {target} raised {type(exc).__name__} on import: {_one_line(exc)}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise SpecError(f"{target!r} has no callable {attr!r}; a factory returns (model, example_args[, kwargs])")
@@ -215,7 +228,7 @@ def _load_factory(spec: str) -> ModelSpec:
     except SystemExit as exc:
         raise SpecError(f"your factory {attr!r} called sys.exit({exc.code!r}); return (model, example_args) instead") from exc
     except Exception as exc:
-        raise SpecError(f"your factory {attr!r} raised {type(exc).__name__}: {exc}") from exc
+        raise SpecError(f"your factory {attr!r} raised {type(exc).__name__}: {_one_line(exc)}") from exc
     if not isinstance(out, tuple) or len(out) not in (2, 3) or not isinstance(out[0], torch.nn.Module):
         raise SpecError(f"{spec}: the factory must return (model, example_args[, example_kwargs])")
     model, args = out[0], out[1]

@@ -58,7 +58,7 @@ def forward_raises():
     return Raises(), (torch.randn(2),)
 
 class OddName(torch.nn.Module):
-    NAME = "\"'><svg onload=x>"
+    NAME = chr(34) + "'><svg onload=x>"
 
     def __init__(self):
         super().__init__()
@@ -95,6 +95,8 @@ ROWS = [
     # user code
     ("factory-raises", ["analyze", "{dir}/m.py:boom"], "your factory 'boom' raised RuntimeError: nope"),
     ("factory-raises-run", ["run", "{dir}/m.py:boom", "--nproc", "2"], "your factory 'boom' raised"),
+    ("factory-file-syntax-error", ["analyze", "{dir}/broken.py:make"], "raised SyntaxError on import"),
+    ("factory-file-exits-on-import", ["analyze", "{dir}/exits.py:make"], "raised SystemExit on import"),
     ("os-path-join-factory", ["analyze", "os.path:join"], "your factory 'join' raised TypeError"),
     ("factory-sys-exit", ["analyze", "{dir}/m.py:leave"], "sys.exit(0)"),
     ("wrong-input-dtype", ["optimize", "{dir}/m.py:wrong_dtype", "-o", "{dir}/out"], "your model raised"),
@@ -131,6 +133,8 @@ ROWS = [
 
 def _fixtures(root: Path) -> None:
     (root / "m.py").write_text(FACTORIES)
+    (root / "broken.py").write_text("def make(:\n    pass\n")
+    (root / "exits.py").write_text("import sys\nsys.exit(3)\n")
     (root / "random.pt2").write_bytes(os.urandom(3000))
     with zipfile.ZipFile(root / "whole.zip", "w") as zf:
         zf.writestr("archive/version", "0" * 4000)
