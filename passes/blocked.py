@@ -31,7 +31,10 @@ measured on the example inputs, the real peak before and after (torch's
 allocator: :func:`graphopt.target.measure_peak`; a fresh process' peak RSS,
 what ``benchmarks/blocked.py`` reports, is the same function with ``source="rss"``).
 A budget no plan meets raises :class:`BudgetError` with the smallest reachable
-peak.
+peak. With a budget the promise is checked as measured, not only as predicted
+(:mod:`graphopt.passes.blocked_promise`): a plan whose measured peak is over
+the budget is re-planned tighter, and one that stays over raises
+:class:`MeasuredOverBudget` (option ``measure_memory``: ``allocator`` or ``rss``).
 
 Without a budget a site is blocked only where the cost model predicts it
 faster; with ``autotune=True`` the candidates are timed on the example inputs
@@ -56,7 +59,6 @@ from graphopt import ir
 from graphopt.opsets import erase_dead
 from graphopt.passes.analysis.blocked_cost import BlockConfig, BlockCostModel
 from graphopt.node_builder import fake_mode_of
-from graphopt.errors import BadInput
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.blockable_attention import describe_blockable
 from graphopt.passes.analysis.blockable_sites import (
@@ -67,46 +69,23 @@ from graphopt.passes.analysis.blockable_sites import (
 )
 from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
+from graphopt.passes.blocked_promise import MEASURE_SOURCES, BudgetError, MeasuredOverBudget, keep_promise, mib
 from graphopt.passes.blocked_rewrites import apply_block_config, kept_bias_notes, remap_site
 from graphopt.report import Declined
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
-from graphopt.target import Roofline, measure_peak
+from graphopt.target import Roofline
 from graphopt.target.timing import median_time
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockedOperators", "BudgetError", "Plan", "plan_blocking"]
+__all__ = ["BlockedOperators", "BudgetError", "MeasuredOverBudget", "Plan", "plan_blocking"]
 
 #: plan to this fraction of the budget: the allocator and kernels' own temporaries need room
 BUDGET_MARGIN = 0.9
 KINDS = ("attention", "ffn", "lm_head", "matmul")
 
 
-def _mib(n: float) -> str:
-    """Bytes for people: '3.2 GiB', '129.0 MiB', '14.1 KiB', '512 B'."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-class BudgetError(BadInput, ValueError):
-    """No blocking plan brings the predicted peak under the memory budget.
-
-    ``budget`` and ``reachable`` (the smallest predicted peak any plan
-    reaches) are in bytes; ``peak_node`` is where that peak is. The pass
-    manager lets this error through (``abort_pipeline``) instead of rolling
-    the pass back, so ``optimize()`` raises it.
-    """
-
-    def __init__(self, budget: int, reachable: int, peak_node: str, live: list[tuple[str, int]]) -> None:
-        self.budget, self.reachable, self.peak_node, self.live = budget, reachable, peak_node, live
-        top = ", ".join(f"{name} {_mib(b)}" for name, b in live[:4])
-        super().__init__(
-            f"memory budget {_mib(budget)} cannot be met: the smallest peak reachable by blocking is "
-            f"{_mib(reachable)} (at node {peak_node}; live there: {top}). Raise the budget to at least "
-            f"{_mib(reachable / BUDGET_MARGIN)}, or reduce the batch or sequence length."
-        )
+_mib = mib
 
 
 @dataclass
@@ -368,6 +347,8 @@ class BlockedOperators(Pass):
                                 str, ",".join(KINDS), check=_unknown_kinds),
         "measure_peak": Option("measure the real peak memory before and after (default: when a budget is set)",
                                bool),
+        "measure_memory": Option("what the budget check measures: 'allocator' (torch's allocation events) or 'rss' "
+                                 "(the process' peak resident set)", str, None, MEASURE_SOURCES),
         "blocked_leaf_bytes": Option("attention biases/masks larger than this are recomputed per query block "
                                      "instead of kept whole, when their producers allow (bytes, default 1 MiB "
                                      "or budget/32)", int),
@@ -380,12 +361,20 @@ class BlockedOperators(Pass):
         forced = self._forced_sizes(ctx)
         budget = ctx.memory_budget
         leaf_bytes = ctx.option("blocked_leaf_bytes")
-        plan, declined = plan_blocking(gm, budget, ctx.device, kinds, forced,
-                                       None if leaf_bytes is None else int(leaf_bytes),
-                                       ctx.target.roofline_under_load(ctx.device))
+        def planned(target: int | None) -> tuple[Plan, list[Declined]]:
+            return plan_blocking(gm, target, ctx.device, kinds, forced, None if leaf_bytes is None else int(leaf_bytes),
+                                 ctx.target.roofline_under_load(ctx.device))
+
+        plan, declined = planned(budget)
         notes = list(plan.notes)
         if ctx.option("autotune") and ctx.args is not None and plan.module is not None:
             plan = self._autotune(gm, plan, budget, ctx, notes)
+        summary: dict[str, Any] = {"budget_bytes": budget}
+        if ctx.option("measure_peak", budget is not None) and ctx.args is not None:
+            plan, check = keep_promise(gm, plan, budget, ctx.args, ctx.kwargs, lambda t: planned(t)[0],
+                                       str(ctx.option("measure_memory", "allocator")))
+            notes += check.notes()
+            summary.update(check.summary())
         if not plan.configs or plan.module is None:
             return PassResult(gm, False, notes, declined)
         new = plan.module
@@ -393,23 +382,7 @@ class BlockedOperators(Pass):
             notes.append(f"blocked {name}: {cfg.describe()}")
         notes.append(f"predicted peak after: {_mib(plan.profile.peak_bytes)}"
                      + (f" (budget {_mib(budget)})" if budget is not None else ""))
-        summary: dict[str, Any] = {
-            "budget_bytes": budget,
-            "predicted_peak_after": plan.profile.peak_bytes,
-            "sites": {n: c.describe() for n, c in plan.configs.items()},
-        }
-        if ctx.option("measure_peak", budget is not None) and ctx.args is not None:
-            gm.recompile()  # the planner functionalized in-place ops of gm's graph
-            new.recompile()
-            before = measure_peak(gm, ctx.args, ctx.kwargs).bytes
-            measured_after = measure_peak(new, ctx.args, ctx.kwargs)
-            after, method = measured_after.bytes, measured_after.method
-            if before is not None and after is not None:
-                notes.append(f"measured peak: {_mib(before)} -> {_mib(after)} ({method})")
-                summary.update(measured_peak_before=before, measured_peak_after=after, measure_method=method)
-                if budget is not None and after > budget:
-                    log.warning("blocked: measured peak %s is over the budget %s although %s was predicted",
-                                _mib(after), _mib(budget), _mib(plan.profile.peak_bytes))
+        summary.update(predicted_peak_after=plan.profile.peak_bytes, sites={n: c.describe() for n, c in plan.configs.items()})
         created = [n.name for n in new.graph.nodes
                    if n.op == "call_function" and getattr(n.target, "namespace", "") == "graphopt"]
         return PassResult(new, True, notes, declined, created, report_data={"blocked": summary})
