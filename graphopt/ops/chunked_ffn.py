@@ -43,14 +43,63 @@ def _ffn_rows(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | Non
 @torch.library.custom_op("graphopt::chunked_ffn", mutates_args=())
 def chunked_ffn(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | None, b_gate: Tensor | None,
                 w_out: Tensor, b_out: Tensor | None, activation: str, chunk: int) -> Tensor:
-    """linear -> activation (optionally gated) -> linear, ``chunk`` rows at a time."""
+    """linear -> activation (optionally gated) -> linear, ``chunk`` rows at a time.
+
+    The hidden rows live in one workspace allocated once and reused by every
+    chunk, and each chunk's result is written straight into the output
+    (``out=``): the loop allocates nothing per chunk, so the allocator has no
+    freed chunk buffers to keep (what a process's resident set would show).
+    """
     act = get_activation(activation).torch_fn
     rows = x.reshape(-1, x.shape[-1])
     out_dtype = torch.promote_types(x.dtype, w_out.dtype)
     out = torch.empty(rows.shape[0], w_out.shape[0], dtype=out_dtype, device=x.device)
+    weights = [w for w in (w_in, b_in, w_gate, b_gate, w_out, b_out) if w is not None]
+    if rows.shape[0] == 0 or any(w.dtype != out_dtype for w in weights) or rows.dtype != out_dtype:
+        for r0, r1 in spans(rows.shape[0], chunk):  # mixed dtypes: F.linear's own promotion, per chunk
+            out[r0:r1] = _ffn_rows(rows[r0:r1], w_in, b_in, w_gate, b_gate, w_out, b_out, act)
+        return out.reshape(*x.shape[:-1], w_out.shape[0])
+    c = rows.shape[0] if chunk <= 0 else min(rows.shape[0], chunk)
+    hidden = rows.new_empty(c, w_in.shape[0], dtype=out_dtype)
+    gate = rows.new_empty(c, w_in.shape[0], dtype=out_dtype) if w_gate is not None else None
+    in_place = _IN_PLACE.get(activation)
     for r0, r1 in spans(rows.shape[0], chunk):
-        out[r0:r1] = _ffn_rows(rows[r0:r1], w_in, b_in, w_gate, b_gate, w_out, b_out, act)
+        n, xr = r1 - r0, rows[r0:r1]
+        h = _linear_into(xr, w_in, b_in, hidden[:n])
+        if gate is not None:
+            g = _linear_into(xr, w_gate, b_gate, gate[:n])  # type: ignore[arg-type]
+            _activate(g, act, in_place).mul_(h)
+            h = g
+        else:
+            h = _activate(h, act, in_place)
+        _linear_into(h, w_out, b_out, out[r0:r1])
     return out.reshape(*x.shape[:-1], w_out.shape[0])
+
+
+def _linear_into(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """``F.linear(x, w, b)`` written into ``out`` (the same BLAS call F.linear makes for 2-D inputs)."""
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
+
+
+#: activations with an in-place kernel (the same kernel as the out-of-place one, so the values are equal)
+_IN_PLACE = {
+    "identity": lambda t: t,
+    "relu": torch.relu_,
+    "gelu": lambda t: torch.ops.aten.gelu_(t),
+    "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
+    "silu": lambda t: F.silu(t, inplace=True),
+    "sigmoid": torch.sigmoid_,
+    "tanh": torch.tanh_,
+}
+
+
+def _activate(t: Tensor, act, in_place) -> Tensor:
+    """``act(t)`` in ``t``'s storage (an activation without an in-place kernel: computed, then copied back)."""
+    if in_place is not None:
+        return in_place(t)
+    return t.copy_(act(t))
 
 
 @chunked_ffn.register_fake
