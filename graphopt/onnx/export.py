@@ -58,6 +58,7 @@ from graphopt.onnx.dynamic import (
     widen_for_dynamic,
 )
 from graphopt.onnx.files import move_into_place, save_model, scratch_directory_for
+from graphopt.onnx.moe import grouped_mm_translations
 from graphopt.onnx.result import TARGETS, OnnxExport, OnnxExportError
 from graphopt.onnx.speed import compare_with_plain_export
 from graphopt.onnx.torch_run import as_tuple, inference
@@ -197,7 +198,7 @@ def _export(source: _Source, axes: tuple[str, ...], opset: int | None,
         if opset is None and _contains_sdpa(ep):
             opset = ATTENTION_OPSET
             info.notes.append(f"opset {opset}: scaled_dot_product_attention exports as the Attention op")
-        model = _translate(ep, opset, ops.onnx_translations()).model
+        model = _translate(ep, opset, {**ops.onnx_translations(), **grouped_mm_translations(ep)}).model
         info.opset = int(model.opset_imports.get("", 0))
     return ep, model
 
