@@ -70,9 +70,11 @@ def no_viewer(monkeypatch):
 @pytest.mark.parametrize("spec", [MIXTRAL, DEEPSEEK_V3], ids=["mixtral", "deepseek_v3"])
 def test_moe_models_convert_with_graphopts_rewrites_and_match_in_onnxruntime(spec, tmp_path, no_viewer):
     out = tmp_path / "out"
-    assert main(["convert", spec, "-o", str(out), "--no-speed", "--dynamic", "batch,seq"]) == 0
+    assert main(["convert", spec, "-o", str(out), "--speed-runs", "1", "--dynamic", "batch,seq"]) == 0
     onnx_part = json.loads((out / "report.json").read_text())["extra"]["onnx"]
     assert onnx_part["numerics"]["ok"] and onnx_part["numerics"]["rel_l2"] <= 1e-4
+    # the plain export timed against (it needs the translation too) and the KV-cache graph's decode
+    assert onnx_part["speed"]["plain"]["runs"] == 1 and onnx_part["decode_speed"]["same_tokens"]
     assert onnx_part["rewrites"]["causal_attention_to_gqa"] == 2  # graphopt's rewrites reached the file
     original = load_spec(spec).model  # same seed: the same random weights
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))

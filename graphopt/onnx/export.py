@@ -199,7 +199,7 @@ def _export(source: _Source, axes: tuple[str, ...], opset: int | None,
         if opset is None and _contains_sdpa(ep):
             opset = ATTENTION_OPSET
             info.notes.append(f"opset {opset}: scaled_dot_product_attention exports as the Attention op")
-        model = _translate(ep, opset, {**ops.onnx_translations(), **grouped_mm_translations(ep)}).model
+        model = _translate(ep, opset, {**ops.onnx_translations(), **grouped_mm_translations()}).model
         info.opset = int(model.opset_imports.get("", 0))
     return ep, model
 

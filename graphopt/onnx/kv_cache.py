@@ -41,7 +41,7 @@ def export_kv_onnx(model: torch.nn.Module, path: str | Path, opset: int | None =
     with torch.no_grad():
         ep = torch.export.export(step, (ids, mask, pos, *past), dynamic_shapes=shapes, strict=False)
     program = torch.onnx.export(ep, dynamo=True, opset_version=opset,
-                                custom_translation_table=grouped_mm_translations(ep),  # MoE experts
+                                custom_translation_table=grouped_mm_translations(),  # MoE experts
                                 input_names=["input_ids", "attention_mask", "position_ids", *kv_input_names(layout.layers)],
                                 output_names=["logits", *kv_output_names(layout.layers)])
     path = Path(path)

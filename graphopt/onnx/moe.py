@@ -10,9 +10,10 @@ translation for neither, so the export failed with "no ONNX translation for
 operator transformers.grouped_mm_fallback.default".
 
 :func:`grouped_mm_translations` gives both a translation to standard ONNX ops
-(:func:`grouped_mm_onnx`), keyed by the operators the exported program
-actually holds, so an export of a model without experts never imports
-transformers.
+(:func:`grouped_mm_onnx`), for the ones registered in the process (it never
+imports transformers). graphopt's export, the KV-cache export and the plain
+export that ``compare_speed`` times against all take it: without it an MoE
+model does not export at all.
 
 Why graphopt's own function and not transformers': recent transformers ship
 one (``transformers.exporters.exporter_onnx._aten_grouped_mm``), but it is a
@@ -37,13 +38,19 @@ GROUPED_MM_OPS = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
 _INT64 = 7  # onnx TensorProto.INT64
 
 
-def grouped_mm_translations(ep: torch.export.ExportedProgram) -> dict[Any, Any]:
-    """``{op overload: translation}`` for the grouped-matmul operators that ``ep``'s graph calls."""
+def grouped_mm_translations() -> dict[Any, Any]:
+    """``{op overload: translation}`` for the grouped-matmul operators registered in this process.
+
+    ``transformers::grouped_mm_fallback`` is registered only once transformers' MoE code was
+    imported (as any model using it has); nothing here imports transformers. A translation of an
+    operator the program does not call is never used.
+    """
     table: dict[Any, Any] = {}
-    for node in ep.graph.nodes:
-        target = node.target
-        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.name() in GROUPED_MM_OPS:
-            table[target] = grouped_mm_onnx
+    for name in GROUPED_MM_OPS:
+        namespace, op_name = name.split("::")
+        packet = getattr(getattr(torch.ops, namespace), op_name, None)  # None: not registered
+        if packet is not None:
+            table[packet.default] = grouped_mm_onnx
     return table
 
 
