@@ -8,6 +8,8 @@
        │                     bad value: also a ValueError)
        ├─ SpecError          (graphopt.specs) a model spec that cannot be read or built
        ├─ UsageError         (graphopt.commands.common) a bad command line
+       ├─ NoOnnxForm         (graphopt.onnx.result, also an OnnxExportError) a construct ONNX cannot
+       │                     express (complex tensors): names the node; the original does not export either
        └─ BudgetError        (graphopt.passes.blocked) a memory budget no plan meets
 
 The CLI prints a :class:`GraphoptError`'s message as one line and exits with

@@ -115,6 +115,8 @@ def _onnx_section(onnx: dict[str, Any]) -> list[str]:
         opts = ", ".join(f"{k}={v}" for k, v in speed["session_options"].items())
         lines += ["", f"Speed-up x{speed['speedup']} (median). {speed['method']}; session options: {opts}; "
                       f"inputs {', '.join(_shape(s) for s in speed['inputs'])}."]
+    if onnx.get("decode_speed"):
+        lines += ["", "### decode speed", "", onnx["decode_speed"]["summary"] + "."]
     if onnx.get("notes"):
         lines += [""] + [f"- {note}" for note in onnx["notes"]]
     return lines

@@ -3,7 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from graphopt.onnx.kv_cache import OrtKVGenerator, export_kv_onnx
 
@@ -17,6 +28,15 @@ def _models():
                                                             vocab_size=128))
     yield "qwen2", lambda: Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    # mixture of experts: the grouped matmul's translation (graphopt.onnx.moe) in the KV-cache graph
+    yield "mixtral", lambda: MixtralForCausalLM(MixtralConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=128))
+    yield "deepseek_v3", lambda: DeepseekV3ForCausalLM(DeepseekV3Config(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, vocab_size=128))
 
 
 def _torch_greedy(model, ids, mask):

@@ -14,6 +14,11 @@ export. DIR receives:
   report.md     the same report as Markdown
   graph.html    the graph viewer's page (when graphopt.visualize is available)
 
+For a causal LM it also prints (and records under extra.onnx.decode_speed)
+the greedy decode tokens/s in onnxruntime, on the KV-cache graph of
+graphopt.onnx.kv_cache, beside torch's (graphopt's decode graph with
+--generate, else transformers' generate); --no-speed skips it.
+
 Everything is built in a temporary directory next to DIR and moved into place
 at the end: a failure leaves nothing behind. An existing DIR is refused
 without --force.
@@ -50,6 +55,8 @@ from graphopt.onnx import (
     record_onnx_export,
     widen_for_dynamic,
 )
+from graphopt.model_inputs import is_causal_lm
+from graphopt.onnx.decode_speed import DecodeSpeed, compare_decode_speed
 from graphopt.optimize import OptimizeResult
 from graphopt.viz import visualize
 
@@ -74,7 +81,8 @@ def register(sub: Any) -> None:
                    help="onnxruntime: apply graphopt's onnxruntime rewrites (may use com.microsoft ops); "
                         "standard: ai.onnx ops only (default: onnxruntime)")
     p.add_argument("--no-speed", action="store_true",
-                   help="skip timing the plain torch.onnx export of the original against graphopt's")
+                   help="skip the timings: the plain torch.onnx export of the original against graphopt's, and "
+                        "a causal LM's decode tokens/s in onnxruntime (KV-cache graph) against torch's")
     p.add_argument("--speed-runs", type=int, default=10, metavar="N", help="timed runs per model (default 10)")
     p.add_argument("--generate", action="store_true",
                    help="a causal LM: also write the generation bundle (prefill.pt2, decode.pt2, the cache layout "
@@ -119,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
             onnx_part = report.extra["onnx"]
             onnx_part["path"] = os.path.join(args.output, "model.onnx")
             onnx_part["files"] = [os.path.join(args.output, os.path.basename(f)) for f in onnx_part["files"]]
+            decode, note = time_decode(result, args)
+            onnx_part["decode_speed"] = decode.to_dict() if decode else None
+            if note:
+                onnx_part["notes"].append(note)
             note = write_graph_html(result, os.path.join(staging, "graph.html"))
             if note:
                 onnx_part["notes"].append(note)
@@ -130,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CHECK_FAILED
     _print_report(report, args)
     err_console.print(info.summary(), markup=False)
+    if decode:
+        err_console.print(decode.summary(), markup=False)
     err_console.print(f"wrote {', '.join(os.path.join(args.output, n) for n in written)}", markup=False)
     return 0
 
@@ -148,6 +162,18 @@ def _export(result: OptimizeResult, path: str, args: argparse.Namespace, axes: t
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise UsageError(f"conversion failed, nothing was written: {type(exc).__name__}: {first} "
                          f"(--debug shows the traceback)") from exc
+
+
+def time_decode(result: OptimizeResult, args: argparse.Namespace) -> tuple[DecodeSpeed | None, str]:
+    """A causal LM's decode tokens/s in onnxruntime beside torch's (unless --no-speed); a note when it fails."""
+    if args.no_speed or not is_causal_lm(result.source_model):
+        return None, ""
+    try:
+        with step("timing decode in onnxruntime (KV-cache graph) and torch"):
+            return compare_decode_speed(result), ""
+    except Exception as exc:  # a timing is auxiliary: the checked model still stands
+        log.warning("decode speed not measured: %s", exc)
+        return None, f"decode speed not measured: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def write_graph_html(result: OptimizeResult, path: str) -> str:

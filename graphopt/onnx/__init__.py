@@ -23,7 +23,7 @@ from graphopt.onnx.check import (
 from graphopt.onnx.dynamic import DYNAMIC_AXES, axes_of_input, dynamic_shapes_for, parse_dynamic, widen_for_dynamic
 from graphopt.onnx.export import ATTENTION_OPSET, export_onnx
 from graphopt.onnx.reader import OnnxGraph, load_onnx
-from graphopt.onnx.result import TARGETS, OnnxExport, OnnxExportError, record_onnx_export
+from graphopt.onnx.result import TARGETS, NoOnnxForm, OnnxExport, OnnxExportError, record_onnx_export
 from graphopt.onnx.speed import compare_latency, export_plain
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "ONNX_REL_L2_TOLERANCE",
     "REDUCED_PRECISION_TOLERANCE",
     "TARGETS",
+    "NoOnnxForm",
     "OnnxExport",
     "OnnxExportError",
     "OnnxGraph",

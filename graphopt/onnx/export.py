@@ -50,6 +50,7 @@ from torch.fx._pytree import tree_flatten_spec
 
 from graphopt import ir, ops
 from graphopt.onnx.check import OnnxMismatchError, check_onnx, check_reference, compute_precision, validate
+from graphopt.onnx.complex_values import complex_origin, describe_complex_origin
 from graphopt.onnx.dynamic import (
     STATIC_CAPTURE_HINT,
     dynamic_shapes_for,
@@ -58,7 +59,8 @@ from graphopt.onnx.dynamic import (
     widen_for_dynamic,
 )
 from graphopt.onnx.files import move_into_place, save_model, scratch_directory_for
-from graphopt.onnx.result import TARGETS, OnnxExport, OnnxExportError
+from graphopt.onnx.moe import grouped_mm_translations
+from graphopt.onnx.result import TARGETS, NoOnnxForm, OnnxExport, OnnxExportError
 from graphopt.onnx.speed import compare_with_plain_export
 from graphopt.onnx.torch_run import as_tuple, inference
 from graphopt.optimize import OptimizeResult
@@ -197,7 +199,7 @@ def _export(source: _Source, axes: tuple[str, ...], opset: int | None,
         if opset is None and _contains_sdpa(ep):
             opset = ATTENTION_OPSET
             info.notes.append(f"opset {opset}: scaled_dot_product_attention exports as the Attention op")
-        model = _translate(ep, opset, ops.onnx_translations()).model
+        model = _translate(ep, opset, {**ops.onnx_translations(), **grouped_mm_translations()}).model
         info.opset = int(model.opset_imports.get("", 0))
     return ep, model
 
@@ -265,6 +267,7 @@ def _translate(ep: torch.export.ExportedProgram, opset: int | None, table: dict[
         return program
     except Exception as exc:
         ops_missing = _untranslatable_ops(exc)
+        _refuse_complex_values(ep, exc, ops_missing)
         if ops_missing:
             where = "; ".join(f"{op}{_where_used(ep, op)}" for op in ops_missing)
             raise OnnxExportError(
@@ -273,6 +276,20 @@ def _translate(ep: torch.export.ExportedProgram, opset: int | None, table: dict[
                 f"that introduced it (--passes)", ops_missing) from exc
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise OnnxExportError(f"torch.onnx could not translate the program: {first}") from exc
+
+
+def _refuse_complex_values(ep: torch.export.ExportedProgram, exc: BaseException, ops_missing: list[str]) -> None:
+    """A failed translation of a graph with complex tensors: :class:`NoOnnxForm` naming where they start."""
+    origin = complex_origin(ep.graph)
+    if origin is None:
+        return
+    failed = ("; torch.onnx failed at " + "; ".join(f"{op}{_where_used(ep, op)}" for op in ops_missing)
+              if ops_missing else f"; torch.onnx: {next(iter(str(exc).strip().splitlines()), type(exc).__name__)}")
+    raise NoOnnxForm(
+        f"cannot convert to ONNX: {describe_complex_origin(origin)} makes a complex tensor, which ONNX's operators "
+        f"do not compute on{failed}. It is the model's own code, so the original model does not export to ONNX "
+        f"either: compute it with real tensors (e.g. rotary embeddings as cos/sin products)",
+        origin.name, ops_missing) from exc
 
 
 def _rewrite_for_onnxruntime(model: Any, info: OnnxExport) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from graphopt.generate.loop import GenerationTimes, prompt_positions
 from graphopt.generate.step import read_cache_layout
+from graphopt.onnx.moe import grouped_mm_translations
 from graphopt.onnx.kv_step import PastPresentStep, kv_input_names, kv_output_names
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def export_kv_onnx(model: torch.nn.Module, path: str | Path, opset: int | None =
     with torch.no_grad():
         ep = torch.export.export(step, (ids, mask, pos, *past), dynamic_shapes=shapes, strict=False)
     program = torch.onnx.export(ep, dynamo=True, opset_version=opset,
+                                custom_translation_table=grouped_mm_translations(),  # MoE experts
                                 input_names=["input_ids", "attention_mask", "position_ids", *kv_input_names(layout.layers)],
                                 output_names=["logits", *kv_output_names(layout.layers)])
     path = Path(path)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphopt.errors import BadInput
 from graphopt.pattern import Declined
 from graphopt.report import Report
 from graphopt.verify import Numerics
@@ -30,6 +31,18 @@ class OnnxExportError(RuntimeError):
     def __init__(self, message: str, ops: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.ops = list(ops)
+
+
+class NoOnnxForm(OnnxExportError, BadInput):
+    """The model computes something ONNX cannot express (complex tensors); the original model does not export either.
+
+    The message names the node where the construct starts, with its source line, and the node
+    torch.onnx failed on; ``node`` is the former's name.
+    """
+
+    def __init__(self, message: str, node: str, ops: Sequence[str] = ()) -> None:
+        super().__init__(message, ops)
+        self.node = node
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from graphopt.onnx.files import save_model
+from graphopt.onnx.moe import grouped_mm_translations
 from graphopt.onnx.torch_run import as_tuple, inference, to_numpy
 
 
@@ -119,12 +120,17 @@ def compare_latency(
 
 def export_plain(model_or_program: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                  path: str | os.PathLike[str] | None = None, opset: int | None = None) -> Any:
-    """The plain ``torch.onnx.export`` (dynamo) of a model, with torch.onnx's defaults; saved when ``path``."""
+    """The plain ``torch.onnx.export`` (dynamo) of a model, with torch.onnx's defaults; saved when ``path``.
+
+    It gets one translation torch.onnx lacks, the MoE grouped matmul's (:mod:`graphopt.onnx.moe`):
+    without it a mixture-of-experts model has no plain export to compare with at all.
+    """
     is_module = isinstance(model_or_program, torch.nn.Module)
     with inference(model_or_program), torch.no_grad(), contextlib.redirect_stdout(None):
         program = torch.onnx.export(model_or_program, as_tuple(args) if is_module else (),
                                     kwargs=dict(kwargs or {}) if is_module else None, dynamo=True,
-                                    opset_version=opset, verbose=False)
+                                    opset_version=opset, verbose=False,
+                                    custom_translation_table=grouped_mm_translations() or None)
     if path is not None:
         save_model(program.model, os.fspath(path))
     return program
