@@ -57,19 +57,23 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.opsets import METADATA_ASSERTS, is_inactive_dropout
+from graphopt.opsets import METADATA_ASSERTS, is_dead_private_write, is_inactive_dropout
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.sites import AttentionSite, find_attention_sites
 from graphopt.passes.analysis.sites.attention_causal import causal_reason, keep_mask_of
-from graphopt.passes.analysis.sites.attention_masks import MaskTerm
+from graphopt.passes.analysis.sites.attention_masks import MaskTerm, broadcastable
 from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, arg, dtype_of
+from graphopt.passes.blocked import blocked_takes_attention
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 SDPA = aten.scaled_dot_product_attention.default
+LEFT_FOR_BLOCKED = ("scores biased by a learned tensor: left for blocked attention (the blocked pass runs: "
+                    "a memory budget or block sizes are set)")
 _ASSERTS = METADATA_ASSERTS
+_BROADCAST_COPIES = frozenset({aten.expand.default, aten.contiguous.default, aten.clone.default})
 
 
 def sdpa_supports_enable_gqa() -> bool:
@@ -77,23 +81,27 @@ def sdpa_supports_enable_gqa() -> bool:
     return any(a.name == "enable_gqa" for a in SDPA._schema.arguments)
 
 
-def sdpa_decline(site: AttentionSite) -> str | None:
+def sdpa_decline(site: AttentionSite, leave_learned: bool = False) -> str | None:
     """Why ``scaled_dot_product_attention`` cannot express ``site`` (None: it can).
 
-    Besides what no consumer takes (``site.declined``), it leaves learned and
-    non-floating additive terms (for blocked attention, which reads them as
-    written) and sites whose operands have no standard layout. The reasons are
-    checked in the order the walk meets them: the scores, their terms, the weights.
+    Besides what no consumer takes (``site.declined``), it leaves non-floating
+    additive terms and sites whose operands have no standard layout. A learned
+    or computed bias (T5's and MPNet's relative-position bias) is one more
+    additive term of the float ``attn_mask``; with ``leave_learned`` (the
+    blocked pass will run and may take attention: it recomputes such a bias per
+    query block instead of holding it whole) a learned bias is left to it. The
+    reasons are checked in the order the walk meets them: the scores, their
+    terms, the weights.
     """
     if site.declined is not None and site.declined != site.weights_declined:
         return site.declined  # the walk back through the scores
     for term in site.mask_terms:
         if term.kind != "additive" or term.applied_by.target not in ADD_OPS:
             continue
-        if term.learned:
-            return "scores biased by a learned tensor: left for blocked attention"
         if not (dtype_of(term.node) or torch.float32).is_floating_point:
             return f"{term.applied_by.name} adds a non-floating tensor to the scores"
+        if term.learned and leave_learned:
+            return LEFT_FOR_BLOCKED
     return site.weights_declined or site.layout_declined
 
 
@@ -154,6 +162,21 @@ def _to_score_shape(b: _Builder, node: fx.Node, applied_shape: tuple[int, ...],
     return b(aten.reshape.default, b(aten.expand.default, node, list(applied_shape)), list(score_shape))
 
 
+def _unexpanded(node: fx.Node, applied_shape: tuple[int, ...]) -> fx.Node:
+    """``node`` before the ``expand`` / ``contiguous`` copies that only broadcast it to ``applied_shape``.
+
+    T5 and MPNet expand a (1, heads, T, S) bias over the batch and copy it; the
+    fused op broadcasts its ``attn_mask`` itself, so a bias shared by the batch
+    stays one (1, heads, T, S) tensor.
+    """
+    while node.op == "call_function" and node.target in _BROADCAST_COPIES and isinstance(node.args[0], fx.Node):
+        src = ir.shape_of(node.args[0])
+        if src is None or not broadcastable(tuple(src), tuple(applied_shape)):
+            break
+        node = node.args[0]
+    return node
+
+
 def _build_mask(b: _Builder, site: AttentionSite, dtype: torch.dtype) -> fx.Node | None:
     """One ``attn_mask`` from the site's mask terms (bool when every term masks with -inf)."""
     if site.is_causal or site.mask_kind in (None, "none"):
@@ -170,7 +193,7 @@ def _build_mask(b: _Builder, site: AttentionSite, dtype: torch.dtype) -> fx.Node
     bias, bias_dtype = None, None
     for t in terms:
         if t.kind == "additive":
-            part, part_dtype = t.node, ir.tensor_meta(t.node).dtype
+            part, part_dtype = _unexpanded(t.node, t.shape), ir.tensor_meta(t.node).dtype
             if t.coefficient != 1.0:
                 part = b(aten.mul.Tensor, part, t.coefficient)
         else:
@@ -255,7 +278,8 @@ def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
         n = work.pop()
         if n in erased or n.op not in ("call_function", "get_attr") or n.target in _ASSERTS:
             continue
-        if n.op == "call_function" and n.is_impure() and not is_inactive_dropout(n):
+        if n.op == "call_function" and n.is_impure() and not is_inactive_dropout(n) \
+                and not is_dead_private_write(n):
             continue
         users = list(n.users)
         if any(u.op != "call_function" or u.target not in _ASSERTS for u in users):
@@ -326,7 +350,8 @@ class FuseAttention(Pass):
         made_causal, declined = causal_sdpa(gm)
         sites = find_attention_sites(gm)
         mode = self.option(ctx, "attention_verify")
-        reasons = {s.softmax: sdpa_decline(s) for s in sites}
+        leave = blocked_takes_attention(ctx)
+        reasons = {s.softmax: sdpa_decline(s, leave) for s in sites}
         declined += [Declined(_site_name(s), reasons[s.softmax]) for s in sites if reasons[s.softmax]]
         declined += [Declined(_site_name(s), f"is_causal: {s.causal_declined}; the explicit mask is kept")
                      for s in sites if not reasons[s.softmax] and s.causal_declined]

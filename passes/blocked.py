@@ -75,7 +75,7 @@ from graphopt.target.timing import median_time
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockedOperators", "BudgetError", "Plan", "plan_blocking"]
+__all__ = ["BlockedOperators", "BudgetError", "Plan", "blocked_requested", "blocked_takes_attention", "plan_blocking"]
 
 #: plan to this fraction of the budget: the allocator and kernels' own temporaries need room
 BUDGET_MARGIN = 0.9
@@ -349,6 +349,17 @@ def _kinds(ctx: OptimizeContext) -> tuple[str, ...]:
 def _time_module(gm: fx.GraphModule, ctx: OptimizeContext, repeats: int = 3) -> float:
     with torch.no_grad():
         return median_time(lambda: gm(*ctx.args, **ctx.kwargs), repeats, str(ctx.device))
+
+
+def blocked_requested(ctx: OptimizeContext) -> bool:
+    """True when the options ask for the blocked pass (a memory budget, autotuning or a forced block size)."""
+    return (ctx.memory_budget is not None or bool(ctx.options.get("autotune"))
+            or any(k in ctx.options for k in BlockedOperators.options if k.startswith("block")))
+
+
+def blocked_takes_attention(ctx: OptimizeContext) -> bool:
+    """True when the blocked pass runs and may block attention sites (``blocked_kinds`` has ``attention``)."""
+    return blocked_requested(ctx) and "attention" in _kinds(ctx)
 
 
 class BlockedOperators(Pass):
