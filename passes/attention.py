@@ -191,7 +191,7 @@ def _build_mask(b: _Builder, site: AttentionSite, dtype: torch.dtype) -> fx.Node
             keep = m if keep is None else b(aten.logical_and.default, keep, m)
         return keep
     bias, bias_dtype = None, None
-    for t in terms:
+    for t in [t for t in terms if not t.zero] or terms[:1]:
         if t.kind == "additive":
             part, part_dtype = _unexpanded(t.node, t.shape), ir.tensor_meta(t.node).dtype
             if t.coefficient != 1.0:
