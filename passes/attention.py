@@ -15,6 +15,11 @@ Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attentio
     bmm on (batch*heads, T, d) views of (batch, heads, T, d)
                                                       -> sdpa on the 4-d tensors, output viewed back
     baddbmm(bias, q, k^T, beta, alpha)                -> sdpa(..., attn_mask=beta * bias, scale=alpha * ...)
+    softmax(scale * (q @ k^T) + bias + mask) @ v, bias learned or computed (T5's and MPNet's
+        relative-position buckets, DeBERTa's c2p/p2c terms; ``scores += bias`` in place too)
+                                                      -> sdpa(q, k, v, attn_mask=bias + mask, scale=scale)
+        (a bias expanded over the batch is passed unexpanded; sdpa broadcasts it; constant
+        terms that add nothing, such as a folded all-ones padding mask, are left out)
     einsum('bhqd,bhkd->bhqk') ... einsum('bhqk,bhkd->bhqd')
                                                       -> sdpa on permuted operands, output permuted back
     softmax in float32 then cast back, eval-mode dropout -> dropped (sdpa computes softmax in float32)
@@ -25,11 +30,14 @@ Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attentio
 then removes what became dead (the score matrix, the softmax, the mask when it
 is replaced by ``is_causal``, and the dtype asserts that only checked them).
 
-Declines (listed in the report with the reason): softmax over another dim
-than the keys; attention weights used elsewhere (``output_attentions``);
-scores multiplied by or biased with a learned tensor ("left for blocked
-attention"); active dropout; products with a constant operand (a learned
-projection, not Q @ K^T); mixed dtypes; broadcast batch shapes. A mask with a ``kv <= q`` term that is not
+Declines (listed in the report with the reason, each naming the construct;
+the table is in docs/attention.md): softmax over another dim than the keys;
+attention weights used elsewhere (``output_attentions``); scores multiplied
+by a tensor; a tanh soft-cap (Gemma 2: "tanh soft-cap (cap 50.0): SDPA cannot
+apply it"); a learned bias while the blocked pass runs ("left for blocked
+attention": it recomputes the bias per query block); active dropout;
+products with a constant operand (a learned projection, not Q @ K^T); mixed
+dtypes; broadcast batch shapes. A mask with a ``kv <= q`` term that is not
 provably causal (it reads an input's values such as a padding mask, or a
 sliding window shorter than the seq range) keeps the explicit mask and is
 reported as ``is_causal: <reason>; the explicit mask is kept``. A site whose

@@ -3,13 +3,16 @@
 Backward from the softmax's input: casts (softmax in float32), clones,
 eval-mode dropout, reshapes of the leading (batch/head) dims, scalar
 ``mul``/``div`` (the scale, also as a 0-dim constant such as ``sqrt(d)``),
-additive terms (``add``/``sub``: masks and biases, learned or not), boolean
+additive terms (``add``/``sub``, also ``scores += bias`` in place: masks and
+biases, learned or not), boolean
 masks (``masked_fill``, ``where``), down to the product of two activations:
 ``matmul``, ``bmm`` (flattened batch*heads), ``baddbmm`` (its ``alpha`` is a
 scale, its ``beta * input`` an additive term) or a two-operand ``einsum``.
 Forward from the softmax: casts, eval-mode dropout and leading-dim reshapes to
 the product with V. Each walk declines (:class:`graphopt.pattern.Decline`)
-what no consumer can take.
+what no consumer can take, naming it: an elementwise op of the scores
+(``UNARY_SCORE_OPS``) is walked through only to say what it is, e.g.
+``tanh soft-cap (cap 50.0)`` for Gemma 2's ``cap * tanh(scores / cap)``.
 """
 
 from __future__ import annotations
