@@ -75,3 +75,21 @@ def test_docs_table_lists_only_tested_reasons():
     untested = [d for d in documented if not any(_matches(d, r) for r in reasons)
                 and not any(d.startswith(k) for k in ELSEWHERE)]
     assert untested == []
+
+
+def test_gemma2_soft_cap_named_in_the_report_and_the_viewer(tmp_path):
+    """Gemma 2 (eager, soft-capped scores): both sites declined as a soft-cap, in the report and the viewer."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, intermediate_size=128, vocab_size=128, max_position_embeddings=64,
+                                    use_cache=False, attn_logit_softcapping=50.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    result = graphopt.optimize(model, (ids,))
+    declined = result.report.record("fuse_attention").declined
+    assert [d.reason for d in declined] == ["tanh soft-cap (cap 50.0): SDPA cannot apply it"] * 2
+    assert "tanh soft-cap (cap 50.0): SDPA cannot apply it" in str(result.report)
+    path = graphopt.visualize(result, tmp_path / "gemma2.html")
+    assert "tanh soft-cap (cap 50.0): SDPA cannot apply it" in Path(path).read_text()
