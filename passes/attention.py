@@ -27,6 +27,7 @@ Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attentio
     repeat_kv(k), repeat_kv(v) (GQA)                  -> sdpa(q, k, v, enable_gqa=True) where that is
                                                          fast (CPU; CUDA without an explicit mask),
                                                          else the repeated k, v are kept
+merges the identical mask nodes the sites built (layers sharing a bias share one mask),
 then removes what became dead (the score matrix, the softmax, the mask when it
 is replaced by ``is_causal``, and the dtype asserts that only checked them).
 
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 SDPA = aten.scaled_dot_product_attention.default
+#: the decline of a learned bias when the blocked pass runs and may block attention (it recomputes the bias per block)
 LEFT_FOR_BLOCKED = ("scores biased by a learned tensor: left for blocked attention (the blocked pass runs: "
                     "a memory budget or block sizes are set)")
 _ASSERTS = METADATA_ASSERTS
@@ -273,6 +275,43 @@ def undo_rewrite(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, created:
         replaced.pop(site.output, None)
 
 
+def _hashable(value: Any) -> Any:
+    """``value`` (a node argument) as a dict key: lists as tuples, floats by their bits."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _hashable(v)) for k, v in value.items())))
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+def share_masks(gm: fx.GraphModule, created: list[fx.Node]) -> int:
+    """Merge the identical mask nodes the rewrites built site by site; returns how many went.
+
+    Each site builds its ``attn_mask`` from its own terms; layers that read the
+    same bias and mask (T5's decoder) build the same sum. The cleanup's CSE
+    would merge the copies, but constant folding runs before it and folds each
+    into its own (batch, heads, T, S) constant. The nodes are pure ATen ops the
+    rewrite inserted, so the first of each kind stands for the others.
+    """
+    mine = set(created)
+    seen: dict[Any, fx.Node] = {}
+    merged = 0
+    for node in list(gm.graph.nodes):
+        if node not in mine or node.target == SDPA:
+            continue
+        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            merged += 1
+    return merged
+
+
 def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
     """Erase nodes (from ``start`` upwards) used by nothing but dtype asserts; returns how many.
 
@@ -391,6 +430,7 @@ class FuseAttention(Pass):
                 fused.append((site, out, created))
         if not fused:
             return self._causal_only(gm, made_causal, declined)
+        shared = share_masks(gm, [n for _, _, created in fused for n in created])
         start = [n for site, _, _ in fused for n in site.nodes + [t.node for t in site.mask_terms]]
         removed = erase_unused(gm, start)
         gm.graph.eliminate_dead_code()
@@ -398,7 +438,8 @@ class FuseAttention(Pass):
         n_mask = sum(1 for s, _, _ in fused if not s.is_causal and s.mask_kind not in (None, "none"))
         n_gqa = sum(1 for s, _, _ in fused if s.gqa)
         notes = [f"fused {len(fused)} attention sites into scaled_dot_product_attention "
-                 f"({n_causal} causal, {n_mask} with an explicit mask, {n_gqa} grouped-query)",
+                 f"({n_causal} causal, {n_mask} with an explicit mask, {n_gqa} grouped-query)"
+                 + (f"; {shared} mask nodes shared between sites" if shared else ""),
                  f"removed {removed} nodes of the unfused attention"]
         notes += [f"{s.describe()}" for s, _, _ in fused[:64]]
         notes += [f"{len(made_causal)} scaled_dot_product_attention calls: proved-causal mask -> is_causal=True"
@@ -422,4 +463,5 @@ class FuseAttention(Pass):
         return (numerics is None or numerics.ok), numerics
 
 
-__all__ = ["FuseAttention", "erase_unused", "rewrite_site", "sdpa_decline", "sdpa_supports_enable_gqa", "undo_rewrite"]
+__all__ = ["LEFT_FOR_BLOCKED", "FuseAttention", "erase_unused", "rewrite_site", "sdpa_decline", "sdpa_supports_enable_gqa",
+           "share_masks", "undo_rewrite"]

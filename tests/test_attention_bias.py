@@ -89,6 +89,9 @@ def test_t5_encoder_and_decoder_attention_fused():
     assert [sdpa_decline(s) for s in sites] == [None] * 6
     result = _check_fused(model, n_sites=6, decoder=True)  # 2 encoder, 2 decoder self-, 2 cross-attention
     assert "6 attention sites" in result.report.record("fuse_attention").notes[0]
+    # one mask per kind of attention, shared by its layers (not one (batch, heads, T, S) constant per layer)
+    masks = [n.args[3] for n in C.sdpa_nodes(result.module)]
+    assert len(set(masks)) == 3 and masks[0] is masks[1] and masks[2] is masks[4] and masks[3] is masks[5]
 
 
 def test_mpnet_in_place_bias_and_padding_fused():
