@@ -171,9 +171,10 @@ def is_dead_private_write(node: fx.Node) -> bool:
     if node.op != "call_function" or node.users or not is_inplace_op(node.target) or not node.args:
         return False
     written = node.args[0]
-    if not isinstance(written, fx.Node) or written.op != "call_function" or _is_view(written) \
+    if not isinstance(written, fx.Node) or written.op != "call_function" \
+            or not isinstance(written.target, torch._ops.OpOverload) or _is_view(written) \
             or written.target in VIEW_OPS or is_inplace_op(written.target):
-        return False
+        return False  # ``getitem`` of a split, a view, another write: the storage may be seen elsewhere
     return all(u is node for u in value_users(written))
 
 

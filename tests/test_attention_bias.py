@@ -147,3 +147,21 @@ def test_learned_bias_left_to_the_blocked_pass_when_it_runs():
     assert [d.reason for d in result.report.record("fuse_attention").declined] == [LEFT_FOR_BLOCKED]
     assert result.report.record("blocked").status == "applied"
     assert C.sdpa_nodes(result.module) == []
+
+
+def test_dead_in_place_write_is_removable_only_when_nothing_can_see_it():
+    """``is_dead_private_write``: MPNet's ``scores += bias`` once the scores are dead, not a write others see."""
+    from graphopt.opsets import is_dead_private_write
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, b = g.placeholder("x"), g.placeholder("b")
+    private = g.call_function(aten.div.Tensor, (x, 2.0))
+    dead = g.call_function(aten.add_.Tensor, (private, b))  # writes a fresh tensor nobody else reads
+    returned = g.call_function(aten.mul.Tensor, (x, 3.0))
+    seen = g.call_function(aten.add_.Tensor, (returned, b))  # the output reads what it wrote
+    view = g.call_function(aten.view.default, (x, [-1]))
+    into_input = g.call_function(aten.add_.Tensor, (view, 1.0))  # writes the input through a view
+    g.output(returned)
+    assert is_dead_private_write(dead)
+    assert not is_dead_private_write(seen) and not is_dead_private_write(into_input)
