@@ -1,7 +1,8 @@
 """Attention fusion benchmark: eager attention vs graphopt vs sdpa vs torch.compile, in one process.
 
-For each model (transformers GPT-2 and Llama built from a config with random
-weights, no download) it builds the model with ``attn_implementation="eager"``
+For each model (transformers GPT-2 and Llama, and the encoders with an
+attention bias, T5's encoder, MPNet and DeBERTa-v2, called with a padding
+mask; each built from a config with random weights, no download) it builds the model with ``attn_implementation="eager"``
 and measures, side by side:
 
 * ``eager``     -- the model as built (hand-written attention, T x T scores);
@@ -19,10 +20,11 @@ the time the first compiled call took (compilation).
 
     python benchmarks/attention.py                       # CPU: GPT-2 and Llama, 2 layers, d=256, seq 1024
     python benchmarks/attention.py --models gpt2         # the issue's CPU target case only
+    python benchmarks/attention.py --models t5,mpnet,deberta   # learned / computed biases, with padding
     python benchmarks/attention.py --device cuda --dtype bfloat16   # GPU: Llama 8 layers, hidden 2048, seq 8192
 
-The models are the base transformer stacks (``GPT2Model``, ``LlamaModel``:
-no LM head), so the figures are about attention and the layers around it,
+The models are the base transformer stacks (``GPT2Model``, ``LlamaModel``,
+``T5EncoderModel``, ``MPNetModel``, ``DebertaV2Model``: no LM head), so the figures are about attention and the layers around it,
 not a vocabulary projection.
 """
 
@@ -43,11 +45,19 @@ import torch
 CPU_SIZES = {
     "gpt2": dict(layers=2, hidden=256, heads=4, kv_heads=4, seq=1024),
     "llama": dict(layers=2, hidden=256, heads=4, kv_heads=2, seq=1024),
+    "t5": dict(layers=2, hidden=256, heads=4, kv_heads=4, seq=1024),
+    "mpnet": dict(layers=2, hidden=256, heads=4, kv_heads=4, seq=1024),
+    "deberta": dict(layers=2, hidden=256, heads=4, kv_heads=4, seq=1024),
 }
 CUDA_SIZES = {
     "gpt2": dict(layers=12, hidden=768, heads=12, kv_heads=12, seq=1024),
     "llama": dict(layers=8, hidden=2048, heads=32, kv_heads=8, seq=8192),
+    "t5": dict(layers=12, hidden=768, heads=12, kv_heads=12, seq=1024),
+    "mpnet": dict(layers=12, hidden=768, heads=12, kv_heads=12, seq=1024),
+    "deberta": dict(layers=12, hidden=768, heads=12, kv_heads=12, seq=1024),
 }
+#: encoders with a learned or computed attention bias: called with a padding mask
+ENCODERS = ("t5", "mpnet", "deberta")
 
 
 def build(name: str, size: dict[str, int], impl: str, device: str, dtype: torch.dtype,
@@ -66,13 +76,41 @@ def build(name: str, size: dict[str, int], impl: str, device: str, dtype: torch.
                                        intermediate_size=int(size["hidden"] * 2.75), vocab_size=1024,
                                        max_position_embeddings=max(2048, size["seq"]), use_cache=False)
         cls = transformers.LlamaModel
+    elif name in ENCODERS:
+        cfg, cls = _encoder_config(name, size, transformers)
     else:
-        raise SystemExit(f"unknown model {name!r}; choose gpt2 or llama")
+        raise SystemExit(f"unknown model {name!r}; choose gpt2, llama, {', '.join(ENCODERS)}")
     cfg._attn_implementation = impl
     model = cls(cfg)
     if state is not None:
         model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _encoder_config(name: str, size: dict[str, int], transformers: Any) -> tuple[Any, type]:
+    """T5's encoder (relative-position buckets), MPNet (the same, added in place), DeBERTa-v2 (c2p/p2c terms)."""
+    hidden, heads, layers = size["hidden"], size["heads"], size["layers"]
+    if name == "t5":
+        return transformers.T5Config(num_layers=layers, d_model=hidden, num_heads=heads, d_kv=hidden // heads,
+                                     d_ff=4 * hidden, vocab_size=1024, use_cache=False), transformers.T5EncoderModel
+    common = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                  intermediate_size=4 * hidden, vocab_size=1024, max_position_embeddings=max(1024, size["seq"]) + 2)
+    if name == "mpnet":
+        return transformers.MPNetConfig(**common), transformers.MPNetModel
+    return (transformers.DebertaV2Config(**common, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                         position_buckets=256, max_relative_positions=-1),
+            transformers.DebertaV2Model)
+
+
+def _inputs(name: str, batch: int, seq: int, device: str, seed: int) -> tuple[tuple, dict[str, torch.Tensor]]:
+    """Token ids; for the encoders also a padding mask (the last row's last eighth padded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 1024, (batch, seq), generator=g).to(device)
+    if name not in ENCODERS:
+        return (ids,), {}
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq - seq // 8:] = 0
+    return (ids,), {"attention_mask": mask.to(device)}
 
 
 def peak_memory(fn: Callable[[], Any], device: str) -> int:
@@ -127,28 +165,33 @@ def bench_model(name: str, size: dict[str, int], args: argparse.Namespace, dtype
 
     device = args.device
     eager = build(name, size, "eager", device, dtype)
-    sdpa = build(name, size, "sdpa", device, dtype, eager.state_dict())
-    ids = torch.randint(0, 1024, (args.batch, size["seq"]), device=device)
-    fresh = torch.randint(0, 1024, (args.batch, size["seq"]), device=device)
+    try:
+        sdpa = build(name, size, "sdpa", device, dtype, eager.state_dict())
+    except ValueError as exc:  # a model transformers has no sdpa path for
+        logging.warning("%s: no sdpa variant (%s)", name, str(exc).split(". ")[0])
+        sdpa = None
+    ids, kw = _inputs(name, args.batch, size["seq"], device, 0)
+    fresh, fresh_kw = _inputs(name, args.batch, size["seq"], device, 1)
 
     variants: dict[str, Callable[[], Any]] = {}
     extra: dict[str, float] = {}
     with torch.no_grad():
-        variants["eager"] = lambda: eager(fresh)
+        variants["eager"] = lambda: eager(*fresh, **fresh_kw)
         t0 = time.perf_counter()
-        result = graphopt.optimize(eager, (ids,))
+        result = graphopt.optimize(eager, ids, kw)
         extra["optimize_s"] = time.perf_counter() - t0
         fused = sum(1 for n in result.module.graph.nodes
                     if n.op == "call_function" and n.target == torch.ops.aten.scaled_dot_product_attention.default)
         gm = result.module
-        variants["graphopt"] = lambda: gm(fresh)
-        variants["sdpa"] = lambda: sdpa(fresh)
+        variants["graphopt"] = lambda: gm(*fresh, **fresh_kw)
+        if sdpa is not None:
+            variants["sdpa"] = lambda: sdpa(*fresh, **fresh_kw)
         if not args.no_compile:
             compiled = torch.compile(eager)
             t0 = time.perf_counter()
-            compiled(fresh)
+            compiled(*fresh, **fresh_kw)
             extra["compile_s"] = time.perf_counter() - t0
-            variants["compile"] = lambda: compiled(fresh)
+            variants["compile"] = lambda: compiled(*fresh, **fresh_kw)
 
         ref = _hidden(variants["eager"]())
         errors = {k: rel_l2(ref, _hidden(fn())) for k, fn in variants.items() if k != "eager"}
@@ -193,7 +236,7 @@ def print_result(res: dict[str, Any], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
+    p.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama, t5, mpnet, deberta")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=1)

@@ -23,7 +23,7 @@ __all__ = [
     "DTYPE_CASTS", "CASTS", "CASTS_INCLUDING_DEVICE", "IDENTITY_OPS", "IDENTITY_LIKE", "RESHAPES",
     "RESHAPES_AND_EXPAND", "TRANSPOSES", "SPLITS", "SPLITS_AND_UNBINDS", "SOFTMAX", "LOG_SOFTMAX",
     "SOFTMAX_FORMS", "SOFTMAX_FORMS_INCLUDING_SAFE", "ACTIVATION_MATMULS", "MATMUL_OPS",
-    "is_inactive_dropout", "is_float_cast", "is_passthrough", "is_parameter_view",
+    "is_inactive_dropout", "is_float_cast", "is_passthrough", "is_parameter_view", "is_dead_private_write",
 ]
 
 # ---------------------------------------------------------------- casts
@@ -158,6 +158,24 @@ def is_inplace_op(target: Any) -> bool:
         return False
     tag = getattr(torch.Tag, "inplace", None)
     return tag in target.tags if tag is not None else writes_first_argument(target)
+
+
+def is_dead_private_write(node: fx.Node) -> bool:
+    """An in-place op nobody reads that writes a tensor nothing else reads: removing it changes nothing.
+
+    ``scores += bias`` (MPNet) once the scores are dead: the written tensor was
+    allocated by its producer (not a view of an input, a parameter or another
+    value) and this write is its only reader, so neither the write nor its
+    result is ever seen. ``Graph.eliminate_dead_code`` keeps every in-place op.
+    """
+    if node.op != "call_function" or node.users or not is_inplace_op(node.target) or not node.args:
+        return False
+    written = node.args[0]
+    if not isinstance(written, fx.Node) or written.op != "call_function" \
+            or not isinstance(written.target, torch._ops.OpOverload) or _is_view(written) \
+            or written.target in VIEW_OPS or is_inplace_op(written.target):
+        return False  # ``getitem`` of a split, a view, another write: the storage may be seen elsewhere
+    return all(u is node for u in value_users(written))
 
 
 def writes_first_argument(target: torch._ops.OpOverload) -> bool:

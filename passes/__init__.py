@@ -16,7 +16,7 @@ from graphopt.passes.analysis.ffn_chains import FFNChains
 from graphopt.passes.analysis.hot_matmuls import HotMatmuls
 from graphopt.passes.analysis.repeated_blocks import RepeatedBlocks
 from graphopt.passes.attention import FuseAttention
-from graphopt.passes.blocked import BlockedOperators
+from graphopt.passes.blocked import BlockedOperators, blocked_requested
 from graphopt.passes.cleanup.constant_folding import ConstantFolding
 from graphopt.passes.cleanup.cse import CommonSubexpressionElimination
 from graphopt.passes.cleanup.dead_code import DeadCodeElimination
@@ -48,8 +48,7 @@ def default_pipeline(ctx: OptimizeContext | None = None) -> list[Pass]:
     Options in ``ctx.options`` switch on the passes that need them.
     """
     pipeline = cleanup_pipeline() + [FuseAttention(), RegroupSdpaHeads(), MergeMatmuls()] + cleanup_pipeline()
-    if ctx is not None and (ctx.memory_budget is not None or ctx.options.get("autotune")
-                            or any(k in ctx.options for k in BlockedOperators.options if k.startswith("block"))):
+    if ctx is not None and blocked_requested(ctx):
         pipeline.append(BlockedOperators())
     if ctx is not None and "weight_layout_policy" in ctx.options:
         # asked for (generation asks for it on its decode graph): after the planners that read linear sites

@@ -15,6 +15,11 @@ Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attentio
     bmm on (batch*heads, T, d) views of (batch, heads, T, d)
                                                       -> sdpa on the 4-d tensors, output viewed back
     baddbmm(bias, q, k^T, beta, alpha)                -> sdpa(..., attn_mask=beta * bias, scale=alpha * ...)
+    softmax(scale * (q @ k^T) + bias + mask) @ v, bias learned or computed (T5's and MPNet's
+        relative-position buckets, DeBERTa's c2p/p2c terms; ``scores += bias`` in place too)
+                                                      -> sdpa(q, k, v, attn_mask=bias + mask, scale=scale)
+        (a bias expanded over the batch is passed unexpanded; sdpa broadcasts it; constant
+        terms that add nothing, such as a folded all-ones padding mask, are left out)
     einsum('bhqd,bhkd->bhqk') ... einsum('bhqk,bhkd->bhqd')
                                                       -> sdpa on permuted operands, output permuted back
     softmax in float32 then cast back, eval-mode dropout -> dropped (sdpa computes softmax in float32)
@@ -22,14 +27,18 @@ Rewrites (each site found by :func:`graphopt.passes.analysis.sites.find_attentio
     repeat_kv(k), repeat_kv(v) (GQA)                  -> sdpa(q, k, v, enable_gqa=True) where that is
                                                          fast (CPU; CUDA without an explicit mask),
                                                          else the repeated k, v are kept
+merges the identical mask nodes the sites built (layers sharing a bias share one mask),
 then removes what became dead (the score matrix, the softmax, the mask when it
 is replaced by ``is_causal``, and the dtype asserts that only checked them).
 
-Declines (listed in the report with the reason): softmax over another dim
-than the keys; attention weights used elsewhere (``output_attentions``);
-scores multiplied by or biased with a learned tensor ("left for blocked
-attention"); active dropout; products with a constant operand (a learned
-projection, not Q @ K^T); mixed dtypes; broadcast batch shapes. A mask with a ``kv <= q`` term that is not
+Declines (listed in the report with the reason, each naming the construct;
+the table is in docs/attention.md): softmax over another dim than the keys;
+attention weights used elsewhere (``output_attentions``); scores multiplied
+by a tensor; a tanh soft-cap (Gemma 2: "tanh soft-cap (cap 50.0): SDPA cannot
+apply it"); a learned bias while the blocked pass runs ("left for blocked
+attention": it recomputes the bias per query block); active dropout;
+products with a constant operand (a learned projection, not Q @ K^T); mixed
+dtypes; broadcast batch shapes. A mask with a ``kv <= q`` term that is not
 provably causal (it reads an input's values such as a padding mask, or a
 sliding window shorter than the seq range) keeps the explicit mask and is
 reported as ``is_causal: <reason>; the explicit mask is kept``. A site whose
@@ -57,19 +66,24 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.opsets import METADATA_ASSERTS, is_inactive_dropout
+from graphopt.opsets import METADATA_ASSERTS, is_dead_private_write, is_inactive_dropout
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.passes.analysis.sites import AttentionSite, find_attention_sites
 from graphopt.passes.analysis.sites.attention_causal import causal_reason, keep_mask_of
-from graphopt.passes.analysis.sites.attention_masks import MaskTerm
+from graphopt.passes.analysis.sites.attention_masks import MaskTerm, broadcastable
 from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, arg, dtype_of
+from graphopt.passes.blocked import blocked_takes_attention
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 SDPA = aten.scaled_dot_product_attention.default
+#: the decline of a learned bias when the blocked pass runs and may block attention (it recomputes the bias per block)
+LEFT_FOR_BLOCKED = ("scores biased by a learned tensor: left for blocked attention (the blocked pass runs: "
+                    "a memory budget or block sizes are set)")
 _ASSERTS = METADATA_ASSERTS
+_BROADCAST_COPIES = frozenset({aten.expand.default, aten.contiguous.default, aten.clone.default})
 
 
 def sdpa_supports_enable_gqa() -> bool:
@@ -77,23 +91,27 @@ def sdpa_supports_enable_gqa() -> bool:
     return any(a.name == "enable_gqa" for a in SDPA._schema.arguments)
 
 
-def sdpa_decline(site: AttentionSite) -> str | None:
+def sdpa_decline(site: AttentionSite, leave_learned: bool = False) -> str | None:
     """Why ``scaled_dot_product_attention`` cannot express ``site`` (None: it can).
 
-    Besides what no consumer takes (``site.declined``), it leaves learned and
-    non-floating additive terms (for blocked attention, which reads them as
-    written) and sites whose operands have no standard layout. The reasons are
-    checked in the order the walk meets them: the scores, their terms, the weights.
+    Besides what no consumer takes (``site.declined``), it leaves non-floating
+    additive terms and sites whose operands have no standard layout. A learned
+    or computed bias (T5's and MPNet's relative-position bias) is one more
+    additive term of the float ``attn_mask``; with ``leave_learned`` (the
+    blocked pass will run and may take attention: it recomputes such a bias per
+    query block instead of holding it whole) a learned bias is left to it. The
+    reasons are checked in the order the walk meets them: the scores, their
+    terms, the weights.
     """
     if site.declined is not None and site.declined != site.weights_declined:
         return site.declined  # the walk back through the scores
     for term in site.mask_terms:
         if term.kind != "additive" or term.applied_by.target not in ADD_OPS:
             continue
-        if term.learned:
-            return "scores biased by a learned tensor: left for blocked attention"
         if not (dtype_of(term.node) or torch.float32).is_floating_point:
             return f"{term.applied_by.name} adds a non-floating tensor to the scores"
+        if term.learned and leave_learned:
+            return LEFT_FOR_BLOCKED
     return site.weights_declined or site.layout_declined
 
 
@@ -154,6 +172,21 @@ def _to_score_shape(b: _Builder, node: fx.Node, applied_shape: tuple[int, ...],
     return b(aten.reshape.default, b(aten.expand.default, node, list(applied_shape)), list(score_shape))
 
 
+def _unexpanded(node: fx.Node, applied_shape: tuple[int, ...]) -> fx.Node:
+    """``node`` before the ``expand`` / ``contiguous`` copies that only broadcast it to ``applied_shape``.
+
+    T5 and MPNet expand a (1, heads, T, S) bias over the batch and copy it; the
+    fused op broadcasts its ``attn_mask`` itself, so a bias shared by the batch
+    stays one (1, heads, T, S) tensor.
+    """
+    while node.op == "call_function" and node.target in _BROADCAST_COPIES and isinstance(node.args[0], fx.Node):
+        src = ir.shape_of(node.args[0])
+        if src is None or not broadcastable(tuple(src), tuple(applied_shape)):
+            break
+        node = node.args[0]
+    return node
+
+
 def _build_mask(b: _Builder, site: AttentionSite, dtype: torch.dtype) -> fx.Node | None:
     """One ``attn_mask`` from the site's mask terms (bool when every term masks with -inf)."""
     if site.is_causal or site.mask_kind in (None, "none"):
@@ -168,9 +201,9 @@ def _build_mask(b: _Builder, site: AttentionSite, dtype: torch.dtype) -> fx.Node
             keep = m if keep is None else b(aten.logical_and.default, keep, m)
         return keep
     bias, bias_dtype = None, None
-    for t in terms:
+    for t in [t for t in terms if not t.zero] or terms[:1]:
         if t.kind == "additive":
-            part, part_dtype = t.node, ir.tensor_meta(t.node).dtype
+            part, part_dtype = _unexpanded(t.node, t.shape), ir.tensor_meta(t.node).dtype
             if t.coefficient != 1.0:
                 part = b(aten.mul.Tensor, part, t.coefficient)
         else:
@@ -242,6 +275,43 @@ def undo_rewrite(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, created:
         replaced.pop(site.output, None)
 
 
+def _hashable(value: Any) -> Any:
+    """``value`` (a node argument) as a dict key: lists as tuples, floats by their bits."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _hashable(v)) for k, v in value.items())))
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+def share_masks(gm: fx.GraphModule, created: list[fx.Node]) -> int:
+    """Merge the identical mask nodes the rewrites built site by site; returns how many went.
+
+    Each site builds its ``attn_mask`` from its own terms; layers that read the
+    same bias and mask (T5's decoder) build the same sum. The cleanup's CSE
+    would merge the copies, but constant folding runs before it and folds each
+    into its own (batch, heads, T, S) constant. The nodes are pure ATen ops the
+    rewrite inserted, so the first of each kind stands for the others.
+    """
+    mine = set(created)
+    seen: dict[Any, fx.Node] = {}
+    merged = 0
+    for node in list(gm.graph.nodes):
+        if node not in mine or node.target == SDPA:
+            continue
+        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            merged += 1
+    return merged
+
+
 def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
     """Erase nodes (from ``start`` upwards) used by nothing but dtype asserts; returns how many.
 
@@ -255,7 +325,8 @@ def erase_unused(gm: fx.GraphModule, start: Iterable[fx.Node]) -> int:
         n = work.pop()
         if n in erased or n.op not in ("call_function", "get_attr") or n.target in _ASSERTS:
             continue
-        if n.op == "call_function" and n.is_impure() and not is_inactive_dropout(n):
+        if n.op == "call_function" and n.is_impure() and not is_inactive_dropout(n) \
+                and not is_dead_private_write(n):
             continue
         users = list(n.users)
         if any(u.op != "call_function" or u.target not in _ASSERTS for u in users):
@@ -326,7 +397,8 @@ class FuseAttention(Pass):
         made_causal, declined = causal_sdpa(gm)
         sites = find_attention_sites(gm)
         mode = self.option(ctx, "attention_verify")
-        reasons = {s.softmax: sdpa_decline(s) for s in sites}
+        leave = blocked_takes_attention(ctx)
+        reasons = {s.softmax: sdpa_decline(s, leave) for s in sites}
         declined += [Declined(_site_name(s), reasons[s.softmax]) for s in sites if reasons[s.softmax]]
         declined += [Declined(_site_name(s), f"is_causal: {s.causal_declined}; the explicit mask is kept")
                      for s in sites if not reasons[s.softmax] and s.causal_declined]
@@ -358,6 +430,7 @@ class FuseAttention(Pass):
                 fused.append((site, out, created))
         if not fused:
             return self._causal_only(gm, made_causal, declined)
+        shared = share_masks(gm, [n for _, _, created in fused for n in created])
         start = [n for site, _, _ in fused for n in site.nodes + [t.node for t in site.mask_terms]]
         removed = erase_unused(gm, start)
         gm.graph.eliminate_dead_code()
@@ -365,7 +438,8 @@ class FuseAttention(Pass):
         n_mask = sum(1 for s, _, _ in fused if not s.is_causal and s.mask_kind not in (None, "none"))
         n_gqa = sum(1 for s, _, _ in fused if s.gqa)
         notes = [f"fused {len(fused)} attention sites into scaled_dot_product_attention "
-                 f"({n_causal} causal, {n_mask} with an explicit mask, {n_gqa} grouped-query)",
+                 f"({n_causal} causal, {n_mask} with an explicit mask, {n_gqa} grouped-query)"
+                 + (f"; {shared} mask nodes shared between sites" if shared else ""),
                  f"removed {removed} nodes of the unfused attention"]
         notes += [f"{s.describe()}" for s, _, _ in fused[:64]]
         notes += [f"{len(made_causal)} scaled_dot_product_attention calls: proved-causal mask -> is_causal=True"
@@ -389,4 +463,5 @@ class FuseAttention(Pass):
         return (numerics is None or numerics.ok), numerics
 
 
-__all__ = ["FuseAttention", "erase_unused", "rewrite_site", "sdpa_decline", "sdpa_supports_enable_gqa", "undo_rewrite"]
+__all__ = ["LEFT_FOR_BLOCKED", "FuseAttention", "erase_unused", "rewrite_site", "sdpa_decline", "sdpa_supports_enable_gqa",
+           "share_masks", "undo_rewrite"]

@@ -330,6 +330,17 @@ def _time_module(gm: fx.GraphModule, ctx: OptimizeContext, repeats: int = 3) -> 
         return median_time(lambda: gm(*ctx.args, **ctx.kwargs), repeats, str(ctx.device))
 
 
+def blocked_requested(ctx: OptimizeContext) -> bool:
+    """True when the options ask for the blocked pass (a memory budget, autotuning or a forced block size)."""
+    return (ctx.memory_budget is not None or bool(ctx.options.get("autotune"))
+            or any(k in ctx.options for k in BlockedOperators.options if k.startswith("block")))
+
+
+def blocked_takes_attention(ctx: OptimizeContext) -> bool:
+    """True when the blocked pass runs and may block attention sites (``blocked_kinds`` has ``attention``)."""
+    return blocked_requested(ctx) and "attention" in _kinds(ctx)
+
+
 class BlockedOperators(Pass):
     """Rewrite attention, FFNs, LM heads and matmuls into blocked operators to fit a memory budget."""
 

@@ -304,6 +304,26 @@ class LearnedBias(nn.Module):
         return (q @ k.transpose(-2, -1) * SCALE + self.rel).softmax(-1) @ v
 
 
+class LearnedBiasPadded(LearnedBias):
+    """A learned bias plus a padding mask (T5's encoder): one float attn_mask."""
+
+    def forward(self, q, k, v, keep):
+        att = (q @ k.transpose(-2, -1) * SCALE + self.rel).masked_fill(~keep, float("-inf"))
+        return att.softmax(-1) @ v
+
+
+class LearnedBiasCausal(LearnedBias):
+    """A learned bias plus a causal tril buffer: the causal part goes into the same float mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("tril", torch.ones(T, T).tril())
+
+    def forward(self, q, k, v):
+        att = (q @ k.transpose(-2, -1) + self.rel) * SCALE
+        return att.masked_fill(self.tril == 0, float("-inf")).softmax(-1) @ v
+
+
 class LearnedTemperature(nn.Module):
     """Scores multiplied by a learned per-head temperature."""
 

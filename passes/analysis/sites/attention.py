@@ -16,8 +16,10 @@ permutations, ``mask_kind``: ``fuse_attention``, ``analyze``, the viewer).
 What no consumer can take is ``declined`` ("softmax over dim 1, not the key
 dim", ...). What only some consumers can take is recorded, and each consumer
 decides: ``layout_declined`` (the operands have no standard layout),
-learned or non-floating additive terms (``MaskTerm.learned``): fuse_attention
-leaves those for blocked attention, which reads biases as written.
+learned additive terms (``MaskTerm.learned``: fuse_attention adds them into
+its float mask, or leaves them to blocked attention, which reads biases as
+written, when the blocked pass runs) and non-floating ones (fuse_attention
+declines them).
 
 The search is a walk written for this graph shape rather than a set of
 ``torch.fx.subgraph_rewriter`` patterns (what inductor's ``fuse_attention``

@@ -289,13 +289,27 @@ def _classify_masks(site: AttentionSite, consts: Constants) -> None:
     if not site.mask_terms:
         return
     if all(consts.is_constant(t.node) for t in site.mask_terms):
-        learned = any(t.learned for t in site.mask_terms)  # no fused op takes it: not worth evaluating
+        # a parameter's value is not classified (the graph shares the user's tensors, which may change)
+        learned = any(t.learned for t in site.mask_terms)
         bias = None if learned else evaluate_mask(site.mask_terms, site.score_shape, consts)
         site.mask_kind = classify_constant_mask(bias) if bias is not None else "constant"
+        _mark_zero_terms(site, consts)
     else:
         site.mask_kind, site.causal_declined = _computed_mask_kind(site)
+        _mark_zero_terms(site, consts)
     site.is_causal = site.mask_kind == "causal"
     site.mask = site.mask_terms[0].node  # the one applied last, nearest the softmax
+
+
+def _mark_zero_terms(site: AttentionSite, consts: Constants) -> None:
+    """Beside other terms, mark the constant ones that add nothing (``MaskTerm.zero``): T5's zero
+    cross-attention bias beside the padding mask, a folded all-ones padding mask beside MPNet's bias."""
+    if len(site.mask_terms) < 2 or site.mask_kind != "input" and not any(t.learned for t in site.mask_terms):
+        return
+    for term in site.mask_terms:
+        if not term.learned and consts.is_constant(term.node):
+            part = evaluate_mask([term], site.score_shape, consts)
+            term.zero = part is not None and classify_constant_mask(part) == "none"
 
 
 def _computed_mask_kind(site: AttentionSite) -> tuple[str, str | None]:

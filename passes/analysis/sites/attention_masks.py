@@ -29,7 +29,9 @@ class MaskTerm:
     were flattened). ``applied_by``: the node that applied it (``add``,
     ``masked_fill``, ...); ``written``: the operand as written there (``node``
     looks through boolean negations of it). ``learned``: computed from an
-    ``nn.Parameter`` (a relative-position bias, say).
+    ``nn.Parameter`` (a relative-position bias, say). ``zero``: a constant
+    term beside others that adds nothing (a padding mask of ones folded to
+    zeros): the fused op's mask leaves it out.
     """
 
     node: fx.Node
@@ -41,6 +43,7 @@ class MaskTerm:
     applied_by: fx.Node | None = None
     written: fx.Node | None = None
     learned: bool = False
+    zero: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         fill = self.fill if math.isfinite(self.fill) else str(self.fill)  # JSON has no infinities

@@ -37,7 +37,9 @@ PRODUCT_OPS = MATMUL_OPS | {aten.baddbmm.default, aten.einsum.default}
 #: what the attention walk steps over as a cast: opsets' casts with ``.to(device)`` and ``type_as``
 CAST_OPS = CASTS_INCLUDING_DEVICE | {aten.type_as.default}
 SCALE_OPS = frozenset({aten.mul.Tensor, aten.div.Tensor})
-ADD_OPS = frozenset({aten.add.Tensor, aten.sub.Tensor})
+#: ``scores += bias`` in place (MPNet): an additive step when the scores are the argument written
+INPLACE_ADD_OPS = frozenset({aten.add_.Tensor, aten.sub_.Tensor})
+ADD_OPS = frozenset({aten.add.Tensor, aten.sub.Tensor}) | INPLACE_ADD_OPS
 MASKED_FILL_OPS = frozenset({aten.masked_fill.Scalar, aten.masked_fill.Tensor})
 WHERE_OPS = frozenset({aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf})
 

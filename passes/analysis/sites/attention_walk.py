@@ -3,13 +3,16 @@
 Backward from the softmax's input: casts (softmax in float32), clones,
 eval-mode dropout, reshapes of the leading (batch/head) dims, scalar
 ``mul``/``div`` (the scale, also as a 0-dim constant such as ``sqrt(d)``),
-additive terms (``add``/``sub``: masks and biases, learned or not), boolean
+additive terms (``add``/``sub``, also ``scores += bias`` in place: masks and
+biases, learned or not), boolean
 masks (``masked_fill``, ``where``), down to the product of two activations:
 ``matmul``, ``bmm`` (flattened batch*heads), ``baddbmm`` (its ``alpha`` is a
 scale, its ``beta * input`` an additive term) or a two-operand ``einsum``.
 Forward from the softmax: casts, eval-mode dropout and leading-dim reshapes to
 the product with V. Each walk declines (:class:`graphopt.pattern.Decline`)
-what no consumer can take.
+what no consumer can take, naming it: an elementwise op of the scores
+(``UNARY_SCORE_OPS``) is walked through only to say what it is, e.g.
+``tanh soft-cap (cap 50.0)`` for Gemma 2's ``cap * tanh(scores / cap)``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.passes.analysis.sites.attention_masks import MaskTerm, unnegated
 from graphopt.passes.analysis.sites.attention_ops import (
-    ADD_OPS, MASKED_FILL_OPS, MATMUL_OPS, PRODUCT_OPS, SCALE_OPS, WHERE_OPS, Constants, dtype_of,
+    ADD_OPS, INPLACE_ADD_OPS, MASKED_FILL_OPS, MATMUL_OPS, PRODUCT_OPS, SCALE_OPS, WHERE_OPS, Constants, dtype_of,
     is_active_dropout, is_identity, is_leading_reshape, static_shape,
 )
 from graphopt.opsets import value_users
@@ -85,11 +88,41 @@ def leads_to_product(node: Any, consts: Constants, depth: int = 0) -> bool:
     t = node.target
     if is_identity(node) or is_leading_reshape(node) or t in SCALE_OPS | MASKED_FILL_OPS:
         return leads_to_product(node.args[0], consts, depth + 1)
-    if t in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor):
+    if t in UNARY_SCORE_OPS:  # not a step the fusion takes, but it names the construct (a soft-cap)
+        return leads_to_product(node.args[0], consts, depth + 1)
+    if t in ADD_OPS | {aten.mul.Tensor}:
         return any(leads_to_product(a, consts, depth + 1) for a in node.args[:2])
     if t in WHERE_OPS:
         return any(leads_to_product(a, consts, depth + 1) for a in node.args[1:3])
     return False
+
+
+#: elementwise ops of the scores alone: no fused op takes them, the walk names them (``tanh``: a soft-cap)
+UNARY_SCORE_OPS = frozenset({aten.tanh.default, aten.sigmoid.default, aten.relu.default, aten.abs.default,
+                             aten.exp.default, aten.clamp.default, aten.neg.default})
+
+
+def soft_cap(tanh: fx.Node, consts: Constants) -> float | None:
+    """The cap ``c`` of ``c * tanh(scores / c)`` (Gemma 2) at this ``tanh``, None if it is not one.
+
+    The outer ``* c`` is the step the walk met before: it reads as a scale, so
+    only the ``/ c`` (or ``* (1 / c)``) inside is checked here.
+    """
+    inner = tanh.args[0]
+    if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.target not in SCALE_OPS:
+        return None
+    c = consts.scalar(inner.args[1])
+    if not c:
+        return None
+    return float(c) if inner.target == aten.div.Tensor else 1.0 / float(c)
+
+
+def _unary_decline(cur: fx.Node, consts: Constants) -> Decline:
+    """The reason for an elementwise op of the scores: a soft-cap by name, any other op by its name."""
+    cap = soft_cap(cur, consts) if cur.target == aten.tanh.default else None
+    if cap is not None:
+        return Decline(f"tanh soft-cap (cap {cap}): SDPA cannot apply it")
+    return Decline(f"{ir.op_name(cur)} ({cur.name}) between Q @ K^T and the softmax is not a scale or a mask")
 
 
 class _ScoreWalk:
@@ -137,9 +170,12 @@ class _ScoreWalk:
         if a_scores and b_scores:
             raise Decline(f"{cur.name} adds two score matrices")
         data, other = (a, b) if a_scores else (b, a)
-        if data is b and (alpha != 1 or t == aten.sub.Tensor):
-            raise Decline(f"{cur.name} scales the scores by {'-' if t == aten.sub.Tensor else ''}{alpha}")
-        coef = self.outer * (alpha if other is b else 1.0) * (-1.0 if t == aten.sub.Tensor else 1.0)
+        if t in INPLACE_ADD_OPS and data is not a:
+            raise Decline(f"{cur.name} adds the scores into {getattr(a, 'name', a)} in place")
+        sub = t in (aten.sub.Tensor, aten.sub_.Tensor)
+        if data is b and (alpha != 1 or sub):
+            raise Decline(f"{cur.name} scales the scores by {'-' if sub else ''}{alpha}")
+        coef = self.outer * (alpha if other is b else 1.0) * (-1.0 if sub else 1.0)
         if not isinstance(other, fx.Node):
             raise Decline(f"{cur.name} adds a number to the scores")  # softmax-invariant, but unusual
         self.terms.append(MaskTerm(other, "additive", static_shape(cur), coefficient=coef, applied_by=cur,
@@ -175,6 +211,8 @@ class _ScoreWalk:
         if is_identity(cur) or is_leading_reshape(cur):
             self.steps.append(ScoreStep(cur, PASS if is_identity(cur) else RESHAPE))
             return cur.args[0]
+        if t in UNARY_SCORE_OPS:
+            raise _unary_decline(cur, self.consts)
         roles = ((SCALE_OPS, SCALE, self.scale_step), (ADD_OPS, ADDITIVE, self.additive_step),
                  (MASKED_FILL_OPS | WHERE_OPS, FILL, self.fill_step))
         for ops, role, handle in roles:
