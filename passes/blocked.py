@@ -78,7 +78,8 @@ from graphopt.target.timing import median_time
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockedOperators", "BudgetError", "MeasuredOverBudget", "Plan", "plan_blocking"]
+__all__ = ["BlockedOperators", "BudgetError", "MeasuredOverBudget", "Plan", "blocked_requested", "blocked_takes_attention",
+           "plan_blocking"]
 
 #: plan to this fraction of the budget: the allocator and kernels' own temporaries need room
 BUDGET_MARGIN = 0.9
