@@ -1,9 +1,10 @@
 """Numeric verification: run the model before and after a rewrite and compare.
 
 Inputs are the user's example inputs plus fresh random inputs of the same
-spec (:class:`InputSpec`): same dtype and shape, integer inputs drawn in their
-valid range (token ids inside the vocabulary found from the embedding they
-index, 0/1 masks kept 0/1), floats with the example's mean and spread.
+spec (:mod:`graphopt.fresh_inputs`): same dtype and shape, integer inputs
+drawn by the rule the graph gives them (indices inside the table or dimension
+they index, embedding-bag offsets sorted from 0, 0/1 masks kept 0/1), floats
+with the example's mean and spread; or the caller's own input sets.
 
 Tolerances by dtype (relative L2 of each output against the reference):
 fp32/fp64 1e-5, bf16/fp16 1e-2; integer and bool outputs must be equal.
@@ -30,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from graphopt.fresh_inputs import describe_rules, input_specs, random_inputs
 from graphopt.user_state import TensorSnapshot
 
 log = logging.getLogger(__name__)
@@ -57,21 +59,6 @@ REDUCED_FLOATS = (torch.bfloat16, torch.float16)
 #: fp32 run of the model is at most this multiple of the model's own (as accurate as the model, within 10%)
 FP32_MATCH_MARGIN = 1.1
 
-_PASS_THROUGH = {
-    torch.ops.aten.view.default,
-    torch.ops.aten.reshape.default,
-    torch.ops.aten.unsqueeze.default,
-    torch.ops.aten.squeeze.dim,
-    torch.ops.aten.flatten.using_ints,
-    torch.ops.aten.slice.Tensor,
-    torch.ops.aten.to.dtype,
-    torch.ops.aten._to_copy.default,
-    torch.ops.aten.expand.default,
-    torch.ops.aten.clone.default,
-    torch.ops.aten.contiguous.default,
-}
-
-
 @dataclass(frozen=True)
 class ErrorBudget:
     """How much output error a reduced-precision rewrite may introduce.
@@ -83,90 +70,6 @@ class ErrorBudget:
 
     rel_l2: float = 1e-2
     top1: float | None = None
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How to draw fresh values for one flattened input."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    kind: str  # "float", "index", "mask", "bool", "constant"
-    low: float = 0.0
-    high: float = 1.0  # exclusive for index
-    mean: float = 0.0
-    std: float = 1.0
-
-    def sample(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-        if self.kind == "float":
-            t = torch.randn(self.shape, generator=generator, dtype=torch.float32)
-            return (t * self.std + self.mean).to(self.dtype).to(like.device)
-        if self.kind == "index":
-            t = torch.randint(int(self.low), int(self.high), self.shape, generator=generator)
-            return t.to(self.dtype).to(like.device)
-        if self.kind == "mask":
-            t = (torch.rand(self.shape, generator=generator) < 0.8).to(self.dtype)
-            if t.ndim >= 1:  # keep the first position attended so no row is empty
-                t[..., 0] = 1
-            return t.to(like.device)
-        if self.kind == "bool":
-            return (torch.rand(self.shape, generator=generator) < 0.5).to(like.device)
-        return like.clone()
-
-
-def _embedding_vocab(placeholder: fx.Node) -> int | None:
-    """Follow view-like users of an index input to an embedding; its row count."""
-    frontier, seen = [placeholder], set()
-    while frontier:
-        n = frontier.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for user in n.users:
-            if user.op != "call_function":
-                continue
-            if user.target in (torch.ops.aten.embedding.default,) and user.args[1] is n:
-                w = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
-                if isinstance(w, torch.Tensor):
-                    return int(w.shape[0])
-            if user.target in _PASS_THROUGH:
-                frontier.append(user)
-    return None
-
-
-def input_specs(gm: fx.GraphModule | None, flat_inputs: Sequence[Any]) -> list[InputSpec | None]:
-    """Infer an :class:`InputSpec` for each flattened input (None: not a tensor)."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"] if gm is not None else []
-    specs: list[InputSpec | None] = []
-    for i, x in enumerate(flat_inputs):
-        if not isinstance(x, torch.Tensor):
-            specs.append(None)
-            continue
-        shape, dtype = tuple(x.shape), x.dtype
-        if dtype.is_floating_point or dtype.is_complex:
-            xf = x.detach().float()
-            std = float(xf.std()) if xf.numel() > 1 else 1.0
-            specs.append(InputSpec(shape, dtype, "float", mean=float(xf.mean()) if xf.numel() else 0.0,
-                                   std=std if math.isfinite(std) and std > 0 else 1.0))
-        elif dtype == torch.bool:
-            specs.append(InputSpec(shape, dtype, "bool"))
-        else:
-            vocab = _embedding_vocab(phs[i]) if i < len(phs) else None
-            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
-            if vocab is not None:
-                specs.append(InputSpec(shape, dtype, "index", 0, vocab))
-            elif x.numel() and lo >= 0 and hi <= 1:
-                specs.append(InputSpec(shape, dtype, "mask"))
-            elif x.numel():
-                specs.append(InputSpec(shape, dtype, "index", max(lo, 0) if lo >= 0 else lo, hi + 1))
-            else:
-                specs.append(InputSpec(shape, dtype, "constant"))
-    return specs
-
-
-def random_inputs(specs: Sequence[InputSpec | None], like: Sequence[Any], seed: int) -> list[Any]:
-    g = torch.Generator().manual_seed(seed)
-    return [s.sample(g, x) if s is not None else x for s, x in zip(specs, like)]
 
 
 @dataclass
@@ -421,8 +324,9 @@ class Verifier:
     The reference is computed once from ``reference_fn`` (the user's model) on
     the example inputs and ``n_random`` fresh random input sets, or on the
     caller's ``input_sets`` (``(args, kwargs)`` pairs) instead of random ones:
-    inputs with structure random draws would miss (a decode step's KV cache
-    and positions, a recommender's offsets). For a model
+    inputs with structure no rule of :mod:`graphopt.fresh_inputs` captures (a
+    decode step's KV cache and positions). ``sources`` and ``rules`` say which
+    sets were used (:meth:`describe`). For a model
     that runs in bf16/fp16, an exact rewrite's reduced-precision outputs that
     miss their tolerance are judged again against an fp32 run of the model
     (:class:`Fp32Reference`, made on first need).
@@ -443,19 +347,31 @@ class Verifier:
         # the module's placeholders follow the flattened inputs, one per leaf
         specs = input_specs(gm, leaves)
         self.input_sets: list[tuple[tuple, dict]] = [(self.args, self.kwargs)]
+        #: where each input set came from: "example", "rule-drawn" (fresh, by the graph's rules), "user-given"
+        self.sources: list[str] = ["example"]
+        #: the structural rule each rule-drawn input followed, by input name (see graphopt.fresh_inputs)
+        self.rules: dict[str, str] = {}
         if input_sets is not None:  # the caller's own inputs replace the random ones
             self.input_sets += [(tuple(a), dict(kw or {})) for a, kw in input_sets]
+            self.sources += ["user-given"] * (len(self.input_sets) - 1)
             n_random = 0
+        elif n_random:
+            self.rules = describe_rules(gm, specs)
         for k in range(n_random):
             fresh = random_inputs(specs, leaves, seed + 1 + k)
             a, kw = pytree.tree_unflatten(fresh, self._spec)
             self.input_sets.append((tuple(a), dict(kw)))
+            self.sources.append("rule-drawn")
         # every run starts from the user's buffers and inputs (a forward may mutate them) and leaves them so
         self._state = TensorSnapshot(reference_fn, self.input_sets)
         with torch.no_grad():
             self.references = [self._run(reference_fn, a, kw) for a, kw in self.input_sets]
         self._reference_fn = reference_fn
         self._fp32: Fp32Reference | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Which input sets verification uses: ``{"sets": [source, ...], "rules": {input: rule}}``."""
+        return {"sets": list(self.sources), "rules": dict(self.rules)}
 
     def fp32_reference(self) -> Fp32Reference:
         """The fp32 run of a reduced-precision model (empty for anything else), made once."""
