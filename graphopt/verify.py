@@ -13,7 +13,10 @@ than that on long sequences, so a rewrite that rounds differently (a fused
 attention) can miss 1e-2 against the model while being as accurate: such an
 output is then judged against an fp32 run of the model instead, and passes
 when its error there is at most :data:`FP32_MATCH_MARGIN` times the model's
-own (:class:`Fp32Reference`).
+own (:class:`Fp32Reference`). The same holds for an fp32 model whose own
+conditioning turns fp32 rounding into more than 1e-5 at an output (a
+LayerNorm over two nearly equal features): its outputs are judged against an
+fp64 run of the model.
 Passes that trade accuracy for speed (reduced precision) are verified against
 the user's :class:`ErrorBudget` instead.
 """
@@ -81,9 +84,11 @@ class OutputError:
     top1: float | None = None
     ok: bool = True
     reason: str = ""
-    #: when judged against an fp32 run of the model: this output's relative L2 there, and the model's own
+    #: when judged against a wider run of the model (fp32 for bf16/fp16, fp64 for fp32; ``wide`` names it):
+    #: this output's relative L2 there, and the model's own
     fp32_rel_l2: float | None = None
     model_fp32_rel_l2: float | None = None
+    wide: str = ""
 
 
 @dataclass
@@ -110,8 +115,8 @@ class Numerics:
         judged = [o for o in self.outputs if o.fp32_rel_l2 is not None]
         if judged:
             worst = max(judged, key=lambda o: o.fp32_rel_l2 / max(o.model_fp32_rel_l2 or 0.0, 1e-30))
-            s += (f"; against fp32: {worst.fp32_rel_l2:.1e} (the model's own {worst.model_fp32_rel_l2:.1e}, "
-                  f"{len(judged)} reduced-precision output(s) judged there)")
+            s += (f"; against {worst.wide or 'fp32'}: {worst.fp32_rel_l2:.1e} (the model's own "
+                  f"{worst.model_fp32_rel_l2:.1e}, {len(judged)} output(s) judged there)")
         return s
 
 
@@ -240,74 +245,91 @@ def summarize(per_input: Sequence[list[OutputError]]) -> Numerics:
 
 
 class Fp32Reference:
-    """An fp32 run of a bf16/fp16 model on the verification inputs, made once on first use.
+    """A wider run of the model on the verification inputs, made once on first use: fp32 for a bf16/fp16
+    model, fp64 for an fp32 one (up to :data:`WIDE_REFERENCE_MAX_BYTES` of weights).
 
-    For each input set and output leaf: the fp32 output and the model's own
-    relative L2 against it. A deep copy of the model is cast to float32 for
-    the run and dropped after it (the user's model is not touched); float
-    inputs in bf16/fp16 are cast too. ``available`` is False for anything but
-    an ``nn.Module`` holding reduced-precision floats whose fp32 copy returns
-    the same structure.
+    For each input set and output leaf narrower than ``wide``: the wide output
+    and the model's own relative L2 against it. That error is the model's own
+    conditioning at its dtype (a LayerNorm over two nearly equal features turns
+    a rounding in its input into 1e-4 at its output): a rewrite whose output
+    misses its tolerance against the model but is as accurate as the model
+    against the wide run is right. A deep copy of the model is cast for the run
+    and dropped after it (the user's model is not touched); narrower float
+    inputs are cast too. ``available`` is False for anything but an
+    ``nn.Module`` whose wide copy runs and returns the same structure.
     """
 
     def __init__(self, model: Any, input_sets: Sequence[tuple[tuple, dict]], references: Sequence[Any]) -> None:
         self.outputs: list[list[torch.Tensor | None]] = []
         self.model_errors: list[list[float | None]] = []
-        if not _holds_reduced_floats(model):
+        self.wide = _wide_dtype(model)
+        if self.wide is None:
             return
         try:
-            fp32_model = copy.deepcopy(model).float()
+            wide_model = copy.deepcopy(model).to(self.wide)
             with torch.no_grad():
                 for (a, kw), ref in zip(input_sets, references):
-                    a32, kw32 = pytree.tree_map(_to_fp32, (a, kw))
-                    out = _leaves(fp32_model(*a32, **kw32))
+                    a_w, kw_w = pytree.tree_map(self._widen, (a, kw))
+                    out = _leaves(wide_model(*a_w, **kw_w))
                     ref_leaves = _leaves(ref)
                     if len(out) != len(ref_leaves):
                         self.outputs, self.model_errors = [], []
                         return
-                    self.outputs.append([o if _is_reduced(r) else None for o, r in zip(out, ref_leaves)])
-                    self.model_errors.append([_rel_l2(r, o) if _is_reduced(r) else None
+                    self.outputs.append([o if self._narrower(r) else None for o, r in zip(out, ref_leaves)])
+                    self.model_errors.append([_rel_l2(r, o) if self._narrower(r) else None
                                               for o, r in zip(out, ref_leaves)])
-        except Exception as exc:  # noqa: BLE001 - no fp32 reference: outputs are judged against the model alone
-            log.info("no fp32 reference for the reduced-precision model: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - no wide reference: outputs are judged against the model alone
+            log.info("no %s reference for the model: %s", self.wide, exc)
             self.outputs, self.model_errors = [], []
 
     @property
     def available(self) -> bool:
         return bool(self.outputs)
 
+    def _narrower(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype in JUDGED_WIDER.get(self.wide, ())
+
+    def _widen(self, x: Any) -> Any:
+        return x.to(self.wide) if self._narrower(x) else x
+
     def rejudge(self, input_index: int, candidate: Any, errors: list[OutputError]) -> None:
-        """Pass each failing reduced-precision output of ``candidate`` that is as accurate as the model vs fp32."""
+        """Pass each failing output of ``candidate`` that is as accurate as the model against the wide run."""
         leaves = _leaves(candidate)
+        name = _SHORT.get(self.wide, str(self.wide))
         for e in errors:
             if e.ok or e.index < 0 or e.index >= len(leaves):
                 continue
-            fp32 = self.outputs[input_index][e.index]
+            wide = self.outputs[input_index][e.index]
             own = self.model_errors[input_index][e.index]
-            if fp32 is None or own is None or not isinstance(leaves[e.index], torch.Tensor):
+            if wide is None or own is None or not isinstance(leaves[e.index], torch.Tensor):
                 continue
-            rel = _rel_l2(leaves[e.index], fp32)
-            e.fp32_rel_l2, e.model_fp32_rel_l2 = rel, own
-            allowed = max(REL_L2_TOLERANCE.get(fp32.dtype, 1e-5), FP32_MATCH_MARGIN * own)
+            rel = _rel_l2(leaves[e.index], wide)
+            e.fp32_rel_l2, e.model_fp32_rel_l2, e.wide = rel, own, name
+            allowed = max(REL_L2_TOLERANCE.get(wide.dtype, 1e-5), FP32_MATCH_MARGIN * own)
             if rel <= allowed:
                 e.ok, e.reason = True, ""
             else:
-                e.reason += f"; against fp32 {rel:.2e} > {FP32_MATCH_MARGIN:g} x the model's own {own:.2e}"
+                e.reason += f"; against {name} {rel:.2e} > {FP32_MATCH_MARGIN:g} x the model's own {own:.2e}"
 
 
-def _is_reduced(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in REDUCED_FLOATS
+#: the output dtypes judged again against a run at each wide dtype
+JUDGED_WIDER = {torch.float32: REDUCED_FLOATS, torch.float64: (torch.float32,)}
+_SHORT = {torch.float32: "fp32", torch.float64: "fp64"}
+
+#: an fp32 model with more weight bytes than this gets no fp64 reference (its copy would take twice as much)
+WIDE_REFERENCE_MAX_BYTES = 2**30
 
 
-def _holds_reduced_floats(model: Any) -> bool:
+def _wide_dtype(model: Any) -> torch.dtype | None:
+    """fp32 for a model holding bf16/fp16 floats, fp64 for a small enough fp32 one, else None."""
     if not isinstance(model, torch.nn.Module):
-        return False
+        return None
     tensors = list(model.parameters()) + list(model.buffers())
-    return any(t.dtype in REDUCED_FLOATS for t in tensors)
-
-
-def _to_fp32(x: Any) -> Any:
-    return x.float() if _is_reduced(x) else x
+    if any(t.dtype in REDUCED_FLOATS for t in tensors):
+        return torch.float32
+    if sum(t.numel() * t.element_size() for t in tensors) <= WIDE_REFERENCE_MAX_BYTES // 2:
+        return torch.float64
+    return None
 
 
 def _rel_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -374,7 +396,7 @@ class Verifier:
         return {"sets": list(self.sources), "rules": dict(self.rules)}
 
     def fp32_reference(self) -> Fp32Reference:
-        """The fp32 run of a reduced-precision model (empty for anything else), made once."""
+        """The wider run of the model (fp32 for bf16/fp16, fp64 for fp32; empty where none), made once."""
         if self._fp32 is None:
             self._fp32 = Fp32Reference(self._reference_fn, self.input_sets, self.references)
             self._state.restore()  # its fp32 runs share the float32 input tensors
@@ -387,7 +409,7 @@ class Verifier:
                 for i, ((a, kw), ref) in enumerate(zip(self.input_sets, self.references)):
                     out = self._run(candidate_fn, a, kw)
                     errors = compare_outputs(ref, out, budget)
-                    if budget is None and any(not e.ok and e.dtype in _REDUCED_NAMES for e in errors) \
+                    if budget is None and any(not e.ok and e.dtype in _JUDGED_NAMES for e in errors) \
                             and self.fp32_reference().available:
                         self.fp32_reference().rejudge(i, out, errors)
                     per_input.append(errors)
@@ -404,4 +426,4 @@ class Verifier:
             self._state.restore()
 
 
-_REDUCED_NAMES = {str(d) for d in REDUCED_FLOATS}
+_JUDGED_NAMES = {str(d) for d in REDUCED_FLOATS + (torch.float32,)}
