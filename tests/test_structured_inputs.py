@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.capture import capture
+from graphopt.cli import main
 from graphopt.errors import BadInput, VerifyInputsError
 from graphopt.examples_models import dlrm
 from graphopt.fresh_inputs import input_specs, random_inputs
@@ -131,3 +132,11 @@ def test_bad_verify_inputs_is_refused_in_one_line(value, says):
         graphopt.optimize(model, args, verify_inputs=value)
     assert isinstance(info.value, BadInput) and info.value.exit_code == 2
     assert str(info.value).startswith(says) and "\n" not in str(info.value)
+
+
+def test_convert_examples_dlrm_writes_every_output_and_names_the_rules(tmp_path):
+    out = tmp_path / "dlrm"
+    assert main(["convert", "examples:dlrm?n_tables=2", "-o", str(out), "--no-speed"]) == 0
+    assert {"model.onnx", "model.pt2", "report.md"} <= {p.name for p in out.iterdir()}
+    assert "**Verification inputs:** 1 example, 2 rule-drawn; rules: indices_0: index in [0, 50)" in \
+        (out / "report.md").read_text()
