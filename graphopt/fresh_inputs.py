@@ -123,7 +123,7 @@ def _rows(node: Any) -> int | None:
 
 def _size(node: Any, dim: Any) -> int | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or not isinstance(dim, int) or not -val.ndim <= dim < max(val.ndim, 1):
+    if not isinstance(val, torch.Tensor) or not isinstance(dim, int) or not -val.ndim <= dim < val.ndim:
         return None
     return _static(val.shape[dim])
 

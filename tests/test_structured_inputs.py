@@ -140,3 +140,24 @@ def test_convert_examples_dlrm_writes_every_output_and_names_the_rules(tmp_path)
     assert {"model.onnx", "model.pt2", "report.md"} <= {p.name for p in out.iterdir()}
     assert "**Verification inputs:** 1 example, 2 rule-drawn; rules: indices_0: index in [0, 50)" in \
         (out / "report.md").read_text()
+
+
+class Gathers(nn.Module):
+    """Three index inputs, each bounded by the dimension it indexes (not by its example's values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 5))
+
+    def forward(self, rows: torch.Tensor, cols: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        a = self.table.index_select(0, rows)  # rows < 7
+        b = self.table[:, cols]  # cols < 5
+        return a.sum() + b.sum() + torch.gather(self.table, 1, pick).sum()  # pick < 5
+
+
+def test_index_inputs_are_bounded_by_the_dimension_they_index():
+    rows, cols, pick = torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([[1], [2], [0], [3], [4], [2], [1]])
+    gm = capture(Gathers(), (rows, cols, pick)).module
+    specs = input_specs(gm, [rows, cols, pick])
+    assert [(s.kind, s.low, s.high) for s in specs] == [("index", 0, 7), ("index", 0, 5), ("index", 0, 5)]
+    assert all(s.rule.startswith("index in [0, ") for s in specs)
