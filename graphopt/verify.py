@@ -246,7 +246,7 @@ def summarize(per_input: Sequence[list[OutputError]]) -> Numerics:
 
 class Fp32Reference:
     """A wider run of the model on the verification inputs, made once on first use: fp32 for a bf16/fp16
-    model, fp64 for an fp32 one (up to :data:`WIDE_REFERENCE_MAX_BYTES` of weights).
+    model, fp64 for an fp32 one (whose fp64 copy takes at most :data:`WIDE_REFERENCE_MAX_BYTES`).
 
     For each input set and output leaf narrower than ``wide``: the wide output
     and the model's own relative L2 against it. That error is the model's own
@@ -316,7 +316,7 @@ class Fp32Reference:
 JUDGED_WIDER = {torch.float32: REDUCED_FLOATS, torch.float64: (torch.float32,)}
 _SHORT = {torch.float32: "fp32", torch.float64: "fp64"}
 
-#: an fp32 model with more weight bytes than this gets no fp64 reference (its copy would take twice as much)
+#: an fp32 model whose fp64 copy would take more than this (half as many bytes of fp32 weights) gets no fp64 reference
 WIDE_REFERENCE_MAX_BYTES = 2**30
 
 
