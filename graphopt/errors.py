@@ -10,6 +10,7 @@
        ├─ UsageError         (graphopt.commands.common) a bad command line
        ├─ NoOnnxForm         (graphopt.onnx.result, also an OnnxExportError) a construct ONNX cannot
        │                     express (complex tensors): names the node; the original does not export either
+       ├─ VerifyInputsError  a ``verify_inputs=`` value that is not input sets like the example's
        └─ BudgetError        (graphopt.passes.blocked) a memory budget no plan meets
 
 The CLI prints a :class:`GraphoptError`'s message as one line and exits with
@@ -49,6 +50,11 @@ class OptionError(BadInput, ValueError):
         if allowed and allowed not in reason:
             message += f" (allowed: {allowed})"
         super().__init__(message)
+
+
+class VerifyInputsError(BadInput, ValueError):
+    """``verify_inputs=`` that is not a list of ``(args, kwargs)`` pairs like the example inputs, or a callable
+    returning one (:func:`graphopt.fresh_inputs.user_input_sets`)."""
 
 
 class UnknownOptionError(OptionError, TypeError):

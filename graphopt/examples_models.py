@@ -6,6 +6,9 @@
 * ``cnn``: the classic CIFAR-10 network: (Conv-BN-ReLU-Pool) x 2, then
   Linear-ReLU-Linear.
 * ``mlp``: Linear-GELU-Linear.
+* ``dlrm``: a DLRM-style recommender: one ``EmbeddingBag`` per sparse
+  feature, read through flat indices and per-bag offsets; a bottom MLP on the
+  dense features, pairwise dot interaction, a top MLP.
 
 ``BUILDERS`` maps each name to its factory; the spec ``examples:nanogpt?n_layer=2&seq=64``
 (:func:`graphopt.specs.load_spec`) calls it with the query's keys.
@@ -215,4 +218,48 @@ def mlp(batch: int = 8, d: int = 64, hidden: int = 256, seed: int = 0) -> tuple[
     return TinyMLP(d, hidden).eval(), (torch.randn(batch, d),)
 
 
-BUILDERS = {"nanogpt": nanogpt, "cnn": cnn, "mlp": mlp}
+class DLRM(nn.Module):
+    """DLRM-style recommender: ``forward(dense, indices, offsets)``, one ``(indices, offsets)`` pair per table.
+
+    ``indices[t]`` holds the row ids of table ``t``'s bags one after another,
+    ``offsets[t]`` where each bag starts (sorted, ``offsets[t][0] == 0``), as
+    ``nn.EmbeddingBag`` takes them.
+    """
+
+    def __init__(self, n_dense: int = 8, n_tables: int = 3, rows: int = 50, dim: int = 16,
+                 bottom: int = 32, top: int = 32) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.EmbeddingBag(rows, dim, mode="sum") for _ in range(n_tables))
+        self.bottom = nn.Sequential(nn.Linear(n_dense, bottom), nn.ReLU(), nn.Linear(bottom, dim), nn.ReLU())
+        n_feat = n_tables + 1
+        pairs = torch.triu_indices(n_feat, n_feat, offset=1)
+        self.register_buffer("pair_rows", pairs[0], persistent=False)
+        self.register_buffer("pair_cols", pairs[1], persistent=False)
+        self.top = nn.Sequential(nn.Linear(dim + pairs.shape[1], top), nn.ReLU(), nn.Linear(top, 1))
+
+    def forward(self, dense: torch.Tensor, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        x = self.bottom(dense)
+        feats = torch.stack([x] + [t(i, o) for t, i, o in zip(self.tables, indices, offsets)], dim=1)
+        dots = torch.bmm(feats, feats.transpose(1, 2))[:, self.pair_rows, self.pair_cols]
+        return torch.sigmoid(self.top(torch.cat([x, dots], dim=1)))
+
+
+def dlrm_inputs(batch: int, n_dense: int, n_tables: int, rows: int, bag: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Dense features and, per table, bags of 1..``bag`` row ids (flat indices, offsets from 0)."""
+    indices, offsets = [], []
+    for _ in range(n_tables):
+        sizes = torch.randint(1, bag + 1, (batch,), generator=generator)
+        offsets.append(torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]]))
+        indices.append(torch.randint(0, rows, (int(sizes.sum()),), generator=generator))
+    return torch.randn(batch, n_dense, generator=generator), indices, offsets
+
+
+def dlrm(batch: int = 4, n_dense: int = 8, n_tables: int = 3, rows: int = 50, dim: int = 16, bag: int = 3,
+         seed: int = 0) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(seed)
+    model = DLRM(n_dense, n_tables, rows, dim).eval()
+    return model, dlrm_inputs(batch, n_dense, n_tables, rows, bag, torch.Generator().manual_seed(seed))
+
+
+BUILDERS = {"nanogpt": nanogpt, "cnn": cnn, "mlp": mlp, "dlrm": dlrm}

@@ -17,7 +17,7 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.capture import Captured, capture, eval_mode
 from graphopt.errors import BadInput, OptionError
-from graphopt import model_inputs, saved
+from graphopt import fresh_inputs, model_inputs, saved
 from graphopt.pass_infra import (
     Instrument,
     OptimizeContext,
@@ -182,7 +182,7 @@ def optimize(
     memory_budget: int | str | None = None,
     error_budget: ErrorBudget | float | None = None,
     n_random_inputs: int = 2,
-    verify_inputs: Sequence[tuple[Sequence[Any], dict[str, Any]]] | None = None,
+    verify_inputs: Sequence[tuple[Sequence[Any], dict[str, Any]]] | Callable[[int], Any] | None = None,
     instruments: Sequence[Instrument] = (),
     progress: Callable[[str], None] | None = None,
     **options: Any,
@@ -192,11 +192,10 @@ def optimize(
     Captures the model (:func:`graphopt.capture`), runs ``passes`` (default:
     :func:`graphopt.passes.default_pipeline` for the given options), checks each
     rewrite numerically against the original model on the example inputs and
-    ``n_random_inputs`` fresh random inputs of the same spec (or on
-    ``verify_inputs``, a list of ``(args, kwargs)`` pairs, instead of random
-    ones: real inputs for models whose inputs have structure), rolls back what
-    breaks numerics, and returns an :class:`OptimizeResult`. The user's model
-    is not modified.
+    ``n_random_inputs`` fresh ones drawn by the rules the graph gives each input
+    (:mod:`graphopt.fresh_inputs`) or ``verify_inputs`` instead (``(args, kwargs)`` pairs, or ``f(seed)``
+    returning one; ``report.verification_inputs`` says which), rolls back what
+    breaks numerics, and returns an :class:`OptimizeResult`. The user's model is not modified.
 
     ``example_inputs`` may be left out for a transformers model (built from its config, use_cache=False,
     dynamic batch/seq); ``dynamic``: "batch,seq", "batch", names, {"seq": (lo, hi)} or False
@@ -218,6 +217,7 @@ def optimize(
     budget_bytes, error_budget = _checked_budgets(model, memory_budget, error_budget)  # before any work
     target, example_inputs, example_kwargs, dynamic_shapes = model_inputs.prepare(
         model, example_inputs, example_kwargs, dynamic, dynamic_shapes)
+    fresh_inputs.check_form(verify_inputs)  # before anything is captured
     start = time.perf_counter()
     report = Report(model=type(model).__name__)
     captured = _capture(target, example_inputs, example_kwargs, dynamic_shapes, report)
@@ -236,9 +236,8 @@ def optimize(
     pipeline = list(passes) if passes is not None else pipelines.default_pipeline(ctx)
     check_options(pipeline, options)
     if verify:
-        with eval_mode(target):
-            ctx.verifier = Verifier(target, captured.args, captured.kwargs, gm, n_random=n_random_inputs,
-                                    input_sets=verify_inputs)
+        ctx.verifier = _verifier(target, captured, n_random_inputs, verify_inputs)
+        report.verification_inputs = ctx.verifier.describe()
     all_instruments = _instruments(verify, progress, instruments)
 
     gm = PassManager(pipeline, all_instruments).run(gm, ctx)
@@ -249,6 +248,15 @@ def optimize(
              report.total_seconds)
     return _result(model, gm, captured, ctx, approximate,
                    _generation_options(passes, memory_budget, error_budget, verify, options))
+
+
+def _verifier(target: torch.nn.Module, captured: Captured, n_random_inputs: int, verify_inputs: Any) -> Verifier:
+    """The verifier: the example and rule-drawn fresh inputs, or the caller's checked ``verify_inputs``."""
+    user_sets = None if verify_inputs is None else fresh_inputs.user_input_sets(
+        verify_inputs, n_random_inputs, (captured.args, captured.kwargs), captured.module)
+    with eval_mode(target):
+        return Verifier(target, captured.args, captured.kwargs, captured.module, n_random=n_random_inputs,
+                        input_sets=user_sets)
 
 
 def _result(model: torch.nn.Module, gm: fx.GraphModule, captured: Captured, ctx: OptimizeContext,

@@ -14,7 +14,7 @@ from typing import Any
 
 from graphopt.pattern import Declined
 from graphopt.verify import Numerics
-from graphopt.report_markdown import report_to_markdown
+from graphopt.report_markdown import describe_inputs, report_to_markdown
 
 
 @dataclass
@@ -69,6 +69,8 @@ class Report:
     nodes_before: int = 0
     nodes_after: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the input sets verification used (``Verifier.describe``): their sources, and the rule of each rule-drawn input
+    verification_inputs: dict[str, Any] = field(default_factory=dict)
 
     def record(self, name: str) -> PassRecord | None:
         return next((r for r in self.passes if r.name == name), None)
@@ -87,6 +89,7 @@ class Report:
             "nodes_after": self.nodes_after,
             "passes": [r.to_dict() for r in self.passes],
             "final_numerics": self.final_numerics.to_dict() if self.final_numerics else None,
+            "verification_inputs": dict(self.verification_inputs),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -122,6 +125,8 @@ class Report:
             status = "ok" if self.final_numerics.ok else "FAILED"
             console.print(f"final check vs the original model: {status} ({self.final_numerics.summary()}, "
                           f"{self.final_numerics.inputs_checked} input sets)")
+        if self.verification_inputs:
+            console.print(f"verification inputs: {describe_inputs(self.verification_inputs)}", markup=False)
         declined = [(r.name, d) for r in self.passes for d in r.declined]
         if declined:
             console.print("declined sites:")

@@ -13,6 +13,14 @@ import json
 from typing import Any
 
 
+def describe_inputs(verification_inputs: dict[str, Any]) -> str:
+    """One line: how many sets of each source, then the rule each rule-drawn input followed."""
+    sets = verification_inputs.get("sets", [])
+    counts = ", ".join(f"{sets.count(s)} {s}" for s in dict.fromkeys(sets))
+    rules = verification_inputs.get("rules", {})
+    return counts + ("; rules: " + "; ".join(f"{k}: {v}" for k, v in rules.items()) if rules else "")
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -55,6 +63,8 @@ def report_to_markdown(report: Any) -> str:
         status = "ok" if final["ok"] else f"FAILED ({final['reason']})"
         lines += ["", f"**Final check against the original model:** {status}: {_numerics_line(final)} over "
                       f"{final['inputs_checked']} input sets."]
+        if d.get("verification_inputs"):
+            lines += ["", f"**Verification inputs:** {_cell(describe_inputs(d['verification_inputs']))}."]
     declined = [(r["name"], x) for r in d["passes"] for x in r["declined"]]
     if declined:
         lines += ["", "## Declined sites", ""]

@@ -1,9 +1,10 @@
 """Numeric verification: run the model before and after a rewrite and compare.
 
 Inputs are the user's example inputs plus fresh random inputs of the same
-spec (:class:`InputSpec`): same dtype and shape, integer inputs drawn in their
-valid range (token ids inside the vocabulary found from the embedding they
-index, 0/1 masks kept 0/1), floats with the example's mean and spread.
+spec (:mod:`graphopt.fresh_inputs`): same dtype and shape, integer inputs
+drawn by the rule the graph gives them (indices inside the table or dimension
+they index, embedding-bag offsets sorted from 0, 0/1 masks kept 0/1), floats
+with the example's mean and spread; or the caller's own input sets.
 
 Tolerances by dtype (relative L2 of each output against the reference):
 fp32/fp64 1e-5, bf16/fp16 1e-2; integer and bool outputs must be equal.
@@ -12,7 +13,10 @@ than that on long sequences, so a rewrite that rounds differently (a fused
 attention) can miss 1e-2 against the model while being as accurate: such an
 output is then judged against an fp32 run of the model instead, and passes
 when its error there is at most :data:`FP32_MATCH_MARGIN` times the model's
-own (:class:`Fp32Reference`).
+own (:class:`Fp32Reference`). The same holds for an fp32 model whose own
+conditioning turns fp32 rounding into more than 1e-5 at an output (a
+LayerNorm over two nearly equal features): its outputs are judged against an
+fp64 run of the model.
 Passes that trade accuracy for speed (reduced precision) are verified against
 the user's :class:`ErrorBudget` instead.
 """
@@ -31,6 +35,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from graphopt.errors import OptionError
+from graphopt.fresh_inputs import describe_rules, input_specs, random_inputs
 from graphopt.user_state import TensorSnapshot
 
 log = logging.getLogger(__name__)
@@ -58,21 +63,6 @@ REDUCED_FLOATS = (torch.bfloat16, torch.float16)
 #: fp32 run of the model is at most this multiple of the model's own (as accurate as the model, within 10%)
 FP32_MATCH_MARGIN = 1.1
 
-_PASS_THROUGH = {
-    torch.ops.aten.view.default,
-    torch.ops.aten.reshape.default,
-    torch.ops.aten.unsqueeze.default,
-    torch.ops.aten.squeeze.dim,
-    torch.ops.aten.flatten.using_ints,
-    torch.ops.aten.slice.Tensor,
-    torch.ops.aten.to.dtype,
-    torch.ops.aten._to_copy.default,
-    torch.ops.aten.expand.default,
-    torch.ops.aten.clone.default,
-    torch.ops.aten.contiguous.default,
-}
-
-
 @dataclass(frozen=True)
 class ErrorBudget:
     """How much output error a reduced-precision rewrite may introduce.
@@ -93,90 +83,6 @@ class ErrorBudget:
             raise OptionError("top1", self.top1, "a top-1 agreement is a fraction between 0 and 1")
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """How to draw fresh values for one flattened input."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    kind: str  # "float", "index", "mask", "bool", "constant"
-    low: float = 0.0
-    high: float = 1.0  # exclusive for index
-    mean: float = 0.0
-    std: float = 1.0
-
-    def sample(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-        if self.kind == "float":
-            t = torch.randn(self.shape, generator=generator, dtype=torch.float32)
-            return (t * self.std + self.mean).to(self.dtype).to(like.device)
-        if self.kind == "index":
-            t = torch.randint(int(self.low), int(self.high), self.shape, generator=generator)
-            return t.to(self.dtype).to(like.device)
-        if self.kind == "mask":
-            t = (torch.rand(self.shape, generator=generator) < 0.8).to(self.dtype)
-            if t.ndim >= 1:  # keep the first position attended so no row is empty
-                t[..., 0] = 1
-            return t.to(like.device)
-        if self.kind == "bool":
-            return (torch.rand(self.shape, generator=generator) < 0.5).to(like.device)
-        return like.clone()
-
-
-def _embedding_vocab(placeholder: fx.Node) -> int | None:
-    """Follow view-like users of an index input to an embedding; its row count."""
-    frontier, seen = [placeholder], set()
-    while frontier:
-        n = frontier.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for user in n.users:
-            if user.op != "call_function":
-                continue
-            if user.target in (torch.ops.aten.embedding.default,) and user.args[1] is n:
-                w = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
-                if isinstance(w, torch.Tensor):
-                    return int(w.shape[0])
-            if user.target in _PASS_THROUGH:
-                frontier.append(user)
-    return None
-
-
-def input_specs(gm: fx.GraphModule | None, flat_inputs: Sequence[Any]) -> list[InputSpec | None]:
-    """Infer an :class:`InputSpec` for each flattened input (None: not a tensor)."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"] if gm is not None else []
-    specs: list[InputSpec | None] = []
-    for i, x in enumerate(flat_inputs):
-        if not isinstance(x, torch.Tensor):
-            specs.append(None)
-            continue
-        shape, dtype = tuple(x.shape), x.dtype
-        if dtype.is_floating_point or dtype.is_complex:
-            xf = x.detach().float()
-            std = float(xf.std()) if xf.numel() > 1 else 1.0
-            specs.append(InputSpec(shape, dtype, "float", mean=float(xf.mean()) if xf.numel() else 0.0,
-                                   std=std if math.isfinite(std) and std > 0 else 1.0))
-        elif dtype == torch.bool:
-            specs.append(InputSpec(shape, dtype, "bool"))
-        else:
-            vocab = _embedding_vocab(phs[i]) if i < len(phs) else None
-            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
-            if vocab is not None:
-                specs.append(InputSpec(shape, dtype, "index", 0, vocab))
-            elif x.numel() and lo >= 0 and hi <= 1:
-                specs.append(InputSpec(shape, dtype, "mask"))
-            elif x.numel():
-                specs.append(InputSpec(shape, dtype, "index", max(lo, 0) if lo >= 0 else lo, hi + 1))
-            else:
-                specs.append(InputSpec(shape, dtype, "constant"))
-    return specs
-
-
-def random_inputs(specs: Sequence[InputSpec | None], like: Sequence[Any], seed: int) -> list[Any]:
-    g = torch.Generator().manual_seed(seed)
-    return [s.sample(g, x) if s is not None else x for s, x in zip(specs, like)]
-
-
 @dataclass
 class OutputError:
     index: int
@@ -186,9 +92,11 @@ class OutputError:
     top1: float | None = None
     ok: bool = True
     reason: str = ""
-    #: when judged against an fp32 run of the model: this output's relative L2 there, and the model's own
+    #: when judged against a wider run of the model (fp32 for bf16/fp16, fp64 for fp32; ``wide`` names it):
+    #: this output's relative L2 there, and the model's own
     fp32_rel_l2: float | None = None
     model_fp32_rel_l2: float | None = None
+    wide: str = ""
 
 
 @dataclass
@@ -215,8 +123,8 @@ class Numerics:
         judged = [o for o in self.outputs if o.fp32_rel_l2 is not None]
         if judged:
             worst = max(judged, key=lambda o: o.fp32_rel_l2 / max(o.model_fp32_rel_l2 or 0.0, 1e-30))
-            s += (f"; against fp32: {worst.fp32_rel_l2:.1e} (the model's own {worst.model_fp32_rel_l2:.1e}, "
-                  f"{len(judged)} reduced-precision output(s) judged there)")
+            s += (f"; against {worst.wide or 'fp32'}: {worst.fp32_rel_l2:.1e} (the model's own "
+                  f"{worst.model_fp32_rel_l2:.1e}, {len(judged)} output(s) judged there)")
         return s
 
 
@@ -345,74 +253,91 @@ def summarize(per_input: Sequence[list[OutputError]]) -> Numerics:
 
 
 class Fp32Reference:
-    """An fp32 run of a bf16/fp16 model on the verification inputs, made once on first use.
+    """A wider run of the model on the verification inputs, made once on first use: fp32 for a bf16/fp16
+    model, fp64 for an fp32 one (whose fp64 copy takes at most :data:`WIDE_REFERENCE_MAX_BYTES`).
 
-    For each input set and output leaf: the fp32 output and the model's own
-    relative L2 against it. A deep copy of the model is cast to float32 for
-    the run and dropped after it (the user's model is not touched); float
-    inputs in bf16/fp16 are cast too. ``available`` is False for anything but
-    an ``nn.Module`` holding reduced-precision floats whose fp32 copy returns
-    the same structure.
+    For each input set and output leaf narrower than ``wide``: the wide output
+    and the model's own relative L2 against it. That error is the model's own
+    conditioning at its dtype (a LayerNorm over two nearly equal features turns
+    a rounding in its input into 1e-4 at its output): a rewrite whose output
+    misses its tolerance against the model but is as accurate as the model
+    against the wide run is right. A deep copy of the model is cast for the run
+    and dropped after it (the user's model is not touched); narrower float
+    inputs are cast too. ``available`` is False for anything but an
+    ``nn.Module`` whose wide copy runs and returns the same structure.
     """
 
     def __init__(self, model: Any, input_sets: Sequence[tuple[tuple, dict]], references: Sequence[Any]) -> None:
         self.outputs: list[list[torch.Tensor | None]] = []
         self.model_errors: list[list[float | None]] = []
-        if not _holds_reduced_floats(model):
+        self.wide = _wide_dtype(model)
+        if self.wide is None:
             return
         try:
-            fp32_model = copy.deepcopy(model).float()
+            wide_model = copy.deepcopy(model).to(self.wide)
             with torch.no_grad():
                 for (a, kw), ref in zip(input_sets, references):
-                    a32, kw32 = pytree.tree_map(_to_fp32, (a, kw))
-                    out = _leaves(fp32_model(*a32, **kw32))
+                    a_w, kw_w = pytree.tree_map(self._widen, (a, kw))
+                    out = _leaves(wide_model(*a_w, **kw_w))
                     ref_leaves = _leaves(ref)
                     if len(out) != len(ref_leaves):
                         self.outputs, self.model_errors = [], []
                         return
-                    self.outputs.append([o if _is_reduced(r) else None for o, r in zip(out, ref_leaves)])
-                    self.model_errors.append([_rel_l2(r, o) if _is_reduced(r) else None
+                    self.outputs.append([o if self._narrower(r) else None for o, r in zip(out, ref_leaves)])
+                    self.model_errors.append([_rel_l2(r, o) if self._narrower(r) else None
                                               for o, r in zip(out, ref_leaves)])
-        except Exception as exc:  # noqa: BLE001 - no fp32 reference: outputs are judged against the model alone
-            log.info("no fp32 reference for the reduced-precision model: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - no wide reference: outputs are judged against the model alone
+            log.info("no %s reference for the model: %s", self.wide, exc)
             self.outputs, self.model_errors = [], []
 
     @property
     def available(self) -> bool:
         return bool(self.outputs)
 
+    def _narrower(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype in JUDGED_WIDER.get(self.wide, ())
+
+    def _widen(self, x: Any) -> Any:
+        return x.to(self.wide) if self._narrower(x) else x
+
     def rejudge(self, input_index: int, candidate: Any, errors: list[OutputError]) -> None:
-        """Pass each failing reduced-precision output of ``candidate`` that is as accurate as the model vs fp32."""
+        """Pass each failing output of ``candidate`` that is as accurate as the model against the wide run."""
         leaves = _leaves(candidate)
+        name = _SHORT.get(self.wide, str(self.wide))
         for e in errors:
             if e.ok or e.index < 0 or e.index >= len(leaves):
                 continue
-            fp32 = self.outputs[input_index][e.index]
+            wide = self.outputs[input_index][e.index]
             own = self.model_errors[input_index][e.index]
-            if fp32 is None or own is None or not isinstance(leaves[e.index], torch.Tensor):
+            if wide is None or own is None or not isinstance(leaves[e.index], torch.Tensor):
                 continue
-            rel = _rel_l2(leaves[e.index], fp32)
-            e.fp32_rel_l2, e.model_fp32_rel_l2 = rel, own
-            allowed = max(REL_L2_TOLERANCE.get(fp32.dtype, 1e-5), FP32_MATCH_MARGIN * own)
+            rel = _rel_l2(leaves[e.index], wide)
+            e.fp32_rel_l2, e.model_fp32_rel_l2, e.wide = rel, own, name
+            allowed = max(REL_L2_TOLERANCE.get(wide.dtype, 1e-5), FP32_MATCH_MARGIN * own)
             if rel <= allowed:
                 e.ok, e.reason = True, ""
             else:
-                e.reason += f"; against fp32 {rel:.2e} > {FP32_MATCH_MARGIN:g} x the model's own {own:.2e}"
+                e.reason += f"; against {name} {rel:.2e} > {FP32_MATCH_MARGIN:g} x the model's own {own:.2e}"
 
 
-def _is_reduced(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in REDUCED_FLOATS
+#: the output dtypes judged again against a run at each wide dtype
+JUDGED_WIDER = {torch.float32: REDUCED_FLOATS, torch.float64: (torch.float32,)}
+_SHORT = {torch.float32: "fp32", torch.float64: "fp64"}
+
+#: an fp32 model whose fp64 copy would take more than this (half as many bytes of fp32 weights) gets no fp64 reference
+WIDE_REFERENCE_MAX_BYTES = 2**30
 
 
-def _holds_reduced_floats(model: Any) -> bool:
+def _wide_dtype(model: Any) -> torch.dtype | None:
+    """fp32 for a model holding bf16/fp16 floats, fp64 for a small enough fp32 one, else None."""
     if not isinstance(model, torch.nn.Module):
-        return False
+        return None
     tensors = list(model.parameters()) + list(model.buffers())
-    return any(t.dtype in REDUCED_FLOATS for t in tensors)
-
-
-def _to_fp32(x: Any) -> Any:
-    return x.float() if _is_reduced(x) else x
+    if any(t.dtype in REDUCED_FLOATS for t in tensors):
+        return torch.float32
+    if sum(t.numel() * t.element_size() for t in tensors) <= WIDE_REFERENCE_MAX_BYTES // 2:
+        return torch.float64
+    return None
 
 
 def _rel_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -429,8 +354,9 @@ class Verifier:
     The reference is computed once from ``reference_fn`` (the user's model) on
     the example inputs and ``n_random`` fresh random input sets, or on the
     caller's ``input_sets`` (``(args, kwargs)`` pairs) instead of random ones:
-    inputs with structure random draws would miss (a decode step's KV cache
-    and positions, a recommender's offsets). For a model
+    inputs with structure no rule of :mod:`graphopt.fresh_inputs` captures (a
+    decode step's KV cache and positions). ``sources`` and ``rules`` say which
+    sets were used (:meth:`describe`). For a model
     that runs in bf16/fp16, an exact rewrite's reduced-precision outputs that
     miss their tolerance are judged again against an fp32 run of the model
     (:class:`Fp32Reference`, made on first need).
@@ -451,13 +377,21 @@ class Verifier:
         # the module's placeholders follow the flattened inputs, one per leaf
         specs = input_specs(gm, leaves)
         self.input_sets: list[tuple[tuple, dict]] = [(self.args, self.kwargs)]
+        #: where each input set came from: "example", "rule-drawn" (fresh, by the graph's rules), "user-given"
+        self.sources: list[str] = ["example"]
+        #: the structural rule each rule-drawn input followed, by input name (see graphopt.fresh_inputs)
+        self.rules: dict[str, str] = {}
         if input_sets is not None:  # the caller's own inputs replace the random ones
             self.input_sets += [(tuple(a), dict(kw or {})) for a, kw in input_sets]
+            self.sources += ["user-given"] * (len(self.input_sets) - 1)
             n_random = 0
+        elif n_random:
+            self.rules = describe_rules(gm, specs)
         for k in range(n_random):
             fresh = random_inputs(specs, leaves, seed + 1 + k)
             a, kw = pytree.tree_unflatten(fresh, self._spec)
             self.input_sets.append((tuple(a), dict(kw)))
+            self.sources.append("rule-drawn")
         # every run starts from the user's buffers and inputs (a forward may mutate them) and leaves them so
         self._state = TensorSnapshot(reference_fn, self.input_sets)
         with torch.no_grad():
@@ -465,8 +399,12 @@ class Verifier:
         self._reference_fn = reference_fn
         self._fp32: Fp32Reference | None = None
 
+    def describe(self) -> dict[str, Any]:
+        """Which input sets verification uses: ``{"sets": [source, ...], "rules": {input: rule}}``."""
+        return {"sets": list(self.sources), "rules": dict(self.rules)}
+
     def fp32_reference(self) -> Fp32Reference:
-        """The fp32 run of a reduced-precision model (empty for anything else), made once."""
+        """The wider run of the model (fp32 for bf16/fp16, fp64 for fp32; empty where none), made once."""
         if self._fp32 is None:
             self._fp32 = Fp32Reference(self._reference_fn, self.input_sets, self.references)
             self._state.restore()  # its fp32 runs share the float32 input tensors
@@ -479,7 +417,7 @@ class Verifier:
                 for i, ((a, kw), ref) in enumerate(zip(self.input_sets, self.references)):
                     out = self._run(candidate_fn, a, kw)
                     errors = compare_outputs(ref, out, budget)
-                    if budget is None and any(not e.ok and e.dtype in _REDUCED_NAMES for e in errors) \
+                    if budget is None and any(not e.ok and e.dtype in _JUDGED_NAMES for e in errors) \
                             and self.fp32_reference().available:
                         self.fp32_reference().rejudge(i, out, errors)
                     per_input.append(errors)
@@ -496,4 +434,4 @@ class Verifier:
             self._state.restore()
 
 
-_REDUCED_NAMES = {str(d) for d in REDUCED_FLOATS}
+_JUDGED_NAMES = {str(d) for d in REDUCED_FLOATS + (torch.float32,)}

@@ -1,4 +1,5 @@
-"""bf16/fp16 models: a rewrite as accurate as the model (against fp32) is not rolled back for missing 1e-2."""
+"""bf16/fp16 models: a rewrite as accurate as the model (against fp32) is not rolled back for missing 1e-2;
+fp32 models are judged against fp64 the same way."""
 
 from __future__ import annotations
 
@@ -58,10 +59,11 @@ def test_a_rewrite_less_accurate_than_the_model_still_fails():
     assert "against fp32" in numerics.reason and f"{FP32_MATCH_MARGIN:g} x the model's own" in numerics.reason
 
 
-def test_fp32_models_are_judged_as_before():
+def test_fp32_models_are_judged_against_fp64_and_a_wrong_rewrite_still_fails():
     _, fp32 = _bf16_model_and_fp32_twin()
     x = torch.randn(2, 16, 64)
     verifier = Verifier(fp32, (x,), None)
     numerics = verifier.check(lambda x: fp32(x) * (1 + 1e-3))
-    assert not numerics.ok and "relative L2" in numerics.reason
-    assert not verifier.fp32_reference().available
+    assert not numerics.ok and "relative L2" in numerics.reason and "against fp64" in numerics.reason
+    assert verifier.fp32_reference().available and verifier.fp32_reference().wide == torch.float64
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())  # the user's model is not cast

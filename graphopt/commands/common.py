@@ -28,7 +28,7 @@ def add_spec_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "spec",
         help="the model: a .pt2 file, 'package.module:factory', 'file.py:factory', "
-        "'hf:<model_type>?key=value&seq=N' (random weights) or 'examples:<nanogpt|cnn|mlp>'",
+        "'hf:<model_type>?key=value&seq=N' (random weights) or 'examples:<nanogpt|cnn|mlp|dlrm>'",
     )
 
 

@@ -27,7 +27,8 @@ from graphopt.onnx.result import OnnxExport, OnnxExportError
 from graphopt.onnx.speed import make_session, session_options
 from graphopt.onnx.torch_run import as_tuple, inference, to_numpy
 from graphopt.user_state import TensorSnapshot
-from graphopt.verify import ErrorBudget, InputSpec, Numerics, compare_outputs, input_specs, random_inputs, summarize
+from graphopt.fresh_inputs import InputSpec, input_specs, random_inputs
+from graphopt.verify import ErrorBudget, Numerics, compare_outputs, summarize
 
 #: relative L2 allowed between onnxruntime's and torch's outputs, by output dtype
 ONNX_REL_L2_TOLERANCE: dict[torch.dtype, float] = {
