@@ -359,8 +359,9 @@ class BlockedOperators(Pass):
                                 str, ",".join(KINDS), check=_unknown_kinds),
         "measure_peak": Option("measure the real peak memory before and after (default: when a budget is set)",
                                bool),
-        "measure_memory": Option("what the budget check measures: 'allocator' (torch's allocation events) or 'rss' "
-                                 "(the process' peak resident set)", str, None, MEASURE_SOURCES),
+        "measure_memory": Option("what the budget check measures: 'allocator' (torch's allocation events), 'rss' "
+                                 "(this process' peak resident set) or 'subprocess' (a fresh process's)",
+                                 str, None, MEASURE_SOURCES),
         "blocked_leaf_bytes": Option("attention biases/masks larger than this are recomputed per query block "
                                      "instead of kept whole, when their producers allow (bytes, default 1 MiB "
                                      "or budget/32)", int),

@@ -5,8 +5,10 @@ blocked operator's working memory). What a call really takes can be more:
 kernels' own temporaries, the allocator's rounding and caching. So with a
 budget, the pass measures the planned graph on the example inputs
 (:func:`graphopt.target.measure_peak`, source chosen by the
-``measure_memory`` option: ``"allocator"``, torch's allocation events, or
-``"rss"``, the process' peak resident set) and, while the measured peak is
+``measure_memory`` option: ``"allocator"``, torch's allocation events;
+``"rss"``, this process' peak resident set; ``"subprocess"``, the peak
+resident set of a fresh process that loads the planned graph as a saved
+program, :mod:`graphopt.target.fresh_process_peak`) and, while the measured peak is
 over the budget, plans again for a budget scaled down by measured/budget
 (at most :data:`MAX_TIGHTENINGS` times). A plan still over the budget is not
 returned: :class:`MeasuredOverBudget` (a :class:`BudgetError`) names the
@@ -28,7 +30,8 @@ from typing import Any
 import torch.fx as fx
 
 from graphopt.errors import BadInput
-from graphopt.target import measure_peak
+from graphopt.target import MeasuredPeak, measure_peak
+from graphopt.target.fresh_process_peak import measure_peak_in_fresh_process
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ __all__ = ["BudgetError", "MeasuredOverBudget", "MAX_TIGHTENINGS", "MEASURE_SOUR
 #: how many times a plan over its budget (as measured) is re-planned tighter before the pass gives up
 MAX_TIGHTENINGS = 3
 #: what ``measure_memory`` may name (see :func:`graphopt.target.measure_peak`)
-MEASURE_SOURCES = ("allocator", "rss")
+MEASURE_SOURCES = ("allocator", "rss", "subprocess")
 #: a re-plan aims this far under the measured shortfall (room for the measurement's own noise)
 _TIGHTEN_MARGIN = 0.95
 
@@ -109,6 +112,12 @@ class PromiseCheck:
                 "planned_target_after": last[0], "tightenings": max(len(self.trials) - 1, 0)}
 
 
+def _measure(module: fx.GraphModule, args: tuple, kwargs: dict, source: str) -> MeasuredPeak:
+    if source == "subprocess":
+        return measure_peak_in_fresh_process(module, args, kwargs)
+    return measure_peak(module, args, kwargs, source=source)
+
+
 def keep_promise(eager: fx.GraphModule, plan: Any, budget: int | None, args: tuple, kwargs: dict,
                  replan: Callable[[int], Any], source: str = "allocator") -> tuple[Any, PromiseCheck]:
     """Measure ``plan`` (or ``eager`` when it blocks nothing) and re-plan tighter while over ``budget``.
@@ -121,13 +130,13 @@ def keep_promise(eager: fx.GraphModule, plan: Any, budget: int | None, args: tup
     """
     check = PromiseCheck()
     eager.recompile()  # the planner functionalized in-place ops of the graph
-    first = measure_peak(eager, args, kwargs, source=source)
+    first = _measure(eager, args, kwargs, source)
     check.before, check.method = first.bytes, first.method
     planning = budget
     for attempt in range(MAX_TIGHTENINGS + 1):
         module = plan.module if plan.module is not None else eager
         module.recompile()
-        measured = first if plan.module is None else measure_peak(module, args, kwargs, source=source)
+        measured = first if plan.module is None else _measure(module, args, kwargs, source)
         predicted = plan.profile.peak_bytes if plan.profile is not None else 0
         check.trials.append((planning or 0, predicted, measured.bytes))
         if budget is None or measured.bytes is None or measured.bytes <= budget:

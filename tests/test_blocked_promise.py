@@ -97,3 +97,13 @@ def test_measure_memory_takes_only_known_sources():
     model, args, budget = _model_and_budget()
     with pytest.raises(graphopt.errors.OptionError, match="measure_memory"):
         graphopt.optimize(model, args, memory_budget=budget, measure_memory="vibes")
+
+
+def test_measure_memory_subprocess_measures_a_fresh_process():
+    model, args, budget = _model_and_budget()
+    result = graphopt.optimize(model, args, memory_budget=budget, measure_memory="subprocess")
+    summary = result.report.extra["blocked"]
+    assert summary["measure_method"].startswith("fresh process"), summary
+    assert summary["measured_peak_before"] is not None and summary["measured_peak_before"] > budget, summary
+    assert summary["measured_peak_after"] is not None and summary["measured_peak_after"] <= budget, summary
+    assert result.report.final_numerics.ok
