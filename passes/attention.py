@@ -105,6 +105,8 @@ def sdpa_decline(site: AttentionSite, leave_learned: bool = False) -> str | None
     """
     if site.declined is not None and site.declined != site.weights_declined:
         return site.declined  # the walk back through the scores
+    if site.soft_cap is not None:
+        return f"tanh soft-cap (cap {site.soft_cap}): SDPA cannot apply it"
     for term in site.mask_terms:
         if term.kind != "additive" or term.applied_by.target not in ADD_OPS:
             continue

@@ -2,7 +2,8 @@
 
 Rewrites (each site only where the planner chooses it):
     matmul(q, k^T) * s + bias (+ ...) [masked] -> softmax -> matmul v
-        -> graphopt.blocked_attention(q, k, v, bias, mask, fill, s, q_block, kv_block)
+        -> graphopt.blocked_attention(q, k, v, bias, mask, fill, s, q_block, kv_block[, softcap])
+           (a tanh soft-cap ``c * tanh(s / c)`` after the scale, Gemma 2, is the op's ``softcap``)
            (a large bias recomputable from small inputs -- T5's relative-position
            bias, a (T, T) mask -- is recomputed per query block instead:
            per block: bias rows -> blocked_attention; then cat)

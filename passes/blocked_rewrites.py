@@ -107,7 +107,7 @@ def _nbytes(node: fx.Node) -> int:
 def _rewrite_attention(gm: fx.GraphModule, site: AttentionSite, cfg: BlockConfig, b: NodeBuilder,
                        slicer: RowSlicer) -> fx.Node:
     q_block, kv_block = cfg.sizes
-    tq = site.tq
+    tq, softcap = site.tq, float(site.soft_cap or 0.0)
     q, v, mask_node = site.q_operand, site.v_operand, site.fill_mask
     k = site.k_source if site.k_source is not None else b.call(aten.transpose.int, site.k_t_operand, -2, -1)
     plan = bias_plan(site, slicer)
@@ -127,7 +127,7 @@ def _rewrite_attention(gm: fx.GraphModule, site: AttentionSite, cfg: BlockConfig
         if mask is not None and site.mask_invert:
             mask = b.call(aten.logical_not.default, mask)
         return b.call(graphopt_ops.blocked_attention.default, q, k, v, bias, mask,
-                      float(site.mask_value), float(site.score_scale), q_block, kv_block)
+                      float(site.mask_value), float(site.score_scale), q_block, kv_block, softcap)
     q_axis = len(ir.shape_of(q)) - 2
     outs = []
     for i0, i1 in spans(tq, q_block):
@@ -150,7 +150,7 @@ def _rewrite_attention(gm: fx.GraphModule, site: AttentionSite, cfg: BlockConfig
         if mask is not None and site.mask_invert:
             mask = b.call(aten.logical_not.default, mask)
         outs.append(b.call(graphopt_ops.blocked_attention.default, q_rows, k, v, bias, mask,
-                           float(site.mask_value), float(site.score_scale), i1 - i0, kv_block))
+                           float(site.mask_value), float(site.score_scale), i1 - i0, kv_block, softcap))
     out_rank = len(ir.shape_of(site.output))
     return b.call(aten.cat.default, outs, out_rank - 2) if len(outs) > 1 else outs[0]
 

@@ -93,3 +93,24 @@ def test_gemma2_soft_cap_named_in_the_report_and_the_viewer(tmp_path):
     assert "tanh soft-cap (cap 50.0): SDPA cannot apply it" in str(result.report)
     path = graphopt.visualize(result, tmp_path / "gemma2.html")
     assert "tanh soft-cap (cap 50.0): SDPA cannot apply it" in Path(path).read_text()
+
+
+def test_gemma2_soft_capped_attention_runs_blocked_under_a_memory_budget():
+    """The blocked operator takes the soft-cap SDPA cannot: with a budget Gemma 2's attention is blocked
+    (softcap 50.0 on the op) and matches eager on fresh inputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                       use_cache=False, attn_logit_softcapping=50.0, final_logit_softcapping=None,
+                                       attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 256))
+    result = graphopt.optimize(model, (ids,), memory_budget="1MiB")
+    blocked = [n for n in result.module.graph.nodes if n.target is torch.ops.graphopt.blocked_attention.default]
+    assert len(blocked) == 2 and all(n.args[9] == 50.0 for n in blocked), blocked
+    fresh = torch.randint(0, 128, (2, 256))
+    with torch.no_grad():
+        want, got = model(fresh).logits, result.module(fresh).logits
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert result.report.extra["blocked"]["measured_peak_after"] <= 2**20

@@ -65,8 +65,10 @@ def test_blocked_linear_low_precision_accumulates_in_fp32():
 
 # ---------------------------------------------------------------- attention
 
-def reference_attention(q, k, v, bias=None, mask=None, mask_value=-math.inf, scale=1.0):
+def reference_attention(q, k, v, bias=None, mask=None, mask_value=-math.inf, scale=1.0, softcap=0.0):
     s = (q @ k.transpose(-2, -1)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias
     if mask is not None:
@@ -87,6 +89,17 @@ def test_blocked_attention_full_bias(q_block, kv_block):
     bias = torch.randn(1, 3, 13, 11, generator=torch.Generator().manual_seed(5))
     out = ops.blocked_attention(q, k, v, bias, None, -math.inf, 0.3, q_block, kv_block)
     assert rel_l2(out, reference_attention(q, k, v, bias, scale=0.3)) <= 1e-5
+
+
+@pytest.mark.parametrize("kv_block", [1, 4, 0])
+def test_blocked_attention_soft_cap(kv_block):
+    """Gemma 2's cap * tanh(scores / cap) after the scale, before the mask: in one softmax and online."""
+    q, k, v = (t * 4 for t in _qkv())  # scores large enough that the cap bends them
+    causal = torch.ones(13, 11, dtype=torch.bool).triu(1)
+    ref = reference_attention(q, k, v, None, causal, scale=0.5, softcap=5.0)
+    out = ops.blocked_attention(q, k, v, None, causal, -math.inf, 0.5, 4, kv_block, 5.0)
+    assert rel_l2(out, ref) <= 1e-5
+    assert rel_l2(out, reference_attention(q, k, v, None, causal, scale=0.5)) > 1e-2  # the cap matters here
 
 
 @pytest.mark.parametrize("kv_block", [1, 4, 0])
@@ -194,6 +207,7 @@ def test_opcheck_every_operator():
         (ops.blocked_linear.default, (x, w, torch.randn(6), 2, 4, 3)),
         (ops.blocked_attention.default, (q, k, v, torch.randn(1, 2, 5, 6), None, -math.inf, 0.5, 2, 4)),
         (ops.blocked_attention.default, (q, k, v, None, torch.rand(5, 6) > 0.5, -1e9, 1.0, 3, 0)),
+        (ops.blocked_attention.default, (q, k, v, None, None, -math.inf, 0.5, 2, 3, 30.0)),
         (ops.chunked_ffn.default, (x, torch.randn(16, 8), None, torch.randn(16, 8), None, torch.randn(8, 16), None,
                                    "silu", 4)),
         (ops.chunked_lm_head_gather.default, (x, w, None, torch.randint(0, 6, (3, 5, 1)), "log_softmax", False, 2)),

@@ -1,9 +1,10 @@
 """``graphopt::blocked_attention``: attention with an arbitrary bias in O(T x block) memory.
 
-``blocked_attention(q, k, v, bias, mask, mask_value, scale, q_block, kv_block)``
+``blocked_attention(q, k, v, bias, mask, mask_value, scale, q_block, kv_block, softcap=0.0)``
 equals, for ``q: (..., Tq, D)``, ``k: (..., Tk, D)``, ``v: (..., Tk, Dv)``::
 
     s = (q @ k.transpose(-2, -1)) * scale
+    s = softcap * tanh(s / softcap)       # if softcap > 0 (Gemma 2's attn_logit_softcapping)
     s = s + bias                          # if bias is given (broadcast to (..., Tq, Tk))
     s = s.masked_fill(mask, mask_value)   # if mask is given (bool, True = filled)
     softmax(s, -1) @ v
@@ -51,12 +52,14 @@ def _tile(t: Tensor | None, rows: tuple[int, int], cols: tuple[int, int]) -> Ten
 
 
 def _scores(q_blk: Tensor, k_blk: Tensor, bias: Tensor | None, mask: Tensor | None, mask_value: float,
-            scale: float, dtype: torch.dtype) -> Tensor:
+            scale: float, dtype: torch.dtype, softcap: float = 0.0) -> Tensor:
     s = torch.matmul(q_blk, k_blk.transpose(-2, -1))
     if s.dtype != dtype:
         s = s.to(dtype)
     if scale != 1.0:
         s.mul_(scale)
+    if softcap > 0:
+        s.div_(softcap).tanh_().mul_(softcap)
     if bias is not None:
         s = s + bias if s.shape != torch.broadcast_shapes(s.shape, bias.shape) else s.add_(bias)
     if mask is not None:
@@ -79,8 +82,8 @@ def _batch_shape(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Ten
 
 @torch.library.custom_op("graphopt::blocked_attention", mutates_args=())
 def blocked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
-                      mask_value: float, scale: float, q_block: int, kv_block: int) -> Tensor:
-    """softmax(q k^T * scale + bias, masked) v, ``q_block`` queries x ``kv_block`` keys at a time."""
+                      mask_value: float, scale: float, q_block: int, kv_block: int, softcap: float = 0.0) -> Tensor:
+    """softmax(softcap(q k^T * scale) + bias, masked) v, ``q_block`` queries x ``kv_block`` keys at a time."""
     tq, tk = q.shape[-2], k.shape[-2]
     bias, mask = _at_least_2d(bias), _at_least_2d(mask)
     batch = _batch_shape(q, k, v, bias, mask)
@@ -95,7 +98,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask
         q_blk = q[..., i0:i1, :]
         if single_kv:
             s = _scores(q_blk, k, _tile(bias, (i0, i1), (0, tk)), _tile(mask, (i0, i1), (0, tk)),
-                        mask_value, scale, work)
+                        mask_value, scale, work, softcap)
             p = torch.softmax(s, dim=-1)
             del s
             out[..., i0:i1, :] = torch.matmul(p.to(v.dtype), v)
@@ -105,7 +108,7 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask
         acc = torch.zeros((*batch, i1 - i0, v.shape[-1]), dtype=work, device=q.device)
         for j0, j1 in spans(tk, kv_block):
             s = _scores(q_blk, k[..., j0:j1, :], _tile(bias, (i0, i1), (j0, j1)), _tile(mask, (i0, i1), (j0, j1)),
-                        mask_value, scale, work)
+                        mask_value, scale, work, softcap)
             new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
             # rows with every key so far at -inf: subtract 0 instead of -inf (no NaN from -inf - -inf)
             safe_max = torch.where(torch.isinf(new_max) & (new_max < 0), torch.zeros_like(new_max), new_max)
@@ -122,7 +125,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask
 
 @blocked_attention.register_fake
 def _blocked_attention_fake(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
-                            mask_value: float, scale: float, q_block: int, kv_block: int) -> Tensor:
+                            mask_value: float, scale: float, q_block: int, kv_block: int,
+                            softcap: float = 0.0) -> Tensor:
     batch = _batch_shape(q, k, v, _at_least_2d(bias), _at_least_2d(mask))
     return v.new_empty(*batch, q.shape[-2], v.shape[-1])
 
@@ -143,12 +147,14 @@ def attention_workspace_bytes(batch_heads: int, tq: int, tk: int, dv: int, q_blo
 # ---------------------------------------------------------------- ONNX (unblocked)
 
 def _blocked_attention_onnx(q, k, v, bias=None, mask=None, mask_value: float = -math.inf, scale: float = 1.0,
-                            q_block: int = 0, kv_block: int = 0):
+                            q_block: int = 0, kv_block: int = 0, softcap: float = 0.0):
     from onnxscript import opset18 as op  # lazy: only an ONNX export loads onnxscript (start-up speed)
 
     s = op.MatMul(q, onnx_transpose_last2(op, k))
     if scale != 1.0:
         s = op.Mul(s, op.CastLike(scale, s))
+    if softcap > 0:
+        s = op.Mul(op.Tanh(op.Div(s, op.CastLike(softcap, s))), op.CastLike(softcap, s))
     if bias is not None:
         s = op.Add(s, op.CastLike(bias, s))
     if mask is not None:

@@ -5,7 +5,8 @@ as written: ``matmul(q, k^T) * scale + bias (+ ...) [masked] -> softmax ->
 matmul v``, with casts between Q @ K^T and the softmax and casts / eval
 dropout between the softmax and V. Any number of additive biases (T5's
 relative-position bias, ALiBi, additive masks, learned or not), one
-``masked_fill`` / ``where`` mask, the scale applied first.
+``masked_fill`` / ``where`` mask, the scale applied first, and a tanh
+soft-cap ``c * tanh(s / c)`` after the scale and before the bias and mask (Gemma 2).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.fx as fx
 from graphopt import ir
 from graphopt.opsets import SOFTMAX, is_float_cast, is_passthrough
 from graphopt.passes.analysis.sites import AttentionSite
-from graphopt.passes.analysis.sites.attention_walk import ADDITIVE, FILL, PASS, SCALE
+from graphopt.passes.analysis.sites.attention_walk import ADDITIVE, FILL, PASS, SCALE, SOFTCAP
 from graphopt.pattern import Decline
 
 aten = torch.ops.aten
@@ -69,6 +70,8 @@ def _between(node: fx.Node) -> Decline:
 
 def _check_step(gm: fx.GraphModule, node: fx.Node, role: str, data: fx.Node) -> float | None:
     """Decline a score step the operator cannot express; return the fill value of a mask step."""
+    if role == SOFTCAP:  # the walk checked it: c * tanh(s / c) after the scale, nothing added inside
+        return None
     if role == PASS and not is_float_cast(node) or role not in (PASS, ADDITIVE, SCALE, FILL):
         raise _between(node)
     if role == ADDITIVE:

@@ -99,6 +99,8 @@ class AttentionSite:
     weights_chain: list[fx.Node] = field(default_factory=list)
     weights_end: fx.Node | None = None
     score_scale: float = 1.0
+    #: the cap of a tanh soft-cap ``c * tanh(s / c)`` applied after the scale (Gemma 2); None: none
+    soft_cap: float | None = None
     mask_terms: list[MaskTerm] = field(default_factory=list)
     weights_declined: str | None = None
     layout_declined: str | None = None
@@ -268,8 +270,8 @@ def _site_for(softmax: fx.Node, consts: Constants) -> AttentionSite:
     if isinstance(scores, Decline):
         site.declined = scores.reason
         return site
-    site.scores, site.score_steps, site.score_scale, site.mask_terms = \
-        scores.product, scores.steps, scores.scale, scores.terms
+    site.scores, site.score_steps, site.score_scale, site.mask_terms, site.soft_cap = \
+        scores.product, scores.steps, scores.scale, scores.terms, scores.softcap
     if site.weights_declined is not None:
         site.declined = site.weights_declined
         return site

@@ -17,6 +17,7 @@ what no consumer can take, naming it: an elementwise op of the scores
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ aten = torch.ops.aten
 
 #: what a node between Q @ K^T and the softmax does to the scores
 PASS, RESHAPE, SCALE, ADDITIVE, FILL = "pass", "reshape", "scale", "additive", "fill"
+#: the nodes of a tanh soft-cap ``c * tanh(scores / c)`` (Gemma 2): the outer ``* c``, the ``tanh``, the ``/ c``
+SOFTCAP = "softcap"
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Scores:
     steps: list[ScoreStep]
     scale: float
     terms: list[MaskTerm]
+    #: the cap ``c`` of a tanh soft-cap applied after the scale (None: no soft-cap)
+    softcap: float | None = None
 
 
 @dataclass
@@ -134,6 +139,8 @@ class _ScoreWalk:
         self.terms: list[MaskTerm] = []
         self.scale = 1.0
         self.outer = 1.0  # product of the scales met so far: they apply to the terms met next
+        self.softcap: float | None = None
+        self.cap_inner: fx.Node | None = None  # the soft-cap's ``/ c``, once its tanh is met
 
     def product(self, cur: fx.Node) -> Scores:
         if cur.target == aten.baddbmm.default:
@@ -144,7 +151,7 @@ class _ScoreWalk:
                                            applied_by=cur, written=cur.args[0],
                                            learned=self.consts.learned(cur.args[0])))
             self.scale *= alpha
-        return Scores(cur, self.steps, self.scale, self.terms)
+        return Scores(cur, self.steps, self.scale, self.terms, self.softcap)
 
     def scale_step(self, cur: fx.Node) -> Any:
         a, b = cur.args[0], cur.args[1]
@@ -163,8 +170,24 @@ class _ScoreWalk:
         self.outer *= c
         return data
 
+    def softcap_step(self, tanh: fx.Node) -> Any:
+        """``c * tanh(x / c)``: the ``* c`` met already (the only scale so far) becomes part of it; returns ``x / c``."""
+        cap = soft_cap(tanh, self.consts)
+        scales = [s for s in self.steps if s.role == SCALE]
+        if cap is None or self.softcap is not None or len(scales) != 1 or not math.isclose(self.scale, cap):
+            raise _unary_decline(tanh, self.consts)
+        inner = tanh.args[0]
+        if not leads_to_product(inner.args[0], self.consts) or len(value_users(inner)) != 1:
+            raise _unary_decline(tanh, self.consts)
+        scales[0].role = SOFTCAP
+        self.steps.append(ScoreStep(tanh, SOFTCAP))
+        self.softcap, self.scale, self.outer, self.cap_inner = cap, 1.0, 1.0, inner
+        return inner  # the ``/ c``: the next step, recorded as part of the soft-cap
+
     def additive_step(self, cur: fx.Node) -> Any:
         t, (a, b) = cur.target, cur.args[:2]
+        if self.softcap is not None:
+            raise Decline(f"{cur.name} adds to the scores inside the tanh soft-cap")
         alpha = float(cur.kwargs.get("alpha", 1))
         a_scores, b_scores = leads_to_product(a, self.consts), leads_to_product(b, self.consts)
         if a_scores and b_scores:
@@ -183,6 +206,8 @@ class _ScoreWalk:
         return data
 
     def fill_step(self, cur: fx.Node) -> Any:
+        if self.softcap is not None:
+            raise Decline(f"{cur.name} masks the scores inside the tanh soft-cap")
         if cur.target in MASKED_FILL_OPS:
             data, cond, fill_arg, fill_where = cur.args[0], cur.args[1], cur.args[2], True
         else:
@@ -206,11 +231,16 @@ class _ScoreWalk:
     def step(self, cur: fx.Node) -> Any:
         """Record ``cur`` (a node between the product and the softmax); return the node before it."""
         t = cur.target
+        if cur is self.cap_inner:
+            self.steps.append(ScoreStep(cur, SOFTCAP))
+            return cur.args[0]
         if is_active_dropout(cur):
             raise Decline("dropout on the scores is active (training mode)")
         if is_identity(cur) or is_leading_reshape(cur):
             self.steps.append(ScoreStep(cur, PASS if is_identity(cur) else RESHAPE))
             return cur.args[0]
+        if t == aten.tanh.default:
+            return self.softcap_step(cur)
         if t in UNARY_SCORE_OPS:
             raise _unary_decline(cur, self.consts)
         roles = ((SCALE_OPS, SCALE, self.scale_step), (ADD_OPS, ADDITIVE, self.additive_step),
