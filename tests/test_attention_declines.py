@@ -114,3 +114,19 @@ def test_gemma2_soft_capped_attention_runs_blocked_under_a_memory_budget():
         want, got = model(fresh).logits, result.module(fresh).logits
     assert float((got - want).norm() / want.norm()) <= 1e-5
     assert result.report.extra["blocked"]["measured_peak_after"] <= 2**20
+
+
+def test_a_bias_between_the_tanh_and_its_cap_is_declined_not_blocked_wrong():
+    """(tanh(s / c) + b) * c scales the bias by c: the blocked operator (bias after the cap) cannot take it."""
+    class BiasInsideTheCap(torch.nn.Module):
+        def forward(self, q, k, v, b):
+            s = q @ k.transpose(-2, -1) * 0.25
+            return torch.softmax((torch.tanh(s / 5.0) + b) * 5.0, -1) @ v
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=g) * 4 for _ in range(3))
+    b = torch.randn(1, 2, 64, 64, generator=g)
+    result = graphopt.optimize(BiasInsideTheCap(), (q, k, v, b), block_q=8)
+    record = result.report.record("blocked")
+    assert record.status == "unchanged", record
+    assert [d.reason for d in record.declined] == ["add: a bias or mask between the tanh and its cap"]

@@ -179,6 +179,9 @@ class _ScoreWalk:
         inner = tanh.args[0]
         if not leads_to_product(inner.args[0], self.consts) or len(value_users(inner)) != 1:
             raise _unary_decline(tanh, self.consts)
+        after_cap = self.steps[self.steps.index(scales[0]) + 1:]  # between tanh and its `* c`, walking back
+        if any(step.role in (ADDITIVE, FILL) for step in after_cap):
+            raise Decline(f"{after_cap[0].node.name}: a bias or mask between the tanh and its cap")
         scales[0].role = SOFTCAP
         self.steps.append(ScoreStep(tanh, SOFTCAP))
         self.softcap, self.scale, self.outer, self.cap_inner = cap, 1.0, 1.0, inner
