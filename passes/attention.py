@@ -73,6 +73,7 @@ from graphopt.passes.analysis.sites.attention_causal import causal_reason, keep_
 from graphopt.passes.analysis.sites.attention_masks import MaskTerm, broadcastable
 from graphopt.passes.analysis.sites.attention_ops import ADD_OPS, arg, dtype_of
 from graphopt.passes.blocked import blocked_takes_attention
+from graphopt.passes.cleanup.cse import argument_key
 from graphopt.report import Declined
 
 log = logging.getLogger(__name__)
@@ -277,19 +278,6 @@ def undo_rewrite(gm: fx.GraphModule, site: AttentionSite, out: fx.Node, created:
         replaced.pop(site.output, None)
 
 
-def _hashable(value: Any) -> Any:
-    """``value`` (a node argument) as a dict key: lists as tuples, floats by their bits."""
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_hashable(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((k, _hashable(v)) for k, v in value.items())))
-    if isinstance(value, float):
-        return ("float", value.hex())
-    if isinstance(value, torch.dtype):
-        return str(value)
-    return value
-
-
 def share_masks(gm: fx.GraphModule, created: list[fx.Node]) -> int:
     """Merge the identical mask nodes the rewrites built site by site; returns how many went.
 
@@ -305,7 +293,7 @@ def share_masks(gm: fx.GraphModule, created: list[fx.Node]) -> int:
     for node in list(gm.graph.nodes):
         if node not in mine or node.target == SDPA:
             continue
-        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        key = (node.target, argument_key(node.args), argument_key(node.kwargs))
         first = seen.setdefault(key, node)
         if first is not node:
             node.replace_all_uses_with(first)

@@ -35,13 +35,15 @@ from graphopt.target.fresh_process_peak import measure_peak_in_fresh_process
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BudgetError", "MeasuredOverBudget", "MAX_TIGHTENINGS", "MEASURE_SOURCES", "PromiseCheck",
+__all__ = ["BUDGET_MARGIN", "BudgetError", "MeasuredOverBudget", "MAX_TIGHTENINGS", "MEASURE_SOURCES", "PromiseCheck",
            "keep_promise", "mib"]
 
 #: how many times a plan over its budget (as measured) is re-planned tighter before the pass gives up
 MAX_TIGHTENINGS = 3
 #: what ``measure_memory`` may name (see :func:`graphopt.target.measure_peak`)
 MEASURE_SOURCES = ("allocator", "rss", "subprocess")
+#: plan to this fraction of the budget: the allocator and kernels' own temporaries need room
+BUDGET_MARGIN = 0.9
 #: a re-plan aims this far under the measured shortfall (room for the measurement's own noise)
 _TIGHTEN_MARGIN = 0.95
 
@@ -63,16 +65,13 @@ class BudgetError(BadInput, ValueError):
     the pass back, so ``optimize()`` raises it.
     """
 
-    #: the planner keeps this fraction of the budget for the allocator (BUDGET_MARGIN in passes.blocked)
-    margin = 0.9
-
     def __init__(self, budget: int, reachable: int, peak_node: str, live: list[tuple[str, int]]) -> None:
         self.budget, self.reachable, self.peak_node, self.live = budget, reachable, peak_node, live
         top = ", ".join(f"{name} {mib(b)}" for name, b in live[:4])
         super().__init__(
             f"memory budget {mib(budget)} cannot be met: the smallest peak reachable by blocking is "
             f"{mib(reachable)} (at node {peak_node}; live there: {top}). Raise the budget to at least "
-            f"{mib(reachable / self.margin)}, or reduce the batch or sequence length."
+            f"{mib(reachable / BUDGET_MARGIN)}, or reduce the batch or sequence length."
         )
 
 

@@ -30,13 +30,16 @@ from graphopt.pass_infra import OptimizeContext, Pass, PassResult
 from graphopt.report import Declined
 
 
-def _key(value: Any, rep: dict[fx.Node, fx.Node]) -> Any:
+def argument_key(value: Any, rep: dict[fx.Node, fx.Node] | None = None) -> Any:
+    """``value`` (a node's target, args or kwargs) as a dict key: nodes by their representative in ``rep``,
+    lists as tuples, floats by their bits (``0.0`` is not ``-0.0``), unhashables by identity."""
+    rep = rep if rep is not None else {}
     if isinstance(value, fx.Node):
         return ("node", rep.get(value, value))
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_key(v, rep) for v in value))
+        return (type(value).__name__, tuple(argument_key(v, rep) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple(sorted((k, _key(v, rep)) for k, v in value.items())))
+        return ("dict", tuple(sorted((k, argument_key(v, rep)) for k, v in value.items())))
     if isinstance(value, float):
         # by hex: 0.0 == -0.0 (x * -0.0 is not x * 0.0: 1/(x*-0.0) is -inf) and NaN != NaN
         return ("float", value.hex())
@@ -78,8 +81,8 @@ class CommonSubexpressionElimination(Pass):
         for node in list(gm.graph.nodes):
             if not _eligible(node, mutated):
                 continue
-            key = (node.op, _key(node.target, rep) if node.op != "call_function" else node.target,
-                   _key(node.args, rep), _key(node.kwargs, rep))
+            key = (node.op, argument_key(node.target, rep) if node.op != "call_function" else node.target,
+                   argument_key(node.args, rep), argument_key(node.kwargs, rep))
             first = seen.get(key)
             if first is None:
                 seen[key] = node
