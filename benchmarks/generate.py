@@ -25,8 +25,8 @@ average is printed with the figures. Prefill ms is the time to the first new
 token; decode is the mean time per later token (a step gives every row one
 token; tokens/s counts all rows). Greedy tokens are compared with ``hf eager
 dynamic``'s. Reduced precision is judged by teacher-forced logits over a
-prompt plus 32 decode steps against the fp32 model (relative L2 and top-1),
-never by free-running text.
+``--prompt``-token prompt plus ``--new`` decode steps (8 rows) against the fp32
+model (relative L2 and top-1), never by free-running text.
 
     python benchmarks/generate.py                          # llama and gpt2, batches 1 and 8
     python benchmarks/generate.py --models llama --batches 1 --write   # figures into RESULTS.md
@@ -125,7 +125,7 @@ def variants(name: str, args: argparse.Namespace, info: dict[str, dict[str, Any]
         except Exception as exc:  # a precision the machine cannot run is a row, not a crash
             info[label] = {"status": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             continue
-        check = check_steps(graphs, eager, steps=32 if not args.tiny else 6)
+        check = check_steps(graphs, eager, steps=args.new, prompt=args.prompt)  # at the lengths timed
         info[label] = {"build_s": round(time.perf_counter() - t0, 1), "teacher_forced_rel_l2": check.rel_l2,
                        "teacher_forced_top1": check.top1,
                        "approximate": list(graphs.decode.approximate + graphs.prefill.approximate),
@@ -161,7 +161,10 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 row["token_agreement"] = float(same.float().mean())
             results[f"{v} b{batch}"] = {**row, **info.get(v, {})}
         print(f"[{name} b{batch}] load average {os.getloadavg()}", file=sys.stderr)
-    return {"results": results, "load_average": os.getloadavg()}
+    failed = {v: i["status"] for v, i in info.items() if "status" in i}
+    for v, status in failed.items():  # a variant that did not build is reported, not silently left out
+        print(f"[{name}] {v} did not build: {status}", file=sys.stderr)
+    return {"results": results, "failed": failed, "load_average": os.getloadavg()}
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -187,6 +190,7 @@ def markdown(data: dict[str, Any]) -> str:
             out.append(f"| {key} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['decode_tokens_per_s']:.1f} | "
                        f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('tokens_equal', '')} | {err} | "
                        f"{r.get('build_s', '')} |")
+        out += [f"| {v} | did not build: {status} |  |  |  |  |  |  |" for v, status in section.get("failed", {}).items()]
         out.append("")
     out.append(end)
     return "\n".join(out)

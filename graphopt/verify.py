@@ -69,7 +69,10 @@ class ErrorBudget:
 
     ``rel_l2``: relative L2 error of each floating output against fp32.
     ``top1``: minimum top-1 agreement (fraction) over the last axis of
-    classifier/LM outputs, or None to skip that check.
+    classifier/LM outputs, or None to skip that check. Agreement is a rate
+    over positions, so a verifier pools it over all its input sets (every
+    row of every set, per output); a set of two rows alone would turn one
+    flip into 50%.
     """
 
     rel_l2: float = 1e-2
@@ -92,6 +95,8 @@ class OutputError:
     top1: float | None = None
     ok: bool = True
     reason: str = ""
+    #: the rows (positions) ``top1`` was taken over; pooled over input sets by :func:`summarize`
+    positions: int = 0
     #: when judged against a wider run of the model (fp32 for bf16/fp16, fp64 for fp32; ``wide`` names it):
     #: this output's relative L2 there, and the model's own
     fp32_rel_l2: float | None = None
@@ -164,18 +169,17 @@ def compare_outputs(
             continue
         max_abs, diff_norm, denom = measured
         rel = diff_norm / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
-        top1 = None
+        top1, positions = None, 0
         if r.ndim >= 2 and r.shape[-1] > 1:
             top1 = float((r.argmax(-1) == c.argmax(-1).to(r.device)).float().mean())
+            positions = r.numel() // r.shape[-1]
         if budget is not None:
             tol = budget.rel_l2
         else:
             tol = REL_L2_TOLERANCE.get(r.dtype, 1e-2)
         ok = rel <= tol or (budget is None and max_abs <= ABS_FLOOR.get(r.dtype, 0.0))
         reason = "" if ok else f"output {i} relative L2 {rel:.2e} > {tol:.0e}"
-        if ok and budget is not None and budget.top1 is not None and top1 is not None and top1 < budget.top1:
-            ok, reason = False, f"output {i} top-1 agreement {top1:.4f} < {budget.top1}"
-        errors.append(OutputError(i, str(r.dtype), max_abs, rel, top1, ok, reason))
+        errors.append(OutputError(i, str(r.dtype), max_abs, rel, top1, ok, reason, positions))
     return errors
 
 
@@ -237,15 +241,36 @@ def _finite_errors(r: torch.Tensor, c: torch.Tensor) -> tuple[float, float, floa
     return max_abs, float(diff.norm()), float(torch.where(finite_ref, rf, torch.zeros_like(rf)).norm())
 
 
-def summarize(per_input: Sequence[list[OutputError]]) -> Numerics:
+def pooled_top1(per_input: Sequence[list[OutputError]]) -> dict[int, tuple[float, int]]:
+    """Per output index: top-1 agreement over every row of every input set, and that row count."""
+    agree: dict[int, float] = {}
+    rows: dict[int, int] = {}
+    for errs in per_input:
+        for e in errs:
+            if e.top1 is not None and e.positions:
+                agree[e.index] = agree.get(e.index, 0.0) + e.top1 * e.positions
+                rows[e.index] = rows.get(e.index, 0) + e.positions
+    return {i: (agree[i] / rows[i], rows[i]) for i in rows}
+
+
+def summarize(per_input: Sequence[list[OutputError]], budget: ErrorBudget | None = None) -> Numerics:
+    """One :class:`Numerics` over all input sets: the worst relative L2 and max-abs of any set, and top-1
+    agreement pooled over the sets' rows (:func:`pooled_top1`), judged against ``budget.top1``."""
     flat = [e for errs in per_input for e in errs]
+    pooled = pooled_top1(per_input)
+    if budget is not None and budget.top1 is not None:
+        for i, (top1, rows) in sorted(pooled.items()):
+            if top1 < budget.top1:
+                first = next(e for e in flat if e.index == i and e.top1 is not None and e.positions)
+                first.ok = False
+                first.reason = first.reason or (f"output {i} top-1 agreement {top1:.4f} < {budget.top1} "
+                                                f"(over {rows} rows of {len(per_input)} input set(s))")
     bad = [e for e in flat if not e.ok]
-    top1s = [e.top1 for e in flat if e.top1 is not None]
     return Numerics(
         ok=not bad,
         max_abs=max((e.max_abs for e in flat), default=0.0),
         rel_l2=max((e.rel_l2 for e in flat), default=0.0),
-        top1=min(top1s) if top1s else None,
+        top1=min(t for t, _ in pooled.values()) if pooled else None,
         inputs_checked=len(per_input),
         reason=bad[0].reason if bad else "",
         outputs=flat,
@@ -424,7 +449,7 @@ class Verifier:
         except Exception as exc:  # a rewritten graph that does not even run
             return Numerics(ok=False, max_abs=math.inf, rel_l2=math.inf, inputs_checked=len(per_input),
                             reason=f"candidate failed to run: {type(exc).__name__}: {exc}".splitlines()[0][:300])
-        return summarize(per_input)
+        return summarize(per_input, budget)
 
     def _run(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         """``fn(*args, **kwargs)``, then the user's buffers and the input sets put back as they were."""

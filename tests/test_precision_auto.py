@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -214,3 +215,48 @@ def test_auto_on_a_gpu_like_target_mixes_fp8_int8_bf16_and_exports(tmp_path):
     assert exported.numerics is not None and exported.numerics.ok, exported.numerics
     if "bf16" in used:  # onnxruntime's CPU provider has no bf16 MatMul: computed in float32 between casts
         assert exported.rewrites.get("bf16_in_float32", 0) >= 1, exported.rewrites
+
+
+class _InModelTimer:
+    """Alone, int8 times fastest; inside the whole graph (the in-model rounds) bf16 does and int8 is slower."""
+
+    def __init__(self) -> None:
+        self.whole_graph_calls = 0
+
+    def __call__(self, fns, **kw):
+        from graphopt.passes.precision.measurements import MODEL_TIMING_ROUNDS
+
+        if set(fns) == {"fp32", "plan"}:
+            return {"fp32": 1.0, "plan": 0.5}
+        if kw.get("rounds") == MODEL_TIMING_ROUNDS:
+            self.whole_graph_calls += 1
+            for fn in fns.values():
+                fn()  # the graphs built for the group run
+            return {k: {"fp32": 1.0, "int8": 1.2, "bf16": 0.8}[k] for k in fns}
+        return {k: {"fp32": 1.0, "int8": 0.5, "bf16": 0.9}[k] for k in fns}
+
+
+def test_auto_timed_in_the_model_follows_the_whole_graph_not_the_op_alone():
+    model, args = _mlp(64, 128, 16)
+    other = ((torch.randn(16, 64),), {})  # what the graph is timed on (this capture is static: same shape)
+    gm, ctx = _ctx(model, args, precision_timing="model", precision_timing_inputs=other)
+    timer = _InModelTimer()
+    res = ReducedPrecision("auto", target=WITH_BF16, timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert res.modified
+    assert timer.whole_graph_calls == 2  # two groups: the 64 -> 128 and the 128 -> 64 linear
+    entries = ctx.report.extra["precision"]
+    assert {e["precision"] for e in entries if "linear" in e["node"]} == {"bf16"}, entries
+    assert all("the whole graph" in e["reason"] for e in entries if "linear" in e["node"])
+    assert any("speed timed in the model" in n for n in res.notes)
+    # timed alone, the same timings pick int8
+    gm, ctx = _ctx(model, args)
+    ReducedPrecision("auto", target=WITH_BF16, timer=_InModelTimer())(ir.copy_graph_module(gm), ctx)
+    assert {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]} == {"int8"}
+
+
+def test_precision_timing_inputs_must_be_args_and_kwargs():
+    from graphopt.errors import OptionError
+
+    model, args = _mlp(16, 32, 4)
+    with pytest.raises(OptionError, match="precision_timing_inputs"):
+        graphopt.optimize(model, args, precision="auto", precision_timing_inputs=(args,))

@@ -58,3 +58,24 @@ def test_huge_finite_values_are_measured_exactly():
     max_abs, rel = _exact(r, c)
     assert math.isfinite(e.rel_l2) and e.rel_l2 == pytest.approx(rel, rel=1e-6)
     assert e.max_abs == pytest.approx(max_abs, rel=1e-6)
+
+
+def test_top1_is_pooled_over_input_sets_not_judged_per_set():
+    """Ten sets of two rows with one flipped row: 19 of 20 agree (0.95); the flipped set alone would be 0.5."""
+    from graphopt.verify import ErrorBudget, summarize
+
+    torch.manual_seed(0)
+    budget = ErrorBudget(rel_l2=10.0, top1=0.95)
+    per_input = []
+    for i in range(10):
+        r = torch.randn(2, 50)
+        c = r.clone()
+        if i == 3:  # swap row 0's top two logits
+            top = r[0].topk(2).indices
+            c[0, top[0]], c[0, top[1]] = r[0, top[1]], r[0, top[0]]
+        per_input.append(compare_outputs(r, c, budget))
+    numerics = summarize(per_input, budget)
+    assert numerics.ok and abs(numerics.top1 - 0.95) < 1e-9, numerics
+    assert min(e.top1 for errs in per_input for e in errs) == 0.5  # the set alone
+    strict = summarize(per_input, ErrorBudget(rel_l2=10.0, top1=0.96))
+    assert not strict.ok and "over 20 rows of 10 input set(s)" in strict.reason, strict.reason

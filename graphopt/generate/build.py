@@ -43,10 +43,18 @@ log = logging.getLogger(__name__)
 EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
 #: ``eos_token_id`` not given: the model's generation config decides (``None`` means none, as in transformers)
 MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "<the model's>"})()
-#: the decode steps the end-to-end check teacher-forces (x 2 rows: top-1 over 34 positions)
-CHECK_STEPS = 16
-#: real decode steps the decode graph's passes are verified on (besides the example step)
+#: the end-to-end check teacher-forces CHECK_STEPS decode steps after a CHECK_PROMPT-token prompt over CHECK_ROWS
+#: rows: top-1 over 8 x 33 = 264 positions (with 34, one flipped position moved top-1 by 3%, so a 0.95 budget was a
+#: coin toss on a plan's luck), at a context of up to 160 tokens, since reduced precision's error grows with the
+#: context (int8 weight-only Llama: rel L2 1.5e-2 at 29 tokens, 2.1e-2 at 253); shorter where the model's length is
+CHECK_STEPS = 32
+CHECK_PROMPT = 128
+CHECK_ROWS = 8
+#: real decode steps the decode graph's passes are verified on, DECODE_ROWS rows each after a DECODE_PROMPT-token
+#: prompt (so at a context of about 200 tokens): the precision search's top-1 is pooled over their 96 rows
 DECODE_STATES = 6
+DECODE_ROWS = 16
+DECODE_PROMPT = 192
 #: the longest prompt + tokens the build's own examples and checks use
 CHECK_LENGTH = 40
 
@@ -59,6 +67,9 @@ class StepCheck:
     top1: float
     steps: int
     dtype: torch.dtype = torch.float32
+    #: the rows teacher-forced (top-1 is over rows x (steps + 1) positions) and their prompt's length
+    rows: int = 0
+    prompt: int = 0
 
     def ok(self, budget: ErrorBudget | None) -> bool:
         """Within ``budget`` (reduced precision), or as exact as the model's dtype allows (``None``).
@@ -73,7 +84,10 @@ class StepCheck:
         return self.rel_l2 <= limit and (budget is None or budget.top1 is None or self.top1 >= budget.top1)
 
     def summary(self) -> str:
-        return f"teacher-forced over prompt + {self.steps} decode steps: rel_l2 {self.rel_l2:.2e}, top1 {self.top1:.3f}"
+        rows = f"{self.rows} rows x " if self.rows else ""
+        prompt = f"{self.prompt}-token prompt" if self.prompt else "prompt"
+        return (f"teacher-forced over {rows}({prompt} + {self.steps} decode steps): rel_l2 {self.rel_l2:.2e}, "
+                f"top1 {self.top1:.3f}")
 
 
 @dataclass
@@ -162,11 +176,16 @@ def _prompt_inputs(model: torch.nn.Module, layout: CacheLayout, batch: int, prom
     return args, {}
 
 
+def _check_prompt(wanted: int, steps: int, cap: int, shortest: int) -> int:
+    """A prompt length for a check of ``steps`` more tokens within ``cap`` positions: ``wanted`` where it fits."""
+    return max(shortest, min(wanted, cap - steps - 1))
+
+
 def _decode_states(step: CausalLMStep, layout: CacheLayout, model: torch.nn.Module, steps: int,
-                   seed: int) -> list[tuple[tuple, dict]]:
-    """The inputs of ``steps`` real greedy decode steps after a left-padded prompt, each a snapshot."""
-    prompt, batch = EXAMPLE_PROMPT + 3, EXAMPLE_BATCH
-    (ids, mask, pos, start, cache), _ = _prompt_inputs(model, layout, batch, prompt, prompt + steps + 1, 1, seed)
+                   seed: int, batch: int, prompt: int = EXAMPLE_PROMPT + 3) -> list[tuple[tuple, dict]]:
+    """The inputs of ``steps`` real greedy decode steps of ``batch`` rows after a left-padded prompt, each a
+    snapshot."""
+    (ids, mask, pos, start, cache), _ = _prompt_inputs(model, layout, batch, prompt, prompt + steps + 1, 2, seed)
     states = []
     with torch.no_grad():
         logits = step(ids, mask, pos, start, cache)
@@ -183,11 +202,11 @@ def _decode_states(step: CausalLMStep, layout: CacheLayout, model: torch.nn.Modu
 
 
 def teacher_forced_logits(prefill: Callable, decode: Callable, layout: CacheLayout, model: torch.nn.Module,
-                          steps: int = CHECK_STEPS, seed: int = 7) -> torch.Tensor:
-    """Last-position logits of a left-padded prompt, then of ``steps`` forced (random) tokens: ``[steps+1, B, V]``."""
-    prompt = EXAMPLE_PROMPT + 5
-    (ids, mask, pos, start, cache), _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, prompt, prompt + steps, 1, seed)
-    forced = torch.randint(0, int(model.config.vocab_size), (steps, EXAMPLE_BATCH, 1),
+                          steps: int = CHECK_STEPS, seed: int = 7, prompt: int = EXAMPLE_PROMPT + 5) -> torch.Tensor:
+    """Last-position logits of a left-padded ``prompt``-token prompt, then of ``steps`` forced (random) tokens:
+    ``[steps+1, B, V]`` (``B`` = :data:`CHECK_ROWS`, the first rows left-padded)."""
+    (ids, mask, pos, start, cache), _ = _prompt_inputs(model, layout, CHECK_ROWS, prompt, prompt + steps, 3, seed)
+    forced = torch.randint(0, int(model.config.vocab_size), (steps, CHECK_ROWS, 1),
                            generator=torch.Generator().manual_seed(seed + 1)).to(ids.device)
     out = []
     with torch.no_grad():
@@ -202,14 +221,23 @@ def teacher_forced_logits(prefill: Callable, decode: Callable, layout: CacheLayo
     return torch.stack(out)
 
 
-def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int = CHECK_STEPS) -> StepCheck:
-    """Compare the optimized pair with the eager model on teacher-forced prompt + decode logits (fp32 reference)."""
+def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int = CHECK_STEPS,
+                prompt: int | None = None) -> StepCheck:
+    """Compare the optimized pair with the eager model on teacher-forced prompt + decode logits (fp32 reference).
+
+    ``prompt`` None: :data:`CHECK_PROMPT` tokens where the graphs' length allows (a benchmark passes its own)."""
     step = CausalLMStep(model)
-    reference = teacher_forced_logits(step, step, graphs.layout, model, steps)
-    got = teacher_forced_logits(graphs.prefill.module, graphs.decode.module, graphs.layout, model, steps)
+    if prompt is None:  # within the lengths the graphs take (at least CHECK_LENGTH)
+        limit = max(graphs.max_length, CHECK_LENGTH)
+        steps = max(1, min(steps, limit - EXAMPLE_PROMPT - 5))
+        prompt = _check_prompt(CHECK_PROMPT, steps - 1, limit, EXAMPLE_PROMPT + 5)
+    reference = teacher_forced_logits(step, step, graphs.layout, model, steps, prompt=prompt)
+    got = teacher_forced_logits(graphs.prefill.module, graphs.decode.module, graphs.layout, model, steps,
+                                prompt=prompt)
     rel = float((got - reference).norm() / reference.norm().clamp_min(1e-30))
     top1 = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
-    return StepCheck(rel if math.isfinite(rel) else math.inf, top1, steps, graphs.layout.dtype)
+    return StepCheck(rel if math.isfinite(rel) else math.inf, top1, steps, graphs.layout.dtype,
+                     int(reference.shape[1]), prompt)
 
 
 def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_length: int | None = None,
@@ -304,10 +332,21 @@ class _Builder:
                         **options)
 
     def decode(self, options: dict[str, Any]) -> OptimizeResult:
-        states = _decode_states(self.step, self.layout, self.model, DECODE_STATES + 1, seed=4)
+        # the example (what passes time their choices on) has the fewest rows torch.export keeps dynamic, since
+        # kernels rank differently by rows (int8 weight-only: 0.7 ms at 2 rows, 2.3 at 8 on an LM head); the
+        # states verified on have more rows, for a top-1 agreement over more than a handful of positions
+        example = _decode_states(self.step, self.layout, self.model, 1, seed=4, batch=EXAMPLE_BATCH)[0][0]
+        prompt = _check_prompt(DECODE_PROMPT, DECODE_STATES, self.length_cap, EXAMPLE_PROMPT + 3)
+        states = _decode_states(self.step, self.layout, self.model, DECODE_STATES, seed=5, batch=DECODE_ROWS,
+                                prompt=prompt)
         if options.get("passes") is None:  # one token per row: matrix-vector products, where the layout pays
             options = {"weight_layout_policy": "measure", **options}
-        return optimize(self.step, states[0][0], dynamic_shapes=self.decode_shapes, verify_inputs=states[1:],
+        # a step streams every weight from memory once: precisions are timed inside the step, not op by op, and
+        # on one row (kernels rank differently by rows: fp32 matrix-vector products take half the time of two rows)
+        if options.get("precision") is not None:
+            one_row = _decode_states(self.step, self.layout, self.model, 1, seed=6, batch=1)[0]
+            options = {"precision_timing": "model", "precision_timing_inputs": one_row, **options}
+        return optimize(self.step, example, dynamic_shapes=self.decode_shapes, verify_inputs=states,
                         progress=self.progress, **options)
 
 

@@ -25,7 +25,13 @@ from graphopt.precision.target import PrecisionTarget
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NodeMeasurements"]
+__all__ = ["MODEL_MIN_SPEEDUP", "MODEL_TIMING_ROUNDS", "NodeMeasurements"]
+
+#: timed in the model (``precision_timing='model'``), a group converts when the whole graph is this much faster
+#: (a group is a few linears of a step: 1% of the graph is above the noise of the fastest of 10 interleaved runs)
+MODEL_MIN_SPEEDUP = 1.01
+#: interleaved runs of each whole graph timed in the model (the fastest is kept)
+MODEL_TIMING_ROUNDS = 10
 
 
 class NodeMeasurements:
@@ -44,6 +50,8 @@ class NodeMeasurements:
     choice: dict[str, str]
     reasons: dict[str, str]
     shift_gain: dict[str, float]
+    #: timed in the model: node -> how many same-shape nodes its group converted together
+    group_size: dict[str, int]
     notes: list[str]
     _min_speedup: float
 
@@ -142,6 +150,7 @@ class NodeMeasurements:
         return scheme
 
     def measure_speed(self) -> None:
+        groups: dict[tuple, list[str]] = {}
         for name, opts in self.options.items():
             opts = [p for p in opts if self.local_error(name, p) != float("inf")]
 
@@ -151,13 +160,67 @@ class NodeMeasurements:
                 return self.timer(fns, device=self.target.device)
 
             # nodes of one shape and scheme are timed once per optimization (the context's timing cache)
-            timed = self.ctx.target.timings.get_or_measure(("precision", self._signature(name), tuple(opts)), measure)
-            self.timings[name] = timed
-            choice, reason = choose_precision(timed, self._min_speedup)
+            key = ("precision", self._signature(name), tuple(opts))
+            self.timings[name] = self.ctx.target.timings.get_or_measure(key, measure)
+            groups.setdefault(key, []).append(name)
+        if self.times_in_model:
+            self.time_in_model([names for key, names in groups.items() if len(key[2])])
+        for name in self.options:
+            choice, reason = choose_precision(self.timings[name], self._min_speedup)
+            if self.times_in_model and name in self.group_size:
+                reason += (f" (the whole graph, with the {self.group_size[name]} nodes of this shape converted after "
+                           "the larger groups)")
             if choice == "int8":
                 reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason
 
+    @property
+    def timing_inputs(self) -> tuple[tuple, dict]:
+        """What the whole graph is timed on: option ``precision_timing_inputs``, else the example inputs."""
+        given = self.ctx.option("precision_timing_inputs")
+        return (tuple(given[0]), dict(given[1])) if given is not None else (self.ctx.args, self.ctx.kwargs)
+
+    @property
+    def times_in_model(self) -> bool:
+        return self.ctx.option("precision_timing", "isolated") == "model"
+
+    def time_in_model(self, groups: list[list[str]]) -> None:
+        """Time each group of same-shape nodes inside the whole graph, cumulatively, and set the nodes' timings.
+
+        An op timed alone reads its weight hot from the cache; in a decode step
+        every weight streams from memory once per step, and whether the step's
+        weights fit the last-level cache depends on the whole plan (a Llama
+        step's linears in fp32: 110 MB, all in int8: 27 MB): converting one
+        group of small linears alone measured no faster, all of them together
+        about twice. So the groups are decided one after another, the largest
+        first (by their fp32 time alone): the graph with the decisions so far
+        is timed against the same graph with the group also converted to each
+        of its precisions (interleaved, fastest of 10), and the group takes the
+        fastest precision that makes the whole graph :data:`MODEL_MIN_SPEEDUP`
+        faster. Those whole-graph seconds become the nodes' timings (the
+        ``fp32`` entry: the graph before the group), so the search ranks by the
+        saving per node (:meth:`saved_seconds`).
+        """
+        a, kw = self.timing_inputs
+        accepted: dict[str, str] = {}
+        base: fx.GraphModule = self.gm
+        ordered = sorted(groups, key=lambda names: -self.timings[names[0]]["fp32"] * len(names))
+        for i, names in enumerate(ordered):
+            self.ctx.step(f"precision: timing in the model, group {i + 1} of {len(ordered)} ({len(names)} nodes)")
+            precisions = [p for p in self.timings[names[0]] if p != "fp32"]
+            graphs = {"fp32": base, **{p: self.build({**accepted, **{n: p for n in names}}) for p in precisions}}
+            whole = self.timer({p: (lambda g=g: g(*a, **kw)) for p, g in graphs.items()},
+                               rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0)
+            choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP)
+            for name in names:
+                self.timings[name] = dict(whole)
+                self.group_size[name] = len(names)
+                if choice != "fp32":
+                    accepted[name] = choice
+            base = graphs[choice]
+        self.notes.append(f"speed timed in the model: {len(ordered)} groups of same-shape nodes, largest first, the "
+                          f"whole graph with each group also converted against the graph before it (converted where "
+                          f">= {MODEL_MIN_SPEEDUP:g}x); {len(accepted)} nodes converted on speed")
 
     def _signature(self, name: str) -> tuple:
         node = self.nodes[name]

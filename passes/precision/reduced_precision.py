@@ -108,6 +108,15 @@ class ReducedPrecision(Pass):
         "precision_int8_pair_safe": Option("int8: quantize weights pair-safe, so the graph runs exactly on x86 "
                                            "kernels without VNNI (default: only where this machine's kernel "
                                            "needs it)", bool),
+        "precision_timing": Option("how auto times a node's precisions: 'isolated' (the op alone on its recorded "
+                                   "inputs; default) or 'model' (the whole graph with every node of that shape "
+                                   "converted, against fp32: for small graphs whose weights stream from memory, "
+                                   "such as a decode step)", str, "isolated", ("isolated", "model")),
+        "precision_timing_inputs": Option("(args, kwargs) the whole graph is timed on, where the example is not "
+                                          "the case that matters (default: the example inputs; a decode step "
+                                          "exported at two rows is timed at one)", tuple, None,
+                                          check=lambda v: None if len(v) == 2 and isinstance(v[1], dict)
+                                          else "give (args, kwargs)"),
         "precision_sensitivity": Option("how the search ranks nodes when the full plan is over budget: 'model' "
                                         "(whole-model error of each node converted alone; default) or 'local' "
                                         "(own error)", str, "model", ("model", "local")),

@@ -17,7 +17,7 @@ from graphopt.pass_infra import OptimizeContext
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
-from graphopt.passes.precision.measurements import NodeMeasurements
+from graphopt.passes.precision.measurements import MODEL_MIN_SPEEDUP, NodeMeasurements
 from graphopt.passes.precision.quantized_linears import (
     QUANTIZED,
     QuantizableLinear,
@@ -105,6 +105,7 @@ class PrecisionRun(NodeMeasurements):
         self.cal: Calibration | None = None
         self.model_errors: dict[str, float] = {}  # node -> model rel_l2 with it alone converted
         self.shift_gain: dict[str, float] = {}  # int8 node with an input shift -> its range narrowing
+        self.group_size: dict[str, int] = {}  # timed in the model: node -> nodes converted with it
         self.notes: list[str] = []
         if mode in ("int8", "auto") and target.int8_scheme is not None:
             kind = "pair-safe (exact on x86 kernels without VNNI too)" if self.weights.pair_safe else \
@@ -221,12 +222,14 @@ class PrecisionRun(NodeMeasurements):
         GEMM-bound op (every node of one run is ranked by the same measure)."""
         timings = self.timings.get(name)
         if timings and precision in timings:
-            return max(timings["fp32"] - timings[precision], 1e-12)
+            return max(timings["fp32"] - timings[precision], 1e-12) / self.group_size.get(name, 1)
         return float(max(node_cost(self.nodes[name]).flops, 1))
 
     @property
     def _min_speedup(self) -> float:
-        return AUTO_MIN_SPEEDUP if self.mode == "auto" else 1.0
+        if self.mode != "auto":
+            return 1.0
+        return MODEL_MIN_SPEEDUP if self.group_size else AUTO_MIN_SPEEDUP
 
     def fall_back(self, kept: set[str], plan: dict[str, str], verifier: Verifier,
                   budget: ErrorBudget) -> tuple[set[str], str]:
@@ -282,7 +285,7 @@ class PrecisionRun(NodeMeasurements):
 
     def whole_graph_speed(self, out: fx.GraphModule) -> str | None:
         """Time the plan against fp32 end to end; a reason when it is not faster."""
-        a, kw = self.ctx.args, self.ctx.kwargs
+        a, kw = self.timing_inputs
         t = self.timer({"fp32": lambda: self.gm(*a, **kw), "plan": lambda: out(*a, **kw)},
                              rounds=3, device=self.target.device, give_up=100.0)
         self.speed_note = (f"whole model: {t['plan'] * 1e3:.1f} ms with the plan vs {t['fp32'] * 1e3:.1f} ms "
