@@ -38,3 +38,12 @@ def test_generate_refuses_bad_sizes_in_one_line(argv, words, capsys):
 def test_generate_refuses_a_model_that_is_not_a_causal_lm(capsys):
     code = cli.main(["generate", "examples:mlp"])
     assert code == 2 and "not a transformers causal LM" in capsys.readouterr().err
+
+
+def test_generate_compare_with_reduced_precision_checks_at_the_lengths_given(capsys):
+    code = cli.main(["generate", SPEC, "--prompt-len", "7", "--new-tokens", "9", "--precision", "int8wo",
+                     "--error-budget", "0.5", "--compare", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["within_budget"] is True and code == 0, report
+    # teacher-forced at the prompt and token counts asked for, not the build's own check lengths
+    assert "(7-token prompt + 9 decode steps)" in report["check"], report["check"]
