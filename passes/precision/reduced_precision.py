@@ -109,9 +109,9 @@ class ReducedPrecision(Pass):
                                            "kernels without VNNI (default: only where this machine's kernel "
                                            "needs it)", bool),
         "precision_timing": Option("how auto times a node's precisions: 'isolated' (the op alone on its recorded "
-                                   "inputs; default) or 'model' (the whole graph with every node of that shape "
-                                   "converted, against fp32: for small graphs whose weights stream from memory, "
-                                   "such as a decode step)", str, "isolated", ("isolated", "model")),
+                                   "inputs; default) or 'model' (the whole graph, each group of same-shape nodes "
+                                   "converted, largest first, against the graph with the decisions so far: for "
+                                   "small graphs whose weights stream from memory, such as a decode step)", str, "isolated", ("isolated", "model")),
         "precision_timing_inputs": Option("(args, kwargs) the whole graph is timed on, where the example is not "
                                           "the case that matters (default: the example inputs; a decode step "
                                           "exported at two rows is timed at one)", tuple, None,
