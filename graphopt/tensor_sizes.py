@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["val_of", "tensors_in", "shape", "numel", "itemsize", "nbytes", "distinct_bytes", "storage_bytes"]
+__all__ = ["val_of", "tensors_in", "shape", "numel", "itemsize", "nbytes", "distinct_bytes", "storage_bytes",
+           "readable_bytes"]
 
 
 
@@ -82,3 +83,11 @@ def storage_bytes(t: torch.Tensor) -> int:
         return span * itemsize(t)
     except Exception:
         return nbytes(t)
+
+
+def readable_bytes(n: float) -> str:
+    """Bytes for people, one decimal: ``'3.2 GiB'``, ``'129.0 MiB'``, ``'14.1 KiB'``, ``'512 B'``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

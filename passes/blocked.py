@@ -71,9 +71,10 @@ from graphopt.passes.analysis.blockable_sites import (
 from graphopt.passes.analysis.sites import AttentionSite
 from graphopt.passes.analysis.blocked_liveness import PlannerProfile, memory_profile
 from graphopt.passes.blocked_promise import (BUDGET_MARGIN, MEASURE_SOURCES, BudgetError, MeasuredOverBudget,
-                                             keep_promise, mib)
+                                             keep_promise)
 from graphopt.passes.blocked_rewrites import apply_block_config, kept_bias_notes, remap_site
 from graphopt.report import Declined
+from graphopt.tensor_sizes import readable_bytes
 from graphopt.row_slicing import DEFAULT_LEAF_BYTES, RowSlicer, functionalize_inplace
 from graphopt.target import Roofline
 from graphopt.target.timing import median_time
@@ -271,7 +272,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
               for g in planner.groups if planner.sites[g].kind in forced_sizes}
     before = memory_profile(gm)
     where = before.peak_node.name if before.peak_node else "-"
-    notes = [f"predicted peak before: {mib(before.peak_bytes)} at {where}"]
+    notes = [f"predicted peak before: {readable_bytes(before.peak_bytes)} at {where}"]
     notes += kept_bias_notes(usable, RowSlicer(gm, leaf_bytes))
     if budget is None:
         configs = dict(forced)
@@ -295,7 +296,7 @@ def plan_blocking(gm: fx.GraphModule, budget: int | None, device: torch.device |
     else:
         target = int(budget * BUDGET_MARGIN)
         if before.peak_bytes <= target and not forced:
-            notes.append(f"already under the budget {mib(budget)}: nothing to block")
+            notes.append(f"already under the budget {readable_bytes(budget)}: nothing to block")
             return Plan({}, None, before, notes), declined
         result = planner.search(target, forced)
         if result.profile.peak_bytes > target:
@@ -390,8 +391,8 @@ class BlockedOperators(Pass):
         new = plan.module
         for name, cfg in plan.configs.items():
             notes.append(f"blocked {name}: {cfg.describe()}")
-        notes.append(f"predicted peak after: {mib(plan.profile.peak_bytes)}"
-                     + (f" (budget {mib(budget)})" if budget is not None else ""))
+        notes.append(f"predicted peak after: {readable_bytes(plan.profile.peak_bytes)}"
+                     + (f" (budget {readable_bytes(budget)})" if budget is not None else ""))
         summary.update(predicted_peak_after=plan.profile.peak_bytes, sites={n: c.describe() for n, c in plan.configs.items()})
         created = [n.name for n in new.graph.nodes
                    if n.op == "call_function" and getattr(n.target, "namespace", "") == "graphopt"]

@@ -15,9 +15,10 @@ returned: :class:`MeasuredOverBudget` (a :class:`BudgetError`) names the
 budget, the smallest peak measured and what to do. The report keeps each
 step: predicted peak, planned target, measured peak.
 
-Not done here (issue 20, item 1): block buffers reused across blocks
-(workspaces written with ``out=``), which would remove most of the slack at
-its source instead of planning around it.
+Block buffers reused across blocks (workspaces written with ``out=``),
+which remove slack at its source instead of planning around it, exist for
+the chunked FFN (:mod:`graphopt.ops.chunked_ffn`); blocked attention and the
+LM head still allocate per block.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import torch.fx as fx
 from graphopt.errors import BadInput
 from graphopt.target import MeasuredPeak, measure_peak
 from graphopt.target.fresh_process_peak import measure_peak_in_fresh_process
+from graphopt.tensor_sizes import readable_bytes
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BUDGET_MARGIN", "BudgetError", "MeasuredOverBudget", "MAX_TIGHTENINGS", "MEASURE_SOURCES", "PromiseCheck",
-           "keep_promise", "mib"]
+           "keep_promise"]
 
 #: how many times a plan over its budget (as measured) is re-planned tighter before the pass gives up
 MAX_TIGHTENINGS = 3
@@ -46,14 +48,6 @@ MEASURE_SOURCES = ("allocator", "rss", "subprocess")
 BUDGET_MARGIN = 0.9
 #: a re-plan aims this far under the measured shortfall (room for the measurement's own noise)
 _TIGHTEN_MARGIN = 0.95
-
-
-def mib(n: float) -> str:
-    """Bytes for people: '3.2 GiB', '129.0 MiB', '14.1 KiB', '512 B'."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 class BudgetError(BadInput, ValueError):
@@ -67,11 +61,11 @@ class BudgetError(BadInput, ValueError):
 
     def __init__(self, budget: int, reachable: int, peak_node: str, live: list[tuple[str, int]]) -> None:
         self.budget, self.reachable, self.peak_node, self.live = budget, reachable, peak_node, live
-        top = ", ".join(f"{name} {mib(b)}" for name, b in live[:4])
+        top = ", ".join(f"{name} {readable_bytes(b)}" for name, b in live[:4])
         super().__init__(
-            f"memory budget {mib(budget)} cannot be met: the smallest peak reachable by blocking is "
-            f"{mib(reachable)} (at node {peak_node}; live there: {top}). Raise the budget to at least "
-            f"{mib(reachable / BUDGET_MARGIN)}, or reduce the batch or sequence length."
+            f"memory budget {readable_bytes(budget)} cannot be met: the smallest peak reachable by blocking is "
+            f"{readable_bytes(reachable)} (at node {peak_node}; live there: {top}). Raise the budget to at least "
+            f"{readable_bytes(reachable / BUDGET_MARGIN)}, or reduce the batch or sequence length."
         )
 
 
@@ -83,8 +77,9 @@ class MeasuredOverBudget(BudgetError):
         self.measured, self.predicted, self.method = measured, predicted, method
         BadInput.__init__(
             self,
-            f"memory budget {mib(budget)} is not met as measured: the tightest plan tried peaks at {mib(measured)} "
-            f"({method}; {mib(predicted)} predicted). Raise the budget to at least {mib(measured)}, "
+            f"memory budget {readable_bytes(budget)} is not met as measured: the tightest plan tried peaks at "
+            f"{readable_bytes(measured)} ({method}; {readable_bytes(predicted)} predicted). Raise the budget to at "
+            f"least {readable_bytes(measured)}, "
             "or reduce the batch or sequence length.")
 
 
@@ -100,9 +95,10 @@ class PromiseCheck:
     def notes(self) -> list[str]:
         out = []
         for i, (target, predicted, measured) in enumerate(self.trials):
-            label = "measured peak" if i == 0 else f"re-planned for {mib(target)}: measured peak"
-            shown = mib(measured) if measured is not None else "not measurable"
-            out.append(f"{label}: {mib(self.before or 0)} -> {shown} ({self.method}; predicted {mib(predicted)})")
+            label = "measured peak" if i == 0 else f"re-planned for {readable_bytes(target)}: measured peak"
+            shown = readable_bytes(measured) if measured is not None else "not measurable"
+            out.append(f"{label}: {readable_bytes(self.before or 0)} -> {shown} ({self.method}; "
+                       f"predicted {readable_bytes(predicted)})")
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -144,7 +140,8 @@ def keep_promise(eager: fx.GraphModule, plan: Any, budget: int | None, args: tup
             break
         planning = int((planning or budget) * budget / measured.bytes * _TIGHTEN_MARGIN)
         log.info("blocked: measured %s over the budget %s (predicted %s); re-planning for %s",
-                 mib(measured.bytes), mib(budget), mib(predicted), mib(planning))
+                 readable_bytes(measured.bytes), readable_bytes(budget), readable_bytes(predicted),
+                 readable_bytes(planning))
         try:
             plan = replan(planning)
         except BudgetError:  # no tighter plan exists: the measured figure is what is reachable

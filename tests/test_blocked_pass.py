@@ -191,9 +191,9 @@ def test_unreachable_budget_reports_the_reachable_minimum():
         graphopt.optimize(model, args, memory_budget=1024, verify=False)
     err = info.value
     assert err.budget == 1024 and err.reachable > 1024
-    from graphopt.passes.blocked_promise import mib
+    from graphopt.tensor_sizes import readable_bytes
 
-    assert "smallest peak reachable" in str(err) and mib(err.reachable) in str(err)
+    assert "smallest peak reachable" in str(err) and readable_bytes(err.reachable) in str(err)
 
 
 def test_budget_already_met_changes_nothing():

@@ -29,17 +29,11 @@ from graphopt import ir
 from graphopt.ir import constant_nodes, evaluate
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
 from graphopt.report import Declined
+from graphopt.tensor_sizes import readable_bytes
 
 aten = torch.ops.aten
 
 DEFAULT_MAX_BYTES = 16 * 2**20
-
-def _size(nbytes: int) -> str:
-    """``'12.0 MiB'``, ``'3.5 KiB'``, ``'64 B'`` (small caps read '0.0 MiB' otherwise)."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 class ConstantFolding(Pass):
@@ -79,8 +73,8 @@ class ConstantFolding(Pass):
                 continue
             nbytes = val.numel() * val.element_size()
             if nbytes > max_bytes:
-                declined.append(Declined(node.name, f"result is {_size(nbytes)} > cap {_size(max_bytes)} "
-                                         "(constant_fold_max_bytes)"))
+                declined.append(Declined(node.name, f"result is {readable_bytes(nbytes)} > cap "
+                                         f"{readable_bytes(max_bytes)} (constant_fold_max_bytes)"))
                 continue
             frontier.append(node)
         if not frontier:
