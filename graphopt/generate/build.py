@@ -29,13 +29,14 @@ from torch.export import Dim
 from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
 from graphopt.generate.bundle import save_generation_programs
+from graphopt.generate.cache_check import exact_rel_l2, require_static_cache
 from graphopt.generate.cuda_graphs import CudaGraphDecode
 from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.model_inputs import is_causal_lm, max_positions
 from graphopt.optimize import OptimizeResult, optimize
-from graphopt.verify import REDUCED_FLOATS, REL_L2_TOLERANCE, ErrorBudget
+from graphopt.verify import ErrorBudget
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,9 @@ class StepCheck:
     prompt: int = 0
 
     def ok(self, budget: ErrorBudget | None) -> bool:
-        """Within ``budget`` (reduced precision), or as exact as the model's dtype allows (``None``).
-
-        Exact: 10x the dtype's per-output tolerance at fp32 (rounding of another summation order,
-        compounded over the steps through the cache); 3x for a bf16/fp16 model (its own roundings
-        already fill most of the tolerance).
-        """
-        tolerance = REL_L2_TOLERANCE.get(self.dtype, 1e-5)
-        exact = tolerance * (3 if self.dtype in REDUCED_FLOATS else 10)
-        limit = budget.rel_l2 if budget is not None else exact
+        """Within ``budget`` (reduced precision), or as exact as the model's dtype allows (``None``:
+        :func:`~graphopt.generate.cache_check.exact_rel_l2`)."""
+        limit = budget.rel_l2 if budget is not None else exact_rel_l2(self.dtype)
         return self.rel_l2 <= limit and (budget is None or budget.top1 is None or self.top1 >= budget.top1)
 
     def summary(self) -> str:
@@ -314,6 +309,9 @@ class _Builder:
         self.model, self.progress = model, progress
         self.layout = read_cache_layout(model)
         self.length_cap = model_max_length(model, self.layout, max_length)
+        # the step every graph is checked against must itself be the model: its logits over a static cache at the
+        # lengths the checks use (or the cap) against the model's forward without a cache
+        require_static_cache(model, self.layout, min(self.length_cap, CHECK_PROMPT + CHECK_STEPS))
         self.step = CausalLMStep(model)
         # the graphs take any length up to the cap; the examples and checks below need up to CHECK_LENGTH
         self.batch, self.prompt, self.cache_len = _dims(max_batch, max(self.length_cap, CHECK_LENGTH))

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from graphopt.errors import BadInput
+
 
 @dataclass(frozen=True)
 class CacheLayout:
@@ -88,8 +90,13 @@ def read_cache_layout(model: torch.nn.Module) -> CacheLayout:
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+    except Exception as e:  # the model's own code fails: say so, not where in graphopt it surfaced
+        raise BadInput(f"{type(model).__name__} fails on a 2-token prompt with a KV cache ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); check that model(input_ids, use_cache=True) "
+                       "runs on its config") from e
     keys, values, dtype = [], [], None
     for layer in cache.layers:
         k, v = layer.keys, layer.values
@@ -98,8 +105,26 @@ def read_cache_layout(model: torch.nn.Module) -> CacheLayout:
         dtype = k.dtype
     if not keys:
         raise ValueError(f"{type(model).__name__} filled no KV cache layers; it cannot be generated with a cache")
-    window = getattr(model.config, "sliding_window", None)
-    return CacheLayout(tuple(keys), tuple(values), dtype, int(window) if window else None)
+    window = attention_window(model.config)
+    return CacheLayout(tuple(keys), tuple(values), dtype, window)
+
+
+#: the names configs give a local-attention window (Mistral, Gemma 2/3, Qwen2 ...: sliding_window; GPT-Neo:
+#: window_size; RecurrentGemma: attention_window_size)
+WINDOW_NAMES = ("sliding_window", "window_size", "attention_window_size")
+
+
+def attention_window(config: Any) -> int | None:
+    """The smallest local-attention window the config names (None: no window).
+
+    Within its window a local layer over a static cache is a full one (what
+    the step relies on); past it transformers' layers differ (GPT-Neo's
+    local mask is taken at the cache's allocated length), so generation is
+    capped at the window.
+    """
+    windows = [int(v) for name in WINDOW_NAMES
+               if isinstance(v := getattr(config, name, None), int) and not isinstance(v, bool) and v > 0]
+    return min(windows) if windows else None
 
 
 class CausalLMStep(torch.nn.Module):
