@@ -17,7 +17,10 @@ prompt at every ``--batches`` size:
   :func:`graphopt.prepare_generation` with that ``precision`` (the build time
   is reported, not timed), within relative L2 2e-2 and top-1 0.95 (int4: its
   own documented budget); ``int4-every-linear``: int4 with no budget, its
-  error reported.
+  error reported;
+* ``graphopt <precision>+compile``: the same graphs with decode run through
+  ``torch.compile`` (``compile_decode``; compiled at the warm-up, whose time
+  is reported).
 
 All variants are timed round-robin (``--rounds`` rounds, after one warm-up
 each), the median kept: the load of a busy machine hits them alike; the load
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -50,11 +54,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphopt  # noqa: E402
-from graphopt.generate import check_steps  # noqa: E402
+from graphopt.generate import GenerationTimes, check_steps  # noqa: E402
 from graphopt.generate.measure import time_generation  # noqa: E402
 from graphopt.verify import ErrorBudget  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8wo", "int4", "auto", "int4-every-linear")
+#: the graphopt variants also timed with decode through torch.compile
+COMPILED = ("fp32+compile", "int8wo+compile", "auto+compile", "int4+compile", "int4-every-linear+compile")
 #: issue 16's budget for reduced precision: relative L2 2e-2 and teacher-forced top-1 >= 0.95
 BUDGET = ErrorBudget(rel_l2=2e-2, top1=0.95)
 
@@ -116,22 +122,38 @@ def variants(name: str, args: argparse.Namespace, info: dict[str, dict[str, Any]
             compiled.forward = torch.compile(compiled.forward, fullgraph=True)
             runners["hf sdpa static compile"] = hf_runner(compiled, cache_implementation="static",
                                                           disable_compile=True)
-    for precision in [p for p in args.variants.split(",") if p in PRECISIONS]:
-        label = f"graphopt {precision}"
-        t0 = time.perf_counter()
-        try:
-            options = precision_options(precision)
-            graphs = graphopt.prepare_generation(sdpa, max_length=args.prompt + args.new + 8, **options)
-        except Exception as exc:  # a precision the machine cannot run is a row, not a crash
-            info[label] = {"status": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    built: dict[str, Any] = {}
+    for variant in [v for v in args.variants.split(",") if graphopt_variant(v)]:
+        precision, _, runtime = variant.partition("+")
+        label = f"graphopt {variant}"
+        if precision not in built:
+            t0 = time.perf_counter()
+            try:
+                graphs = graphopt.prepare_generation(sdpa, max_length=args.prompt + args.new + 8,
+                                                     **precision_options(precision))
+            except Exception as exc:  # a precision the machine cannot run is a row, not a crash
+                graphs = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            built[precision] = (graphs, round(time.perf_counter() - t0, 1))
+        graphs, build_s = built[precision]
+        if isinstance(graphs, str):
+            info[label] = {"status": graphs}
             continue
+        if runtime == "compile":  # the same graphs, decode through torch.compile (compiled at the warm-up)
+            graphs = dataclasses.replace(graphs, compile_decode=True, times=GenerationTimes(), _compiled=None,
+                                         _decode_runner=None)
         check = check_steps(graphs, eager, steps=args.new, prompt=args.prompt)  # at the lengths timed
-        info[label] = {"build_s": round(time.perf_counter() - t0, 1), "teacher_forced_rel_l2": check.rel_l2,
-                       "teacher_forced_top1": check.top1,
+        info[label] = {"build_s": build_s, "teacher_forced_rel_l2": check.rel_l2, "teacher_forced_top1": check.top1,
                        "approximate": list(graphs.decode.approximate + graphs.prefill.approximate),
-                       "notes": graphs.notes}
+                       "notes": graphs.notes + ([f"decode not compiled: {graphs.compiled_note}"]
+                                                if graphs.compiled_note else [])}
         runners[label] = graphopt_runner(graphs)
     return runners
+
+
+def graphopt_variant(variant: str) -> bool:
+    """``<precision>`` or ``<precision>+compile`` (decode through torch.compile)."""
+    precision, plus, runtime = variant.partition("+")
+    return precision in PRECISIONS and (not plus or runtime == "compile")
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -203,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--variants", default="hf," + ",".join(PRECISIONS),
-                   help="comma list: hf (the three transformers variants) and graphopt precisions")
+    p.add_argument("--variants", default=",".join(["hf", *PRECISIONS, *COMPILED]),
+                   help="comma list: hf (the three transformers variants) and graphopt precisions, each also as "
+                        "<precision>+compile (decode through torch.compile)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to compile)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)

@@ -19,13 +19,14 @@ def test_tiny_run_reports_every_variant(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "gen.json"
-    assert bench.main(["--tiny", "--models", "llama", "--batches", "1,2", "--variants", "hf,fp32,int8wo",
+    assert bench.main(["--tiny", "--models", "llama", "--batches", "1,2", "--variants", "hf,fp32,int8wo,int8wo+compile",
                        "--no-compile", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["models"]["llama"]["results"]
     for b in (1, 2):
-        for v in ("hf eager dynamic", "hf sdpa static", "graphopt fp32", "graphopt int8wo"):
+        for v in ("hf eager dynamic", "hf sdpa static", "graphopt fp32", "graphopt int8wo", "graphopt int8wo+compile"):
             r = rows[f"{v} b{b}"]
             assert r["decode_ms"] > 0 and r["prefill_ms"] > 0, (v, r)
         assert rows[f"graphopt fp32 b{b}"]["tokens_equal"] is True
         assert rows[f"graphopt fp32 b{b}"]["teacher_forced_rel_l2"] < 1e-4
+    assert rows["graphopt int8wo+compile b1"]["notes"] == []  # it compiled and passed its check
     assert "| graphopt int8wo b2 |" in capsys.readouterr().out

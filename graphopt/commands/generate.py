@@ -6,6 +6,8 @@ tokens for ``--batch`` rows, and prints prefill ms, decode ms per token and
 tokens/s. ``--compare`` runs the original model's own ``generate`` (transformers,
 dynamic KV cache) on the same prompt beside it and checks the tokens: equal at
 fp32, or, with ``--precision``, the teacher-forced error within the budget.
+``--compile`` runs the decode graph through ``torch.compile`` (checked like the
+graphs; where it cannot compile, decode runs uncompiled and a note says why).
 ``hf:`` specs get transformers' ``sdpa`` attention unless the spec names one.
 """
 
@@ -31,6 +33,8 @@ def register(sub: Any) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="reduced precision within the error budget")
     p.add_argument("--error-budget", type=float, metavar="REL_L2", help="error budget for --precision")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a pass option (repeatable)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode graph through torch.compile (its small ops fused; compiles once, seconds)")
     p.add_argument("--compare", action="store_true", help="time the original model's generate beside it")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(handler=run)
@@ -70,9 +74,12 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.randint(1, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     with step("building the prefill and decode graphs") as status:
         graphs = graphopt.generate.prepare_generation(
-            spec.model, max_length=args.prompt_len + args.new_tokens,
+            spec.model, max_length=args.prompt_len + args.new_tokens, compile_decode=args.compile,
             progress=(lambda m: status.update(m)) if status is not None else None, **options)
     run_kwargs = {"do_sample": False, "eos_token_id": None}
+    if graphs.compile_decode:
+        with step("compiling decode for this batch size"):  # torch.compile specialises batch 1 apart from others
+            graphs.generate(ids, max_new_tokens=2, **run_kwargs)
     with step("generating"):
         ours = time_generation(graphs.generate, ids, None, args.new_tokens, **run_kwargs)
         theirs = time_generation(spec.model.generate, ids, None, args.new_tokens, pad_token_id=0,
@@ -88,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(name: str, graphs: Any, ours: Any, theirs: Any) -> dict[str, Any]:
     approximate = bool(graphs.prefill.approximate or graphs.decode.approximate)
-    report: dict[str, Any] = {"model": name, "graphopt": ours.to_dict(), "check": graphs.check.summary()}
+    report: dict[str, Any] = {"model": name, "graphopt": ours.to_dict(), "check": graphs.check.summary(),
+                              "decode_compiled": graphs.compile_decode, "notes": list(graphs.notes)}
     if theirs is not None:
         report["original"] = theirs.to_dict()
         report["decode_speedup"] = round(theirs.decode_ms / ours.decode_ms, 3)
@@ -116,6 +124,8 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
                           f"{f['decode_tokens_per_s'] * f['batch']:.1f}")
     out_console.print(table)
     err_console.print(report["check"], markup=False)
+    for note in report["notes"]:
+        err_console.print(f"note: {note}", markup=False)
     if "tokens_equal" in report:
         verdict = "tokens equal" if report["tokens_equal"] else (
             "tokens differ (reduced precision); teacher-forced error "

@@ -30,6 +30,7 @@ from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
 from graphopt.generate.bundle import save_generation_programs
 from graphopt.generate.cache_check import exact_rel_l2, require_static_cache
+from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.cuda_graphs import CudaGraphDecode
 from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation
 from graphopt.generate.sampling import Sampling
@@ -101,7 +102,11 @@ class GenerationGraphs:
     notes: list[str] = field(default_factory=list)
     #: replay decode from CUDA graphs: None on a CUDA device, False never, True (also) where possible
     cuda_graphs: bool | None = None
+    #: run decode through torch.compile (:class:`~graphopt.generate.compiled.CompiledDecode`); the build sets it
+    #: when asked for and its check passed
+    compile_decode: bool = False
     _decode_runner: Any = field(default=None, repr=False)
+    _compiled: Any = field(default=None, repr=False)
     #: the graphs' dynamic axes (``torch.export`` dynamic_shapes), what saving re-exports them with
     dynamic_shapes: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -110,12 +115,23 @@ class GenerationGraphs:
         return save_generation_programs(self, directory)
 
     def decode_step(self, device: torch.device) -> Any:
-        """What the loop calls per token: the decode graph, replayed from CUDA graphs on a GPU."""
+        """What the loop calls per token: the decode graph, compiled where :attr:`compile_decode` says, replayed
+        from CUDA graphs on a GPU."""
+        decode = self.decode.module
+        if self.compile_decode:
+            if self._compiled is None or self._compiled.decode is not decode:
+                self._compiled = CompiledDecode(decode)
+            decode = self._compiled
         if self.cuda_graphs is False or (self.cuda_graphs is None and device.type != "cuda"):
-            return self.decode.module
-        if self._decode_runner is None:
-            self._decode_runner = CudaGraphDecode(self.decode.module, self.layout, max_length=self.max_length)
+            return decode
+        if self._decode_runner is None or self._decode_runner.decode is not decode:
+            self._decode_runner = CudaGraphDecode(decode, self.layout, max_length=self.max_length)
         return self._decode_runner
+
+    @property
+    def compiled_note(self) -> str | None:
+        """Why decode runs uncompiled although it was compiled (None: not asked for, or it runs compiled)."""
+        return self._compiled.fallback_reason if self._compiled is not None else None
 
     @property
     def cuda_graphs_note(self) -> str | None:
@@ -227,7 +243,8 @@ def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int = C
         steps = max(1, min(steps, limit - EXAMPLE_PROMPT - 5))
         prompt = _check_prompt(CHECK_PROMPT, steps - 1, limit, EXAMPLE_PROMPT + 5)
     reference = teacher_forced_logits(step, step, graphs.layout, model, steps, prompt=prompt)
-    got = teacher_forced_logits(graphs.prefill.module, graphs.decode.module, graphs.layout, model, steps,
+    device = next(model.parameters()).device
+    got = teacher_forced_logits(graphs.prefill.module, graphs.decode_step(device), graphs.layout, model, steps,
                                 prompt=prompt)
     rel = float((got - reference).norm() / reference.norm().clamp_min(1e-30))
     top1 = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
@@ -236,7 +253,8 @@ def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int = C
 
 
 def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_length: int | None = None,
-                       progress: Callable[[str], None] | None = None, **optimize_options: Any) -> GenerationGraphs:
+                       compile_decode: bool = False, progress: Callable[[str], None] | None = None,
+                       **optimize_options: Any) -> GenerationGraphs:
     """Capture, optimize and check the prefill and decode graphs of a transformers causal LM.
 
     ``optimize_options`` are :func:`graphopt.optimize`'s keyword arguments
@@ -249,6 +267,11 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
     through the cache. When the pair's teacher-forced logits miss the budget,
     both graphs are planned again at half the budget, then built exact;
     ``graphs.notes`` says what happened.
+
+    ``compile_decode=True`` runs the decode graph through ``torch.compile``
+    (:mod:`graphopt.generate.compiled`: its small ops fused, a few seconds to
+    compile), checked end to end like the graphs; where it fails to compile
+    or misses the check, decode runs uncompiled and ``graphs.notes`` says why.
     """
     if not is_causal_lm(model):
         raise BadInput(f"{type(model).__name__} is not a transformers causal LM (a PreTrainedModel with "
@@ -268,6 +291,9 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
         say("generation: teacher-forced check")
         graphs.check = check_steps(graphs, model)
         _fall_back_within_budget(graphs, builder, optimize_options, say)
+        if compile_decode:
+            say("generation: compiling the decode graph (torch.compile)")
+            _compile_decode(graphs, model)
     log.info("generation graphs ready: %s", graphs.check.summary())
     return graphs
 
@@ -299,6 +325,21 @@ def _fall_back_within_budget(graphs: GenerationGraphs, builder: _Builder, option
         log.warning("generation: %s", note)
     if not graphs.check.ok(_budget(graphs)):
         raise GenerationCheckError(graphs.check)
+
+
+def _compile_decode(graphs: GenerationGraphs, model: torch.nn.Module) -> None:
+    """Compile the decode graph and keep it where it compiles and passes the end-to-end check."""
+    graphs.compile_decode = True
+    check = check_steps(graphs, model)
+    reason = graphs.compiled_note
+    if reason is None and not check.ok(_budget(graphs)):
+        reason = f"the compiled step misses the check ({check.summary()})"
+    if reason is None:
+        graphs.check = check
+        return
+    graphs.compile_decode = False
+    graphs.notes.append(f"decode not compiled: {reason}")
+    log.warning("generation: decode not compiled: %s", reason)
 
 
 class _Builder:
