@@ -25,6 +25,14 @@ def test_generate_compare_reports_equal_tokens_and_both_timings(capsys):
     assert report["check"].startswith("teacher-forced")
 
 
+def test_generate_compile_runs_decode_compiled_and_still_equals_the_original(capsys):
+    code = cli.main(["generate", SPEC, "--prompt-len", "6", "--new-tokens", "5", "--compile", "--compare", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["decode_compiled"] is True and report["notes"] == []
+    assert report["tokens_equal"] is True
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--new-tokens", "1"], "at least 2"),
     (["--batch", "0"], "--batch must be at least 1"),
