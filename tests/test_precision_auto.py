@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -37,6 +39,22 @@ def test_choose_precision_never_picks_a_slower_conversion():
 def test_time_interleaved_measures_each_callable():
     t = time_interleaved({"fast": lambda: None, "slow": lambda: sum(range(20000))}, rounds=3)
     assert set(t) == {"fast", "slow"} and t["fast"] < t["slow"]
+
+
+def test_time_interleaved_with_repeat_times_each_callable_warm():
+    # a callable is slow right after the other one ran (its data evicted), fast when it runs again
+    last = {"who": None}
+
+    def step(who: str):
+        def run():
+            time.sleep(0.02 if last["who"] != who else 0.001)
+            last["who"] = who
+        return run
+
+    fns = {"a": step("a"), "b": step("b")}
+    cold = time_interleaved(fns, rounds=2)
+    warm = time_interleaved(fns, rounds=2, repeat=2)
+    assert min(cold.values()) > 0.015 and max(warm.values()) < 0.015
 
 
 def _mlp(d: int, hidden: int, batch: int):

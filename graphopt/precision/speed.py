@@ -24,11 +24,16 @@ def _sync(device: torch.device | None) -> None:
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 5, warmup: int = 1,
                      device: torch.device | None = None, give_up: float = 3.0,
-                     budget_s: float | None = None) -> dict[str, float]:
+                     budget_s: float | None = None, repeat: int = 1) -> dict[str, float]:
     """Fastest seconds per call of each callable, timed round-robin.
 
     The minimum, not the median: on a shared machine other work only ever
     adds time, so the fastest run is the best estimate of an op's own cost.
+
+    ``repeat`` > 1: each timed call is the last of ``repeat`` back-to-back
+    calls (the others untimed), so a callable is timed with its own data
+    warm in the caches, as a step that repeats runs (a decode step streams
+    the same weights every token), not after the others evicted them.
 
     A callable more than ``give_up`` times slower than the fastest after two
     rounds is not timed further (it will not be chosen anyway). ``budget_s``
@@ -44,6 +49,9 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 5
         _sync(device)
         for r in range(rounds):
             for name, fn in list(active.items()):
+                for _ in range(repeat - 1):
+                    fn()
+                _sync(device)
                 t0 = time.perf_counter()
                 fn()
                 _sync(device)

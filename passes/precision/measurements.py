@@ -25,13 +25,17 @@ from graphopt.precision.target import PrecisionTarget
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODEL_MIN_SPEEDUP", "MODEL_TIMING_ROUNDS", "NodeMeasurements"]
+__all__ = ["MODEL_MIN_SPEEDUP", "MODEL_TIMING_REPEAT", "MODEL_TIMING_ROUNDS", "NodeMeasurements"]
 
 #: timed in the model (``precision_timing='model'``), a group converts when the whole graph is this much faster
 #: (a group is a few linears of a step: 1% of the graph is above the noise of the fastest of 10 interleaved runs)
 MODEL_MIN_SPEEDUP = 1.01
 #: interleaved runs of each whole graph timed in the model (the fastest is kept)
 MODEL_TIMING_ROUNDS = 10
+#: each in-model timing is the last of this many back-to-back runs of the graph: a decode step repeats with the
+#: same weights, which stay in the last-level cache where the plan's working set fits (timed right after another
+#: plan, a graph reads them cold and every precision looks DRAM-bound)
+MODEL_TIMING_REPEAT = 3
 
 
 class NodeMeasurements:
@@ -195,7 +199,9 @@ class NodeMeasurements:
         about twice. So the groups are decided one after another, the largest
         first (by their fp32 time alone): the graph with the decisions so far
         is timed against the same graph with the group also converted to each
-        of its precisions (interleaved, fastest of 10), and the group takes the
+        of its precisions (interleaved, fastest of 10, each the last of
+        :data:`MODEL_TIMING_REPEAT` back-to-back runs: warm, as a repeating step
+        runs), and the group takes the
         fastest precision that makes the whole graph :data:`MODEL_MIN_SPEEDUP`
         faster. Those whole-graph seconds become the nodes' timings (the
         ``fp32`` entry: the graph before the group), so the search ranks by the
@@ -210,7 +216,8 @@ class NodeMeasurements:
             precisions = [p for p in self.timings[names[0]] if p != "fp32"]
             graphs = {"fp32": base, **{p: self.build({**accepted, **{n: p for n in names}}) for p in precisions}}
             whole = self.timer({p: (lambda g=g: g(*a, **kw)) for p, g in graphs.items()},
-                               rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0)
+                               rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0,
+                               repeat=MODEL_TIMING_REPEAT)
             choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP)
             for name in names:
                 self.timings[name] = dict(whole)
