@@ -64,6 +64,15 @@ def test_bundle_round_trip_in_a_fresh_process_gives_identical_tokens(saved_llama
     assert f"ok LoadedGeneration (1, 8, {VOCAB})" in proc.stdout
 
 
+def test_a_loaded_bundle_decodes_compiled_with_the_same_tokens(saved_llama):
+    d, _, cases, _ = saved_llama
+    bundle = graphopt.load(d)
+    bundle.compile_decode = True
+    for ids, mask, new, expected in cases:
+        assert torch.equal(bundle.generate(ids, mask, max_new_tokens=new), expected)
+    assert bundle.compiled_note is None  # it ran compiled
+
+
 def test_a_bundle_missing_its_generation_entry_is_refused(saved_llama, tmp_path):
     d = saved_llama[0]
     manifest = json.loads((d / "graphopt.json").read_text())

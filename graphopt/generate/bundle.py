@@ -15,6 +15,11 @@ in place), and in ``graphopt.json`` under ``generation``: the cache layout
 (per layer the key and value heads and head dims, the dtype, a sliding
 window), ``max_length``, ``eos_token_id``, ``pad_token_id``, and the
 teacher-forced check the graphs passed.
+
+``loaded.compile_decode = True`` runs the decode program through
+``torch.compile`` (:mod:`graphopt.generate.compiled`) where the deployment
+machine has a compiler; without the original model there is nothing to
+check it against, so it is off unless asked for.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import torch
 
+from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.loop import GenerationTimes, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout
@@ -56,6 +62,22 @@ class LoadedGeneration(LoadedModel):
         self.max_length = int(config["max_length"])
         self.eos_token_id, self.pad_token_id = config.get("eos_token_id"), config.get("pad_token_id")
         self.times = GenerationTimes()
+        #: run decode through torch.compile (:class:`~graphopt.generate.compiled.CompiledDecode`; it falls back to
+        #: the program, with ``compiled_note`` saying why, where it cannot compile)
+        self.compile_decode = False
+        self._compiled: CompiledDecode | None = None
+
+    @property
+    def compiled_note(self) -> str | None:
+        """Why decode runs uncompiled although :attr:`compile_decode` is set (None: it runs compiled, or is off)."""
+        return self._compiled.fallback_reason if self._compiled is not None else None
+
+    def _decode_step(self) -> Any:
+        if not self.compile_decode:
+            return self.decode
+        if self._compiled is None:
+            self._compiled = CompiledDecode(self.decode)
+        return self._compiled
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -65,7 +87,7 @@ class LoadedGeneration(LoadedModel):
         """Generate as :meth:`graphopt.OptimizeResult.generate` does (same arguments, same tokens)."""
         eos = self.eos_token_id if eos_token_id is ... else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
-        return run_generation(self.prefill, self.decode, self.layout, input_ids, attention_mask,
+        return run_generation(self.prefill, self._decode_step(), self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
                               max_length=self.max_length, times=self.times)
