@@ -59,10 +59,14 @@ def test_example_scripts_run(script, argv, tmp_path, monkeypatch, capsys):
 
 def test_generation_page_runs():
     blocks = python_blocks("generation.md")
-    assert len(blocks) == 1
+    assert len(blocks) == 2
     namespace: dict = {"__name__": "generation_page"}
     exec(compile(blocks[0], "docs/generation.md", "exec"), namespace)
     assert namespace["tokens"].shape == (2, 36)
+    exec(compile(blocks[1], "docs/generation.md", "exec"), namespace)  # decode through torch.compile
+    assert namespace["tokens"].shape == (2, 16 + 128)
+    graphs = namespace["graphs"]
+    assert graphs.compile_decode and graphs.check.ok(graphs.decode.context.error_budget), graphs.notes
 
 
 def test_generate_example_matches_transformers(monkeypatch, capsys):
