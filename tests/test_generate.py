@@ -133,12 +133,27 @@ def test_eos_ends_rows_and_pads_them(llama_graphs):
     (torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 0, 0, 0]]), "no token"),
     (torch.ones(1, 4, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), "must have input_ids' shape"),
     (torch.ones(1, 120, dtype=torch.long), None, "exceeds the 128"),
+    (torch.tensor([[1, VOCAB, 2]]), None, rf"outside the model's vocabulary \[0, {VOCAB}\) \(e.g. {VOCAB}\)"),
+    (torch.tensor([[1, -1, 2]]), None, "outside the model's vocabulary"),
+    (torch.ones(65, 4, dtype=torch.long), None, "a batch of 65 rows exceeds the 64"),
 ])
 def test_bad_prompts_get_one_line_errors(llama_graphs, ids, mask, words):
     _, graphs = llama_graphs
     with pytest.raises(BadInput, match=words) as info:
         graphs.generate(ids, mask, max_new_tokens=20)
     assert "\n" not in str(info.value)
+
+
+def test_a_small_max_batch_still_verifies_every_pass_on_its_decode_states():
+    # the decode graph is verified on 16-row states: the graphs take at least that many rows, whatever max_batch says
+    model = build("llama")
+    graphs = prepare_generation(model, max_batch=2)
+    assert graphs.max_batch == 16
+    for result in (graphs.prefill, graphs.decode):
+        assert result.report.rolled_back == [], [(r.name, r.notes) for r in result.report.rolled_back]
+    ids = torch.randint(1, VOCAB, (5, 6), generator=torch.Generator().manual_seed(8))
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(graphs.generate(ids, max_new_tokens=4, eos_token_id=None), expected)
 
 
 def test_a_model_that_is_not_a_causal_lm_is_refused():

@@ -94,6 +94,9 @@ class GenerationGraphs:
     decode: OptimizeResult
     layout: CacheLayout
     max_length: int
+    #: the most rows the graphs take (None: unchecked) and the token ids they embed (``[0, vocab_size)``)
+    max_batch: int | None = None
+    vocab_size: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     check: StepCheck | None = None
@@ -154,7 +157,15 @@ class GenerationGraphs:
         return run_generation(self.prefill.module, decode, self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
-                              max_length=self.max_length, times=self.times)
+                              max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
+                              times=self.times)
+
+
+def embedded_ids(model: torch.nn.Module) -> int | None:
+    """How many token ids the model embeds: its input embedding's rows (``config.vocab_size`` can be fewer)."""
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embedding, "num_embeddings", None)
+    return int(rows) if isinstance(rows, int) else None
 
 
 def model_max_length(model: torch.nn.Module, layout: CacheLayout, limit: int | None) -> int:
@@ -285,6 +296,7 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
         decode = builder.decode(optimize_options)
         config = getattr(model, "generation_config", None) or model.config
         graphs = GenerationGraphs(prefill, decode, builder.layout, builder.length_cap,
+                                  max_batch=builder.batch_cap, vocab_size=embedded_ids(model),
                                   eos_token_id=getattr(config, "eos_token_id", None),
                                   pad_token_id=getattr(config, "pad_token_id", None),
                                   dynamic_shapes={"prefill": builder.prefill_shapes, "decode": builder.decode_shapes})
@@ -355,7 +367,11 @@ class _Builder:
         require_static_cache(model, self.layout, min(self.length_cap, CHECK_PROMPT + CHECK_STEPS))
         self.step = CausalLMStep(model)
         # the graphs take any length up to the cap; the examples and checks below need up to CHECK_LENGTH
-        self.batch, self.prompt, self.cache_len = _dims(max_batch, max(self.length_cap, CHECK_LENGTH))
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise BadInput(f"max_batch must be a positive integer (got {max_batch!r})")
+        # likewise the batch: the decode graph is verified on DECODE_ROWS rows, the pair checked on CHECK_ROWS
+        self.batch_cap = max(max_batch, DECODE_ROWS, CHECK_ROWS)
+        self.batch, self.prompt, self.cache_len = _dims(self.batch_cap, max(self.length_cap, CHECK_LENGTH))
         self.kv = [{0: self.batch, 2: self.cache_len}] * (2 * self.layout.layers)
         self.prefill_shapes = ({0: self.batch, 1: self.prompt}, {0: self.batch, 1: self.cache_len},
                                {0: self.batch, 1: self.prompt}, None, self.kv)

@@ -47,6 +47,7 @@ def save_generation_programs(graphs: Any, directory: str) -> dict[str, Any]:
         save_program(result.module, result.example_args, result.example_kwargs, os.path.join(directory, file),
                      dynamic_shapes=graphs.dynamic_shapes.get(name))
     return {"programs": dict(PROGRAMS), "layout": graphs.layout.to_dict(), "max_length": graphs.max_length,
+            "max_batch": graphs.max_batch, "vocab_size": graphs.vocab_size,
             "eos_token_id": graphs.eos_token_id, "pad_token_id": graphs.pad_token_id,
             "check": graphs.check.summary() if graphs.check is not None else None, "notes": list(graphs.notes)}
 
@@ -60,6 +61,9 @@ class LoadedGeneration(LoadedModel):
         self.prefill, self.decode = prefill, decode
         self.layout = CacheLayout.from_dict(config["layout"])
         self.max_length = int(config["max_length"])
+        # absent from bundles written before they were recorded: unchecked there
+        self.max_batch = int(config["max_batch"]) if config.get("max_batch") else None
+        self.vocab_size = int(config["vocab_size"]) if config.get("vocab_size") else None
         self.eos_token_id, self.pad_token_id = config.get("eos_token_id"), config.get("pad_token_id")
         self.times = GenerationTimes()
         #: run decode through torch.compile (:class:`~graphopt.generate.compiled.CompiledDecode`; it falls back to
@@ -90,7 +94,8 @@ class LoadedGeneration(LoadedModel):
         return run_generation(self.prefill, self._decode_step(), self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
-                              max_length=self.max_length, times=self.times)
+                              max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
+                              times=self.times)
 
 
 def load_bundle(path: str, manifest: dict[str, Any]) -> LoadedGeneration:

@@ -41,8 +41,10 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-def check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt and its mask, checked: 2-D integer ids, a 0/1 mask of the same shape, padding on the left."""
+def check_prompt(input_ids: Any, attention_mask: Any,
+                 vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt and its mask, checked: 2-D integer ids (within ``[0, vocab_size)`` when given), a 0/1 mask of
+    the same shape, padding on the left."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
         raise BadInput("input_ids must be an integer tensor of token ids, shaped (batch, prompt_length)")
     if input_ids.ndim == 1:
@@ -50,6 +52,10 @@ def check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise BadInput(f"input_ids must be shaped (batch, prompt_length) with a non-empty prompt; "
                        f"got {tuple(input_ids.shape)}")
+    if vocab_size is not None and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+        raise BadInput(f"input_ids hold {bad.numel()} token id(s) outside the model's vocabulary [0, {vocab_size}) "
+                       f"(e.g. {int(bad[0])}); check that the tokenizer is the model's")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.ndim == 1:
@@ -105,17 +111,23 @@ def run_generation(
     prefill: Step, decode: Step, layout: CacheLayout, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     *, max_new_tokens: int, sampling: Sampling, eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None, streamer: Any = None, generator: torch.Generator | None = None,
-    max_length: int | None = None, times: GenerationTimes | None = None,
+    max_length: int | None = None, max_batch: int | None = None, vocab_size: int | None = None,
+    times: GenerationTimes | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after each prompt; returns ``[batch, prompt + generated]``.
 
     Rows that reach an end token keep going with ``pad_token_id`` (the end
     token when none is given) until every row has ended, as transformers does.
+    ``max_length``, ``max_batch`` and ``vocab_size`` (when given) are the
+    graphs' limits, checked before any work.
     """
-    input_ids, mask = check_prompt(input_ids, attention_mask)
+    input_ids, mask = check_prompt(input_ids, attention_mask, vocab_size)
     if max_new_tokens < 1:
         raise BadInput(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     batch, prompt = input_ids.shape
+    if max_batch is not None and batch > max_batch:
+        raise BadInput(f"a batch of {batch} rows exceeds the {max_batch} this model was prepared for; "
+                       f"prepare it with max_batch={batch} (or more), or generate in smaller batches")
     length = prompt + max_new_tokens
     if max_length is not None and length > max_length:
         raise BadInput(f"prompt {prompt} + max_new_tokens {max_new_tokens} = {length} tokens exceeds the "
