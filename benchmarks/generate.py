@@ -16,8 +16,9 @@ prompt at every ``--batches`` size:
 * ``graphopt fp32`` / ``bf16`` / ``int8`` / ``int8wo`` / ``int4`` / ``auto``:
   :func:`graphopt.prepare_generation` with that ``precision`` (the build time
   is reported, not timed), within relative L2 2e-2 and top-1 0.95 (int4: its
-  own documented budget); ``int4-every-linear``: int4 with no budget, its
-  error reported;
+  own documented budget); ``auto-int4-budget``: auto held to int4's budget
+  (so int4 is among its choices, with int8wo and bf16); ``int4-every-linear``:
+  int4 with no budget, its error reported;
 * ``graphopt <precision>+compile``: the same graphs with decode run through
   ``torch.compile`` (``compile_decode``; compiled at the warm-up, whose time
   is reported).
@@ -56,17 +57,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import graphopt  # noqa: E402
 from graphopt.generate import GenerationTimes, check_steps  # noqa: E402
 from graphopt.generate.measure import time_generation  # noqa: E402
+from graphopt.passes.precision import INT4_BUDGET  # noqa: E402
 from graphopt.verify import ErrorBudget  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8wo", "int4", "auto", "int4-every-linear")
+PRECISIONS = ("fp32", "bf16", "int8", "int8wo", "int4", "auto", "auto-int4-budget", "int4-every-linear")
 #: the graphopt variants also timed with decode through torch.compile
-COMPILED = ("fp32+compile", "int8wo+compile", "auto+compile", "int4+compile", "int4-every-linear+compile")
+COMPILED = ("fp32+compile", "int8wo+compile", "auto+compile", "int4+compile", "auto-int4-budget+compile",
+            "int4-every-linear+compile")
 #: issue 16's budget for reduced precision: relative L2 2e-2 and teacher-forced top-1 >= 0.95
 BUDGET = ErrorBudget(rel_l2=2e-2, top1=0.95)
 
 
 def precision_options(precision: str) -> dict[str, Any]:
-    """graphopt's options for one variant: int4 at its own documented budget; ``int4-every-linear`` with no
+    """graphopt's options for one variant: int4 at its own documented budget; ``auto-int4-budget``: auto at
+    int4's budget (int4, int8wo, bf16 per group, whichever is fastest within it); ``int4-every-linear`` with no
     budget at all (the speed of int4 weights, its error reported beside it); the rest at :data:`BUDGET`."""
     if precision == "fp32":
         return {}
@@ -74,6 +78,8 @@ def precision_options(precision: str) -> dict[str, Any]:
         return {"precision": "int4"}
     if precision == "int4-every-linear":
         return {"precision": "int4", "error_budget": ErrorBudget(rel_l2=1e9)}
+    if precision == "auto-int4-budget":  # auto held to int4's budget, which admits int4 among its choices
+        return {"precision": "auto", "error_budget": INT4_BUDGET}
     return {"precision": precision, "error_budget": BUDGET}
 HF_VARIANTS = ("hf eager dynamic", "hf sdpa static", "hf sdpa static compile")
 
