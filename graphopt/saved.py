@@ -171,10 +171,11 @@ class LoadedModel(torch.nn.Module):
     """A saved program called like the original model: same arguments, the output's structure rebuilt."""
 
     def __init__(self, program: torch.export.ExportedProgram, structure: dict[str, Any] | None,
-                 manifest: dict[str, Any] | None = None) -> None:
+                 manifest: dict[str, Any] | None = None, graph_module: torch.nn.Module | None = None) -> None:
+        """``graph_module``: what runs the program (default: ``program.module()``)."""
         super().__init__()
         self.program = program
-        self.graph_module = program.module()
+        self.graph_module = graph_module if graph_module is not None else program.module()
         self.structure = structure
         self.manifest = manifest or {}
 

@@ -36,6 +36,7 @@ from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positio
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.model_inputs import is_causal_lm, max_positions
+from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.optimize import OptimizeResult, optimize
 from graphopt.verify import ErrorBudget
 
@@ -110,6 +111,7 @@ class GenerationGraphs:
     compile_decode: bool = False
     _decode_runner: Any = field(default=None, repr=False)
     _compiled: Any = field(default=None, repr=False)
+    _runnable: dict[str, Any] = field(default_factory=dict, repr=False)
     #: the graphs' dynamic axes (``torch.export`` dynamic_shapes), what saving re-exports them with
     dynamic_shapes: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -117,10 +119,20 @@ class GenerationGraphs:
         """Write ``prefill.pt2`` and ``decode.pt2`` into ``directory``; returns the bundle's manifest fields."""
         return save_generation_programs(self, directory)
 
+    def runnable(self, name: str) -> torch.nn.Module:
+        """The ``"prefill"`` or ``"decode"`` graph as the loop runs it: its weight-only ops as direct kernel calls
+        (:func:`~graphopt.ops.kernel_calls.inline_kernel_calls`: the same numbers, less overhead per op); the
+        module that is saved and exported keeps the ops."""
+        module = getattr(self, name).module
+        cached = self._runnable.get(name)
+        if cached is None or cached[0] is not module:
+            cached = self._runnable[name] = (module, inline_kernel_calls(module))
+        return cached[1]
+
     def decode_step(self, device: torch.device) -> Any:
-        """What the loop calls per token: the decode graph, compiled where :attr:`compile_decode` says, replayed
-        from CUDA graphs on a GPU."""
-        decode = self.decode.module
+        """What the loop calls per token: the decode graph (:meth:`runnable`), compiled where
+        :attr:`compile_decode` says, replayed from CUDA graphs on a GPU."""
+        decode = self.runnable("decode")
         if self.compile_decode:
             if self._compiled is None or self._compiled.decode is not decode:
                 self._compiled = CompiledDecode(decode)
@@ -154,7 +166,7 @@ class GenerationGraphs:
         eos = self.eos_token_id if eos_token_id is MODEL_DEFAULT else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         decode = self.decode_step(input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu"))
-        return run_generation(self.prefill.module, decode, self.layout, input_ids, attention_mask,
+        return run_generation(self.runnable("prefill"), decode, self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
                               max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
@@ -255,8 +267,8 @@ def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int = C
         prompt = _check_prompt(CHECK_PROMPT, steps - 1, limit, EXAMPLE_PROMPT + 5)
     reference = teacher_forced_logits(step, step, graphs.layout, model, steps, prompt=prompt)
     device = next(model.parameters()).device
-    got = teacher_forced_logits(graphs.prefill.module, graphs.decode_step(device), graphs.layout, model, steps,
-                                prompt=prompt)
+    got = teacher_forced_logits(graphs.runnable("prefill"), graphs.decode_step(device), graphs.layout, model,
+                                steps, prompt=prompt)
     rel = float((got - reference).norm() / reference.norm().clamp_min(1e-30))
     top1 = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
     return StepCheck(rel if math.isfinite(rel) else math.inf, top1, steps, graphs.layout.dtype,

@@ -33,6 +33,7 @@ from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.loop import GenerationTimes, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout
+from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.saved import LoadedModel, NotASavedModel, load_program, load_saved_model, program_path, save_program
 
 __all__ = ["LoadedGeneration", "load_bundle", "save_generation_programs"]
@@ -70,6 +71,8 @@ class LoadedGeneration(LoadedModel):
         #: the program, with ``compiled_note`` saying why, where it cannot compile)
         self.compile_decode = False
         self._compiled: CompiledDecode | None = None
+        # what the loop runs: the programs with their weight-only ops as direct kernel calls
+        self._prefill_step, self._decode_graph = _kernel_calls(prefill), _kernel_calls(decode)
 
     @property
     def compiled_note(self) -> str | None:
@@ -78,9 +81,9 @@ class LoadedGeneration(LoadedModel):
 
     def _decode_step(self) -> Any:
         if not self.compile_decode:
-            return self.decode
+            return self._decode_graph
         if self._compiled is None:
-            self._compiled = CompiledDecode(self.decode)
+            self._compiled = CompiledDecode(self._decode_graph)
         return self._compiled
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -91,11 +94,20 @@ class LoadedGeneration(LoadedModel):
         """Generate as :meth:`graphopt.OptimizeResult.generate` does (same arguments, same tokens)."""
         eos = self.eos_token_id if eos_token_id is ... else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
-        return run_generation(self.prefill, self._decode_step(), self.layout, input_ids, attention_mask,
+        return run_generation(self._prefill_step, self._decode_step(), self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
                               max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
                               times=self.times)
+
+
+def _kernel_calls(program: LoadedModel) -> LoadedModel:
+    """``program`` running its weight-only ops as direct kernel calls
+    (:func:`~graphopt.ops.kernel_calls.inline_kernel_calls`), or itself where it has none."""
+    graph_module = inline_kernel_calls(program.graph_module)
+    if graph_module is program.graph_module:
+        return program
+    return LoadedModel(program.program, program.structure, program.manifest, graph_module=graph_module)
 
 
 def load_bundle(path: str, manifest: dict[str, Any]) -> LoadedGeneration:
