@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.ir import constant_nodes
+from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.passes.precision.quantized_linears import QUANTIZED, QuantizableLinear, QuantizedWeights
 from graphopt.precision.calibrate import Calibration, calibrate
 from graphopt.precision.ops_classes import FLOAT_DTYPES
@@ -203,7 +204,9 @@ class NodeMeasurements:
         :data:`MODEL_TIMING_REPEAT` back-to-back runs: warm, as a repeating step
         runs), and the group takes the
         fastest precision that makes the whole graph :data:`MODEL_MIN_SPEEDUP`
-        faster. Those whole-graph seconds become the nodes' timings (the
+        faster. Each graph is timed with its weight-only ops as direct kernel
+        calls (:func:`~graphopt.ops.kernel_calls.inline_kernel_calls`), as the
+        generation loop runs it. Those whole-graph seconds become the nodes' timings (the
         ``fp32`` entry: the graph before the group), so the search ranks by the
         saving per node (:meth:`saved_seconds`).
         """
@@ -215,7 +218,8 @@ class NodeMeasurements:
             self.ctx.step(f"precision: timing in the model, group {i + 1} of {len(ordered)} ({len(names)} nodes)")
             precisions = [p for p in self.timings[names[0]] if p != "fp32"]
             graphs = {"fp32": base, **{p: self.build({**accepted, **{n: p for n in names}}) for p in precisions}}
-            whole = self.timer({p: (lambda g=g: g(*a, **kw)) for p, g in graphs.items()},
+            runs = {p: inline_kernel_calls(g) for p, g in graphs.items()}  # as generation runs them
+            whole = self.timer({p: (lambda g=g: g(*a, **kw)) for p, g in runs.items()},
                                rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0,
                                repeat=MODEL_TIMING_REPEAT)
             choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP)
