@@ -147,7 +147,8 @@ def variants(name: str, args: argparse.Namespace, info: dict[str, dict[str, Any]
         if runtime == "compile":  # the same graphs, decode through torch.compile (compiled at the warm-up)
             graphs = dataclasses.replace(graphs, compile_decode=True, times=GenerationTimes(), _compiled=None,
                                          _decode_runner=None)
-        check = check_steps(graphs, eager, steps=args.new, prompt=args.prompt)  # at the lengths timed
+        # at the lengths timed, on other prompts and forced tokens than the build checked (seed)
+        check = check_steps(graphs, eager, steps=args.new, prompt=args.prompt, seed=11)
         info[label] = {"build_s": build_s, "teacher_forced_rel_l2": check.rel_l2, "teacher_forced_top1": check.top1,
                        "approximate": list(graphs.decode.approximate + graphs.prefill.approximate),
                        "notes": graphs.notes + ([f"decode not compiled: {graphs.compiled_note}"]
