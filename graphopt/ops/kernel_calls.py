@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from graphopt.ir import get_attr_value, is_constant, register_constant
 from graphopt.ops import weight_only_linear as wo
 
 log = logging.getLogger(__name__)
@@ -71,22 +72,15 @@ def int4_kernel_call(x: torch.Tensor, packed_kernel: torch.Tensor, group_size: i
 
 
 def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
+    if not is_constant(node):
         return None
-    value = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
+    value = get_attr_value(gm, node)
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _new_attr(gm: fx.GraphModule, graph: fx.Graph, base: str, value: torch.Tensor, anchor: fx.Node) -> fx.Node:
-    name, i = f"{base.replace('.', '_')}_kernel", 0
-    while hasattr(gm, name if i == 0 else f"{name}{i}"):
-        i += 1
-    name = name if i == 0 else f"{name}{i}"
-    gm.register_buffer(name, value, persistent=False)
-    with graph.inserting_before(anchor):
-        return graph.get_attr(name)
+def _new_attr(gm: fx.GraphModule, value: torch.Tensor, name_hint: str, anchor: fx.Node) -> fx.Node:
+    with gm.graph.inserting_before(anchor):
+        return gm.graph.get_attr(register_constant(gm, name_hint, value))
 
 
 def _op(node: fx.Node) -> object:
@@ -104,19 +98,19 @@ def _lower(gm: fx.GraphModule, node: fx.Node) -> bool:
     int4 = _op(node) is torch.ops.graphopt.int4_weight_only_linear.default
     x, weight_node, scale_node = node.args[0], node.args[1], node.args[2]
     weight, scales = _attr(gm, weight_node), _attr(gm, scale_node)
-    if weight is None or scales is None or not wo.prepack(weight, scales):
+    layout = wo.kernel_layout(weight, scales) if weight is not None and scales is not None else None
+    if layout is None:
         return False
-    layout = wo._kernel_layouts.get(weight)
     graph = gm.graph
     if int4:
         packed, sz, pad = layout
         group_size, bias = node.args[3], node.args[4]
-        packed_node = _new_attr(gm, graph, str(weight_node.target), packed, node)
-        sz_node = _new_attr(gm, graph, str(scale_node.target), sz, node)
+        packed_node = _new_attr(gm, packed, f"{weight_node.target}_kernel", node)
+        sz_node = _new_attr(gm, sz, f"{scale_node.target}_kernel", node)
         args = (x, packed_node, group_size, sz_node, pad, weight.shape[0], bias)
         target = int4_kernel_call
     else:
-        scale_node_k = _new_attr(gm, graph, str(scale_node.target), layout[1], node)
+        scale_node_k = _new_attr(gm, layout[1], f"{scale_node.target}_kernel", node)
         args, target = (x, weight_node, scale_node_k, node.args[3]), int8_kernel_call
     with graph.inserting_before(node):
         call = graph.call_function(target, args)
@@ -134,6 +128,7 @@ def inline_kernel_calls(module: torch.nn.Module) -> torch.nn.Module:
     kernel calls; the copy shares every tensor with ``module``, which is left unchanged."""
     if not isinstance(module, fx.GraphModule):
         return module
+
     def lowerable(n: fx.Node) -> bool:
         return n.op == "call_function" and _op(n) in _ops()
 

@@ -58,7 +58,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from graphopt.ops.declare import OpDeclaration, linear_cost
 
 __all__ = ["GROUP_SIZES", "int4_group_size", "int4_kernel", "int4_weight_only_reference", "int8_kernel",
-           "int8_weight_only_reference", "prepack", "quantize_int4", "quantize_int8_weight_only",
+           "int8_weight_only_reference", "kernel_layout", "prepack", "quantize_int4", "quantize_int8_weight_only",
            "unpack_int4"]
 
 #: int4 group sizes, largest first: the quantizer takes the largest that divides ``in_features``
@@ -206,7 +206,9 @@ def prepack(weight: torch.Tensor, scales: torch.Tensor) -> bool:
         return layout is not None
 
 
-def _layout(weight: torch.Tensor, scales: torch.Tensor) -> Optional[tuple]:
+def kernel_layout(weight: torch.Tensor, scales: torch.Tensor) -> Optional[tuple]:
+    """The kernel's layout of a stored weight (made now if not yet, :func:`prepack`), None where the reference
+    runs: int4 ``(packed for the kernel, scales_and_zeros, rows padded)``, int8 ``(None, bf16 scales, 0)``."""
     layout = _kernel_layouts.get(weight, False)
     if layout is False:
         prepack(weight, scales)
@@ -223,7 +225,7 @@ def _kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def int8_weight_only_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
     """int8 weights per channel, bf16 activations (see the module docstring)."""
-    layout = _layout(weight_int8, weight_scale) if _kernel_ok(x, weight_int8) else None
+    layout = kernel_layout(weight_int8, weight_scale) if _kernel_ok(x, weight_int8) else None
     if layout is None:
         return int8_weight_only_reference(x, weight_int8, weight_scale, bias)
     lead, k = x.shape[:-1], x.shape[-1]
@@ -240,7 +242,7 @@ def _int8_weight_only_fake(x, weight_int8, weight_scale, bias):
 def int4_weight_only_linear(x: torch.Tensor, packed_weight: torch.Tensor, scales_and_zeros: torch.Tensor,
                             group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Group-wise int4 weights, bf16 activations (see the module docstring)."""
-    layout = _layout(packed_weight, scales_and_zeros) if _kernel_ok(x, packed_weight) else None
+    layout = kernel_layout(packed_weight, scales_and_zeros) if _kernel_ok(x, packed_weight) else None
     if layout is None:
         return int4_weight_only_reference(x, packed_weight, scales_and_zeros, group_size, bias)
     packed, sz, pad = layout
