@@ -57,11 +57,8 @@ CHECK_STEPS_REDUCED = 128
 CHECK_PROMPT = 128
 CHECK_ROWS = 8
 #: real decode steps the decode graph's passes are verified on, DECODE_ROWS rows each after a DECODE_PROMPT-token
-#: prompt (so at a context of about 200 tokens); DECODE_STATES_REDUCED with a precision option: the precision
-#: search's top-1 is pooled over their 256 rows (over 6 x 16 = 96 its standard error at 0.95 was 2.2%, and auto
-#: kept linears exact that the 1,032-position end-to-end check accepts)
+#: prompt (so at a context of about 200 tokens): the precision search's top-1 is pooled over their 96 rows
 DECODE_STATES = 6
-DECODE_STATES_REDUCED = 16
 DECODE_ROWS = 16
 DECODE_PROMPT = 192
 #: the longest prompt + tokens the build's own examples and checks use
@@ -413,9 +410,9 @@ class _Builder:
         # kernels rank differently by rows (int8 weight-only: 0.7 ms at 2 rows, 2.3 at 8 on an LM head); the
         # states verified on have more rows, for a top-1 agreement over more than a handful of positions
         example = _decode_states(self.step, self.layout, self.model, 1, seed=4, batch=EXAMPLE_BATCH)[0][0]
-        count = DECODE_STATES if options.get("precision") is None else DECODE_STATES_REDUCED
-        prompt = _check_prompt(DECODE_PROMPT, count, self.length_cap, EXAMPLE_PROMPT + 3)
-        states = _decode_states(self.step, self.layout, self.model, count, seed=5, batch=DECODE_ROWS, prompt=prompt)
+        prompt = _check_prompt(DECODE_PROMPT, DECODE_STATES, self.length_cap, EXAMPLE_PROMPT + 3)
+        states = _decode_states(self.step, self.layout, self.model, DECODE_STATES, seed=5, batch=DECODE_ROWS,
+                                prompt=prompt)
         if options.get("passes") is None:  # one token per row: matrix-vector products, where the layout pays
             options = {"weight_layout_policy": "measure", **options}
         # a step streams every weight from memory once: precisions are timed inside the step, not op by op, and
