@@ -8,7 +8,10 @@ small ops are about half of an int4 step. Inductor fuses them into a few
 generated C++ (CPU) or Triton (GPU) kernels and calls the linears' kernels
 as they are. graphopt's own rewrites (fused attention, merged and
 weight-only linears, precision) stay: inductor compiles the graph they
-made, it does not re-plan it.
+made, it does not re-plan it. It is handed the graph as the loop runs it
+(``GenerationGraphs.runnable``: the weight-only ops as direct kernel calls,
+:mod:`graphopt.ops.kernel_calls`), so their casts fuse too; an opaque op's
+Python body cost about as much as its int4 kernel.
 
 Why torch.compile rather than more fusion passes of our own: it is the
 well-kept code generator for exactly this (elementwise and reduction fusion
