@@ -8,8 +8,11 @@ import torch.fx as fx
 import transformers
 
 import graphopt
+from graphopt.generate.loop import run_generation
+from graphopt.generate.sampling import Sampling
 from graphopt.ops import weight_only_linear as wo
-from graphopt.ops.kernel_calls import inline_kernel_calls, int4_kernel_call, int8_kernel_call
+from graphopt.ops.kernel_calls import inline_kernel_calls
+from graphopt.ops.weight_only_linear import int4_kernel_call, int8_kernel_call
 from graphopt.verify import ErrorBudget
 
 OPS = (torch.ops.graphopt.int8_weight_only_linear.default, torch.ops.graphopt.int4_weight_only_linear.default)
@@ -73,7 +76,7 @@ def test_a_weight_that_is_not_a_module_attribute_is_declined():
     assert inline_kernel_calls(plain) is plain  # no weight-only op: itself
 
 
-def test_generation_runs_kernel_calls_and_saves_the_ops(tmp_path):
+def test_generation_runs_kernel_calls_and_saves_the_ops():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
@@ -86,8 +89,6 @@ def test_generation_runs_kernel_calls_and_saves_the_ops(tmp_path):
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     tokens = graphs.generate(ids, max_new_tokens=6, eos_token_id=None)
     # the same graph with its ops (the pre-kernel-call path) gives the same tokens
-    from graphopt.generate.loop import run_generation
-    from graphopt.generate.sampling import Sampling
     plain = run_generation(graphs.prefill.module, graphs.decode.module, graphs.layout, ids, None,
                            max_new_tokens=6, sampling=Sampling(False, 1.0, None, None))
     assert torch.equal(tokens, plain)

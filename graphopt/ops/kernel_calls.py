@@ -4,8 +4,9 @@
     graphopt.int4_weight_only_linear(x, W4, sz, G, b)  -> int4_kernel_call(x, W4_kernel, G, sz_kernel, pad, N, b)
 
 where ``*_kernel`` are the kernel layouts :func:`~graphopt.ops.weight_only_linear.prepack`
-made of the stored weights (shared, not copied) and the calls are plain
-functions of aten ops: the bf16 cast of ``x``, the kernel
+made of the stored weights (shared, not copied) and the calls are the ops'
+own kernel paths (:mod:`graphopt.ops.weight_only_linear`), plain functions of
+aten ops: the bf16 cast of ``x``, the kernel
 (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu`` or
 CUDA's ``torch._weight_int4pack_mm``), the cast back and the bias.
 
@@ -30,45 +31,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from graphopt.ir import get_attr_value, is_constant, register_constant
 from graphopt.ops import weight_only_linear as wo
+from graphopt.ops.weight_only_linear import int4_kernel_call, int8_kernel_call
 
 log = logging.getLogger(__name__)
 
-__all__ = ["inline_kernel_calls", "int4_kernel_call", "int8_kernel_call"]
-
-
-def _finish(y: torch.Tensor, bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    y = y.reshape(*x.shape[:-1], y.shape[-1])
-    if bias is not None and bias.dtype == x.dtype and x.dtype in (torch.float32, torch.bfloat16):
-        return torch.add(bias, y)  # as the op does: one add that promotes y to x's dtype
-    y = y.to(x.dtype)
-    return y + bias.to(x.dtype) if bias is not None else y
-
-
-def int8_kernel_call(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
-                     bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``graphopt.int8_weight_only_linear``'s kernel path in aten ops (``scale_bf16``: the kernel's scales)."""
-    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    return _finish(torch._weight_int8pack_mm(xb, weight_int8, scale_bf16), bias, x)
-
-
-def int4_kernel_call(x: torch.Tensor, packed_kernel: torch.Tensor, group_size: int, sz_kernel: torch.Tensor,
-                     pad: int, out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``graphopt.int4_weight_only_linear``'s kernel path in aten ops, on the weight's kernel layout."""
-    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    if packed_kernel.device.type == "cpu":
-        y = torch._weight_int4pack_mm_for_cpu(xb, packed_kernel, group_size, sz_kernel)
-    else:
-        y = torch._weight_int4pack_mm(xb, packed_kernel, group_size, sz_kernel)
-    if pad:
-        y = y[:, :out_features]
-    return _finish(y, bias, x)
+__all__ = ["inline_kernel_calls"]
 
 
 def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:

@@ -58,6 +58,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from graphopt.ops.declare import OpDeclaration, linear_cost
 
 __all__ = ["GROUP_SIZES", "int4_group_size", "int4_kernel", "int4_weight_only_reference", "int8_kernel",
+           "int4_kernel_call", "int8_kernel_call",
            "int8_weight_only_reference", "kernel_layout", "prepack", "quantize_int4", "quantize_int8_weight_only",
            "unpack_int4"]
 
@@ -221,6 +222,30 @@ def _kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device == weight.device and x.dtype.is_floating_point and x.numel() > 0
 
 
+def int8_kernel_call(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The int8 op's kernel path in aten ops (``scale_bf16``: the kernel's scales, :func:`kernel_layout`); the op
+    calls it, and :mod:`graphopt.ops.kernel_calls` puts it in a graph in the op's place."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16).contiguous(), weight_int8, scale_bf16)
+    return _finish(y, bias, lead, x.dtype)
+
+
+def int4_kernel_call(x: torch.Tensor, packed_kernel: torch.Tensor, group_size: int, sz_kernel: torch.Tensor,
+                     pad: int, out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The int4 op's kernel path in aten ops, on the weight's kernel layout (:func:`kernel_layout`: the packed
+    weight, its scales and zeros, the rows it pads); the op calls it, as :func:`int8_kernel_call`."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    xb = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+    if packed_kernel.device.type == "cpu":
+        y = torch._weight_int4pack_mm_for_cpu(xb, packed_kernel, group_size, sz_kernel)
+    else:
+        y = torch._weight_int4pack_mm(xb, packed_kernel, group_size, sz_kernel)
+    if pad:
+        y = y[:, :out_features]
+    return _finish(y, bias, lead, x.dtype)
+
+
 @torch.library.custom_op("graphopt::int8_weight_only_linear", mutates_args=())
 def int8_weight_only_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -228,9 +253,7 @@ def int8_weight_only_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_s
     layout = kernel_layout(weight_int8, weight_scale) if _kernel_ok(x, weight_int8) else None
     if layout is None:
         return int8_weight_only_reference(x, weight_int8, weight_scale, bias)
-    lead, k = x.shape[:-1], x.shape[-1]
-    y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16).contiguous(), weight_int8, layout[1])
-    return _finish(y, bias, lead, x.dtype)
+    return int8_kernel_call(x, weight_int8, layout[1], bias)
 
 
 @int8_weight_only_linear.register_fake
@@ -246,15 +269,7 @@ def int4_weight_only_linear(x: torch.Tensor, packed_weight: torch.Tensor, scales
     if layout is None:
         return int4_weight_only_reference(x, packed_weight, scales_and_zeros, group_size, bias)
     packed, sz, pad = layout
-    lead, k = x.shape[:-1], x.shape[-1]
-    xb = x.reshape(-1, k).to(torch.bfloat16).contiguous()
-    if x.device.type == "cpu":
-        y = torch._weight_int4pack_mm_for_cpu(xb, packed, group_size, sz)
-    else:
-        y = torch._weight_int4pack_mm(xb, packed, group_size, sz)
-    if pad:
-        y = y[:, : packed_weight.shape[0]]
-    return _finish(y, bias, lead, x.dtype)
+    return int4_kernel_call(x, packed, group_size, sz, pad, packed_weight.shape[0], bias)
 
 
 @int4_weight_only_linear.register_fake
