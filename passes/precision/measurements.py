@@ -212,13 +212,13 @@ class NodeMeasurements:
         """
         a, kw = self.timing_inputs
         accepted: dict[str, str] = {}
-        base: fx.GraphModule = self.gm
+        base = inline_kernel_calls(self.gm)  # each graph as generation runs it
         ordered = sorted(groups, key=lambda names: -self.timings[names[0]]["fp32"] * len(names))
         for i, names in enumerate(ordered):
             self.ctx.step(f"precision: timing in the model, group {i + 1} of {len(ordered)} ({len(names)} nodes)")
             precisions = [p for p in self.timings[names[0]] if p != "fp32"]
-            graphs = {"fp32": base, **{p: self.build({**accepted, **{n: p for n in names}}) for p in precisions}}
-            runs = {p: inline_kernel_calls(g) for p, g in graphs.items()}  # as generation runs them
+            runs = {"fp32": base, **{p: inline_kernel_calls(self.build({**accepted, **{n: p for n in names}}))
+                                     for p in precisions}}
             whole = self.timer({p: (lambda g=g: g(*a, **kw)) for p, g in runs.items()},
                                rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0,
                                repeat=MODEL_TIMING_REPEAT)
@@ -228,7 +228,7 @@ class NodeMeasurements:
                 self.group_size[name] = len(names)
                 if choice != "fp32":
                     accepted[name] = choice
-            base = graphs[choice]
+            base = runs[choice]
         self.notes.append(f"speed timed in the model: {len(ordered)} groups of same-shape nodes, largest first, the "
                           f"whole graph with each group also converted against the graph before it (converted where "
                           f">= {MODEL_MIN_SPEEDUP:g}x); {len(accepted)} nodes converted on speed")
