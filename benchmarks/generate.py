@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphopt  # noqa: E402
+from graphopt import ir  # noqa: E402
 from graphopt.generate import GenerationTimes, check_steps  # noqa: E402
 from graphopt.generate.measure import time_generation  # noqa: E402
 from graphopt.passes.precision import INT4_BUDGET  # noqa: E402
@@ -151,10 +152,30 @@ def variants(name: str, args: argparse.Namespace, info: dict[str, dict[str, Any]
         check = check_steps(graphs, eager, steps=args.new, prompt=args.prompt, seed=11)
         info[label] = {"build_s": build_s, "teacher_forced_rel_l2": check.rel_l2, "teacher_forced_top1": check.top1,
                        "approximate": list(graphs.decode.approximate + graphs.prefill.approximate),
+                       "decode_weights": weight_formats(graphs.decode.module),
                        "notes": graphs.notes + ([f"decode not compiled: {graphs.compiled_note}"]
                                                 if graphs.compiled_note else [])}
         runners[label] = graphopt_runner(graphs)
     return runners
+
+
+def weight_formats(gm: torch.fx.GraphModule) -> dict[str, float]:
+    """Share of the graph's matmul weights (elements) per format: what a plan's speed is made of (an "int4" plan
+    whose linears the budget kept out of int4 runs mostly int8 weight-only)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2 or getattr(node.args[1], "op", None) != "get_attr":
+            continue
+        weight = ir.get_attr_value(gm, node.args[1])
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        name = str(node.target)
+        kind = ("int4" if "int4" in name else "int8wo" if "int8_weight_only" in name else "int8" if "int8" in name
+                else "fp8" if "fp8" in name else str(weight.dtype).replace("torch.", "").replace("float32", "fp32")
+                .replace("bfloat16", "bf16").replace("float16", "fp16"))
+        counts[kind] = counts.get(kind, 0) + weight.numel() * (2 if kind == "int4" else 1)
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def graphopt_variant(variant: str) -> bool:
@@ -211,15 +232,17 @@ def markdown(data: dict[str, Any]) -> str:
                       for b in {r["batch"] for r in rows.values()}}
         out += [f"**{model}** (load average after: {', '.join(f'{x:.2f}' for x in section['load_average'])})", "",
                 "| variant | prefill ms | decode ms/step | decode tokens/s | x fastest hf | tokens equal | "
-                "teacher-forced rel L2 / top-1 | build s |", "|---|---|---|---|---|---|---|---|"]
+                "teacher-forced rel L2 / top-1 | decode weights | build s |", "|---|---|---|---|---|---|---|---|---|"]
         for key, r in rows.items():
             ratio = r["decode_tokens_per_s"] / fastest_hf[r["batch"]] if fastest_hf.get(r["batch"]) else None
             err = (f"{r['teacher_forced_rel_l2']:.2e} / {r['teacher_forced_top1']:.3f}"
                    if "teacher_forced_rel_l2" in r else "")
+            weights = " ".join(f"{k} {v:.0%}" for k, v in r.get("decode_weights", {}).items())
             out.append(f"| {key} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {r['decode_tokens_per_s']:.1f} | "
                        f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('tokens_equal', '')} | {err} | "
-                       f"{r.get('build_s', '')} |")
-        out += [f"| {v} | did not build: {status} |  |  |  |  |  |  |" for v, status in section.get("failed", {}).items()]
+                       f"{weights} | {r.get('build_s', '')} |")
+        out += [f"| {v} | did not build: {status} |  |  |  |  |  |  |  |"
+                for v, status in section.get("failed", {}).items()]
         out.append("")
     out.append(end)
     return "\n".join(out)

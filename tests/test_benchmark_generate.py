@@ -28,5 +28,7 @@ def test_tiny_run_reports_every_variant(tmp_path, capsys):
             assert r["decode_ms"] > 0 and r["prefill_ms"] > 0, (v, r)
         assert rows[f"graphopt fp32 b{b}"]["tokens_equal"] is True
         assert rows[f"graphopt fp32 b{b}"]["teacher_forced_rel_l2"] < 1e-4
+        assert rows[f"graphopt fp32 b{b}"]["decode_weights"] == {"fp32": 1.0}
+        assert rows[f"graphopt int8wo b{b}"]["decode_weights"].get("int8wo", 0) > 0
     assert rows["graphopt int8wo+compile b1"]["notes"] == []  # it compiled and passed its check
     assert "| graphopt int8wo b2 |" in capsys.readouterr().out

@@ -272,6 +272,36 @@ def test_auto_timed_in_the_model_follows_the_whole_graph_not_the_op_alone():
     assert {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]} == {"int8"}
 
 
+class _CloseCallTimer:
+    """In the model, bf16 first times 0.5% faster (under MODEL_MIN_SPEEDUP), then ``second`` of fp32's time."""
+
+    def __init__(self, second: float) -> None:
+        self.second, self.whole_graph_calls = second, 0
+
+    def __call__(self, fns, **kw):
+        from graphopt.passes.precision.measurements import MODEL_TIMING_ROUNDS
+
+        if set(fns) == {"fp32", "plan"}:
+            return {"fp32": 1.0, "plan": 0.9}
+        if kw.get("rounds") == MODEL_TIMING_ROUNDS:
+            self.whole_graph_calls += 1
+            bf16 = 0.995 if self.whole_graph_calls % 2 else self.second
+            return {k: {"fp32": 1.0, "int8": 1.2, "bf16": bf16}[k] for k in fns}
+        return {k: {"fp32": 1.0, "int8": 0.5, "bf16": 0.9}[k] for k in fns}
+
+
+@pytest.mark.parametrize("second, converted", [(0.98, True), (0.996, False)])
+def test_a_group_faster_by_less_than_the_threshold_is_timed_again(second, converted):
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args, precision_timing="model")
+    timer = _CloseCallTimer(second)
+    res = ReducedPrecision("auto", target=WITH_BF16, timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert timer.whole_graph_calls == 4  # each of the two groups timed twice
+    linears = {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]}
+    assert linears == ({"bf16"} if converted else {"fp32"}), ctx.report.extra["precision"]
+    assert res.modified is converted
+
+
 def test_precision_timing_inputs_must_be_args_and_kwargs():
     from graphopt.errors import OptionError
 

@@ -108,6 +108,29 @@ def test_numerics_int4_holds_its_own_default_budget_on_a_tiny_llama():
 
 
 @needs_kernels
+def test_int4_gives_linears_kept_out_of_int4_int8_weight_only_within_the_budget():
+    """The tiny Llama's search keeps 5 of its 9 linears out of int4 (each alone moves the logits too much); they
+    fall back to int8 weight-only, not fp32, and the model still holds int4's budget on fresh ids. With
+    precision_int4_fallback='fp32' they stay exact, with the reason the search gave."""
+    model, args = _llama()
+    mixed = graphopt.optimize(model, args, precision="int4")
+    plan = {e["node"]: e for e in mixed.report.extra["precision"]}
+    kinds = [e["precision"] for e in plan.values()]
+    assert kinds.count("int4") >= 2 and kinds.count("int8wo") >= 1, kinds
+    assert _targets(mixed.module).count(INT8WO) == kinds.count("int8wo")
+    assert all("int4 fallback" in e["reason"] and "int4 was over budget" in e["reason"]
+               for e in plan.values() if e["precision"] == "int8wo")
+    assert any(n.startswith("int4 fallback:") for n in mixed.report.record("precision").notes)
+    for seed in (7, 8):
+        rel, top1 = _logits_error(model, mixed.module, seed)
+        assert rel <= INT4_BUDGET.rel_l2 and top1 >= INT4_BUDGET.top1, (rel, top1)
+
+    exact = graphopt.optimize(model, args, precision="int4", precision_int4_fallback="fp32")
+    kept = [e for e in exact.report.extra["precision"] if e["precision"] == "fp32" and "over budget" in e["reason"]]
+    assert len(kept) == kinds.count("int8wo") and INT8WO not in _targets(exact.module)
+
+
+@needs_kernels
 def test_int4_declined_where_no_group_size_divides_in_features():
     model, args = _mlp(d_in=100)  # the first linear's 100 inputs: no group of 128, 64 or 32 divides them
     result = graphopt.optimize(model, args, precision="int4", error_budget=0.5)

@@ -107,6 +107,8 @@ class GenerationGraphs:
     times: GenerationTimes = field(default_factory=GenerationTimes)
     #: what the build did beyond the plan (a decode graph re-planned, reduced precision dropped)
     notes: list[str] = field(default_factory=list)
+    #: the error budget the pair is held to end to end (the first plan's; None: exact)
+    error_budget: ErrorBudget | None = None
     #: replay decode from CUDA graphs: None on a CUDA device, False never, True (also) where possible
     cuda_graphs: bool | None = None
     #: run decode through torch.compile (:class:`~graphopt.generate.compiled.CompiledDecode`); the build sets it
@@ -295,7 +297,8 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
 
     Reduced precision is planned per graph on single steps; errors then add up
     through the cache. When the pair's teacher-forced logits miss the budget,
-    both graphs are planned again at half the budget, then built exact;
+    both graphs are planned again at a budget tightened by the miss
+    (:func:`replan_scale`), then at half that, then built exact;
     ``graphs.notes`` says what happened.
 
     ``compile_decode=True`` runs the decode graph through ``torch.compile``
@@ -320,6 +323,7 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
                                   pad_token_id=getattr(config, "pad_token_id", None),
                                   dynamic_shapes={"prefill": builder.prefill_shapes, "decode": builder.decode_shapes})
         say("generation: teacher-forced check")
+        graphs.error_budget = _budget(graphs)
         graphs.check = check_steps(graphs, model)
         _fall_back_within_budget(graphs, builder, optimize_options, say)
         if compile_decode:
@@ -330,22 +334,58 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
 
 
 def _budget(graphs: GenerationGraphs) -> ErrorBudget | None:
+    """The budget the pair is held to end to end: the one it was first planned at (a re-plan tightens the graphs'
+    own budgets, not this), None where neither graph is approximate."""
     approximate = [r for r in (graphs.prefill, graphs.decode) if r.approximate]
-    return approximate[0].context.error_budget if approximate else None
+    if not approximate:
+        return None
+    return graphs.error_budget or approximate[0].context.error_budget
+
+
+#: a pair that misses its budget end to end is re-planned at the budget scaled by how far it missed (times this
+#: margin), at most REPLAN_MAX_SCALE of it (a near miss) and at least REPLAN_MIN_SCALE (halving, the old rule)
+REPLAN_MARGIN = 0.9
+REPLAN_MAX_SCALE = 0.9
+REPLAN_MIN_SCALE = 0.5
+#: re-plans before reduced precision is dropped: scaled to the miss, then half that
+REPLANS = 2
+
+
+def replan_scale(check: StepCheck, budget: ErrorBudget) -> float:
+    """The factor a missed budget is tightened by for the re-plan: what the pair measured against what the
+    budget allows, per metric (rel L2; top-1 as the share of positions that may flip), the worst of them times
+    :data:`REPLAN_MARGIN`, within [:data:`REPLAN_MIN_SCALE`, :data:`REPLAN_MAX_SCALE`]. A plan that missed by a
+    hair is re-planned a little tighter, not at half the budget (which keeps much more exact than needed)."""
+    ratios = [budget.rel_l2 / check.rel_l2 if check.rel_l2 > 0 else 1.0]
+    if budget.top1 is not None and check.top1 < 1.0:
+        ratios.append((1.0 - budget.top1) / (1.0 - check.top1))
+    return max(REPLAN_MIN_SCALE, min(REPLAN_MAX_SCALE, REPLAN_MARGIN * min(ratios)))
+
+
+def _scaled(budget: ErrorBudget, scale: float) -> ErrorBudget:
+    top1 = None if budget.top1 is None else 1.0 - (1.0 - budget.top1) * scale
+    return dataclasses.replace(budget, rel_l2=budget.rel_l2 * scale, top1=top1)
 
 
 def _fall_back_within_budget(graphs: GenerationGraphs, builder: _Builder, options: dict[str, Any],
                              say: Callable[[str], None]) -> None:
-    """Re-plan both graphs at half the budget, then build both exact, until the check passes."""
+    """Re-plan both graphs at a tighter budget (scaled to the miss, then half that), then build both exact,
+    until the check passes."""
     budget = _budget(graphs)
-    if budget is not None and not graphs.check.ok(budget):
+    scale = 1.0
+    for attempt in range(REPLANS):
+        if budget is None or graphs.check.ok(budget):
+            break
         missed = graphs.check.summary()
-        say("generation: re-planned at half the error budget")
-        tighter = {**options, "error_budget": dataclasses.replace(budget, rel_l2=budget.rel_l2 / 2)}
-        graphs.prefill, graphs.decode = builder.prefill(tighter), builder.decode(tighter)
+        scale *= replan_scale(graphs.check, budget) if attempt == 0 else REPLAN_MIN_SCALE
+        tighter = _scaled(budget, scale)
+        top1 = f", top-1 {tighter.top1:.3g}" if tighter.top1 is not None else ""
+        say(f"generation: re-planned at {scale:.2f}x the error budget")
+        graphs.prefill, graphs.decode = builder.prefill({**options, "error_budget": tighter}), \
+            builder.decode({**options, "error_budget": tighter})
         graphs.check = check_steps(graphs, builder.model)
         graphs.notes.append(f"the pair missed the budget ({missed}); both graphs re-planned at rel_l2 "
-                            f"{budget.rel_l2 / 2:g}: {graphs.check.summary()}")
+                            f"{tighter.rel_l2:.3g}{top1}: {graphs.check.summary()}")
     if budget is not None and not graphs.check.ok(budget):
         exact = {k: v for k, v in options.items() if k not in ("precision", "error_budget")}
         say("generation: reduced precision dropped (over the budget end to end)")

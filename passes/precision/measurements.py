@@ -204,7 +204,8 @@ class NodeMeasurements:
         :data:`MODEL_TIMING_REPEAT` back-to-back runs: warm, as a repeating step
         runs), and the group takes the
         fastest precision that makes the whole graph :data:`MODEL_MIN_SPEEDUP`
-        faster. Each graph is timed with its weight-only ops as direct kernel
+        faster (a group faster by less is timed once more, and the fastest of
+        both timings decides). Each graph is timed with its weight-only ops as direct kernel
         calls (:func:`~graphopt.ops.kernel_calls.inline_kernel_calls`), as the
         generation loop runs it. Those whole-graph seconds become the nodes' timings (the
         ``fp32`` entry: the graph before the group), so the search ranks by the
@@ -219,10 +220,14 @@ class NodeMeasurements:
             precisions = [p for p in self.timings[names[0]] if p != "fp32"]
             runs = {"fp32": base, **{p: inline_kernel_calls(self.build({**accepted, **{n: p for n in names}}))
                                      for p in precisions}}
-            whole = self.timer({p: (lambda g=g: g(*a, **kw)) for p, g in runs.items()},
-                               rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0,
-                               repeat=MODEL_TIMING_REPEAT)
+            whole = self._time_graphs(runs, a, kw)
             choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP)
+            if choice == "fp32" and min(whole.values()) < whole["fp32"]:
+                # faster, but by less than the threshold: one more interleaved timing before the group stays fp32
+                # (a group of small linears saves 1-3% of a step, about the noise of one timing)
+                again = self._time_graphs(runs, a, kw)
+                whole = {p: min(t, again[p]) for p, t in whole.items()}
+                choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP)
             for name in names:
                 self.timings[name] = dict(whole)
                 self.group_size[name] = len(names)
@@ -232,6 +237,12 @@ class NodeMeasurements:
         self.notes.append(f"speed timed in the model: {len(ordered)} groups of same-shape nodes, largest first, the "
                           f"whole graph with each group also converted against the graph before it (converted where "
                           f">= {MODEL_MIN_SPEEDUP:g}x); {len(accepted)} nodes converted on speed")
+
+    def _time_graphs(self, graphs: dict[str, fx.GraphModule], args: tuple, kwargs: dict) -> dict[str, float]:
+        """Seconds per run of each graph, interleaved (fastest of :data:`MODEL_TIMING_ROUNDS`, warm)."""
+        return self.timer({p: (lambda g=g: g(*args, **kwargs)) for p, g in graphs.items()},
+                          rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0,
+                          repeat=MODEL_TIMING_REPEAT)
 
     def _signature(self, name: str) -> tuple:
         node = self.nodes[name]

@@ -30,6 +30,10 @@ Option ``precision``:
     linear(x, W, b) ...                 -> graphopt.int4_weight_only_linear(x, W_packed, scales_and_zeros, G, b)
     (G the largest of 128, 64, 32 dividing in_features; torch's int4 kernels, CPU and CUDA). Its
     default budget is ``INT4_BUDGET`` (rel_l2 5e-2, top-1 0.9; measured in docs/precision.md), not 1e-2.
+    A linear the search keeps out of int4 gets int8 weight-only where the budget still holds
+    (option ``precision_int4_fallback``, default ``"int8wo"``; ``"fp32"`` keeps it exact), so
+    ``int4`` is never slower than the weights it could afford: 4-bit formats mix so too
+    (llama.cpp's Q4_K_M keeps some tensors in 6 bits).
 ``"auto"``
     per node, the precision measured fastest on the target among those it has
     (fp8, int8, int8wo, and bf16 only where the target computes bf16 natively; int4 only when
@@ -108,6 +112,9 @@ class ReducedPrecision(Pass):
         "precision_int8_pair_safe": Option("int8: quantize weights pair-safe, so the graph runs exactly on x86 "
                                            "kernels without VNNI (default: only where this machine's kernel "
                                            "needs it)", bool),
+        "precision_int4_fallback": Option("int4: what a linear the budget keeps out of int4 becomes: 'int8wo' "
+                                          "(int8 weight-only where the budget still holds; default) or 'fp32'",
+                                          str, "int8wo", ("int8wo", "fp32")),
         "precision_timing": Option("how auto times a node's precisions: 'isolated' (the op alone on its recorded "
                                    "inputs; default) or 'model' (the whole graph, each group of same-shape nodes "
                                    "converted, largest first, against the graph with the decisions so far: for "
@@ -239,7 +246,7 @@ def _search(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, pl
     kept, steps = search_kept(order, measure)
     failing = [s for s in steps if not s.numerics.ok]
     fallback_note = ""
-    if speed_check and kept:
+    if kept and (speed_check or run.mode == "int4"):
         kept, fallback_note = run.fall_back(kept, plan, verifier, search_budget)
     for name in kept:
         worst = max(failing, key=lambda s: s.kept) if failing else None

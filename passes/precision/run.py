@@ -146,6 +146,8 @@ class PrecisionRun(NodeMeasurements):
                     why_not[node.name] = int4_decline(sites[node.name])
             if self.mode in FLOAT_DTYPES or "bf16" in auto:
                 opts.append("bf16" if self.mode == "auto" else self.mode)
+            if self.mode == "int4" and "int4" in opts and self._int4_fallback:
+                opts.append("int8wo")
             if opts:
                 self.options[node.name] = opts
             else:
@@ -160,6 +162,12 @@ class PrecisionRun(NodeMeasurements):
                 if reason:
                     declined.append(Declined(node.name, f"kept fp32: {reason}"))
         return declined
+
+    @property
+    def _int4_fallback(self) -> bool:
+        """int4 mode: linears kept out of int4 may get int8 weight-only (option ``precision_int4_fallback``)."""
+        return ("int8wo" in self.target.weight_only
+                and self.ctx.option("precision_int4_fallback", "int8wo") == "int8wo")
 
     # -- whole-model measurements (single nodes: NodeMeasurements)
     def model_sensitivity(self, plan: dict[str, str], verifier: Verifier) -> dict[str, float]:
@@ -242,11 +250,18 @@ class PrecisionRun(NodeMeasurements):
         nodes only, decides which: when not all of them fit, the ones that
         cost the most whole-model error per millisecond they save go back to
         fp32 first, so the big savings (an LM head) are the last to go.
+        Explicit ``int4`` (no timings): a linear kept out of int4 falls back to
+        int8 weight-only (:attr:`_int4_fallback`), ranked by FLOPs saved.
         Updates ``plan`` and the choices; returns the nodes left in fp32 and a
         note ('' when nothing was tried).
         """
         second: dict[str, tuple[str, str]] = {}
         for name in kept:
+            if self.mode == "int4":
+                if "int8wo" in self.options.get(name, ()) and plan[name] == "int4" \
+                        and self.local_error(name, "int8wo") < self.local_error(name, "int4"):
+                    second[name] = ("int8wo", "int4 fallback (precision_int4_fallback): int8 weight-only")
+                continue
             timings = self.timings.get(name, {})
             was = plan[name]
             rest = {p: t for p, t in timings.items()
@@ -277,8 +292,11 @@ class PrecisionRun(NodeMeasurements):
             plan[name] = self.choice[name] = choice
         targets = [second[n][0] for n in moved]
         counts = ", ".join(f"{c}: {targets.count(c)}" for c in sorted(set(targets)))
-        note = (f"fallback: {len(moved)} of {len(second)} nodes kept out of their fastest precision run in the next "
-                f"fastest ({counts or 'none'}); {len(steps)} whole-model checks"
+        what = (f"int4 fallback: {len(moved)} of {len(second)} linears kept out of int4 got int8 weight-only"
+                if self.mode == "int4" else
+                f"fallback: {len(moved)} of {len(second)} nodes kept out of their fastest precision run in the next "
+                f"fastest ({counts or 'none'})")
+        note = (f"{what}; {len(steps)} whole-model checks"
                 + (f" (ranked by error per ms saved, {len(second)} single-node runs)" if len(steps) > 1 else "")
                 + ", " + describe_steps(steps))
         return (kept - set(moved)), note
