@@ -55,7 +55,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphopt  # noqa: E402
-from graphopt import ir  # noqa: E402
+from graphopt import ir, meta  # noqa: E402
 from graphopt.generate import GenerationTimes, check_steps  # noqa: E402
 from graphopt.generate.measure import time_generation  # noqa: E402
 from graphopt.passes.precision import INT4_BUDGET  # noqa: E402
@@ -169,10 +169,7 @@ def weight_formats(gm: torch.fx.GraphModule) -> dict[str, float]:
         weight = ir.get_attr_value(gm, node.args[1])
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
-        name = str(node.target)
-        kind = ("int4" if "int4" in name else "int8wo" if "int8_weight_only" in name else "int8" if "int8" in name
-                else "fp8" if "fp8" in name else str(weight.dtype).replace("torch.", "").replace("float32", "fp32")
-                .replace("bfloat16", "bf16").replace("float16", "fp16"))
+        kind = node.meta.get(meta.PRECISION, "fp32")  # what the precision pass chose for the node
         counts[kind] = counts.get(kind, 0) + weight.numel() * (2 if kind == "int4" else 1)
     total = sum(counts.values()) or 1
     return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}

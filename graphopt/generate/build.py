@@ -381,8 +381,8 @@ def _fall_back_within_budget(graphs: GenerationGraphs, builder: _Builder, option
         tighter = _scaled(budget, scale)
         top1 = f", top-1 {tighter.top1:.3g}" if tighter.top1 is not None else ""
         say(f"generation: re-planned at {scale:.2f}x the error budget")
-        graphs.prefill, graphs.decode = builder.prefill({**options, "error_budget": tighter}), \
-            builder.decode({**options, "error_budget": tighter})
+        replan = {**options, "error_budget": tighter}
+        graphs.prefill, graphs.decode = builder.prefill(replan), builder.decode(replan)
         graphs.check = check_steps(graphs, builder.model)
         graphs.notes.append(f"the pair missed the budget ({missed}); both graphs re-planned at rel_l2 "
                             f"{tighter.rel_l2:.3g}{top1}: {graphs.check.summary()}")
