@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: example sizes the graphs are captured at (none is 0 or 1, which torch.export would specialise)
 EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
+#: the prefill graph's weight layout is also timed at this many times its example's rows (2 x 8 -> 1,024: eight
+#: 128-token prompts), so a layout that pays for short prompts is not kept where it costs long ones
+PREFILL_LONG_SCALE = 64
 #: ``eos_token_id`` not given: the model's generation config decides (``None`` means none, as in transformers)
 MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "<the model's>"})()
 #: the end-to-end check teacher-forces CHECK_STEPS decode steps (CHECK_STEPS_REDUCED where reduced precision is in
@@ -442,6 +445,8 @@ class _Builder:
         checks = [_prompt_inputs(model, layout, b, t, t + n, pads, seed)
                   for b, t, n, pads, seed in ((3, 5, 7, 2, 1), (1, 13, 4, 0, 2), (2, 8, 9, 0, 3), (2, 6, 0, 1, 5))]
         # the last set: a cache exactly as long as the prompt, which is how the loop calls prefill (prefill_view)
+        if options.get("passes") is None:  # prompts of tens to hundreds of rows; checked at a long one too
+            options = {"weight_layout_policy": "measure", "weight_layout_long_scale": PREFILL_LONG_SCALE, **options}
         return optimize(self.step, example, dynamic_shapes=self.prefill_shapes, verify_inputs=checks, progress=self.progress,
                         **options)
 
