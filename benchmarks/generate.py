@@ -26,8 +26,10 @@ prompt at every ``--batches`` size:
 All variants are timed round-robin (``--rounds`` rounds, after one warm-up
 each), the median kept: the load of a busy machine hits them alike; the load
 average is printed with the figures. Prefill ms is the time to the first new
-token; decode is the mean time per later token (a step gives every row one
-token; tokens/s counts all rows). Greedy tokens are compared with ``hf eager
+token (the median over the generate rounds and ``--prefill-rounds`` more
+prefill-only calls, interleaved: one generate call gives one prefill sample;
+compiled variants take only the generate rounds'); decode is the mean time
+per later token (a step gives every row one token; tokens/s counts all rows). Greedy tokens are compared with ``hf eager
 dynamic``'s. Reduced precision is judged by teacher-forced logits over a
 ``--prompt``-token prompt plus ``--new`` decode steps (8 rows) against the fp32
 model (relative L2 and top-1), never by free-running text.
@@ -197,9 +199,13 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             for v, run in runners.items():
                 samples[v].append(run(ids, args.new))
+        prefills = {v: [r.prefill_ms for r in runs] for v, runs in samples.items()}
+        for _ in range(args.prefill_rounds):  # a prefill is one sample per generate call: take more, interleaved
+            for v in [v for v in runners if "compile" not in v]:  # another cache length would recompile those
+                prefills[v].append(runners[v](ids, 2).prefill_ms)
         reference = samples.get("hf eager dynamic", [None])[0]
         for v, runs in samples.items():
-            row = {"prefill_ms": statistics.median(r.prefill_ms for r in runs),
+            row = {"prefill_ms": statistics.median(prefills[v]), "prefill_samples": len(prefills[v]),
                    "decode_ms": statistics.median(r.decode_ms for r in runs), "batch": batch}
             row["decode_tokens_per_s"] = batch * 1e3 / row["decode_ms"]
             if reference is not None:
@@ -252,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prefill-rounds", type=int, default=12,
+                   help="extra interleaved prefill-only calls per variant (2 new tokens; not for compiled variants, "
+                        "whose static cache would recompile at another length)")
     p.add_argument("--variants", default=",".join(["hf", *PRECISIONS, *COMPILED]),
                    help="comma list: hf (the three transformers variants) and graphopt precisions, each also as "
                         "<precision>+compile (decode through torch.compile)")
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.tiny:
-        args.prompt, args.new, args.rounds = min(args.prompt, 8), min(args.new, 6), 1
+        args.prompt, args.new, args.rounds, args.prefill_rounds = min(args.prompt, 8), min(args.new, 6), 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -26,6 +26,8 @@ def test_tiny_run_reports_every_variant(tmp_path, capsys):
         for v in ("hf eager dynamic", "hf sdpa static", "graphopt fp32", "graphopt int8wo", "graphopt int8wo+compile"):
             r = rows[f"{v} b{b}"]
             assert r["decode_ms"] > 0 and r["prefill_ms"] > 0, (v, r)
+            # one prefill per generate round, plus the prefill-only round for uncompiled variants
+            assert r["prefill_samples"] == (1 if "compile" in v else 2), (v, r)
         assert rows[f"graphopt fp32 b{b}"]["tokens_equal"] is True
         assert rows[f"graphopt fp32 b{b}"]["teacher_forced_rel_l2"] < 1e-4
         assert rows[f"graphopt fp32 b{b}"]["decode_weights"] == {"fp32": 1.0}
