@@ -125,6 +125,34 @@ def test_auto_keeps_fp32_when_the_whole_plan_is_not_faster():
     assert any("slower on this target" in d.reason for d in res.declined)
 
 
+class _WholeGraphSlowOnce(FakeTimer):
+    """The whole plan times slower the first time, faster the second (a disturbed timing)."""
+
+    def __init__(self, cost: dict[str, float], graphs: list[dict[str, float]]) -> None:
+        super().__init__(cost)
+        self.graphs = graphs
+
+    def __call__(self, fns, **kw):
+        if set(fns) == {"fp32", "plan"}:
+            self.calls.append(set(fns))
+            return dict(self.graphs.pop(0))
+        return super().__call__(fns, **kw)
+
+
+def test_a_plan_timed_slower_once_is_timed_again_before_it_is_dropped():
+    model, args = _mlp(64, 128, 16)
+    cost = {"fp32": 1.0, "int8": 0.5, "bf16": 4.0, "int8wo": 4.0}
+    gm, ctx = _ctx(model, args)
+    timer = _WholeGraphSlowOnce(cost, [{"fp32": 1.0, "plan": 1.2}, {"fp32": 1.1, "plan": 0.6}])
+    res = ReducedPrecision("auto", timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert res.modified and not timer.graphs, "the second timing (the faster of each) decides"
+    assert any("whole model: 600.0 ms with the plan vs 1000.0 ms in fp32" in n for n in res.notes)
+    gm, ctx = _ctx(model, args)
+    timer = _WholeGraphSlowOnce(cost, [{"fp32": 1.0, "plan": 1.2}, {"fp32": 1.1, "plan": 1.3}])
+    res = ReducedPrecision("auto", timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert not res.modified and any("slower on this target" in d.reason for d in res.declined)
+
+
 def test_auto_on_this_cpu_never_picks_bf16_measured():
     """This machine's own capabilities and real timings: on a CPU without native bf16 it is never
     picked (on one with native bf16 it may be, when measured faster)."""

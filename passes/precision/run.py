@@ -17,7 +17,12 @@ from graphopt.pass_infra import OptimizeContext
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
-from graphopt.passes.precision.measurements import MODEL_MIN_SPEEDUP, NodeMeasurements
+from graphopt.passes.precision.measurements import (
+    MODEL_MIN_SPEEDUP,
+    MODEL_TIMING_REPEAT,
+    MODEL_TIMING_ROUNDS,
+    NodeMeasurements,
+)
 from graphopt.passes.precision.quantized_linears import (
     QUANTIZED,
     QuantizableLinear,
@@ -50,6 +55,8 @@ AUTO_MIN_SPEEDUP = 1.05
 MAX_MODEL_SENSITIVITY_NODES = 256
 #: single-node runs replay the graph from the node on while its recorded values fit in this much memory
 REPLAY_MAX_BYTES = 2 << 30
+#: the most seconds one end-to-end timing of the plan against fp32 takes (at least two rounds run)
+WHOLE_GRAPH_TIMING_S = 5.0
 
 
 @dataclass
@@ -302,10 +309,25 @@ class PrecisionRun(NodeMeasurements):
         return (kept - set(moved)), note
 
     def whole_graph_speed(self, out: fx.GraphModule) -> str | None:
-        """Time the plan against fp32 end to end; a reason when it is not faster."""
+        """Time the plan against fp32 end to end; a reason when it is not faster.
+
+        Timed as the in-model groups are (warm, :data:`MODEL_TIMING_ROUNDS` rounds of
+        :data:`MODEL_TIMING_REPEAT` back-to-back runs, at most :data:`WHOLE_GRAPH_TIMING_S` seconds), and a plan
+        that times slower is timed once more before it is dropped: this one timing can undo every choice
+        before it, and a single cold timing on a shared machine has read a 1.28x plan as 0.85x (measured on
+        generation's decode graph, 2 cores).
+        """
         a, kw = self.timing_inputs
-        t = self.timer({"fp32": lambda: self.gm(*a, **kw), "plan": lambda: out(*a, **kw)},
-                             rounds=3, device=self.target.device, give_up=100.0)
+        fns = {"fp32": lambda: self.gm(*a, **kw), "plan": lambda: out(*a, **kw)}
+
+        def timed() -> dict[str, float]:
+            return self.timer(fns, rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0,
+                              repeat=MODEL_TIMING_REPEAT, budget_s=WHOLE_GRAPH_TIMING_S)
+
+        t = timed()
+        if t["plan"] >= t["fp32"]:
+            again = timed()
+            t = {k: min(v, again[k]) for k, v in t.items()}
         self.speed_note = (f"whole model: {t['plan'] * 1e3:.1f} ms with the plan vs {t['fp32'] * 1e3:.1f} ms "
                            f"in fp32 ({t['fp32'] / t['plan']:.2f}x)")
         if t["plan"] >= t["fp32"]:
