@@ -160,7 +160,7 @@ class ReducedPrecision(Pass):
         _measure(self, run, ctx, verifier, speed_check)
         plan = {n: p for n, p in run.choice.items() if p != "fp32"}
         if not plan:
-            return PassResult(gm, False, [budget_note, f"target: {target.describe()}"],
+            return PassResult(gm, False, [budget_note, f"target: {target.describe()}"] + run.notes,
                               declined + run.declined_nodes(), report_data=run.report_data())
         final_plan, search_notes = _search(self, run, ctx, plan, verifier, speed_check)
         if not final_plan:
