@@ -445,3 +445,39 @@ def test_a_node_over_budget_alone_is_kept_first_so_the_others_are_tried():
     assert res.modified, res.notes
     assert plan["narrow"]["precision"] == "int8" and plan["wide"]["precision"] == "fp32", plan
     assert "with it alone in int8" in plan["wide"]["reason"], plan["wide"]["reason"]
+
+
+class _LastPositionHead(torch.nn.Module):
+    """An LM head on the last position only (``h[:, -1:]``, as generation's prefill runs it), and a linear over
+    a transposed value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 64, bias=False)
+        self.across = torch.nn.Linear(6, 8, bias=False)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h[:, -1:, :]), self.across(h.transpose(1, 2))
+
+
+def test_bf16_casts_give_a_sliced_row_major_value_row_major_strides():
+    """CPU bf16 ``linear`` on a slice's strides multiplies by a copied, expanded weight: the cast makes the
+    strides row-major (``memory_format=torch.contiguous_format``); a transposed value keeps its layout."""
+    from graphopt.precision.lower_float import lower_float
+
+    torch.manual_seed(0)
+    model = _LastPositionHead().eval()
+    x = torch.randn(2, 6, 32)
+    gm = torch.export.export(model, (x,)).module()
+    body = next(n for n in gm.graph.nodes if n.target == aten.linear.default)
+    compute = {n.name for n in gm.graph.nodes if n.target == aten.linear.default and n is not body}
+    lower_float(gm, compute, torch.bfloat16)  # the body stays fp32: the heads' inputs are cast
+    gm.recompile()
+    casts = {n.args[0].target: n.kwargs for n in gm.graph.nodes
+             if n.target == aten._to_copy.default and n.kwargs.get("dtype") == torch.bfloat16}
+    assert casts[aten.slice.Tensor].get("memory_format") == torch.contiguous_format, casts
+    assert "memory_format" not in casts[aten.transpose.int], casts
+    got, ref = gm(x), model(x)
+    assert all(_rel(g.float(), r) < 2e-2 for g, r in zip(got, ref))

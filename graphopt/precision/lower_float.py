@@ -122,7 +122,16 @@ def lower_float(gm: fx.GraphModule, compute: set[str], dtype: torch.dtype, cal: 
     fp16 = dtype == torch.float16
 
     def cast(n: fx.Node, to: torch.dtype, like: fx.Node) -> fx.Node:
-        c = new.call_function(aten._to_copy.default, (n,), {"dtype": to})
+        kwargs: dict[str, Any] = {"dtype": to}
+        val = ir.tensor_meta(like)
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and val.stride(-1) == 1:
+            # a value whose rows are runs in memory is cast to row-major strides (the cast copies either way):
+            # ``preserve`` keeps a slice's strides (the last position of a prompt, ``h[:, -1:]``: (T*D, D, 1)), and
+            # CPU bf16 ``linear`` then multiplies by a copied, expanded weight (batched): measured 72 ms for a
+            # 32000 x 512 LM head, 3.7 ms with row-major strides (Intel Xeon with AMX, torch 2.13). A transposed or
+            # channels-last value keeps its layout.
+            kwargs["memory_format"] = torch.contiguous_format
+        c = new.call_function(aten._to_copy.default, (n,), kwargs)
         c.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
         result.casts += 1
         return c
