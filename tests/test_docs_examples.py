@@ -8,8 +8,8 @@ import runpy
 
 import pytest
 import torch
-import graphopt
 
+import graphopt
 from tests.conftest import REPO_ROOT
 
 
