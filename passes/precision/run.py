@@ -314,8 +314,8 @@ class PrecisionRun(NodeMeasurements):
         Timed as the in-model groups are (warm, :data:`MODEL_TIMING_ROUNDS` rounds of
         :data:`MODEL_TIMING_REPEAT` back-to-back runs, at most :data:`WHOLE_GRAPH_TIMING_S` seconds), and a plan
         that times slower is timed once more before it is dropped: this one timing can undo every choice
-        before it, and a single cold timing on a shared machine has read a 1.28x plan as 0.85x (measured on
-        generation's decode graph, 2 cores).
+        before it. It was the fastest of 3 cold runs: two builds of one configuration (generation's decode graph,
+        2 shared cores) read 1.28x and 0.85x, their plans differing by a few small groups.
         """
         a, kw = self.timing_inputs
         fns = {"fp32": lambda: self.gm(*a, **kw), "plan": lambda: out(*a, **kw)}
