@@ -251,3 +251,24 @@ def test_reduced_precision_over_budget_end_to_end_is_replanned_then_dropped(monk
     ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
     expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(graphs.generate(ids, max_new_tokens=6, eos_token_id=None), expected)
+
+
+def test_a_graph_whose_precision_pass_converted_nothing_is_named_in_the_notes_with_the_reason():
+    from types import SimpleNamespace
+
+    from graphopt.generate.build import precision_not_applied
+    from graphopt.pattern import Declined
+    from graphopt.report import PassRecord, Report
+
+    def graph(record: PassRecord | None) -> SimpleNamespace:
+        return SimpleNamespace(report=Report(passes=[record] if record else []))
+
+    slower = PassRecord("precision", "unchanged", notes=["budget", "slower on this target: ..."],
+                        declined=[Declined("linear_3", "kept fp32"), Declined("graph", "slower on this target: 8 ms")])
+    graphs = SimpleNamespace(prefill=graph(PassRecord("precision", "applied")), decode=graph(slower))
+    assert precision_not_applied(graphs) == [
+        "decode: reduced precision not applied (unchanged): slower on this target: 8 ms"]
+    nothing = PassRecord("precision", "unchanged", notes=["budget", "every conversion broke the error budget"])
+    graphs = SimpleNamespace(prefill=graph(nothing), decode=graph(None))
+    assert precision_not_applied(graphs) == [
+        "prefill: reduced precision not applied (unchanged): every conversion broke the error budget"]

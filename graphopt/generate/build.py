@@ -329,11 +329,30 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
         graphs.error_budget = _budget(graphs)
         graphs.check = check_steps(graphs, model)
         _fall_back_within_budget(graphs, builder, optimize_options, say)
+        if optimize_options.get("precision"):
+            graphs.notes += precision_not_applied(graphs)
         if compile_decode:
             say("generation: compiling the decode graph (torch.compile)")
             _compile_decode(graphs, model)
     log.info("generation graphs ready: %s", graphs.check.summary())
     return graphs
+
+
+def precision_not_applied(graphs: GenerationGraphs) -> list[str]:
+    """A note for each graph whose precision pass converted nothing, with the pass's reason (the report has the
+    details): a user who asked for reduced precision learns which graph runs fp32, and why."""
+    notes = []
+    for name in ("prefill", "decode"):
+        record = getattr(graphs, name).report.record("precision")
+        if record is None or record.status == "applied":
+            continue
+        whole = [d.reason for d in record.declined if d.site == "graph"]
+        if record.status == "rolled back" and record.numerics is not None:
+            reason = f"its check failed: {record.numerics.summary()}"
+        else:
+            reason = whole[0] if whole else (record.error or (record.notes[-1] if record.notes else record.status))
+        notes.append(f"{name}: reduced precision not applied ({record.status}): {reason}")
+    return notes
 
 
 def _budget(graphs: GenerationGraphs) -> ErrorBudget | None:
