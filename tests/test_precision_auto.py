@@ -263,23 +263,43 @@ def test_auto_on_a_gpu_like_target_mixes_fp8_int8_bf16_and_exports(tmp_path):
         assert exported.rewrites.get("bf16_in_float32", 0) >= 1, exported.rewrites
 
 
-class _InModelTimer:
+class _ModelTimer:
+    """Injected timings, routed as the pass asks: the whole plan against fp32, the groups left in fp32 converted
+    together, a graph timed in the model (``rounds`` given), an op alone. Subclasses set what each returns."""
+
+    plan = {"fp32": 1.0, "plan": 0.9}
+    alone = {"fp32": 1.0, "int8": 0.5, "bf16": 0.9}
+
+    def together(self) -> dict[str, float]:
+        return {"fp32": 1.0, "together": 1.0}  # not faster: nothing more converted
+
+    def group(self, fns) -> dict[str, float]:
+        raise NotImplementedError
+
+    def __call__(self, fns, **kw):
+        if set(fns) == {"fp32", "plan"}:
+            return dict(self.plan)
+        if set(fns) == {"fp32", "together"}:
+            return self.together()
+        if kw.get("rounds") is not None:  # a graph timed in the model (ops alone are timed at the default rounds)
+            timings = self.group(fns)
+            return {k: timings[k] for k in fns}
+        return {k: self.alone[k] for k in fns}
+
+
+class _InModelTimer(_ModelTimer):
     """Alone, int8 times fastest; inside the whole graph (the in-model rounds) bf16 does and int8 is slower."""
+
+    plan = {"fp32": 1.0, "plan": 0.5}
 
     def __init__(self) -> None:
         self.whole_graph_calls = 0
 
-    def __call__(self, fns, **kw):
-        from graphopt.passes.precision.measurements import MODEL_TIMING_ROUNDS
-
-        if set(fns) == {"fp32", "plan"}:
-            return {"fp32": 1.0, "plan": 0.5}
-        if kw.get("rounds") == MODEL_TIMING_ROUNDS:
-            self.whole_graph_calls += 1
-            for fn in fns.values():
-                fn()  # the graphs built for the group run
-            return {k: {"fp32": 1.0, "int8": 1.2, "bf16": 0.8}[k] for k in fns}
-        return {k: {"fp32": 1.0, "int8": 0.5, "bf16": 0.9}[k] for k in fns}
+    def group(self, fns):
+        self.whole_graph_calls += 1
+        for fn in fns.values():
+            fn()  # the graphs built for the group run
+        return {"fp32": 1.0, "int8": 1.2, "bf16": 0.8}
 
 
 def test_auto_timed_in_the_model_follows_the_whole_graph_not_the_op_alone():
@@ -300,41 +320,29 @@ def test_auto_timed_in_the_model_follows_the_whole_graph_not_the_op_alone():
     assert {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]} == {"int8"}
 
 
-class _CloseCallTimer:
+class _CloseCallTimer(_ModelTimer):
     """In the model, bf16 first times 0.5% faster (under MODEL_MIN_SPEEDUP), then ``second`` of fp32's time."""
 
     def __init__(self, second: float) -> None:
         self.second, self.whole_graph_calls = second, 0
 
-    def __call__(self, fns, **kw):
-        from graphopt.passes.precision.measurements import MODEL_TIMING_ROUNDS
-
-        if set(fns) == {"fp32", "plan"}:
-            return {"fp32": 1.0, "plan": 0.9}
-        if set(fns) == {"fp32", "together"}:  # the groups left in fp32 converted together: not faster
-            return {"fp32": 1.0, "together": 1.0}
-        if kw.get("rounds") == MODEL_TIMING_ROUNDS:
-            self.whole_graph_calls += 1
-            bf16 = 0.995 if self.whole_graph_calls % 2 else self.second
-            return {k: {"fp32": 1.0, "int8": 1.2, "bf16": bf16}[k] for k in fns}
-        return {k: {"fp32": 1.0, "int8": 0.5, "bf16": 0.9}[k] for k in fns}
+    def group(self, fns):
+        self.whole_graph_calls += 1
+        return {"fp32": 1.0, "int8": 1.2, "bf16": 0.995 if self.whole_graph_calls % 2 else self.second}
 
 
-class _TogetherTimer:
+class _TogetherTimer(_ModelTimer):
     """In the model no group alone is faster; the groups left in fp32 converted together take ``together``."""
 
     def __init__(self, together: float) -> None:
-        self.together, self.together_calls = together, 0
+        self.together_s, self.together_calls = together, 0
 
-    def __call__(self, fns, **kw):
-        if set(fns) == {"fp32", "plan"}:
-            return {"fp32": 1.0, "plan": 0.9}
-        if set(fns) == {"fp32", "together"}:
-            self.together_calls += 1
-            return {"fp32": 1.0, "together": self.together}
-        if kw.get("rounds") is not None:  # a group in the model: 0.5% faster at best, under the threshold
-            return {k: {"fp32": 1.0, "int8": 1.0, "bf16": 0.995}[k] for k in fns}
-        return {k: {"fp32": 1.0, "int8": 0.5, "bf16": 0.9}[k] for k in fns}
+    def together(self):
+        self.together_calls += 1
+        return {"fp32": 1.0, "together": self.together_s}
+
+    def group(self, fns):  # 0.5% faster at best, under the threshold
+        return {"fp32": 1.0, "int8": 1.0, "bf16": 0.995}
 
 
 @pytest.mark.parametrize("together, converted", [(0.9, True), (0.995, False)])
