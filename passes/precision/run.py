@@ -17,12 +17,7 @@ from graphopt.pass_infra import OptimizeContext
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.lower_float import lower_float
 from graphopt.precision.ops_classes import COMPUTE_OPS, FLOAT_DTYPES, island_reason
-from graphopt.passes.precision.measurements import (
-    MODEL_MIN_SPEEDUP,
-    MODEL_TIMING_REPEAT,
-    MODEL_TIMING_ROUNDS,
-    NodeMeasurements,
-)
+from graphopt.passes.precision.measurements import MODEL_MIN_SPEEDUP, NodeMeasurements
 from graphopt.passes.precision.quantized_linears import (
     QUANTIZED,
     QuantizableLinear,
@@ -318,16 +313,8 @@ class PrecisionRun(NodeMeasurements):
         2 shared cores) read 1.28x and 0.85x, their plans differing by a few small groups.
         """
         a, kw = self.timing_inputs
-        fns = {"fp32": lambda: self.gm(*a, **kw), "plan": lambda: out(*a, **kw)}
-
-        def timed() -> dict[str, float]:
-            return self.timer(fns, rounds=MODEL_TIMING_ROUNDS, device=self.target.device, give_up=100.0,
-                              repeat=MODEL_TIMING_REPEAT, budget_s=WHOLE_GRAPH_TIMING_S)
-
-        t = timed()
-        if t["plan"] >= t["fp32"]:
-            again = timed()
-            t = {k: min(v, again[k]) for k, v in t.items()}
+        t = self._time_graphs({"fp32": self.gm, "plan": out}, a, kw, again_if=lambda s: s["plan"] >= s["fp32"],
+                              budget_s=WHOLE_GRAPH_TIMING_S)
         self.speed_note = (f"whole model: {t['plan'] * 1e3:.1f} ms with the plan vs {t['fp32'] * 1e3:.1f} ms "
                            f"in fp32 ({t['fp32'] / t['plan']:.2f}x)")
         if t["plan"] >= t["fp32"]:
