@@ -218,7 +218,7 @@ def test_a_near_miss_is_replanned_a_little_tighter_and_held_to_the_first_budget(
 
 
 def test_replan_scale_follows_the_miss():
-    from graphopt.generate.build import StepCheck, replan_scale
+    from graphopt.generate.end_to_end import StepCheck, replan_scale
     from graphopt.verify import ErrorBudget
 
     budget = ErrorBudget(rel_l2=2e-2, top1=0.95)
@@ -256,7 +256,7 @@ def test_reduced_precision_over_budget_end_to_end_is_replanned_then_dropped(monk
 def test_a_graph_whose_precision_pass_converted_nothing_is_named_in_the_notes_with_the_reason():
     from types import SimpleNamespace
 
-    from graphopt.generate.build import precision_not_applied
+    from graphopt.generate.end_to_end import precision_not_applied
     from graphopt.pattern import Declined
     from graphopt.report import PassRecord, Report
 

@@ -2,6 +2,7 @@
 
 * :mod:`.step` -- the step graphopt captures (:class:`CausalLMStep`) and the cache layout;
 * :mod:`.build` -- the two graphs through graphopt's pipeline, checked (:func:`prepare_generation`);
+* :mod:`.end_to_end` -- the pair against its budget end to end: the re-plan rule, the notes;
 * :mod:`.loop` -- prefill then decode, greedy or sampled, left-padded batches (:func:`run_generation`);
 * :mod:`.sampling` -- temperature / top-k / top-p.
 """

@@ -16,7 +16,6 @@ agreement), the check that also covers the cache writes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -29,9 +28,16 @@ from torch.export import Dim
 from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
 from graphopt.generate.bundle import save_generation_programs
-from graphopt.generate.cache_check import exact_rel_l2, require_static_cache
+from graphopt.generate.cache_check import require_static_cache
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.cuda_graphs import CudaGraphDecode
+from graphopt.generate.end_to_end import (
+    GenerationCheckError,
+    StepCheck,
+    fall_back_within_budget,
+    pair_budget,
+    precision_not_applied,
+)
 from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
@@ -66,31 +72,6 @@ DECODE_ROWS = 16
 DECODE_PROMPT = 192
 #: the longest prompt + tokens the build's own examples and checks use
 CHECK_LENGTH = 40
-
-
-@dataclass
-class StepCheck:
-    """Teacher-forced logits of the optimized pair against the eager model, prompt plus decode steps."""
-
-    rel_l2: float
-    top1: float
-    steps: int
-    dtype: torch.dtype = torch.float32
-    #: the rows teacher-forced (top-1 is over rows x (steps + 1) positions) and their prompt's length
-    rows: int = 0
-    prompt: int = 0
-
-    def ok(self, budget: ErrorBudget | None) -> bool:
-        """Within ``budget`` (reduced precision), or as exact as the model's dtype allows (``None``:
-        :func:`~graphopt.generate.cache_check.exact_rel_l2`)."""
-        limit = budget.rel_l2 if budget is not None else exact_rel_l2(self.dtype)
-        return self.rel_l2 <= limit and (budget is None or budget.top1 is None or self.top1 >= budget.top1)
-
-    def summary(self) -> str:
-        rows = f"{self.rows} rows x " if self.rows else ""
-        prompt = f"{self.prompt}-token prompt" if self.prompt else "prompt"
-        return (f"teacher-forced over {rows}({prompt} + {self.steps} decode steps): rel_l2 {self.rel_l2:.2e}, "
-                f"top1 {self.top1:.3f}")
 
 
 @dataclass
@@ -272,7 +253,7 @@ def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int | N
     ``seed`` draws the prompt and the forced tokens (another seed: other positions than the build's check)."""
     step = CausalLMStep(model)
     if steps is None:
-        steps = CHECK_STEPS_REDUCED if _budget(graphs) is not None else CHECK_STEPS
+        steps = CHECK_STEPS_REDUCED if pair_budget(graphs) is not None else CHECK_STEPS
     if prompt is None:  # within the lengths the graphs take (at least CHECK_LENGTH)
         limit = max(graphs.max_length, CHECK_LENGTH)
         steps = max(1, min(steps, limit - EXAMPLE_PROMPT - 5))
@@ -326,9 +307,10 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
                                   pad_token_id=getattr(config, "pad_token_id", None),
                                   dynamic_shapes={"prefill": builder.prefill_shapes, "decode": builder.decode_shapes})
         say("generation: teacher-forced check")
-        graphs.error_budget = _budget(graphs)
+        graphs.error_budget = pair_budget(graphs)
         graphs.check = check_steps(graphs, model)
-        _fall_back_within_budget(graphs, builder, optimize_options, say)
+        fall_back_within_budget(graphs, builder.rebuild(graphs), lambda: check_steps(graphs, model), optimize_options,
+                                say)
         if optimize_options.get("precision"):
             graphs.notes += precision_not_applied(graphs)
         if compile_decode:
@@ -338,94 +320,12 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
     return graphs
 
 
-def precision_not_applied(graphs: GenerationGraphs) -> list[str]:
-    """A note for each graph whose precision pass converted nothing, with the pass's reason (the report has the
-    details): a user who asked for reduced precision learns which graph runs fp32, and why."""
-    notes = []
-    for name in ("prefill", "decode"):
-        record = getattr(graphs, name).report.record("precision")
-        if record is None or record.status == "applied":
-            continue
-        whole = [d.reason for d in record.declined if d.site == "graph"]
-        if record.status == "rolled back" and record.numerics is not None:
-            reason = f"its check failed: {record.numerics.summary()}"
-        else:
-            reason = whole[0] if whole else (record.error or (record.notes[-1] if record.notes else record.status))
-        notes.append(f"{name}: reduced precision not applied ({record.status}): {reason}")
-    return notes
-
-
-def _budget(graphs: GenerationGraphs) -> ErrorBudget | None:
-    """The budget the pair is held to end to end: the one it was first planned at (a re-plan tightens the graphs'
-    own budgets, not this), None where neither graph is approximate."""
-    approximate = [r for r in (graphs.prefill, graphs.decode) if r.approximate]
-    if not approximate:
-        return None
-    return graphs.error_budget or approximate[0].context.error_budget
-
-
-#: a pair that misses its budget end to end is re-planned at the budget scaled by how far it missed (times this
-#: margin), at most REPLAN_MAX_SCALE of it (a near miss) and at least REPLAN_MIN_SCALE (halving, the old rule)
-REPLAN_MARGIN = 0.9
-REPLAN_MAX_SCALE = 0.9
-REPLAN_MIN_SCALE = 0.5
-#: re-plans before reduced precision is dropped: scaled to the miss, then half that
-REPLANS = 2
-
-
-def replan_scale(check: StepCheck, budget: ErrorBudget) -> float:
-    """The factor a missed budget is tightened by for the re-plan: what the pair measured against what the
-    budget allows, per metric (rel L2; top-1 as the share of positions that may flip), the worst of them times
-    :data:`REPLAN_MARGIN`, within [:data:`REPLAN_MIN_SCALE`, :data:`REPLAN_MAX_SCALE`]. A plan that missed by a
-    hair is re-planned a little tighter, not at half the budget (which keeps much more exact than needed)."""
-    ratios = [budget.rel_l2 / check.rel_l2 if check.rel_l2 > 0 else 1.0]
-    if budget.top1 is not None and check.top1 < 1.0:
-        ratios.append((1.0 - budget.top1) / (1.0 - check.top1))
-    return max(REPLAN_MIN_SCALE, min(REPLAN_MAX_SCALE, REPLAN_MARGIN * min(ratios)))
-
-
-def _scaled(budget: ErrorBudget, scale: float) -> ErrorBudget:
-    top1 = None if budget.top1 is None else 1.0 - (1.0 - budget.top1) * scale
-    return dataclasses.replace(budget, rel_l2=budget.rel_l2 * scale, top1=top1)
-
-
-def _fall_back_within_budget(graphs: GenerationGraphs, builder: _Builder, options: dict[str, Any],
-                             say: Callable[[str], None]) -> None:
-    """Re-plan both graphs at a tighter budget (scaled to the miss, then half that), then build both exact,
-    until the check passes."""
-    budget = _budget(graphs)
-    scale = 1.0
-    for attempt in range(REPLANS):
-        if budget is None or graphs.check.ok(budget):
-            break
-        missed = graphs.check.summary()
-        scale *= replan_scale(graphs.check, budget) if attempt == 0 else REPLAN_MIN_SCALE
-        tighter = _scaled(budget, scale)
-        top1 = f", top-1 {tighter.top1:.3g}" if tighter.top1 is not None else ""
-        say(f"generation: re-planned at {scale:.2f}x the error budget")
-        replan = {**options, "error_budget": tighter}
-        graphs.prefill, graphs.decode = builder.prefill(replan), builder.decode(replan)
-        graphs.check = check_steps(graphs, builder.model)
-        graphs.notes.append(f"the pair missed the budget ({missed}); both graphs re-planned at rel_l2 "
-                            f"{tighter.rel_l2:.3g}{top1}: {graphs.check.summary()}")
-    if budget is not None and not graphs.check.ok(budget):
-        exact = {k: v for k, v in options.items() if k not in ("precision", "error_budget")}
-        say("generation: reduced precision dropped (over the budget end to end)")
-        graphs.prefill, graphs.decode = builder.prefill(exact), builder.decode(exact)
-        graphs.check = check_steps(graphs, builder.model)
-        graphs.notes.append(f"reduced precision dropped: over the budget end to end; exact: {graphs.check.summary()}")
-    for note in graphs.notes:
-        log.warning("generation: %s", note)
-    if not graphs.check.ok(_budget(graphs)):
-        raise GenerationCheckError(graphs.check)
-
-
 def _compile_decode(graphs: GenerationGraphs, model: torch.nn.Module) -> None:
     """Compile the decode graph and keep it where it compiles and passes the end-to-end check."""
     graphs.compile_decode = True
     check = check_steps(graphs, model)
     reason = graphs.compiled_note
-    if reason is None and not check.ok(_budget(graphs)):
+    if reason is None and not check.ok(pair_budget(graphs)):
         reason = f"the compiled step misses the check ({check.summary()})"
     if reason is None:
         graphs.check = check
@@ -458,6 +358,12 @@ class _Builder:
                                {0: self.batch, 1: self.prompt}, None, self.kv)
         self.decode_shapes = ({0: self.batch}, {0: self.batch, 1: self.cache_len}, {0: self.batch}, None, self.kv)
 
+    def rebuild(self, graphs: GenerationGraphs) -> Callable[[dict[str, Any]], None]:
+        """What replaces both of ``graphs``' graphs with ones built with other options (a re-plan)."""
+        def replace(options: dict[str, Any]) -> None:
+            graphs.prefill, graphs.decode = self.prefill(options), self.decode(options)
+        return replace
+
     def prefill(self, options: dict[str, Any]) -> OptimizeResult:
         model, layout = self.model, self.layout
         example, _ = _prompt_inputs(model, layout, EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_PROMPT + EXAMPLE_NEW, 1, 0)
@@ -488,10 +394,5 @@ class _Builder:
                         progress=self.progress, **options)
 
 
-class GenerationCheckError(BadInput, RuntimeError):
-    """The optimized prefill/decode pair does not reproduce the eager model's teacher-forced logits."""
-
-    def __init__(self, check: StepCheck) -> None:
-        self.check = check
-        super().__init__(f"the optimized generation graphs miss the eager model: {check.summary()}; "
-                         "run with passes=[] to find the pass, and report it")
+__all__ = ["GenerationCheckError", "GenerationGraphs", "StepCheck", "check_steps", "is_causal_lm",
+           "prepare_generation"]
