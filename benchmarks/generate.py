@@ -20,8 +20,11 @@ prompt at every ``--batches`` size:
   (so int4 is among its choices, with int8wo and bf16); ``int4-every-linear``:
   int4 with no budget, its error reported;
 * ``graphopt <precision>+compile``: the same graphs with decode run through
-  ``torch.compile`` (``compile_decode``; compiled at the warm-up, whose time
-  is reported).
+  ``torch.compile`` (``compile_decode=True``; compiled at the warm-up, whose
+  time is reported);
+* ``graphopt <precision>+aot``: decode compiled ahead of time by AOTInductor
+  (``compile_decode="aot"``; compiled before the rounds, its time reported as
+  ``aot_compile_s``).
 
 All variants are timed round-robin (``--rounds`` rounds, after one warm-up
 each), the median kept: the load of a busy machine hits them alike; the load
@@ -64,9 +67,11 @@ from graphopt.passes.precision import INT4_BUDGET  # noqa: E402
 from graphopt.verify import ErrorBudget  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8wo", "int4", "auto", "auto-int4-budget", "int4-every-linear")
-#: the graphopt variants also timed with decode through torch.compile
-COMPILED = ("fp32+compile", "int8wo+compile", "auto+compile", "int4+compile", "auto-int4-budget+compile",
-            "int4-every-linear+compile")
+#: the graphopt variants also timed with decode through torch.compile (+compile) and AOTInductor (+aot)
+COMPILED = tuple(f"{p}+{runtime}" for runtime in ("compile", "aot")
+                 for p in ("fp32", "int8wo", "auto", "int4", "auto-int4-budget", "int4-every-linear"))
+#: ``<precision>+<runtime>``: the ``compile_decode`` value of each runtime
+RUNTIMES: dict[str, bool | str] = {"compile": True, "aot": "aot"}
 #: issue 16's budget for reduced precision: relative L2 2e-2 and teacher-forced top-1 >= 0.95
 BUDGET = ErrorBudget(rel_l2=2e-2, top1=0.95)
 
@@ -147,14 +152,18 @@ def variants(name: str, args: argparse.Namespace, info: dict[str, dict[str, Any]
         if isinstance(graphs, str):
             info[label] = {"status": graphs}
             continue
-        if runtime == "compile":  # the same graphs, decode through torch.compile (compiled at the warm-up)
-            graphs = dataclasses.replace(graphs, compile_decode=True, times=GenerationTimes(), _compiled=None,
-                                         _decode_runner=None)
+        if runtime:  # the same graphs, decode compiled (torch.compile: at the warm-up; AOTInductor: here, timed)
+            graphs = dataclasses.replace(graphs, compile_decode=RUNTIMES[runtime], times=GenerationTimes(),
+                                         _compiled=None, _decode_runner=None)
+            t0 = time.perf_counter()
+            graphs.decode_step(torch.device(args.device))
+            compile_s = round(time.perf_counter() - t0, 1)
         # at the lengths timed, on other prompts and forced tokens than the build checked (seed)
         check = check_steps(graphs, eager, steps=args.new, prompt=args.prompt, seed=11)
         info[label] = {"build_s": build_s, "teacher_forced_rel_l2": check.rel_l2, "teacher_forced_top1": check.top1,
                        "approximate": list(graphs.decode.approximate + graphs.prefill.approximate),
                        "decode_weights": weight_formats(graphs.decode.module),
+                       **({"aot_compile_s": compile_s} if runtime == "aot" else {}),
                        "notes": graphs.notes + ([f"decode not compiled: {graphs.compiled_note}"]
                                                 if graphs.compiled_note else [])}
         runners[label] = graphopt_runner(graphs)
@@ -178,9 +187,10 @@ def weight_formats(gm: torch.fx.GraphModule) -> dict[str, float]:
 
 
 def graphopt_variant(variant: str) -> bool:
-    """``<precision>`` or ``<precision>+compile`` (decode through torch.compile)."""
+    """``<precision>``, ``<precision>+compile`` (decode through torch.compile) or ``<precision>+aot``
+    (AOTInductor)."""
     precision, plus, runtime = variant.partition("+")
-    return precision in PRECISIONS and (not plus or runtime == "compile")
+    return precision in PRECISIONS and (not plus or runtime in RUNTIMES)
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -202,6 +212,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         prefills = {v: [r.prefill_ms for r in runs] for v, runs in samples.items()}
         for _ in range(args.prefill_rounds):  # a prefill is one sample per generate call: take more, interleaved
             for v in [v for v in runners if "compile" not in v]:  # another cache length would recompile those
+                # (+aot variants too take these: their one compile serves every cache length)
                 prefills[v].append(runners[v](ids, 2).prefill_ms)
         reference = samples.get("hf eager dynamic", [None])[0]
         for v, runs in samples.items():
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                         "whose static cache would recompile at another length)")
     p.add_argument("--variants", default=",".join(["hf", *PRECISIONS, *COMPILED]),
                    help="comma list: hf (the three transformers variants) and graphopt precisions, each also as "
-                        "<precision>+compile (decode through torch.compile)")
+                        "<precision>+compile (decode through torch.compile) or <precision>+aot (AOTInductor)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to compile)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)

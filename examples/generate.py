@@ -4,6 +4,7 @@
     python examples/generate.py --precision int8wo   # int8 weights for the bandwidth-bound decode step
     python examples/generate.py --batch 4            # a left-padded batch of prompts of different lengths
     python examples/generate.py --compile            # decode through torch.compile (seconds to compile)
+    python examples/generate.py --compile aot        # decode compiled ahead of time by AOTInductor (15-30 s)
 
 The model is built from a config with random weights (never a download), so
 its text is noise: what this shows is the API, the speed, and that greedy
@@ -26,7 +27,8 @@ def main() -> None:
     p.add_argument("--precision", default=None, help="bf16, int8, int8wo, int4 or auto (default: fp32)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--compile", action="store_true", help="run the decode graph through torch.compile")
+    p.add_argument("--compile", nargs="?", const="jit", choices=["jit", "aot"],
+                   help="run the decode graph through torch.compile, or with 'aot' AOTInductor")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -44,8 +46,10 @@ def main() -> None:
 
     options = {"precision": args.precision} if args.precision else {}
     result = graphopt.optimize(model, (ids[:1].repeat(2, 1),), {"use_cache": False}, **options)
-    # the prefill and decode graphs, checked on real steps (compile_decode: decode through torch.compile)
-    graphs = result.prepare_generation(compile_decode=True) if args.compile else result.prepare_generation()
+    # the prefill and decode graphs, checked on real steps (compile_decode: decode through torch.compile, or
+    # "aot": AOTInductor)
+    compile_decode = {"jit": True, "aot": "aot"}.get(args.compile, False)
+    graphs = result.prepare_generation(compile_decode=compile_decode)
     print(graphs.check.summary(), *graphs.notes)
 
     tokens = result.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens)

@@ -60,16 +60,21 @@ def test_example_scripts_run(script, argv, tmp_path, monkeypatch, capsys):
 
 def test_generation_page_runs():
     blocks = python_blocks("generation.md")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {"__name__": "generation_page"}
     exec(compile(blocks[0], "docs/generation.md", "exec"), namespace)
     assert namespace["tokens"].shape == (2, 36)
+    fp32_tokens = namespace["tokens"]
     exec(compile(blocks[1], "docs/generation.md", "exec"), namespace)  # decode through torch.compile
     assert namespace["tokens"].shape == (2, 16 + 128)
     graphs = namespace["graphs"]
     # judged by the budget the page asked for (a re-planned pair's graphs were planned at a tighter one)
     assert graphs.compile_decode and graphs.check.ok(graphs.error_budget), graphs.notes
     assert graphs.error_budget == graphopt.ErrorBudget(2e-2, top1=0.95)
+    exec(compile(blocks[2], "docs/generation.md", "exec"), namespace)  # decode compiled ahead of time
+    graphs = namespace["graphs"]
+    assert graphs.compile_decode == "aot" and graphs.notes == [] and graphs.compiled_note is None
+    assert torch.equal(namespace["tokens"], fp32_tokens)  # fp32 greedy: the same tokens as the first block
 
 
 def test_generate_example_matches_transformers(monkeypatch, capsys):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import graphopt
+from graphopt.errors import BadInput
 from graphopt.saved import NotASavedModel
 
 transformers = pytest.importorskip("transformers")
@@ -71,6 +72,15 @@ def test_a_loaded_bundle_decodes_compiled_with_the_same_tokens(saved_llama):
     for ids, mask, new, expected in cases:
         assert torch.equal(bundle.generate(ids, mask, max_new_tokens=new), expected)
     assert bundle.compiled_note is None  # it ran compiled
+
+
+def test_a_loaded_bundle_refuses_an_ahead_of_time_compile_with_what_to_do(saved_llama):
+    d, _, cases, _ = saved_llama
+    bundle = graphopt.load(d)
+    bundle.compile_decode = "aot"
+    ids, mask, new, _ = cases[0]
+    with pytest.raises(BadInput, match='takes True .torch.compile., not \'aot\'; compile ahead of time'):
+        bundle.generate(ids, mask, max_new_tokens=new)
 
 
 def test_a_bundle_missing_its_generation_entry_is_refused(saved_llama, tmp_path):

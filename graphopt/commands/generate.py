@@ -6,8 +6,10 @@ tokens for ``--batch`` rows, and prints prefill ms, decode ms per token and
 tokens/s. ``--compare`` runs the original model's own ``generate`` (transformers,
 dynamic KV cache) on the same prompt beside it and checks the tokens: equal at
 fp32, or, with ``--precision``, the teacher-forced error within the budget.
-``--compile`` runs the decode graph through ``torch.compile`` (checked like the
-graphs; where it cannot compile, decode runs uncompiled and a note says why).
+``--compile`` runs the decode graph through ``torch.compile``, ``--compile aot``
+compiles it ahead of time with AOTInductor (the faster step, 15-30 s to
+compile); either is checked like the graphs, and where it cannot compile,
+decode runs uncompiled and a note says why.
 ``hf:`` specs get transformers' ``sdpa`` attention unless the spec names one.
 """
 
@@ -16,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Any
+
+#: ``--compile [jit|aot]``: the ``compile_decode`` value of each
+COMPILE_FLAGS: dict[str, bool | str] = {"jit": True, "aot": "aot"}
 
 from graphopt.commands.common import UsageError, add_spec_argument, err_console, load_model, out_console, \
     parse_options, step
@@ -33,8 +38,10 @@ def register(sub: Any) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="reduced precision within the error budget")
     p.add_argument("--error-budget", type=float, metavar="REL_L2", help="error budget for --precision")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a pass option (repeatable)")
-    p.add_argument("--compile", action="store_true",
-                   help="run the decode graph through torch.compile (its small ops fused; compiles once, seconds)")
+    p.add_argument("--compile", nargs="?", const="jit", choices=sorted(COMPILE_FLAGS), default=None,
+                   help="run the decode graph through torch.compile (its small ops fused; compiles once, seconds), "
+                        "or with 'aot' compile it ahead of time with AOTInductor (no per-step guards or Python "
+                        "wrapper; 15-30 s)")
     p.add_argument("--compare", action="store_true", help="time the original model's generate beside it")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(handler=run)
@@ -74,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.randint(1, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     with step("building the prefill and decode graphs") as status:
         graphs = graphopt.generate.prepare_generation(
-            spec.model, max_length=args.prompt_len + args.new_tokens, compile_decode=args.compile,
+            spec.model, max_length=args.prompt_len + args.new_tokens, compile_decode=COMPILE_FLAGS.get(args.compile, False),
             progress=(lambda m: status.update(m)) if status is not None else None, **options)
     run_kwargs = {"do_sample": False, "eos_token_id": None}
-    if graphs.compile_decode:
+    if graphs.compile_decode is True:
         with step("compiling decode for this batch size"):  # torch.compile specialises batch 1 apart from others
             graphs.generate(ids, max_new_tokens=2, **run_kwargs)
     with step("generating"):

@@ -27,6 +27,7 @@ from torch.export import Dim
 
 from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
+from graphopt.generate.aot import aot_compiler
 from graphopt.generate.bundle import save_generation_programs
 from graphopt.generate.cache_check import require_static_cache
 from graphopt.generate.compiled import CompiledDecode
@@ -53,6 +54,8 @@ EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
 #: the prefill graph's weight layout is also timed at this many times its example's rows (2 x 8 -> 1,024: eight
 #: 128-token prompts), so a layout that pays for short prompts is not kept where it costs long ones
 PREFILL_LONG_SCALE = 64
+#: ``compile_decode`` values: what compiles the decode step (:meth:`GenerationGraphs.decode_step`)
+COMPILE_MODES: dict[bool | str, str] = {False: "not compiled", True: "torch.compile", "aot": "AOTInductor"}
 #: ``eos_token_id`` not given: the model's generation config decides (``None`` means none, as in transformers)
 MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "<the model's>"})()
 #: the end-to-end check teacher-forces CHECK_STEPS decode steps (CHECK_STEPS_REDUCED where reduced precision is in
@@ -95,9 +98,10 @@ class GenerationGraphs:
     error_budget: ErrorBudget | None = None
     #: replay decode from CUDA graphs: None on a CUDA device, False never, True (also) where possible
     cuda_graphs: bool | None = None
-    #: run decode through torch.compile (:class:`~graphopt.generate.compiled.CompiledDecode`); the build sets it
-    #: when asked for and its check passed
-    compile_decode: bool = False
+    #: run decode compiled (:class:`~graphopt.generate.compiled.CompiledDecode`): True through torch.compile,
+    #: ``"aot"`` through AOTInductor (:mod:`graphopt.generate.aot`), False not; the build sets it when asked for
+    #: and its check passed
+    compile_decode: bool | str = False
     _decode_runner: Any = field(default=None, repr=False)
     _compiled: Any = field(default=None, repr=False)
     _runnable: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -123,8 +127,11 @@ class GenerationGraphs:
         :attr:`compile_decode` says, replayed from CUDA graphs on a GPU."""
         decode = self.runnable("decode")
         if self.compile_decode:
-            if self._compiled is None or self._compiled.decode is not decode:
-                self._compiled = CompiledDecode(decode)
+            aot = self.compile_decode == "aot"
+            name = COMPILE_MODES[self.compile_decode]
+            if self._compiled is None or self._compiled.decode is not decode or self._compiled.name != name:
+                compiler = aot_compiler(self.decode.example_args, self.dynamic_shapes.get("decode")) if aot else None
+                self._compiled = CompiledDecode(decode, compiler=compiler, name=name)
             decode = self._compiled
         if self.cuda_graphs is False or (self.cuda_graphs is None and device.type != "cuda"):
             return decode
@@ -269,7 +276,7 @@ def check_steps(graphs: GenerationGraphs, model: torch.nn.Module, steps: int | N
 
 
 def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_length: int | None = None,
-                       compile_decode: bool = False, progress: Callable[[str], None] | None = None,
+                       compile_decode: bool | str = False, progress: Callable[[str], None] | None = None,
                        **optimize_options: Any) -> GenerationGraphs:
     """Capture, optimize and check the prefill and decode graphs of a transformers causal LM.
 
@@ -287,9 +294,15 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
 
     ``compile_decode=True`` runs the decode graph through ``torch.compile``
     (:mod:`graphopt.generate.compiled`: its small ops fused, a few seconds to
-    compile), checked end to end like the graphs; where it fails to compile
+    compile); ``compile_decode="aot"`` compiles it ahead of time with
+    AOTInductor (:mod:`graphopt.generate.aot`: the same fusions without
+    torch.compile's per-call guards and Python wrapper; 15-30 s to compile).
+    Either is checked end to end like the graphs; where it fails to compile
     or misses the check, decode runs uncompiled and ``graphs.notes`` says why.
     """
+    if not isinstance(compile_decode, (bool, str)) or compile_decode not in COMPILE_MODES:
+        raise BadInput(f"compile_decode={compile_decode!r}: use False, True (torch.compile) or \"aot\" "
+                       "(AOTInductor)")
     if not is_causal_lm(model):
         raise BadInput(f"{type(model).__name__} is not a transformers causal LM (a PreTrainedModel with "
                        "generate()); generation graphs are built for those only")
@@ -314,15 +327,16 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
         if optimize_options.get("precision"):
             graphs.notes += precision_not_applied(graphs)
         if compile_decode:
-            say("generation: compiling the decode graph (torch.compile)")
-            _compile_decode(graphs, model)
+            say(f"generation: compiling the decode graph ({COMPILE_MODES[compile_decode]})")
+            _compile_decode(graphs, model, compile_decode)
     log.info("generation graphs ready: %s", graphs.check.summary())
     return graphs
 
 
-def _compile_decode(graphs: GenerationGraphs, model: torch.nn.Module) -> None:
-    """Compile the decode graph and keep it where it compiles and passes the end-to-end check."""
-    graphs.compile_decode = True
+def _compile_decode(graphs: GenerationGraphs, model: torch.nn.Module, mode: bool | str) -> None:
+    """Compile the decode graph (``mode``: True or ``"aot"``) and keep it where it compiles and passes the
+    end-to-end check."""
+    graphs.compile_decode = mode
     check = check_steps(graphs, model)
     reason = graphs.compiled_note
     if reason is None and not check.ok(pair_budget(graphs)):

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from graphopt.errors import BadInput
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.loop import GenerationTimes, run_generation
 from graphopt.generate.sampling import Sampling
@@ -82,6 +83,10 @@ class LoadedGeneration(LoadedModel):
     def _decode_step(self) -> Any:
         if not self.compile_decode:
             return self._decode_graph
+        if self.compile_decode is not True:
+            raise BadInput(f"a loaded bundle's compile_decode takes True (torch.compile), not "
+                           f"{self.compile_decode!r}; compile ahead of time (\"aot\") where the model is: "
+                           "prepare_generation(model, compile_decode=\"aot\")")
         if self._compiled is None:
             self._compiled = CompiledDecode(self._decode_graph)
         return self._compiled

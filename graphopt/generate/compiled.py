@@ -42,18 +42,21 @@ class CompiledDecode:
     """``decode(token, mask, positions, cache_position, cache)`` through ``torch.compile(decode, dynamic=True)``.
 
     ``compiler`` makes the compiled callable (default :func:`torch.compile`;
-    tests pass one that fails). Falls back to ``decode`` itself, for good,
-    when compiling or running the compiled step raises.
+    :func:`graphopt.generate.aot.aot_compiler` for AOTInductor; tests pass one
+    that fails), ``name`` names it in :attr:`fallback_reason`. Falls back to
+    ``decode`` itself, for good, when compiling or running the compiled step
+    raises.
     """
 
-    def __init__(self, decode: Step, *, compiler: Callable[..., Step] | None = None) -> None:
-        self.decode = decode
+    def __init__(self, decode: Step, *, compiler: Callable[..., Step] | None = None,
+                 name: str = "torch.compile") -> None:
+        self.decode, self.name = decode, name
         self.fallback_reason: str | None = None
         compile_fn = compiler if compiler is not None else torch.compile
         try:
             self.compiled: Step | None = compile_fn(decode, dynamic=True)
         except Exception as exc:  # noqa: BLE001  (any failure means: run the graph as it is)
-            self._fall_back("torch.compile failed", exc)
+            self._fall_back(f"{name} failed", exc)
 
     def __call__(self, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache_position: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
