@@ -10,7 +10,7 @@ import torch
 
 import graphopt
 from graphopt.errors import BadInput
-from graphopt.generate.aot import AotStep, aot_compile
+from graphopt.generate.aot import AotStep, aot_compile, aot_compiler
 from graphopt.generate.build import _decode_states
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.step import CausalLMStep
@@ -78,22 +78,29 @@ def test_aot_step_of_an_int4_graph_equals_the_graph_and_follows_its_weights():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_failed_aot_compile_leaves_decode_uncompiled_with_a_note(monkeypatch):
+def test_a_failed_aot_compile_leaves_decode_uncompiled_with_the_reason(monkeypatch):
+    """The reason names AOTInductor; the build turns it into its note (``decode not compiled: <reason>``, as
+    tests/test_generate_compiled.py checks for torch.compile) and decode runs the graph."""
     def no_compiler(*args, **kwargs):
-        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nlong log")
+
+    class Step(torch.nn.Module):  # a decode step's signature, one linear inside
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, token, mask, positions, cache_position, cache):
+            return self.linear(token) + cache[0]
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
-    model = llama()
-    graphs = graphopt.prepare_generation(model, compile_decode="aot")
-    assert not graphs.compile_decode
-    assert graphs.notes == ["decode not compiled: AOTInductor failed (RuntimeError: InvalidCxxCompiler: "
-                            "No working C++ compiler found)"]
-    ids, mask = padded_prompts()
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
-    assert torch.equal(graphs.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None,
-                                       pad_token_id=0), expected)
-
+    decode = Step()
+    args = (torch.randn(2, 4), torch.ones(2, 5), torch.zeros(2, 1), torch.tensor(4), [torch.randn(2, 3)])
+    batch = torch.export.Dim("batch", min=1, max=8)
+    shapes = ({0: batch}, {0: batch}, {0: batch}, None, [{0: batch}])
+    step = CompiledDecode(decode, compiler=aot_compiler(args, shapes), name="AOTInductor")
+    assert step.compiled is None  # exported, then the compile raised
+    assert step.fallback_reason == "AOTInductor failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found)"
+    assert torch.equal(step(*args), decode(*args))  # the graph runs
 
 @pytest.mark.parametrize("value", ["yes", 2, ["aot"]])
 def test_an_unknown_compile_decode_is_a_one_line_error_before_any_build(value):

@@ -33,6 +33,25 @@ def test_generate_compile_runs_decode_compiled_and_still_equals_the_original(cap
     assert report["tokens_equal"] is True
 
 
+@pytest.mark.parametrize("flag, wanted", [([], False), (["--compile"], True), (["--compile", "aot"], "aot")])
+def test_generate_compile_flag_picks_the_compiler(flag, wanted, monkeypatch, capsys):
+    import graphopt.generate
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def record(model, **kwargs):
+        seen.append(kwargs["compile_decode"])
+        raise Built
+
+    monkeypatch.setattr(graphopt.generate, "prepare_generation", record)
+    with pytest.raises(Built):
+        cli.main(["generate", SPEC, "--prompt-len", "6", "--new-tokens", "5", *flag])
+    assert seen == [wanted]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--new-tokens", "1"], "at least 2"),
     (["--batch", "0"], "--batch must be at least 1"),
