@@ -214,7 +214,10 @@ def test_a_near_miss_is_replanned_a_little_tighter_and_held_to_the_first_budget(
     monkeypatch.setattr(build_module, "check_steps", near_miss_once)
     graphs = prepare_generation(build("llama"), precision="bf16")
     assert [b.rel_l2 for b in budgets] == pytest.approx([1e-2, 1e-2 * 0.9 / 1.02]), budgets
-    assert graphs.decode.approximate and len(graphs.notes) == 1 and "re-planned at rel_l2 0.00882" in graphs.notes[0]
+    replans = [n for n in graphs.notes if "re-planned" in n]
+    assert graphs.decode.approximate and len(replans) == 1 and "re-planned at rel_l2 0.00882" in replans[0]
+    # besides it, at most the note that prefill kept fp32 (bf16 is no faster on this tiny model's prompt)
+    assert all(n.startswith("prefill: reduced precision not applied") for n in graphs.notes if n not in replans)
 
 
 def test_replan_scale_follows_the_miss():

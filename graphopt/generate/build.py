@@ -56,6 +56,8 @@ EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_NEW = 2, 8, 8
 PREFILL_LONG_SCALE = 64
 #: ``compile_decode`` values: what compiles the decode step (:meth:`GenerationGraphs.decode_step`)
 COMPILE_MODES: dict[bool | str, str] = {False: "not compiled", True: "torch.compile", "aot": "AOTInductor"}
+#: the prompt length the prefill graph's precision plan is timed at, as a whole
+TIMED_PROMPT = 128
 #: ``eos_token_id`` not given: the model's generation config decides (``None`` means none, as in transformers)
 MODEL_DEFAULT: Any = type("ModelDefault", (), {"__repr__": lambda self: "<the model's>"})()
 #: the end-to-end check teacher-forces CHECK_STEPS decode steps (CHECK_STEPS_REDUCED where reduced precision is in
@@ -386,6 +388,14 @@ class _Builder:
         # the last set: a cache exactly as long as the prompt, which is how the loop calls prefill (prefill_view)
         if options.get("passes") is None:  # prompts of tens to hundreds of rows; checked at a long one too
             options = {"weight_layout_policy": "measure", "weight_layout_long_scale": PREFILL_LONG_SCALE, **options}
+        if options.get("precision") is not None:
+            # a prompt is a hundred rows or more, where weight-only kernels are compute-bound and lose to fp32 (and
+            # bf16 wins, which it does not at the example's 16 rows): precisions are kept where the whole graph is
+            # faster with them at a real prompt
+            length = min(TIMED_PROMPT, self.length_cap)
+            prompt = _prompt_inputs(model, layout, 1, length, length, 0, 9)
+            options = {"precision_speed_check": True, "precision_timing": "model", "precision_timing_inputs": prompt,
+                       **options}
         return optimize(self.step, example, dynamic_shapes=self.prefill_shapes, verify_inputs=checks, progress=self.progress,
                         **options)
 
