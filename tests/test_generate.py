@@ -275,3 +275,29 @@ def test_a_graph_whose_precision_pass_converted_nothing_is_named_in_the_notes_wi
     graphs = SimpleNamespace(prefill=graph(nothing), decode=graph(None))
     assert precision_not_applied(graphs) == [
         "prefill: reduced precision not applied (unchanged): every conversion broke the error budget"]
+
+
+@pytest.mark.parametrize("user", [{}, {"precision_speed_check": False}])
+def test_prefill_precision_is_kept_only_where_a_real_prompt_runs_faster(monkeypatch, user):
+    """A prompt is a hundred rows or more, where weight-only kernels lose to fp32: the prefill graph's plan is timed
+    in the model at a TIMED_PROMPT-token prompt (the decode graph's at one row); a user's own option wins."""
+    import graphopt.generate.build as build_module
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(module, example, **options):
+        seen.append(options)
+        raise Stop
+
+    monkeypatch.setattr(build_module, "optimize", record)
+    with pytest.raises(Stop):
+        prepare_generation(build("llama"), precision="int8wo", **user)
+    options = seen[0]  # the prefill graph's
+    assert options["precision_timing"] == "model"
+    assert options["precision_speed_check"] is user.get("precision_speed_check", True)
+    (ids, mask, positions, start, cache), kwargs = options["precision_timing_inputs"]
+    assert ids.shape == (1, build_module.TIMED_PROMPT) and kwargs == {}
+    assert cache[0].shape[2] == build_module.TIMED_PROMPT  # a cache as long as the prompt, as the loop gives it
