@@ -24,6 +24,12 @@ from tests.support.helpers import snapshot_state
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# under pytest-xdist every worker runs torch with one thread per core by default: 2 workers on 2 cores ran 4
+# threads, each timing and kernel fighting the other worker's. Each worker gets its share of the cores instead.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 VOCAB = 256
 BATCH, SEQ = 2, 16
 

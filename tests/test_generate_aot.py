@@ -15,7 +15,8 @@ from graphopt.generate.build import _decode_states
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.step import CausalLMStep
 from graphopt.verify import ErrorBudget
-from tests.test_generate_compiled import llama, padded_prompts
+from tests.support.generation_models import padded_prompts
+from tests.support.generation_models import tiny_llama as llama
 
 pytest.importorskip("transformers")
 
@@ -52,7 +53,7 @@ def test_aot_decode_generates_transformers_tokens_and_points_at_the_graphs_weigh
 def test_aot_step_of_an_int4_graph_equals_the_graph_and_follows_its_weights():
     """int4's kernel takes its group size as a constant inductor makes itself (not one of the graph's): it stays
     the library's. A weight changed in place after the compile is what the compiled step reads."""
-    model = llama()
+    model = llama(layers=1)  # one layer: the compile is the test's cost
     graphs = graphopt.prepare_generation(model, precision="int4", error_budget=ErrorBudget(rel_l2=10.0))
     decode = graphs.runnable("decode")
     targets = {str(n.target) for n in decode.graph.nodes if n.op == "call_function"}
@@ -99,10 +100,23 @@ def test_a_failed_aot_compile_leaves_decode_uncompiled_with_the_reason(monkeypat
     shapes = ({0: batch}, {0: batch}, {0: batch}, None, [{0: batch}])
     step = CompiledDecode(decode, compiler=aot_compiler(args, shapes), name="AOTInductor")
     assert step.compiled is None  # exported, then the compile raised
-    assert step.fallback_reason == "AOTInductor failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found)"
+    assert step.fallback_reason == ("AOTInductor failed (RuntimeError: InvalidCxxCompiler: "
+                                    "No working C++ compiler found)")
     assert torch.equal(step(*args), decode(*args))  # the graph runs
 
 @pytest.mark.parametrize("value", ["yes", 2, ["aot"]])
 def test_an_unknown_compile_decode_is_a_one_line_error_before_any_build(value):
     with pytest.raises(BadInput, match="compile_decode=.*use False, True"):
         graphopt.prepare_generation(llama(), compile_decode=value)
+
+
+def test_an_unknown_compile_decode_set_on_the_graphs_is_a_one_line_error():
+    from types import SimpleNamespace
+
+    from graphopt.generate.build import GenerationGraphs
+
+    graphs = GenerationGraphs(SimpleNamespace(), SimpleNamespace(), None, 16, compile_decode="fast")
+    graphs._runnable["decode"] = (None, lambda *args: None)  # the graph is not reached: the value is refused first
+    graphs.decode = SimpleNamespace(module=None)
+    with pytest.raises(BadInput, match="compile_decode='fast': use False, True"):
+        graphs.decode_step(torch.device("cpu"))

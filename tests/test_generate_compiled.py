@@ -8,27 +8,10 @@ import torch
 
 import graphopt
 from graphopt.generate.compiled import CompiledDecode
+from tests.support.generation_models import padded_prompts
+from tests.support.generation_models import tiny_llama as llama
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 320
-
-
-def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=128)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(1, VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    ids[mask == 0] = 0
-    return ids, mask
-
 
 def test_compiled_decode_generates_transformers_tokens():
     model = llama()

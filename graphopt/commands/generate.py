@@ -19,13 +19,12 @@ import argparse
 import json
 from typing import Any
 
-#: ``--compile [jit|aot]``: the ``compile_decode`` value of each
-COMPILE_FLAGS: dict[str, bool | str] = {"jit": True, "aot": "aot"}
-
 from graphopt.commands.common import UsageError, add_spec_argument, err_console, load_model, out_console, \
     parse_options, step
 
 PRECISIONS = ["bf16", "fp16", "int8", "int8wo", "int4", "fp8", "auto"]
+#: ``--compile [jit|aot]``: the ``compile_decode`` value of each
+COMPILE_FLAGS: dict[str, bool | str] = {"jit": True, "aot": "aot"}
 
 
 def register(sub: Any) -> None:
@@ -81,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.randint(1, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     with step("building the prefill and decode graphs") as status:
         graphs = graphopt.generate.prepare_generation(
-            spec.model, max_length=args.prompt_len + args.new_tokens, compile_decode=COMPILE_FLAGS.get(args.compile, False),
+            spec.model, max_length=args.prompt_len + args.new_tokens,
+            compile_decode=COMPILE_FLAGS.get(args.compile, False),
             progress=(lambda m: status.update(m)) if status is not None else None, **options)
     run_kwargs = {"do_sample": False, "eos_token_id": None}
     if graphs.compile_decode is True:

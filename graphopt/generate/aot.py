@@ -86,9 +86,10 @@ def aot_compile(module: torch.nn.Module, example_args: tuple[Any, ...], dynamic_
 
 
 def _own_tensor(module: torch.nn.Module, name: str, exported: Any) -> torch.Tensor | None:
-    """``module``'s own tensor behind the program's constant ``name``: export copies a graph's plain tensor
-    attributes (weight_layout's transposed weights among them) into ``program.constants``, so those are looked
-    up on the module; None where the module has none like ``exported`` (a constant inductor made)."""
+    """The tensor the library's constant ``name`` should point at: ``module``'s own where it has one like
+    ``exported`` (export copies a graph's plain tensor attributes, weight_layout's transposed weights among them,
+    into ``program.constants``), else the program's ``exported``; None where the program has none (a constant
+    inductor made, which stays the library's)."""
     if not isinstance(exported, torch.Tensor):
         return None
     owner: Any = module

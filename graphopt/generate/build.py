@@ -130,7 +130,10 @@ class GenerationGraphs:
         decode = self.runnable("decode")
         if self.compile_decode:
             aot = self.compile_decode == "aot"
-            name = COMPILE_MODES[self.compile_decode]
+            name = COMPILE_MODES.get(self.compile_decode) if isinstance(self.compile_decode, (bool, str)) else None
+            if name is None:
+                raise BadInput(f"compile_decode={self.compile_decode!r}: use False, True (torch.compile) or \"aot\" "
+                               "(AOTInductor)")
             if self._compiled is None or self._compiled.decode is not decode or self._compiled.name != name:
                 compiler = aot_compiler(self.decode.example_args, self.dynamic_shapes.get("decode")) if aot else None
                 self._compiled = CompiledDecode(decode, compiler=compiler, name=name)
@@ -396,8 +399,8 @@ class _Builder:
             prompt = _prompt_inputs(model, layout, 1, length, length, 0, 9)
             options = {"precision_speed_check": True, "precision_timing": "model", "precision_timing_inputs": prompt,
                        **options}
-        return optimize(self.step, example, dynamic_shapes=self.prefill_shapes, verify_inputs=checks, progress=self.progress,
-                        **options)
+        return optimize(self.step, example, dynamic_shapes=self.prefill_shapes, verify_inputs=checks,
+                        progress=self.progress, **options)
 
     def decode(self, options: dict[str, Any]) -> OptimizeResult:
         # the example (what passes time their choices on) has the fewest rows torch.export keeps dynamic, since
