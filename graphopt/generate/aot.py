@@ -74,9 +74,10 @@ def aot_compile(module: torch.nn.Module, example_args: tuple[Any, ...], dynamic_
         runner = torch._inductor.aoti_load_package(path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    exported = {**program.state_dict, **program.constants}
     weights = {}
     for name in runner.get_constant_fqns():
-        own = _own_tensor(module, name, {**program.state_dict, **program.constants}.get(name))
+        own = _own_tensor(module, name, exported.get(name))
         if own is not None:
             weights[name] = own
     runner.load_constants(weights, check_full_update=False, user_managed=True)

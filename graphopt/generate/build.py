@@ -130,10 +130,7 @@ class GenerationGraphs:
         decode = self.runnable("decode")
         if self.compile_decode:
             aot = self.compile_decode == "aot"
-            name = COMPILE_MODES.get(self.compile_decode) if isinstance(self.compile_decode, (bool, str)) else None
-            if name is None:
-                raise BadInput(f"compile_decode={self.compile_decode!r}: use False, True (torch.compile) or \"aot\" "
-                               "(AOTInductor)")
+            name = compile_mode_name(self.compile_decode)
             if self._compiled is None or self._compiled.decode is not decode or self._compiled.name != name:
                 compiler = aot_compiler(self.decode.example_args, self.dynamic_shapes.get("decode")) if aot else None
                 self._compiled = CompiledDecode(decode, compiler=compiler, name=name)
@@ -172,6 +169,14 @@ class GenerationGraphs:
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
                               max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
                               times=self.times)
+
+
+def compile_mode_name(value: Any) -> str:
+    """What compiles the decode step for ``compile_decode=value`` (:data:`COMPILE_MODES`); BadInput otherwise."""
+    name = COMPILE_MODES.get(value) if isinstance(value, (bool, str)) else None
+    if name is None:
+        raise BadInput(f"compile_decode={value!r}: use False, True (torch.compile) or \"aot\" (AOTInductor)")
+    return name
 
 
 def embedded_ids(model: torch.nn.Module) -> int | None:
@@ -305,9 +310,7 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
     Either is checked end to end like the graphs; where it fails to compile
     or misses the check, decode runs uncompiled and ``graphs.notes`` says why.
     """
-    if not isinstance(compile_decode, (bool, str)) or compile_decode not in COMPILE_MODES:
-        raise BadInput(f"compile_decode={compile_decode!r}: use False, True (torch.compile) or \"aot\" "
-                       "(AOTInductor)")
+    compile_mode_name(compile_decode)  # an unknown value is refused before any build
     if not is_causal_lm(model):
         raise BadInput(f"{type(model).__name__} is not a transformers causal LM (a PreTrainedModel with "
                        "generate()); generation graphs are built for those only")
@@ -332,7 +335,7 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
         if optimize_options.get("precision"):
             graphs.notes += precision_not_applied(graphs)
         if compile_decode:
-            say(f"generation: compiling the decode graph ({COMPILE_MODES[compile_decode]})")
+            say(f"generation: compiling the decode graph ({compile_mode_name(compile_decode)})")
             _compile_decode(graphs, model, compile_decode)
     log.info("generation graphs ready: %s", graphs.check.summary())
     return graphs
