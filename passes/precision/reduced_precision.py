@@ -33,7 +33,10 @@ Option ``precision``:
     A linear the search keeps out of int4 gets int8 weight-only where the budget still holds
     (option ``precision_int4_fallback``, default ``"int8wo"``; ``"fp32"`` keeps it exact), so
     ``int4`` is never slower than the weights it could afford: 4-bit formats mix so too
-    (llama.cpp's Q4_K_M keeps some tensors in 6 bits).
+    (llama.cpp's Q4_K_M keeps some tensors in 6 bits). When every linear in int8 weight-only
+    holds the budget, the int4 search runs over that base (a linear kept out of int4 is in
+    int8 weight-only in every trial), so int4 gets what int8 weight-only leaves of the budget;
+    otherwise it runs over fp32 and a second bisection gives int8 weight-only where it fits.
 ``"auto"``
     per node, the precision measured fastest on the target among those it has
     (fp8, int8, int8wo, and bf16 only where the target computes bf16 natively; int4 only when
@@ -227,10 +230,12 @@ def _search(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, pl
     """The error-budget search: ``(plan without the nodes it kept in fp32, notes)``."""
     budget = ctx.budget_for(pass_)
     search_budget = ErrorBudget(budget.rel_l2 * SEARCH_MARGIN, budget.top1)
+    base, base_note = _int4_base(run, plan, verifier, search_budget)
+    kept_in = "int8 weight-only" if base else "fp32"
 
     def measure(kept: set[str]) -> Numerics:
-        ctx.step(f"error search: checking the plan with {len(kept)} of {len(plan)} nodes kept in fp32")
-        trial = run.build({n: p for n, p in plan.items() if n not in kept})
+        ctx.step(f"error search: checking the plan with {len(kept)} of {len(plan)} nodes kept in {kept_in}")
+        trial = run.build({n: base[n] if n in kept else p for n, p in plan.items() if n not in kept or n in base})
         return verifier.check(trial, search_budget)
 
     by_model = (pass_.option(ctx, "precision_sensitivity") == "model"
@@ -245,6 +250,8 @@ def _search(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, pl
 
     kept, steps = search_kept(order, measure)
     failing = [s for s in steps if not s.numerics.ok]
+    if base:
+        kept = run.keep_in_base(kept, plan, base, steps)
     fallback_note = ""
     if kept and (speed_check or run.mode == "int4"):
         kept, fallback_note = run.fall_back(kept, plan, verifier, search_budget)
@@ -260,9 +267,24 @@ def _search(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, pl
     notes = [f"search: {len(steps)} whole-model checks" + (
              f" (ranked by {len(run.model_errors)} single-node whole-model runs)" if run.model_errors else "")
              + ", " + describe_steps(steps)]
-    if fallback_note:
-        notes.append(fallback_note)
+    notes += [n for n in (base_note, fallback_note) if n]
     return {n: p for n, p in plan.items() if n not in kept}, notes
+
+
+def _int4_base(run: PrecisionRun, plan: dict[str, str], verifier: Verifier,
+               budget: ErrorBudget) -> tuple[dict[str, str], str]:
+    """What an int4 search keeps the linears it takes out of int4 in: int8 weight-only where the plan falls back to
+    it (``precision_int4_fallback``) and every such linear in int8 weight-only holds ``budget``, so int4 is
+    searched for within what int8 weight-only leaves of the budget; ``{}`` (fp32) otherwise. Returns the base and
+    a note."""
+    base = run.int4_fallback_base(plan)
+    if not base:
+        return {}, ""
+    numerics = verifier.check(run.build(base), budget)
+    if not numerics.ok:
+        return {}, (f"int4 searched over fp32: every linear in int8 weight-only is over budget "
+                    f"({numerics.summary()})")
+    return base, ""
 
 
 def _plan_notes(run: PrecisionRun) -> list[str]:

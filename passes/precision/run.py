@@ -27,7 +27,7 @@ from graphopt.passes.precision.quantized_linears import (
     replace_site,
 )
 from graphopt.precision.replay import SuffixReplay, recorded_bytes, writes_in_place
-from graphopt.precision.search import describe_steps, search_kept
+from graphopt.precision.search import SearchStep, describe_steps, search_kept
 from graphopt.precision.speed import choose_precision
 from graphopt.precision.target import PrecisionTarget
 from graphopt.report import Declined
@@ -240,6 +240,33 @@ class PrecisionRun(NodeMeasurements):
         if self.mode != "auto":
             return 1.0
         return MODEL_MIN_SPEEDUP if self.group_size else AUTO_MIN_SPEEDUP
+
+    def int4_fallback_base(self, plan: dict[str, str]) -> dict[str, str]:
+        """int4 mode with the int8 weight-only fallback: ``{linear: "int8wo"}`` for each int4 linear of ``plan``
+        that may fall back to it and is more accurate there; else ``{}``."""
+        if self.mode != "int4" or not self._int4_fallback:
+            return {}
+        return {n: "int8wo" for n, p in plan.items() if p == "int4" and "int8wo" in self.options.get(n, ())
+                and self.local_error(n, "int8wo") < self.local_error(n, "int4")}
+
+    def keep_in_base(self, kept: set[str], plan: dict[str, str], base: dict[str, str],
+                     steps: list[SearchStep]) -> set[str]:
+        """After an int4 search over an int8 weight-only base: the linears it kept out of int4 get int8
+        weight-only (the plan it measured); returns those left for fp32 (none had a base)."""
+        moved = [n for n in kept if n in base]
+        worst = max((s for s in steps if not s.numerics.ok), key=lambda s: s.kept, default=None)
+        over = (f"with the {worst.kept} most error-costly linears in int8 weight-only, int4 on the rest gave "
+                f"{worst.numerics.summary()}") if worst else "over budget"
+        for name in moved:
+            self.reasons[name] = (f"int4 fallback (precision_int4_fallback): int8 weight-only; int4 was over budget "
+                                  f"(the search kept it out: {over}; own error rel_l2 "
+                                  f"{self.local_error(name, 'int4'):.2e} in int4, "
+                                  f"{self.local_error(name, 'int8wo'):.2e} in int8wo)")
+            plan[name] = self.choice[name] = base[name]
+        if moved:
+            self.notes.append(f"int4 fallback: {len(moved)} of {len(plan)} linears kept out of int4 got int8 "
+                              "weight-only (int4 searched within what int8 weight-only leaves of the budget)")
+        return kept - set(moved)
 
     def fall_back(self, kept: set[str], plan: dict[str, str], verifier: Verifier,
                   budget: ErrorBudget) -> tuple[set[str], str]:
