@@ -32,6 +32,7 @@ from graphopt.generate.bundle import save_generation_programs
 from graphopt.generate.cache_check import require_static_cache
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.cuda_graphs import CudaGraphDecode
+from graphopt.generate.decode_attention import math_decode_attention
 from graphopt.generate.end_to_end import (
     GenerationCheckError,
     StepCheck,
@@ -124,11 +125,20 @@ class GenerationGraphs:
             cached = self._runnable[name] = (module, inline_kernel_calls(module))
         return cached[1]
 
+    def _for_compiler(self, decode: torch.nn.Module) -> torch.nn.Module:
+        """``decode`` with its one-query attentions as matmuls (:func:`math_decode_attention`), made once."""
+        cached = self._runnable.get("decode for a CPU compiler")
+        if cached is None or cached[0] is not decode:
+            cached = self._runnable["decode for a CPU compiler"] = (decode, math_decode_attention(decode))
+        return cached[1]
+
     def decode_step(self, device: torch.device) -> Any:
         """What the loop calls per token: the decode graph (:meth:`runnable`), compiled where
         :attr:`compile_decode` says, replayed from CUDA graphs on a GPU."""
         decode = self.runnable("decode")
         if self.compile_decode:
+            if device.type == "cpu":  # one-query attention as matmuls, which the compiler fuses around
+                decode = self._for_compiler(decode)
             aot = self.compile_decode == "aot"
             name = compile_mode_name(self.compile_decode)
             if self._compiled is None or self._compiled.decode is not decode or self._compiled.name != name:
