@@ -74,7 +74,7 @@ def choose_precision(timings: Mapping[str, float], min_speedup: float = 1.0,
     Returns ``(baseline, reason)`` when no candidate beats the baseline by
     ``min_speedup``: a conversion that is slower on the target is not made.
 
-    ``errors`` (an error per precision, e.g. the whole model's rel_l2 with it) with ``tie`` > 1: of the candidates
+    ``errors`` (own error per precision) with ``tie`` > 1: of the candidates
     at most ``tie`` times the fastest's time (and still ``min_speedup``
     faster than the baseline), the most accurate is chosen. Two timings
     that close are within one timing's noise, and the error a more accurate
@@ -104,6 +104,6 @@ def choose_precision(timings: Mapping[str, float], min_speedup: float = 1.0,
         return baseline, f"slower on this target: {listed} vs fp32 {base * 1e3:.3f} ms"
     why = f"{best} {speedup:.2f}x faster than fp32 ({others[best] * 1e3:.3f} ms vs {base * 1e3:.3f} ms{rest})"
     if best != fastest:
-        why += (f"; chosen over {fastest}, within {(tie - 1) * 100:.0f}% of its time, for its smaller error "
+        why += (f"; chosen over {fastest}, within {(tie - 1) * 100:.0f}% of its time, for its smaller own error "
                 f"(rel_l2 {errors[best]:.2e} vs {errors.get(fastest, float('inf')):.2e})")
     return best, why

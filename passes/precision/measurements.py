@@ -23,7 +23,6 @@ from graphopt.precision.quantize import input_shift
 from graphopt.precision.search import relative_l2
 from graphopt.precision.speed import choose_precision
 from graphopt.precision.target import PrecisionTarget
-from graphopt.verify import ErrorBudget, Verifier, compare_outputs
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +31,9 @@ __all__ = ["MODEL_MIN_SPEEDUP", "MODEL_TIMING_REPEAT", "MODEL_TIMING_ROUNDS", "N
 #: timed in the model (``precision_timing='model'``), a group converts when the whole graph is this much faster
 #: (a group is a few linears of a step: 1% of the graph is above the noise of the fastest of 10 interleaved runs)
 MODEL_MIN_SPEEDUP = 1.01
-#: timed in the model, a precision at most this much slower than the fastest but with a smaller whole-model error
-#: is chosen instead: two whole-graph timings that close are within one timing's noise (the benchmark Llama's LM
-#: head: int8 5.128 ms, int8 weight-only 5.222 ms, 1.8% apart), and int8's larger error then kept 5 linears in fp32
+#: timed in the model, a precision at most this much slower than the fastest but more accurate is chosen instead:
+#: two whole-graph timings that close are within one timing's noise (the benchmark Llama's LM head: int8 5.128 ms,
+#: int8 weight-only 5.222 ms, 1.8% apart), and int8's larger error then kept 5 linears in fp32 (a slower plan)
 MODEL_ACCURACY_TIE = 1.03
 #: interleaved runs of each whole graph timed in the model (the fastest is kept)
 MODEL_TIMING_ROUNDS = 10
@@ -165,7 +164,7 @@ class NodeMeasurements:
             return f"{scheme}, input shifted: per-token range x{self.shift_gain.get(name, 1.0):.2f}"
         return scheme
 
-    def measure_speed(self, verifier: Verifier | None = None) -> None:
+    def measure_speed(self) -> None:
         groups: dict[tuple, list[str]] = {}
         for name, opts in self.options.items():
             opts = [p for p in opts if self.local_error(name, p) != float("inf")]
@@ -180,11 +179,11 @@ class NodeMeasurements:
             self.timings[name] = self.ctx.target.timings.get_or_measure(key, measure)
             groups.setdefault(key, []).append(name)
         if self.times_in_model:
-            self.time_in_model([names for key, names in groups.items() if len(key[2])], verifier)
+            self.time_in_model([names for key, names in groups.items() if len(key[2])])
         for name in self.options:
-            errors = self._tie_errors.get(name)
-            choice, reason = choose_precision(self.timings[name], self._min_speedup, errors=errors,
-                                              tie=MODEL_ACCURACY_TIE if errors else 1.0)
+            tie = MODEL_ACCURACY_TIE if self.times_in_model and name in self.group_size else 1.0
+            choice, reason = choose_precision(self.timings[name], self._min_speedup,
+                                              errors=self._group_errors(self._group_of(name)), tie=tie)
             if self.times_in_model and name in self.group_size:
                 reason += (f" (the whole graph, with the {self.group_size[name]} nodes of this shape converted after "
                            "the larger groups)")
@@ -192,26 +191,14 @@ class NodeMeasurements:
                 reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason
 
-    def _errors_of_close_timings(self, seconds: dict[str, float], graphs: dict[str, fx.GraphModule],
-                                 verifier: Verifier | None) -> dict[str, float] | None:
-        """Whole-model rel_l2 of each graph timed within :data:`MODEL_ACCURACY_TIE` of the fastest (and faster than
-        fp32), on the verifier's first input set; None when fewer than two are that close (or no verifier)."""
-        others = {p: t for p, t in seconds.items() if p != "fp32"}
-        if verifier is None or not others:
-            return None
-        fastest = min(others.values())
-        close = [p for p, t in others.items()
-                 if t <= fastest * MODEL_ACCURACY_TIE and t * MODEL_MIN_SPEEDUP <= seconds["fp32"]]
-        if len(close) < 2:
-            return None
-        (a, kw), ref = verifier.input_sets[0], verifier.references[0]
-        budget = self.ctx.error_budget or ErrorBudget()  # only the rel_l2 figures are read
-        errors = {}
-        with torch.no_grad():
-            for p in close:
-                errs = compare_outputs(ref, graphs[p](*a, **kw), budget)
-                errors[p] = max((e.rel_l2 for e in errs), default=0.0)
-        return errors
+    def _group_errors(self, names: list[str]) -> dict[str, float]:
+        """Own error per precision of a group of nodes timed together: the largest of its nodes'."""
+        precisions = {p for n in names for p in self.options.get(n, ())}
+        return {p: max(self.local_error(n, p) for n in names) for p in precisions}
+
+    def _group_of(self, name: str) -> list[str]:
+        """The nodes timed with ``name`` in the model (just ``name`` where it was not)."""
+        return self._groups.get(name, [name])
 
     @property
     def timing_inputs(self) -> tuple[tuple, dict]:
@@ -223,7 +210,7 @@ class NodeMeasurements:
     def times_in_model(self) -> bool:
         return self.ctx.option("precision_timing", "isolated") == "model"
 
-    def time_in_model(self, groups: list[list[str]], verifier: Verifier | None = None) -> None:
+    def time_in_model(self, groups: list[list[str]]) -> None:
         """Time each group of same-shape nodes inside the whole graph, cumulatively, and set the nodes' timings.
 
         An op timed alone reads its weight hot from the cache; in a decode step
@@ -258,14 +245,12 @@ class NodeMeasurements:
             # faster, but by less than the threshold: one more interleaved timing before the group stays fp32
             # (a group of small linears saves 1-3% of a step, about the noise of one timing)
             whole = self._time_graphs(runs, a, kw, again_if=_close_call)
-            # precisions timed within the tie: the whole model's error decides (the more accurate leaves budget)
-            errors = self._errors_of_close_timings(whole, runs, verifier)
-            choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP, errors=errors, tie=MODEL_ACCURACY_TIE)
+            choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP, errors=self._group_errors(names),
+                                         tie=MODEL_ACCURACY_TIE)
             for name in names:
                 self.timings[name] = dict(whole)
                 self.group_size[name] = len(names)
-                if errors:
-                    self._tie_errors[name] = errors
+                self._groups[name] = names
                 if choice != "fp32":
                     accepted[name] = choice
             base = runs[choice]

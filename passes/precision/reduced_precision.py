@@ -220,7 +220,7 @@ def _measure(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, v
     run.measure_local_errors()
     if speed_check:
         ctx.step(f"timing {len(run.options)} candidate nodes in each precision")
-        run.measure_speed(verifier)
+        run.measure_speed()
     else:
         run.choose_requested()
 
