@@ -36,20 +36,6 @@ def test_choose_precision_never_picks_a_slower_conversion():
     assert choice == "fp32"
 
 
-def test_choose_precision_takes_the_more_accurate_of_two_timings_within_the_tie():
-    """The benchmark Llama's LM head timed in the model: int8 5.128 ms, int8 weight-only 5.222 ms (1.8% apart, one
-    timing's noise); int8's larger error then kept other linears in fp32. Within the tie the more accurate wins;
-    outside it, or without errors, the fastest; never one that misses min_speedup over fp32."""
-    timings = {"fp32": 6.5e-3, "int8": 5.128e-3, "int8wo": 5.222e-3, "bf16": 6.2e-3}
-    errors = {"int8": 2.1e-2, "int8wo": 6.0e-3, "bf16": 3.0e-3}
-    choice, reason = choose_precision(timings, 1.01, errors=errors, tie=1.03)
-    assert choice == "int8wo" and "chosen over int8, within 3% of its time" in reason, reason
-    assert choose_precision(timings, 1.01, errors=errors)[0] == "int8"  # no tie given
-    assert choose_precision(timings, 1.01, errors=errors, tie=1.01)[0] == "int8"  # 1.8% apart: outside a 1% tie
-    close_to_fp32 = {"fp32": 1.0, "int8": 0.97, "bf16": 0.995}
-    assert choose_precision(close_to_fp32, 1.01, errors={"int8": 0.02, "bf16": 0.001}, tie=1.03)[0] == "int8"
-
-
 def test_time_interleaved_measures_each_callable():
     t = time_interleaved({"fast": lambda: None, "slow": lambda: sum(range(20000))}, rounds=3)
     assert set(t) == {"fast", "slow"} and t["fast"] < t["slow"]

@@ -67,24 +67,14 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 5
 
 
 def choose_precision(timings: Mapping[str, float], min_speedup: float = 1.0,
-                     baseline: str = BASELINE, errors: Mapping[str, float] | None = None,
-                     tie: float = 1.0) -> tuple[str, str]:
+                     baseline: str = BASELINE) -> tuple[str, str]:
     """The fastest precision in ``timings`` (seconds per call) and why.
 
     Returns ``(baseline, reason)`` when no candidate beats the baseline by
     ``min_speedup``: a conversion that is slower on the target is not made.
 
-    ``errors`` (own error per precision) with ``tie`` > 1: of the candidates
-    at most ``tie`` times the fastest's time (and still ``min_speedup``
-    faster than the baseline), the most accurate is chosen. Two timings
-    that close are within one timing's noise, and the error a more accurate
-    choice leaves in the budget keeps other nodes out of fp32.
-
-    >>> choose_precision({"fp32": 1e-3, "int8": 4e-4, "bf16": 4e-3})
+    >>> choose_precision({"fp32": 1.0, "int8": 0.4, "bf16": 4.0})
     ('int8', 'int8 2.50x faster than fp32 (0.400 ms vs 1.000 ms; bf16 4.000 ms)')
-    >>> choose_precision({"fp32": 1.0, "int8": 0.50, "int8wo": 0.51}, errors={"int8": 0.02, "int8wo": 0.01},
-    ...                  tie=1.03)[0]
-    'int8wo'
     """
     if baseline not in timings:
         raise ValueError(f"timings need the {baseline!r} baseline, got {sorted(timings)}")
@@ -92,18 +82,11 @@ def choose_precision(timings: Mapping[str, float], min_speedup: float = 1.0,
     others = {k: v for k, v in timings.items() if k != baseline}
     if not others:
         return baseline, "no lower precision to compare"
-    fastest = best = min(others, key=others.__getitem__)
-    if errors is not None and tie > 1.0:
-        close = [k for k, v in others.items() if v <= others[fastest] * tie and base >= v * min_speedup]
-        best = min(close or [fastest], key=lambda k: (errors.get(k, float("inf")), others[k]))
+    best = min(others, key=others.__getitem__)
     rest = "; ".join(f"{k} {v * 1e3:.3f} ms" for k, v in sorted(others.items()) if k != best)
     rest = f"; {rest}" if rest else ""
     speedup = base / others[best] if others[best] > 0 else float("inf")
     if speedup < min_speedup:
         listed = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in sorted(others.items()))
         return baseline, f"slower on this target: {listed} vs fp32 {base * 1e3:.3f} ms"
-    why = f"{best} {speedup:.2f}x faster than fp32 ({others[best] * 1e3:.3f} ms vs {base * 1e3:.3f} ms{rest})"
-    if best != fastest:
-        why += (f"; chosen over {fastest}, within {(tie - 1) * 100:.0f}% of its time, for its smaller own error "
-                f"(rel_l2 {errors[best]:.2e} vs {errors.get(fastest, float('inf')):.2e})")
-    return best, why
+    return best, f"{best} {speedup:.2f}x faster than fp32 ({others[best] * 1e3:.3f} ms vs {base * 1e3:.3f} ms{rest})"

@@ -31,10 +31,6 @@ __all__ = ["MODEL_MIN_SPEEDUP", "MODEL_TIMING_REPEAT", "MODEL_TIMING_ROUNDS", "N
 #: timed in the model (``precision_timing='model'``), a group converts when the whole graph is this much faster
 #: (a group is a few linears of a step: 1% of the graph is above the noise of the fastest of 10 interleaved runs)
 MODEL_MIN_SPEEDUP = 1.01
-#: timed in the model, a precision at most this much slower than the fastest but more accurate is chosen instead:
-#: two whole-graph timings that close are within one timing's noise (the benchmark Llama's LM head: int8 5.128 ms,
-#: int8 weight-only 5.222 ms, 1.8% apart), and int8's larger error then kept 5 linears in fp32 (a slower plan)
-MODEL_ACCURACY_TIE = 1.03
 #: interleaved runs of each whole graph timed in the model (the fastest is kept)
 MODEL_TIMING_ROUNDS = 10
 #: each in-model timing is the last of this many back-to-back runs of the graph: a decode step repeats with the
@@ -181,24 +177,13 @@ class NodeMeasurements:
         if self.times_in_model:
             self.time_in_model([names for key, names in groups.items() if len(key[2])])
         for name in self.options:
-            tie = MODEL_ACCURACY_TIE if self.times_in_model and name in self.group_size else 1.0
-            choice, reason = choose_precision(self.timings[name], self._min_speedup,
-                                              errors=self._group_errors(self._group_of(name)), tie=tie)
+            choice, reason = choose_precision(self.timings[name], self._min_speedup)
             if self.times_in_model and name in self.group_size:
                 reason += (f" (the whole graph, with the {self.group_size[name]} nodes of this shape converted after "
                            "the larger groups)")
             if choice == "int8":
                 reason += f" ({self._int8_detail(name)})"
             self.choice[name], self.reasons[name] = choice, reason
-
-    def _group_errors(self, names: list[str]) -> dict[str, float]:
-        """Own error per precision of a group of nodes timed together: the largest of its nodes'."""
-        precisions = {p for n in names for p in self.options.get(n, ())}
-        return {p: max(self.local_error(n, p) for n in names) for p in precisions}
-
-    def _group_of(self, name: str) -> list[str]:
-        """The nodes timed with ``name`` in the model (just ``name`` where it was not)."""
-        return self._groups.get(name, [name])
 
     @property
     def timing_inputs(self) -> tuple[tuple, dict]:
@@ -245,12 +230,10 @@ class NodeMeasurements:
             # faster, but by less than the threshold: one more interleaved timing before the group stays fp32
             # (a group of small linears saves 1-3% of a step, about the noise of one timing)
             whole = self._time_graphs(runs, a, kw, again_if=_close_call)
-            choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP, errors=self._group_errors(names),
-                                         tie=MODEL_ACCURACY_TIE)
+            choice, _ = choose_precision(whole, MODEL_MIN_SPEEDUP)
             for name in names:
                 self.timings[name] = dict(whole)
                 self.group_size[name] = len(names)
-                self._groups[name] = names
                 if choice != "fp32":
                     accepted[name] = choice
             base = runs[choice]

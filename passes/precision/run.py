@@ -108,7 +108,6 @@ class PrecisionRun(NodeMeasurements):
         self.model_errors: dict[str, float] = {}  # node -> model rel_l2 with it alone converted
         self.shift_gain: dict[str, float] = {}  # int8 node with an input shift -> its range narrowing
         self.group_size: dict[str, int] = {}  # timed in the model: node -> nodes converted with it
-        self._groups: dict[str, list[str]] = {}  # timed in the model: node -> the group it was timed in
         self.notes: list[str] = []
         if mode in ("int8", "auto") and target.int8_scheme is not None:
             kind = "pair-safe (exact on x86 kernels without VNNI too)" if self.weights.pair_safe else \
