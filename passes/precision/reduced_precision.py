@@ -250,13 +250,13 @@ def _search(pass_: ReducedPrecision, run: PrecisionRun, ctx: OptimizeContext, pl
 
     kept, steps = search_kept(order, measure)
     failing = [s for s in steps if not s.numerics.ok]
-    if base:
-        kept = run.keep_in_base(kept, plan, base, steps)
+    worst = max(failing, key=lambda s: s.kept) if failing else None
     fallback_note = ""
-    if kept and (speed_check or run.mode == "int4"):
+    if base:  # the kept linears were int8 weight-only in every trial: they stay so, no second bisection
+        kept, fallback_note = run.keep_in_base(kept, plan, base, worst)
+    elif kept and (speed_check or run.mode == "int4"):
         kept, fallback_note = run.fall_back(kept, plan, verifier, search_budget)
     for name in kept:
-        worst = max(failing, key=lambda s: s.kept) if failing else None
         why = (f"over budget: with the {worst.kept} most error-costly nodes kept, converting the rest gave "
                f"{worst.numerics.summary()} (budget rel_l2 {budget.rel_l2:g}, searched at "
                f"{search_budget.rel_l2:.2g})") if worst else "over budget"

@@ -250,11 +250,11 @@ class PrecisionRun(NodeMeasurements):
                 and self.local_error(n, "int8wo") < self.local_error(n, "int4")}
 
     def keep_in_base(self, kept: set[str], plan: dict[str, str], base: dict[str, str],
-                     steps: list[SearchStep]) -> set[str]:
+                     worst: SearchStep | None) -> tuple[set[str], str]:
         """After an int4 search over an int8 weight-only base: the linears it kept out of int4 get int8
-        weight-only (the plan it measured); returns those left for fp32 (none had a base)."""
+        weight-only (the plan it measured; ``worst`` is its largest failing step). Returns those left for fp32
+        (none had a base) and the note."""
         moved = [n for n in kept if n in base]
-        worst = max((s for s in steps if not s.numerics.ok), key=lambda s: s.kept, default=None)
         over = (f"with the {worst.kept} most error-costly linears in int8 weight-only, int4 on the rest gave "
                 f"{worst.numerics.summary()}") if worst else "over budget"
         for name in moved:
@@ -263,10 +263,9 @@ class PrecisionRun(NodeMeasurements):
                                   f"{self.local_error(name, 'int4'):.2e} in int4, "
                                   f"{self.local_error(name, 'int8wo'):.2e} in int8wo)")
             plan[name] = self.choice[name] = base[name]
-        if moved:
-            self.notes.append(f"int4 fallback: {len(moved)} of {len(plan)} linears kept out of int4 got int8 "
-                              "weight-only (int4 searched within what int8 weight-only leaves of the budget)")
-        return kept - set(moved)
+        note = (f"int4 fallback: {len(moved)} of {len(plan)} linears kept out of int4 got int8 weight-only (int4 "
+                "searched within what int8 weight-only leaves of the budget)") if moved else ""
+        return kept - set(moved), note
 
     def fall_back(self, kept: set[str], plan: dict[str, str], verifier: Verifier,
                   budget: ErrorBudget) -> tuple[set[str], str]:
