@@ -265,7 +265,7 @@ def test_auto_on_a_gpu_like_target_mixes_fp8_int8_bf16_and_exports(tmp_path):
 
 class _ModelTimer:
     """Injected timings, routed as the pass asks: the whole plan against fp32, the groups left in fp32 converted
-    together, a graph timed in the model (``rounds`` given), an op alone. Subclasses set what each returns."""
+    together, the per-node plan against its rivals, a graph timed in the model (``rounds`` given), an op alone. Subclasses set what each returns."""
 
     plan = {"fp32": 1.0, "plan": 0.9}
     alone = {"fp32": 1.0, "int8": 0.5, "bf16": 0.9}
@@ -281,6 +281,8 @@ class _ModelTimer:
             return dict(self.plan)
         if set(fns) == {"fp32", "together"}:
             return self.together()
+        if "auto" in fns:  # the per-node plan against precisions run alone: the per-node plan is kept
+            return {k: 0.5 if k == "auto" else 1.0 for k in fns}
         if kw.get("rounds") is not None:  # a graph timed in the model (ops alone are timed at the default rounds)
             timings = self.group(fns)
             return {k: timings[k] for k in fns}
@@ -378,3 +380,85 @@ def test_precision_timing_inputs_must_be_args_and_kwargs():
     model, args = _mlp(16, 32, 4)
     with pytest.raises(OptionError, match="precision_timing_inputs"):
         graphopt.optimize(model, args, precision="auto", precision_timing_inputs=(args,))
+
+
+#: a CPU with native bf16 and int8 weight-only kernels: auto's candidates are int8, int8wo and bf16
+WITH_INT8WO = PrecisionTarget(CPU, "per_token_u7", False, frozenset({"bf16"}), weight_only=frozenset({"int8wo"}))
+
+
+class _RivalTimer(FakeTimer):
+    """Per node int8 is the fastest (int8wo 2% behind it, a tie; bf16 slower than fp32); the per-node plan against the
+    rival plans: ``rounds``."""
+
+    def __init__(self, rounds: list[dict[str, float]]) -> None:
+        super().__init__({"fp32": 1.0, "int8": 0.5, "int8wo": 0.51, "bf16": 4.0})
+        self.rounds, self.rival_calls = rounds, 0
+
+    def __call__(self, fns, **kw):
+        if "auto" in fns:
+            self.rival_calls += 1
+            return dict(self.rounds.pop(0))
+        return super().__call__(fns, **kw)
+
+
+def _auto_with_rival(rounds: list[dict[str, float]]):
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    timer = _RivalTimer(rounds)
+    res = ReducedPrecision("auto", target=WITH_INT8WO, timer=timer)(ir.copy_graph_module(gm), ctx)
+    return res, ctx, timer
+
+
+def test_auto_takes_a_more_accurate_precision_alone_when_it_is_faster_end_to_end():
+    res, ctx, timer = _auto_with_rival([{"auto": 1.0, "int8wo": 0.8}])
+    assert res.modified and timer.rival_calls == 1 and not timer.rounds
+    entries = ctx.report.extra["precision"]
+    assert {e["precision"] for e in entries if "linear" in e["node"]} == {"int8wo"}, entries
+    assert all("auto took precision='int8wo' alone: 1.25x faster end to end than its per-node plan (int8: 2;"
+               in e["reason"] for e in entries), entries
+    assert res.notes[0].startswith("auto took precision='int8wo' alone"), res.notes
+    assert any("rival precision='int8wo' alone: more accurate than the per-node choice and timed within 1.05x of it "
+               "at 2 node(s) (linear, linear_1)" in n for n in res.notes), res.notes
+
+
+def test_auto_keeps_its_per_node_plan_when_the_rival_is_not_faster():
+    res, ctx, timer = _auto_with_rival([{"auto": 0.8, "int8wo": 1.0}])
+    assert res.modified and timer.rival_calls == 1
+    assert {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]} == {"int8"}
+    assert any("rivals alone, end to end: auto 800.000 ms, int8wo 1000.000 ms" in n and "kept" in n
+               for n in res.notes), res.notes
+
+
+@pytest.mark.parametrize("second, taken", [(0.9, True), (0.998, False)])
+def test_a_rival_faster_by_less_than_the_threshold_is_timed_again(second, taken):
+    res, ctx, timer = _auto_with_rival([{"auto": 1.0, "int8wo": 0.995}, {"auto": 1.0, "int8wo": second}])
+    assert timer.rival_calls == 2 and not timer.rounds
+    linears = {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]}
+    assert linears == ({"int8wo"} if taken else {"int8"})
+
+
+@pytest.mark.parametrize("int8wo", [1.5, 0.6])  # slower than fp32; faster, but 20% behind int8: no tie
+def test_no_rival_runs_where_no_more_accurate_precision_timed_as_fast(int8wo):
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    timer = FakeTimer({"fp32": 1.0, "int8": 0.5, "int8wo": int8wo, "bf16": 4.0})
+    res = ReducedPrecision("auto", target=WITH_INT8WO, timer=timer)(ir.copy_graph_module(gm), ctx)
+    assert res.modified and not any("auto" in c for c in timer.calls)
+    assert {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]} == {"int8"}
+    assert not any("rival" in n for n in res.notes), res.notes
+
+
+def test_a_tie_at_nodes_that_save_little_of_the_plan_is_no_rival():
+    """rivals(): a more accurate precision tied with the chosen one only where the plan saves 5% is not worth a
+    second search; the same tie where it saves half the plan is."""
+    from graphopt.passes.precision.run import PrecisionRun
+
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    run = PrecisionRun(FakeTimer({}), gm, ctx, WITH_INT8WO, "auto", True)
+    plan = {"big": "int8wo", "small": "int8"}
+    for share, expected in ((0.05, {}), (0.5, {"int8wo": ["small"]})):
+        run.timings = {"big": {"fp32": 1.0, "int8wo": 1.0 - (1 - share)},
+                       "small": {"fp32": 1.0, "int8": 1.0 - share, "int8wo": 1.0 - share * 0.98}}
+        run.errors = {("big", "int8wo"): 1e-3, ("small", "int8"): 2e-2, ("small", "int8wo"): 1e-3}
+        assert run.rivals(plan) == expected, share

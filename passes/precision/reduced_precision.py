@@ -75,10 +75,12 @@ import torch.fx as fx
 
 from graphopt import ir, meta
 from graphopt.pass_infra import OptimizeContext, Option, Pass, PassResult
+from graphopt.passes.precision.measurements import MODEL_MIN_SPEEDUP
 from graphopt.passes.precision.run import (
     DEFAULT_BUDGET,
     MAX_MODEL_SENSITIVITY_NODES,
     MODES,
+    RIVAL_TIE,
     SEARCH_MARGIN,
     WEIGHT_ONLY_MODES,
     PrecisionRun,
@@ -181,9 +183,49 @@ class ReducedPrecision(Pass):
                                   report_data=run.report_data())
             notes.append(run.speed_note)
         notes += _plan_notes(run)
+        if mode == "auto":
+            rival = _faster_rival(self, gm, ctx, run, out, final_plan, notes)
+            if rival is not None:
+                return rival
         involved = [n.name for n in out.graph.nodes if n.meta.get(meta.PRECISION) not in (None, "fp32")]
         return PassResult(out, True, notes, declined + run.declined_nodes(), involved,
                           report_data=run.report_data())
+
+
+def _faster_rival(pass_: ReducedPrecision, gm: fx.GraphModule, ctx: OptimizeContext, run: PrecisionRun,
+                  out: fx.GraphModule, plan: dict[str, str], notes: list[str]) -> PassResult | None:
+    """auto: the result of a precision run alone (the pass with ``precision=p``, the same budget and search) that
+    is faster end to end than auto's per-node plan ``out``, or None to keep that plan (its notes gain the rivals'
+    figures). The rivals are :meth:`PrecisionRun.rivals`: where the per-node choice of the fastest took a less
+    accurate format, a more accurate one alone may fit more nodes within the budget and be faster as a whole."""
+    results: dict[str, PassResult] = {}
+    rivals = run.rivals(plan)
+    for p, at in rivals.items():
+        ctx.step(f"auto: precision={p!r} alone, a rival of the per-node plan")
+        notes.append(f"rival precision={p!r} alone: more accurate than the per-node choice and timed within "
+                     f"{RIVAL_TIE:g}x of it at {len(at)} node(s) ({', '.join(at[:4])}{', ...' if len(at) > 4 else ''})")
+        result = ReducedPrecision(p, target=run.target, timer=pass_.timer).call(gm, ctx)
+        if result.modified:
+            results[p] = result
+        else:
+            notes.append(f"rival precision={p!r} alone: nothing converted")
+    if not results:
+        return None
+    ctx.step("auto: timing the per-node plan against its rivals")
+    seconds = run.time_rivals(out, {p: r.module for p, r in results.items()})
+    best = min(results, key=seconds.__getitem__)
+    times = ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in seconds.items())
+    if seconds["auto"] < seconds[best] * MODEL_MIN_SPEEDUP:
+        notes.append(f"rivals alone, end to end: {times} (the per-node plan as 'auto'): the per-node plan kept")
+        return None
+    taken = results[best]
+    counts = next((n.split(": ", 1)[1] for n in notes if n.startswith("precision per candidate node: ")), "")
+    why = (f"auto took precision={best!r} alone: {seconds['auto'] / seconds[best]:.2f}x faster end to end than "
+           f"its per-node plan ({counts}; {times}, the per-node plan as 'auto')")
+    entries = [{**e, "reason": f"{why}; {e['reason']}"} for e in taken.report_data.get("precision", [])]
+    rival_notes = [n for n in notes if n.startswith("rival ")]
+    return PassResult(taken.module, True, [why] + rival_notes + taken.notes, taken.declined, taken.nodes_involved,
+                      report_data={**taken.report_data, "precision": entries})
 
 
 def _refusal(gm: fx.GraphModule, mode: str, target: PrecisionTarget) -> PassResult | None:

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from graphopt import ir, meta
 from graphopt.cost import node_cost
+from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.pass_infra import OptimizeContext
 from graphopt.precision.calibrate import Calibration
 from graphopt.precision.lower_float import lower_float
@@ -52,6 +53,12 @@ MAX_MODEL_SENSITIVITY_NODES = 256
 REPLAY_MAX_BYTES = 2 << 30
 #: the most seconds one end-to-end timing of the plan against fp32 takes (at least two rounds run)
 WHOLE_GRAPH_TIMING_S = 5.0
+#: auto runs at most this many precisions alone as rivals of its per-node plan (:meth:`PrecisionRun.rivals`)
+MAX_RIVALS = 2
+#: a more accurate precision timed within this factor of the one auto chose at a node is a tie: a rival
+RIVAL_TIE = 1.05
+#: ... and its tie nodes make at least this share of what the plan saves
+RIVAL_MIN_SHARE = 0.1
 
 
 @dataclass
@@ -328,6 +335,46 @@ class PrecisionRun(NodeMeasurements):
                 + (f" (ranked by error per ms saved, {len(second)} single-node runs)" if len(steps) > 1 else "")
                 + ", " + describe_steps(steps))
         return (kept - set(moved)), note
+
+    def rivals(self, plan: dict[str, str]) -> dict[str, list[str]]:
+        """auto: the precisions worth running on their own as rivals of ``plan`` (at most :data:`MAX_RIVALS`), each
+        with the nodes that make it one.
+
+        A precision qualifies at a node where ``plan`` took another precision although this one is more accurate
+        there and was timed faster than fp32 and within :data:`RIVAL_TIE` of the chosen one: a tie the per-node
+        choice settles by the noise of its timing, and whose less accurate side can spend the budget and leave
+        other nodes in fp32 (int8 on an LM head, within 1-2% of int8 weight-only, run to run either way). Those
+        nodes must make at least :data:`RIVAL_MIN_SHARE` of what the plan saves (a tie at one small matmul does
+        not spend enough of the budget to be worth a second search). Ordered by what they save at those nodes
+        (seconds, or FLOPs without timings), largest first.
+        """
+        saving: dict[str, float] = {}
+        at: dict[str, list[str]] = {}
+        for name, chosen in plan.items():
+            timings = self.timings.get(name, {})
+            for p, t in timings.items():
+                tie = chosen in timings and t < timings["fp32"] and t <= timings[chosen] * RIVAL_TIE
+                if p not in (chosen, "fp32") and tie and self.local_error(name, p) < self.local_error(name, chosen):
+                    saving[p] = saving.get(p, 0.0) + self.saved_seconds(name, p)
+                    at.setdefault(p, []).append(name)
+        total = sum(self.saved_seconds(n, p) for n, p in plan.items())
+        worth = [p for p in saving if saving[p] >= RIVAL_MIN_SHARE * total]
+        return {p: at[p] for p in sorted(worth, key=lambda p: (-saving[p], p))[:MAX_RIVALS]}
+
+    def time_rivals(self, out: fx.GraphModule, rivals: dict[str, fx.GraphModule]) -> dict[str, float]:
+        """Seconds per run of auto's plan ``out`` (key ``"auto"``) and of each rival's graph, interleaved and timed
+        as :meth:`whole_graph_speed` times (as generation runs them where the speed was timed in the model); timed
+        once more when the fastest rival is faster by less than :data:`MODEL_MIN_SPEEDUP`."""
+        graphs = {"auto": out, **rivals}
+        if self.times_in_model:
+            graphs = {k: inline_kernel_calls(g) for k, g in graphs.items()}
+        a, kw = self.timing_inputs
+
+        def close(seconds: dict[str, float]) -> bool:
+            best = min(seconds[p] for p in rivals)
+            return best < seconds["auto"] < best * MODEL_MIN_SPEEDUP
+
+        return self._time_graphs(graphs, a, kw, again_if=close, budget_s=WHOLE_GRAPH_TIMING_S)
 
     def whole_graph_speed(self, out: fx.GraphModule) -> str | None:
         """Time the plan against fp32 end to end; a reason when it is not faster.
