@@ -3,6 +3,8 @@ in the decode copy a CPU compiler gets, declined for prompts."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,15 @@ def test_decode_attention_equals_sdpa(heads, kv_heads, mask_kind):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_only_the_decode_graphs_attentions_are_rewritten_in_a_copy():
     graphs = graphopt.prepare_generation(tiny_llama())
     decode, prefill = graphs.runnable("decode"), graphs.runnable("prefill")
@@ -38,7 +49,16 @@ def test_only_the_decode_graphs_attentions_are_rewritten_in_a_copy():
     targets = [n.target for n in rewritten.graph.nodes]
     assert targets.count(decode_attention) == 2 and SDPA not in targets
     assert [n.target for n in decode.graph.nodes].count(SDPA) == 2  # the graph itself keeps the fused op
-    assert math_decode_attention(prefill) is prefill  # a prompt's query is longer than one position: declined
+    logger, records = logging.getLogger("graphopt.generate.decode_attention"), _Records()
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(records)
+    try:
+        assert math_decode_attention(prefill) is prefill  # a prompt's query is longer than one position: declined
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    assert any("kept fused: a query of more than one position" in m for m in records.messages), records.messages
     states = graphs.decode.example_args
     with torch.no_grad():
         torch.testing.assert_close(rewritten(*states), decode(*states), rtol=1e-5, atol=1e-6)

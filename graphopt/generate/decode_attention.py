@@ -78,8 +78,11 @@ def math_decode_attention(module: torch.nn.Module) -> torch.nn.Module:
     ``module`` itself where no attention qualifies."""
     if not isinstance(module, fx.GraphModule):
         return module
-    sites = [n.name for n in module.graph.nodes if n.op == "call_function" and n.target is _SDPA
-             and _decline(n) is None]
+    reasons = {n.name: _decline(n) for n in module.graph.nodes if n.op == "call_function" and n.target is _SDPA}
+    for name, why in reasons.items():
+        if why is not None:
+            log.debug("decode attention: %s kept fused: %s", name, why)
+    sites = [name for name, why in reasons.items() if why is None]
     if not sites:
         return module
     out = ir.copy_graph_module(module)
