@@ -199,16 +199,18 @@ def _faster_rival(pass_: ReducedPrecision, gm: fx.GraphModule, ctx: OptimizeCont
     figures). The rivals are :meth:`PrecisionRun.rivals`: where the per-node choice of the fastest took a less
     accurate format, a more accurate one alone may fit more nodes within the budget and be faster as a whole."""
     results: dict[str, PassResult] = {}
-    rivals = run.rivals(plan)
-    for p, at in rivals.items():
+    rival_notes: list[str] = []
+    for p, at in run.rivals(plan).items():
         ctx.step(f"auto: precision={p!r} alone, a rival of the per-node plan")
-        notes.append(f"rival precision={p!r} alone: more accurate than the per-node choice and timed within "
-                     f"{RIVAL_TIE:g}x of it at {len(at)} node(s) ({', '.join(at[:4])}{', ...' if len(at) > 4 else ''})")
+        rival_notes.append(f"rival precision={p!r} alone: more accurate than the per-node choice and timed within "
+                           f"{RIVAL_TIE:g}x of it at {len(at)} node(s) ({', '.join(at[:4])}"
+                           f"{', ...' if len(at) > 4 else ''})")
         result = ReducedPrecision(p, target=run.target, timer=pass_.timer).call(gm, ctx)
         if result.modified:
             results[p] = result
         else:
-            notes.append(f"rival precision={p!r} alone: nothing converted")
+            rival_notes.append(f"rival precision={p!r} alone: nothing converted")
+    notes += rival_notes
     if not results:
         return None
     ctx.step("auto: timing the per-node plan against its rivals")
@@ -219,11 +221,9 @@ def _faster_rival(pass_: ReducedPrecision, gm: fx.GraphModule, ctx: OptimizeCont
         notes.append(f"rivals alone, end to end: {times} (the per-node plan as 'auto'): the per-node plan kept")
         return None
     taken = results[best]
-    counts = next((n.split(": ", 1)[1] for n in notes if n.startswith("precision per candidate node: ")), "")
     why = (f"auto took precision={best!r} alone: {seconds['auto'] / seconds[best]:.2f}x faster end to end than "
-           f"its per-node plan ({counts}; {times}, the per-node plan as 'auto')")
+           f"its per-node plan ({_precision_counts(run)}; {times}, the per-node plan as 'auto')")
     entries = [{**e, "reason": f"{why}; {e['reason']}"} for e in taken.report_data.get("precision", [])]
-    rival_notes = [n for n in notes if n.startswith("rival ")]
     return PassResult(taken.module, True, [why] + rival_notes + taken.notes, taken.declined, taken.nodes_involved,
                       report_data={**taken.report_data, "precision": entries})
 
@@ -329,11 +329,16 @@ def _int4_base(run: PrecisionRun, plan: dict[str, str], verifier: Verifier,
     return base, ""
 
 
-def _plan_notes(run: PrecisionRun) -> list[str]:
-    """The report lines of an adopted plan: counts per precision, then each converted node and why."""
+def _precision_counts(run: PrecisionRun) -> str:
+    """How many candidate nodes the run's choices put in each precision (``"fp32: 4, int8wo: 13"``)."""
     counts: dict[str, int] = {}
     for p in run.choice.values():
         counts[p] = counts.get(p, 0) + 1
-    notes = ["precision per candidate node: " + ", ".join(f"{p}: {c}" for p, c in sorted(counts.items()))]
+    return ", ".join(f"{p}: {c}" for p, c in sorted(counts.items()))
+
+
+def _plan_notes(run: PrecisionRun) -> list[str]:
+    """The report lines of an adopted plan: counts per precision, then each converted node and why."""
+    notes = [f"precision per candidate node: {_precision_counts(run)}"]
     return notes + [f"{e.node} ({e.module or 'top'}): {e.precision}: {e.reason}" for e in run.entries()
                     if e.precision != "fp32"]
