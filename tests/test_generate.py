@@ -198,21 +198,28 @@ def test_prefill_reads_only_the_prompts_part_of_the_cache_and_writes_the_full_ca
 
 
 def test_a_near_miss_is_replanned_a_little_tighter_and_held_to_the_first_budget(monkeypatch):
-    """A pair that misses by 2% is re-planned at 0.88x the budget (not half), and once it passes, it is judged
-    against the budget it was asked for, not the tighter one it was re-planned at."""
+    """A pair that misses by 2% a plan measured at its budget is re-planned at 0.9 / 1.02 of it (not half), and
+    once it passes, it is judged against the budget it was asked for, not the tighter one it was re-planned at."""
     import graphopt.generate.build as build_module
+    from graphopt.generate import end_to_end
+    from graphopt.verify import Numerics
 
-    real, budgets = build_module.check_steps, []
+    real, budgets, planned = build_module.check_steps, [], []
 
     def near_miss_once(graphs, model, steps=None):
         budgets.append(graphs.decode.context.error_budget)
         check = real(graphs, model, steps)
         if len(budgets) == 1:  # just over 1e-2
+            planned.extend(real_planned(graphs))
             return build_module.StepCheck(1.02e-2, 0.99, 8, check.dtype)
         return build_module.StepCheck(9.5e-3, 0.99, 8, check.dtype)  # within 1e-2, not within the re-plan's 8.8e-3
 
+    real_planned = end_to_end.planned_numerics
     monkeypatch.setattr(build_module, "check_steps", near_miss_once)
+    # the plan as measured by its own search: at the budget (the real one is lower, tested below)
+    monkeypatch.setattr(end_to_end, "planned_numerics", lambda graphs: [Numerics(True, rel_l2=1e-2)])
     graphs = prepare_generation(build("llama"), precision="bf16")
+    assert planned and all(0 < n.rel_l2 <= 1e-2 for n in planned), planned  # what the graphs' checks measured
     assert [b.rel_l2 for b in budgets] == pytest.approx([1e-2, 1e-2 * 0.9 / 1.02]), budgets
     replans = [n for n in graphs.notes if "re-planned" in n]
     assert graphs.decode.approximate and len(replans) == 1 and "re-planned at rel_l2 0.00882" in replans[0]
@@ -222,13 +229,22 @@ def test_a_near_miss_is_replanned_a_little_tighter_and_held_to_the_first_budget(
 
 def test_replan_scale_follows_the_miss():
     from graphopt.generate.end_to_end import StepCheck, replan_scale
-    from graphopt.verify import ErrorBudget
+    from graphopt.verify import ErrorBudget, Numerics
 
     budget = ErrorBudget(rel_l2=2e-2, top1=0.95)
     assert replan_scale(StepCheck(2.02e-2, 0.99, 8), budget) == pytest.approx(0.9 * 2e-2 / 2.02e-2)  # 1% over
     assert replan_scale(StepCheck(1.9e-2, 0.99, 8), ErrorBudget(rel_l2=2e-2)) == 0.9  # not over: the cap
     assert replan_scale(StepCheck(1e-2, 0.948, 8), budget) == pytest.approx(0.9 * 0.05 / 0.052)  # top-1 missed
     assert replan_scale(StepCheck(0.3, 0.5, 8), budget) == 0.5  # far over: halved
+    # from what the plan measured: its search must land below that, not below the budget it already held
+    plan = [Numerics(True, rel_l2=1.5e-2, top1=0.99), Numerics(True, rel_l2=5e-3, top1=None)]
+    assert replan_scale(StepCheck(2.4e-2, 0.99, 8), budget, plan) == pytest.approx(0.9 * 1.5e-2 / 2.4e-2)
+    over = [Numerics(True, rel_l2=3e-2, top1=0.96)]  # a plan measured over the budget: the budget stands in
+    assert replan_scale(StepCheck(2.4e-2, 0.99, 8), budget, over) == pytest.approx(0.9 * 2e-2 / 2.4e-2)
+    assert replan_scale(StepCheck(1e-2, 0.94, 8), budget, over) == pytest.approx(0.9 * 0.04 / 0.06)  # top-1
+    # a metric the pair did not miss does not tighten the re-plan, whatever the plan measured of it
+    assert replan_scale(StepCheck(1e-2, 0.948, 8), budget, [Numerics(True, rel_l2=1e-3)]) == pytest.approx(
+        0.9 * 0.05 / 0.052)
 
 
 def test_reduced_precision_over_budget_end_to_end_is_replanned_then_dropped(monkeypatch):
@@ -254,6 +270,31 @@ def test_reduced_precision_over_budget_end_to_end_is_replanned_then_dropped(monk
     ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
     expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(graphs.generate(ids, max_new_tokens=6, eos_token_id=None), expected)
+
+
+def test_int4_missing_twice_is_replanned_in_int8_weight_only_at_the_pair_budget_not_at_half(monkeypatch):
+    """int4's second re-plan drops int4 for its fallback, int8 weight-only, at the budget the pair is held to:
+    at half of int4's budget the int8 weight-only base no longer holds and the search would keep linears fp32."""
+    import graphopt.generate.build as build_module
+    from graphopt import meta
+
+    real, seen = build_module.check_steps, []
+
+    def missing_twice(graphs, model, steps=None):
+        kinds = {n.meta.get(meta.PRECISION) for n in graphs.decode.module.graph.nodes} - {None, "fp32"}
+        seen.append((graphs.decode.context.error_budget, kinds))
+        check = real(graphs, model, steps)
+        return check if len(seen) > 2 else build_module.StepCheck(0.5, 0.1, 8, check.dtype)
+
+    monkeypatch.setattr(build_module, "check_steps", missing_twice)
+    graphs = prepare_generation(build("llama"), precision="int4")
+    (first, first_kinds), (_, _), (last, last_kinds) = seen[:3]
+    assert "int4" in first_kinds, f"the first plan must have int4 for this test: {first_kinds}"
+    assert last_kinds == {"int8wo"} and (last.rel_l2, last.top1) == (first.rel_l2, first.top1), seen
+    replans = [n for n in graphs.notes if "re-planned" in n]
+    assert len(replans) == 2 and "precision='int8wo' at the pair's budget" in replans[1], graphs.notes
+    assert not any("dropped: over the budget" in n for n in graphs.notes), graphs.notes
+    assert graphs.decode.approximate
 
 
 def test_a_graph_whose_precision_pass_converted_nothing_is_named_in_the_notes_with_the_reason():

@@ -309,8 +309,9 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
     Reduced precision is planned per graph on single steps; errors then add up
     through the cache. When the pair's teacher-forced logits miss the budget,
     both graphs are planned again at a budget tightened by the miss
-    (:func:`replan_scale`), then at half that, then built exact;
-    ``graphs.notes`` says what happened.
+    (:func:`replan_scale`), then at half that (``int4``: in ``int8wo`` at the
+    pair's budget instead), then built exact; ``graphs.notes`` says what
+    happened.
 
     ``compile_decode=True`` runs the decode graph through ``torch.compile``
     (:mod:`graphopt.generate.compiled`: its small ops fused, a few seconds to
