@@ -18,9 +18,11 @@ Helpers here:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import networkx as nx
@@ -63,6 +65,19 @@ VIEW_OPS = frozenset(
 )
 
 
+@contextlib.contextmanager
+def quiet_leafspec_deprecation() -> Iterator[None]:
+    """Silence torch's own ``LeafSpec`` deprecation inside the block.
+
+    torch 2.13 deprecates its ``torch.utils._pytree.LeafSpec`` and warns each time one is built, which every
+    copy of an exported graph (its code generator holds pytree specs) does, in every pass and inside torch's own
+    compilers: a warning about torch's internals that the user cannot act on, repeated dozens of times per build.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*deprecated", category=FutureWarning)
+        yield
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """Return a new GraphModule with a copy of ``gm``'s graph.
 
@@ -70,7 +85,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     copied), so a pass may mutate the copy's graph freely and ``gm`` stays as
     it was. Passes must never change a tensor in place.
     """
-    graph = copy.deepcopy(gm.graph)
+    with quiet_leafspec_deprecation():
+        graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     # attributes that fx does not carry over but export's modules rely on
     for attr in ("meta",):

@@ -301,3 +301,20 @@ def test_long_passes_report_their_steps_to_the_progress_callback():
     assert any("calibrating" in m for m in steps), heard
     assert any("error search: checking the plan" in m for m in steps), heard  # the tight budget makes it search
     assert not any(m.startswith("dead_code: ") for m in heard)  # short passes report nothing more
+
+
+def test_copying_an_exported_graph_repeats_no_torch_deprecation_warning():
+    """Every pass copies the graph; torch 2.13 warns about its own LeafSpec on each copy of an exported one."""
+    import warnings
+
+    class TwoOutputs(nn.Module):
+        def forward(self, x, y):
+            return x + y, x * 2
+
+    gm = torch.export.export(TwoOutputs(), (torch.ones(2), torch.ones(2))).module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copy = ir.copy_graph_module(gm)
+    assert not [w for w in caught if "LeafSpec" in str(w.message)], [str(w.message) for w in caught]
+    x, y = torch.randn(2), torch.randn(2)
+    assert all(torch.equal(a, b) for a, b in zip(copy(x, y), gm(x, y)))

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from graphopt import ir
+
 log = logging.getLogger(__name__)
 
 Step = Callable[..., torch.Tensor]
@@ -70,7 +72,9 @@ def aot_compile(module: torch.nn.Module, example_args: tuple[Any, ...], dynamic_
         program = torch.export.export(module, example_args, dynamic_shapes=dynamic_shapes, strict=False)
     workdir = tempfile.mkdtemp(prefix="graphopt-aot-")
     try:
-        path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(workdir, "decode.pt2"))
+        with ir.quiet_leafspec_deprecation():
+            path = torch._inductor.aoti_compile_and_package(program,
+                                                            package_path=os.path.join(workdir, "decode.pt2"))
         runner = torch._inductor.aoti_load_package(path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
