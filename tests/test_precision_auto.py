@@ -401,7 +401,12 @@ class _RivalTimer(FakeTimer):
         return super().__call__(fns, **kw)
 
 
-def _auto_with_rival(rounds: list[dict[str, float]]):
+def _auto_with_rival(rounds: list[dict[str, float]], monkeypatch):
+    """auto on an MLP whose per-node plan is int8 at both linears, int8 weight-only tied with it: the rival runs
+    whatever its ceiling says (here it has nothing left to gain; the ceiling is tested apart, below)."""
+    from graphopt.passes.precision.run import PrecisionRun
+
+    monkeypatch.setattr(PrecisionRun, "_could_win", lambda self, precision, plan, total: True)
     model, args = _mlp(64, 128, 16)
     gm, ctx = _ctx(model, args)
     timer = _RivalTimer(rounds)
@@ -409,8 +414,8 @@ def _auto_with_rival(rounds: list[dict[str, float]]):
     return res, ctx, timer
 
 
-def test_auto_takes_a_more_accurate_precision_alone_when_it_is_faster_end_to_end():
-    res, ctx, timer = _auto_with_rival([{"auto": 1.0, "int8wo": 0.8}])
+def test_auto_takes_a_more_accurate_precision_alone_when_it_is_faster_end_to_end(monkeypatch):
+    res, ctx, timer = _auto_with_rival([{"auto": 1.0, "int8wo": 0.8}], monkeypatch)
     assert res.modified and timer.rival_calls == 1 and not timer.rounds
     entries = ctx.report.extra["precision"]
     assert {e["precision"] for e in entries if "linear" in e["node"]} == {"int8wo"}, entries
@@ -421,8 +426,8 @@ def test_auto_takes_a_more_accurate_precision_alone_when_it_is_faster_end_to_end
                "at 2 node(s) (linear, linear_1)" in n for n in res.notes), res.notes
 
 
-def test_auto_keeps_its_per_node_plan_when_the_rival_is_not_faster():
-    res, ctx, timer = _auto_with_rival([{"auto": 0.8, "int8wo": 1.0}])
+def test_auto_keeps_its_per_node_plan_when_the_rival_is_not_faster(monkeypatch):
+    res, ctx, timer = _auto_with_rival([{"auto": 0.8, "int8wo": 1.0}], monkeypatch)
     assert res.modified and timer.rival_calls == 1
     assert {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]} == {"int8"}
     assert any("rivals alone, end to end: auto 800.000 ms, int8wo 1000.000 ms" in n and "kept" in n
@@ -430,8 +435,9 @@ def test_auto_keeps_its_per_node_plan_when_the_rival_is_not_faster():
 
 
 @pytest.mark.parametrize("second, taken", [(0.9, True), (0.998, False)])
-def test_a_rival_faster_by_less_than_the_threshold_is_timed_again(second, taken):
-    res, ctx, timer = _auto_with_rival([{"auto": 1.0, "int8wo": 0.995}, {"auto": 1.0, "int8wo": second}])
+def test_a_rival_faster_by_less_than_the_threshold_is_timed_again(second, taken, monkeypatch):
+    res, ctx, timer = _auto_with_rival([{"auto": 1.0, "int8wo": 0.995}, {"auto": 1.0, "int8wo": second}],
+                                       monkeypatch)
     assert timer.rival_calls == 2 and not timer.rounds
     linears = {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]}
     assert linears == ({"int8wo"} if taken else {"int8"})
@@ -450,7 +456,8 @@ def test_no_rival_runs_where_no_more_accurate_precision_timed_as_fast(int8wo):
 
 def test_a_tie_at_nodes_that_save_little_of_the_plan_is_no_rival():
     """rivals(): a more accurate precision tied with the chosen one only where the plan saves 5% is not worth a
-    second search; the same tie where it saves half the plan is."""
+    second search; the same tie where it saves half the plan is (a node the plan left fp32 gives it something to
+    gain: its ceiling, tested below)."""
     from graphopt.passes.precision.run import PrecisionRun
 
     model, args = _mlp(64, 128, 16)
@@ -459,6 +466,43 @@ def test_a_tie_at_nodes_that_save_little_of_the_plan_is_no_rival():
     plan = {"big": "int8wo", "small": "int8"}
     for share, expected in ((0.05, {}), (0.5, {"int8wo": ["small"]})):
         run.timings = {"big": {"fp32": 1.0, "int8wo": 1.0 - (1 - share)},
-                       "small": {"fp32": 1.0, "int8": 1.0 - share, "int8wo": 1.0 - share * 0.98}}
+                       "small": {"fp32": 1.0, "int8": 1.0 - share, "int8wo": 1.0 - share * 0.98},
+                       "left_fp32": {"fp32": 1.0, "int8wo": 0.5}}
         run.errors = {("big", "int8wo"): 1e-3, ("small", "int8"): 2e-2, ("small", "int8wo"): 1e-3}
         assert run.rivals(plan) == expected, share
+
+
+def _tied_run(plan_seconds: float | None, left_fp32: float | None):
+    """A run whose plan took int8 at two nodes where int8 weight-only timed 2% behind (a tie) and is more accurate;
+    ``left_fp32``: int8 weight-only's timing at a third node the plan left fp32 (None: no such node)."""
+    from graphopt.passes.precision.run import PrecisionRun
+
+    model, args = _mlp(64, 128, 16)
+    gm, ctx = _ctx(model, args)
+    run = PrecisionRun(FakeTimer({}), gm, ctx, WITH_INT8WO, "auto", True)
+    run.timings = {n: {"fp32": 1.0, "int8": 0.5, "int8wo": 0.51} for n in ("a", "b")}
+    run.errors = {(n, p): e for n in ("a", "b") for p, e in (("int8", 2e-2), ("int8wo", 1e-3))}
+    if left_fp32 is not None:
+        run.timings["c"] = {"fp32": 1.0, "int8": 0.5, "int8wo": left_fp32}
+    run.plan_seconds = plan_seconds
+    return run, {"a": "int8", "b": "int8"}
+
+
+def test_a_rival_with_only_its_ties_to_gain_by_is_not_run_and_the_notes_say_why():
+    run, plan = _tied_run(plan_seconds=2.0, left_fp32=None)
+    assert run.rival_ceiling("int8wo", plan) == pytest.approx(1.0)  # the ties at the plan's speed: its saving
+    assert run.rivals(plan) == {}
+    assert len(run.rivals_skipped) == 1 and run.rivals_skipped[0].startswith(
+        "rival precision='int8wo' not run: at best") and "+0.000 ms" in run.rivals_skipped[0], run.rivals_skipped
+
+
+@pytest.mark.parametrize("plan_seconds, left_fp32, runs", [
+    (2.0, 0.9, True),     # 0.1 s more at a node left fp32: over the 1% of 2 s it needs
+    (20.0, 0.9, False),   # the same 0.1 s is under 1% of a 20 s plan
+    (None, 0.999, True),  # the plan's time unknown: any gain runs it
+    (2.0, 1.2, False),    # slower than fp32 where the plan left fp32: nothing to gain there
+])
+def test_a_rival_runs_only_where_its_ceiling_beats_the_plan_by_the_threshold(plan_seconds, left_fp32, runs):
+    run, plan = _tied_run(plan_seconds, left_fp32)
+    assert (run.rivals(plan) == {"int8wo": ["a", "b"]}) is runs, run.rivals_skipped
+    assert bool(run.rivals_skipped) is not runs

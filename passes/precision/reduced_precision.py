@@ -200,7 +200,9 @@ def _faster_rival(pass_: ReducedPrecision, gm: fx.GraphModule, ctx: OptimizeCont
     accurate format, a more accurate one alone may fit more nodes within the budget and be faster as a whole."""
     results: dict[str, PassResult] = {}
     rival_notes: list[str] = []
-    for p, at in run.rivals(plan).items():
+    rivals = run.rivals(plan)
+    rival_notes += run.rivals_skipped
+    for p, at in rivals.items():
         ctx.step(f"auto: precision={p!r} alone, a rival of the per-node plan")
         rival_notes.append(f"rival precision={p!r} alone: more accurate than the per-node choice and timed within "
                            f"{RIVAL_TIE:g}x of it at {len(at)} node(s) ({', '.join(at[:4])}"

@@ -124,6 +124,10 @@ class PrecisionRun(NodeMeasurements):
                       else "which this target's kernel runs exactly")
             self.notes.append(f"int8 weights: {kind}, {source}")
         self.speed_note = ""
+        #: seconds per run of the plan, as :meth:`whole_graph_speed` timed it (None until then)
+        self.plan_seconds: float | None = None
+        #: why a precision that tied with the plan did not run as a rival (:meth:`rivals`)
+        self.rivals_skipped: list[str] = []
         self._replay_tried = False  # the suffix replay is set up on first use (model_sensitivity)
         self._replay_cache: SuffixReplay | None = None
         self.float_dtype = FLOAT_DTYPES.get(mode, torch.bfloat16)
@@ -358,8 +362,38 @@ class PrecisionRun(NodeMeasurements):
                     saving[p] = saving.get(p, 0.0) + self.saved_seconds(name, p)
                     at.setdefault(p, []).append(name)
         total = sum(self.saved_seconds(n, p) for n, p in plan.items())
-        worth = [p for p in saving if saving[p] >= RIVAL_MIN_SHARE * total]
+        worth = [p for p in saving if saving[p] >= RIVAL_MIN_SHARE * total and self._could_win(p, plan, total)]
         return {p: at[p] for p in sorted(worth, key=lambda p: (-saving[p], p))[:MAX_RIVALS]}
+
+    def rival_ceiling(self, precision: str, plan: dict[str, str]) -> float:
+        """The most that ``precision`` alone could save, by the per-node timings: at every timed node where it
+        is faster than fp32 its own saving, or the plan's where the two tie (within :data:`RIVAL_TIE`: the
+        timing's noise could have ranked either first). Whatever the budget admits, a rival saves no more."""
+        ceiling = 0.0
+        for name, timings in self.timings.items():
+            t = timings.get(precision)
+            if t is None or t >= timings["fp32"]:
+                continue
+            saved = (timings["fp32"] - t) / self.group_size.get(name, 1)
+            chosen = plan.get(name)
+            if chosen in timings and t <= timings[chosen] * RIVAL_TIE:
+                saved = max(saved, (timings["fp32"] - timings[chosen]) / self.group_size.get(name, 1))
+            ceiling += saved
+        return ceiling
+
+    def _could_win(self, precision: str, plan: dict[str, str], total: float) -> bool:
+        """Whether ``precision`` alone, at its :meth:`rival_ceiling`, would beat the plan (saving ``total``) by
+        :data:`MODEL_MIN_SPEEDUP` end to end (the plan's timed seconds; unknown: by anything). A plan that already
+        converts every node the precision is faster at leaves a rival only its ties' noise to win by."""
+        gain = self.rival_ceiling(precision, plan) - total
+        needed = (1.0 - 1.0 / MODEL_MIN_SPEEDUP) * self.plan_seconds if self.plan_seconds else 0.0
+        if gain > needed:
+            return True
+        self.rivals_skipped.append(
+            f"rival precision={precision!r} not run: at best (every node where it timed faster than fp32, its ties "
+            f"with the plan at the plan's speed) it saves {gain * 1e3:+.3f} ms per run over the per-node plan, "
+            f"which needs {needed * 1e3:.3f} ms to be {MODEL_MIN_SPEEDUP:g}x faster")
+        return False
 
     def time_rivals(self, out: fx.GraphModule, rivals: dict[str, fx.GraphModule]) -> dict[str, float]:
         """Seconds per run of auto's plan ``out`` (key ``"auto"``) and of each rival's graph, interleaved and timed
@@ -388,6 +422,7 @@ class PrecisionRun(NodeMeasurements):
         a, kw = self.timing_inputs
         t = self._time_graphs({"fp32": self.gm, "plan": out}, a, kw, again_if=lambda s: s["plan"] >= s["fp32"],
                               budget_s=WHOLE_GRAPH_TIMING_S)
+        self.plan_seconds = t["plan"]
         self.speed_note = (f"whole model: {t['plan'] * 1e3:.1f} ms with the plan vs {t['fp32'] * 1e3:.1f} ms "
                            f"in fp32 ({t['fp32'] / t['plan']:.2f}x)")
         if t["plan"] >= t["fp32"]:
