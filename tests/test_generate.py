@@ -114,6 +114,23 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_graphs):
     assert torch.equal(sample(2, top_k=1), graphs.generate(ids, max_new_tokens=8))
 
 
+def test_greedy_ignores_sampling_settings_and_sampling_refuses_unusable_ones(llama_graphs):
+    """temperature=0 with greedy is what many callers pass (transformers accepts it); sampling settings that
+    cannot work (NaN, infinite, a bool for top_k) are refused in one line before any step runs."""
+    _, graphs = llama_graphs
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    greedy = graphs.generate(ids, max_new_tokens=4)
+    assert torch.equal(graphs.generate(ids, max_new_tokens=4, temperature=0.0, top_p=0.0), greedy)
+    for bad, match in ((dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+                       (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
+                       (dict(temperature=0.0), "use do_sample=False for greedy"),
+                       (dict(top_k=True), "top_k must be an integer >= 1"),
+                       (dict(top_k=0), "top_k must be an integer >= 1"),
+                       (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]")):
+        with pytest.raises(BadInput, match=match):
+            graphs.generate(ids, max_new_tokens=4, do_sample=True, **bad)
+
+
 def test_eos_ends_rows_and_pads_them(llama_graphs):
     _, graphs = llama_graphs
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))

@@ -9,9 +9,16 @@ bundle must run where transformers is not installed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from graphopt.errors import BadInput
+
+
+class BadSampling(BadInput, ValueError):
+    """A sampling setting (temperature, top_k, top_p) that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -24,12 +31,17 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (got {self.top_k})")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not self.do_sample:  # greedy reads none of them (transformers too: temperature=0 with greedy is common)
+            return
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise BadSampling(f"temperature must be a finite number > 0 (got {self.temperature!r}); "
+                              "use do_sample=False for greedy")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise BadSampling(f"top_k must be an integer >= 1 (got {self.top_k!r})")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise BadSampling(f"top_p must be in (0, 1] (got {self.top_p!r})")
 
     def next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``logits [..., vocab]`` -> token ids ``[...]`` (``[batch, vocab]`` -> ``[batch]``).
