@@ -28,6 +28,7 @@ from graphopt.pass_infra import (
     check_options,
 )
 from graphopt.report import Report
+from graphopt.target import TargetInfo
 from graphopt.verify import ErrorBudget, Verifier
 from graphopt import passes as pipelines
 from graphopt.user_state import preserves_user_state
@@ -185,6 +186,7 @@ def optimize(
     verify_inputs: Sequence[tuple[Sequence[Any], dict[str, Any]]] | Callable[[int], Any] | None = None,
     instruments: Sequence[Instrument] = (),
     progress: Callable[[str], None] | None = None,
+    machine: TargetInfo | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
@@ -200,6 +202,7 @@ def optimize(
     ``example_inputs`` may be left out for a transformers model (built from its config, use_cache=False,
     dynamic batch/seq); ``dynamic``: "batch,seq", "batch", names, {"seq": (lo, hi)} or False
     (None: on for built inputs, off for given ones); see :mod:`graphopt.model_inputs`.
+    ``machine``: a :class:`graphopt.target.TargetInfo` shared with other calls (its timings measured once).
     Pass options are keyword arguments (see ``graphopt passes``), checked
     against the pipeline's declarations before any pass runs: an unknown one
     raises :class:`graphopt.errors.UnknownOptionError` (a ``TypeError``), a
@@ -231,7 +234,7 @@ def optimize(
         memory_budget=budget_bytes,
         error_budget=error_budget,
         report=report,
-        options=dict(options),
+        options=dict(options), target=machine or TargetInfo(),
     )
     pipeline = list(passes) if passes is not None else pipelines.default_pipeline(ctx)
     check_options(pipeline, options)

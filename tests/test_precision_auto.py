@@ -322,6 +322,28 @@ def test_auto_timed_in_the_model_follows_the_whole_graph_not_the_op_alone():
     assert {e["precision"] for e in ctx.report.extra["precision"] if "linear" in e["node"]} == {"int8"}
 
 
+def test_the_same_graph_on_the_same_machine_record_is_timed_in_the_model_once():
+    """A re-plan (the same graph, another budget) reuses the in-model timings kept on the machine record its
+    context shares; a fresh record times again."""
+    from graphopt.target import TargetInfo
+
+    model, args = _mlp(64, 128, 16)
+    gm, _ = _ctx(model, args)
+    machine, timer = TargetInfo(), _InModelTimer()
+    plans, notes = [], []
+    for budget, record in ((0.03, machine), (0.02, machine), (0.03, TargetInfo())):
+        _, ctx = _ctx(model, args, precision_timing="model")
+        ctx.target, ctx.error_budget = record, ErrorBudget(budget)
+        res = ReducedPrecision("auto", target=WITH_BF16, timer=timer)(ir.copy_graph_module(gm), ctx)
+        plans.append({e["node"]: e["precision"] for e in ctx.report.extra["precision"]})
+        notes.append(res.notes)
+    assert timer.whole_graph_calls == 4, timer.whole_graph_calls  # two groups, timed for the 1st and the 3rd run
+    assert plans[0] == plans[1] == plans[2] and set(plans[0].values()) == {"bf16"}, plans
+    assert any("reused this graph's timings" in n for n in notes[1]), notes[1]
+    assert not any("reused" in n for n in notes[0] + notes[2])
+    assert any("speed timed in the model: 2 groups" in n for n in notes[1])  # the first run's notes, kept
+
+
 class _CloseCallTimer(_ModelTimer):
     """In the model, bf16 first times 0.5% faster (under MODEL_MIN_SPEEDUP), then ``second`` of fp32's time."""
 

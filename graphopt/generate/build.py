@@ -46,6 +46,7 @@ from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.model_inputs import is_causal_lm, max_positions
 from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.optimize import OptimizeResult, optimize
+from graphopt.target import TargetInfo
 from graphopt.verify import ErrorBudget
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,8 @@ class _Builder:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_length: int | None,
                  progress: Callable[[str], None] | None) -> None:
         self.model, self.progress = model, progress
+        # one machine record for every graph built and re-built here: a re-plan of the same graph reuses its timings
+        self.machine = TargetInfo()
         self.layout = read_cache_layout(model)
         self.length_cap = model_max_length(model, self.layout, max_length)
         # the step every graph is checked against must itself be the model: its logits over a static cache at the
@@ -414,7 +417,7 @@ class _Builder:
             options = {"precision_speed_check": True, "precision_timing": "model", "precision_timing_inputs": prompt,
                        **options}
         return optimize(self.step, example, dynamic_shapes=self.prefill_shapes, verify_inputs=checks,
-                        progress=self.progress, **options)
+                        progress=self.progress, machine=self.machine, **options)
 
     def decode(self, options: dict[str, Any]) -> OptimizeResult:
         # the example (what passes time their choices on) has the fewest rows torch.export keeps dynamic, since
@@ -432,7 +435,7 @@ class _Builder:
             one_row = _decode_states(self.step, self.layout, self.model, 1, seed=6, batch=1)[0]
             options = {"precision_timing": "model", "precision_timing_inputs": one_row, **options}
         return optimize(self.step, example, dynamic_shapes=self.decode_shapes, verify_inputs=states,
-                        progress=self.progress, **options)
+                        progress=self.progress, machine=self.machine, **options)
 
 
 __all__ = ["GenerationCheckError", "GenerationGraphs", "StepCheck", "check_steps", "is_causal_lm",

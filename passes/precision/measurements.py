@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt.ir import constant_nodes
+from graphopt.ir import constant_nodes, flat_inputs
 from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.passes.precision.quantized_linears import QUANTIZED, QuantizableLinear, QuantizedWeights
 from graphopt.precision.calibrate import Calibration, calibrate
@@ -217,6 +217,39 @@ class NodeMeasurements:
         ``fp32`` entry: the graph before the group), so the search ranks by the
         saving per node (:meth:`saved_seconds`).
         """
+        a, kw = self.timing_inputs
+        key = self._in_model_key(groups, a, kw)
+        names = [n for group in groups for n in group]
+        before = len(self.notes)
+        measured = self.ctx.target.timings.get_or_measure(key, lambda: self._time_in_model_now(groups, names))
+        timings, group_size, notes = measured
+        if len(self.notes) == before:  # measured before, for the same graph on this machine (a re-plan)
+            self.notes.append("speed timed in the model: reused this graph's timings on this machine (measured "
+                              "once per build: a re-plan times nothing again)")
+            self.notes += notes
+        for name in names:
+            self.timings[name] = dict(timings[name])
+            if name in group_size:
+                self.group_size[name] = group_size[name]
+
+    def _in_model_key(self, groups: list[list[str]], args: tuple, kwargs: dict) -> tuple:
+        """What the in-model timings depend on: the graph (its code and each candidate's signature and
+        precisions), the timing inputs' shapes, and the mode."""
+        shapes = tuple((tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else type(x).__name__
+                       for x in flat_inputs(args, kwargs, self.gm))
+        per_node = tuple((n, self._signature(n), tuple(sorted(self.timings[n].items()))) for g in groups for n in g)
+        return ("precision in the model", self.mode, hash(self.gm.code), shapes, per_node,
+                tuple(tuple(g) for g in groups))
+
+    def _time_in_model_now(self, groups: list[list[str]], names: list[str]) -> tuple:
+        """Measure :meth:`time_in_model`; its nodes' timings, group sizes and notes, for the machine's cache."""
+        before = len(self.notes)
+        self._time_groups(groups)
+        notes = self.notes[before:]
+        return ({n: dict(self.timings[n]) for n in names}, {n: self.group_size[n] for n in names
+                                                           if n in self.group_size}, list(notes))
+
+    def _time_groups(self, groups: list[list[str]]) -> None:
         a, kw = self.timing_inputs
         accepted: dict[str, str] = {}
         base = inline_kernel_calls(self.gm)  # each graph as generation runs it
