@@ -216,6 +216,10 @@ class NodeMeasurements:
         generation loop runs it. Those whole-graph seconds become the nodes' timings (the
         ``fp32`` entry: the graph before the group), so the search ranks by the
         saving per node (:meth:`saved_seconds`).
+
+        The results are kept on the machine record (``ctx.target.timings``) under the graph, its candidates and
+        the timing inputs' shapes (:meth:`_in_model_key`): a re-plan of the same graph at another budget, whose
+        context shares the record (generation's builds do), reuses them and says so in the notes.
         """
         a, kw = self.timing_inputs
         key = self._in_model_key(groups, a, kw)
