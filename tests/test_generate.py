@@ -153,6 +153,10 @@ def test_eos_ends_rows_and_pads_them(llama_graphs):
     (torch.tensor([[1, VOCAB, 2]]), None, rf"outside the model's vocabulary \[0, {VOCAB}\) \(e.g. {VOCAB}\)"),
     (torch.tensor([[1, -1, 2]]), None, "outside the model's vocabulary"),
     (torch.ones(65, 4, dtype=torch.long), None, "a batch of 65 rows exceeds the 64"),
+    (torch.ones(1, 4, dtype=torch.long, device="meta"), None, "on the meta device"),
+    (torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long, device="meta"),
+     "attention_mask is on meta but input_ids on cpu"),
+    (torch.ones(1, 4, dtype=torch.long), [[1, 1, 1, 1]], "attention_mask must be a tensor"),
 ])
 def test_bad_prompts_get_one_line_errors(llama_graphs, ids, mask, words):
     _, graphs = llama_graphs

@@ -47,6 +47,8 @@ def check_prompt(input_ids: Any, attention_mask: Any,
     the same shape, padding on the left."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
         raise BadInput("input_ids must be an integer tensor of token ids, shaped (batch, prompt_length)")
+    if input_ids.device.type == "meta":
+        raise BadInput("input_ids are on the meta device (shapes without values); give real token ids")
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -58,6 +60,11 @@ def check_prompt(input_ids: Any, attention_mask: Any,
                        f"(e.g. {int(bad[0])}); check that the tokenizer is the model's")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise BadInput("attention_mask must be a tensor of 0 (padding) and 1 (token), shaped like input_ids")
+    if attention_mask.device != input_ids.device:
+        raise BadInput(f"attention_mask is on {attention_mask.device} but input_ids on {input_ids.device}; "
+                       "put both on the device the model runs on")
     if attention_mask.ndim == 1:
         attention_mask = attention_mask[None]
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
