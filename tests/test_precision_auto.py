@@ -476,15 +476,20 @@ def test_no_rival_runs_where_no_more_accurate_precision_timed_as_fast(int8wo):
     assert not any("rival" in n for n in res.notes), res.notes
 
 
-def test_a_tie_at_nodes_that_save_little_of_the_plan_is_no_rival():
-    """rivals(): a more accurate precision tied with the chosen one only where the plan saves 5% is not worth a
-    second search; the same tie where it saves half the plan is (a node the plan left fp32 gives it something to
-    gain: its ceiling, tested below)."""
+def _bare_run():
+    """An auto PrecisionRun on the MLP whose timings and errors a test sets by hand."""
     from graphopt.passes.precision.run import PrecisionRun
 
     model, args = _mlp(64, 128, 16)
     gm, ctx = _ctx(model, args)
-    run = PrecisionRun(FakeTimer({}), gm, ctx, WITH_INT8WO, "auto", True)
+    return PrecisionRun(FakeTimer({}), gm, ctx, WITH_INT8WO, "auto", True)
+
+
+def test_a_tie_at_nodes_that_save_little_of_the_plan_is_no_rival():
+    """rivals(): a more accurate precision tied with the chosen one only where the plan saves 5% is not worth a
+    second search; the same tie where it saves half the plan is (a node the plan left fp32 gives it something to
+    gain: its ceiling, tested below)."""
+    run = _bare_run()
     plan = {"big": "int8wo", "small": "int8"}
     for share, expected in ((0.05, {}), (0.5, {"int8wo": ["small"]})):
         run.timings = {"big": {"fp32": 1.0, "int8wo": 1.0 - (1 - share)},
@@ -497,11 +502,7 @@ def test_a_tie_at_nodes_that_save_little_of_the_plan_is_no_rival():
 def _tied_run(plan_seconds: float | None, left_fp32: float | None):
     """A run whose plan took int8 at two nodes where int8 weight-only timed 2% behind (a tie) and is more accurate;
     ``left_fp32``: int8 weight-only's timing at a third node the plan left fp32 (None: no such node)."""
-    from graphopt.passes.precision.run import PrecisionRun
-
-    model, args = _mlp(64, 128, 16)
-    gm, ctx = _ctx(model, args)
-    run = PrecisionRun(FakeTimer({}), gm, ctx, WITH_INT8WO, "auto", True)
+    run = _bare_run()
     run.timings = {n: {"fp32": 1.0, "int8": 0.5, "int8wo": 0.51} for n in ("a", "b")}
     run.errors = {(n, p): e for n in ("a", "b") for p, e in (("int8", 2e-2), ("int8wo", 1e-3))}
     if left_fp32 is not None:

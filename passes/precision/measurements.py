@@ -224,10 +224,10 @@ class NodeMeasurements:
         a, kw = self.timing_inputs
         key = self._in_model_key(groups, a, kw)
         names = [n for group in groups for n in group]
-        before = len(self.notes)
-        measured = self.ctx.target.timings.get_or_measure(key, lambda: self._time_in_model_now(groups, names))
-        timings, group_size, notes = measured
-        if len(self.notes) == before:  # measured before, for the same graph on this machine (a re-plan)
+        reused = key in self.ctx.target.timings  # measured before, for the same graph on this machine (a re-plan)
+        timings, group_size, notes = self.ctx.target.timings.get_or_measure(
+            key, lambda: self._time_in_model_now(groups, names))
+        if reused:
             self.notes.append("speed timed in the model: reused this graph's timings on this machine (measured "
                               "once per build: a re-plan times nothing again)")
             self.notes += notes

@@ -374,10 +374,10 @@ class PrecisionRun(NodeMeasurements):
             t = timings.get(precision)
             if t is None or t >= timings["fp32"]:
                 continue
-            saved = (timings["fp32"] - t) / self.group_size.get(name, 1)
+            saved = self.saved_seconds(name, precision)
             chosen = plan.get(name)
             if chosen in timings and t <= timings[chosen] * RIVAL_TIE:
-                saved = max(saved, (timings["fp32"] - timings[chosen]) / self.group_size.get(name, 1))
+                saved = max(saved, self.saved_seconds(name, chosen))
             ceiling += saved
         return ceiling
 
