@@ -7,7 +7,8 @@ import torch
 
 import graphopt
 from graphopt.errors import BadInput
-from graphopt.generate import CausalLMStep, prepare_generation, read_cache_layout
+from graphopt.generate import CausalLMStep, Sampling, prepare_generation, read_cache_layout
+from graphopt.generate.loop import check_ids_device, run_generation, weights_device
 from tests.support.helpers import assert_state_unchanged, snapshot_state
 
 transformers = pytest.importorskip("transformers")
@@ -163,6 +164,18 @@ def test_bad_prompts_get_one_line_errors(llama_graphs, ids, mask, words):
     with pytest.raises(BadInput, match=words) as info:
         graphs.generate(ids, mask, max_new_tokens=20)
     assert "\n" not in str(info.value)
+
+
+def test_ids_on_another_device_than_the_weights_get_one_line_errors(llama_graphs):
+    _, graphs = llama_graphs
+    assert weights_device(graphs.prefill.module) == torch.device("cpu")
+    check_ids_device(torch.ones(1, 4, dtype=torch.long), torch.device("cpu"))  # the same device passes
+    with pytest.raises(BadInput, match=r"input_ids are on cpu but the model's weights on cuda:0; .*to\('cuda:0'\)"):
+        check_ids_device(torch.ones(1, 4, dtype=torch.long), torch.device("cuda", 0))
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(BadInput, match="the model's weights on cuda:1"):  # what generate() passes it is checked
+        run_generation(graphs.runnable("prefill"), graphs.runnable("decode"), graphs.layout, ids, None,
+                       max_new_tokens=2, sampling=Sampling(False, 1.0, None, None), device=torch.device("cuda", 1))
 
 
 def test_a_small_max_batch_still_verifies_every_pass_on_its_decode_states():

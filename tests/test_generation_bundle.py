@@ -11,6 +11,7 @@ import torch
 
 import graphopt
 from graphopt.errors import BadInput
+from graphopt.generate.loop import weights_device
 from graphopt.saved import NotASavedModel
 
 transformers = pytest.importorskip("transformers")
@@ -81,6 +82,12 @@ def test_a_loaded_bundle_refuses_an_ahead_of_time_compile_with_what_to_do(saved_
     ids, mask, new, _ = cases[0]
     with pytest.raises(BadInput, match='takes True .torch.compile., not \'aot\'; compile ahead of time'):
         bundle.generate(ids, mask, max_new_tokens=new)
+
+
+def test_a_loaded_bundle_knows_where_its_weights_are(saved_llama):
+    # generate() checks the ids against this device; a bundle whose graph held no weights would check nothing
+    bundle = graphopt.load(saved_llama[0])
+    assert weights_device(bundle.prefill.graph_module) == torch.device("cpu")
 
 
 def test_a_bundle_missing_its_generation_entry_is_refused(saved_llama, tmp_path):

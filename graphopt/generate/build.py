@@ -40,7 +40,7 @@ from graphopt.generate.end_to_end import (
     pair_budget,
     precision_not_applied,
 )
-from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation
+from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation, weights_device
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.model_inputs import is_causal_lm, max_positions
@@ -174,12 +174,15 @@ class GenerationGraphs:
         """
         eos = self.eos_token_id if eos_token_id is MODEL_DEFAULT else eos_token_id
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
-        decode = self.decode_step(input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu"))
+        device = weights_device(self.prefill.module)
+        if device is None:
+            device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
+        decode = self.decode_step(device)
         return run_generation(self.runnable("prefill"), decode, self.layout, input_ids, attention_mask,
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
                               max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
-                              times=self.times)
+                              times=self.times, device=device)
 
 
 def compile_mode_name(value: Any) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from graphopt.errors import BadInput
 from graphopt.generate.compiled import CompiledDecode
-from graphopt.generate.loop import GenerationTimes, run_generation
+from graphopt.generate.loop import GenerationTimes, run_generation, weights_device
 from graphopt.generate.sampling import Sampling
 from graphopt.generate.step import CacheLayout
 from graphopt.ops.kernel_calls import inline_kernel_calls
@@ -103,7 +103,7 @@ class LoadedGeneration(LoadedModel):
                               max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
                               eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
                               max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
-                              times=self.times)
+                              times=self.times, device=weights_device(self.prefill.graph_module))
 
 
 def _kernel_calls(program: LoadedModel) -> LoadedModel:

@@ -41,6 +41,24 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def weights_device(module: Any) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer (None: it holds none, or is not a module)."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return None
+
+
+def check_ids_device(input_ids: torch.Tensor, device: torch.device | None) -> None:
+    """BadInput when ``input_ids`` are not on ``device`` (the graphs' weights; None: unchecked)."""
+    if device is None or input_ids.device.type == device.type and (
+            input_ids.device.index is None or device.index is None or input_ids.device.index == device.index):
+        return
+    raise BadInput(f"input_ids are on {input_ids.device} but the model's weights on {device}; "
+                   f"move them with input_ids.to({str(device)!r}) (and the attention_mask with them)")
+
+
 def check_prompt(input_ids: Any, attention_mask: Any,
                  vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt and its mask, checked: 2-D integer ids (within ``[0, vocab_size)`` when given), a 0/1 mask of
@@ -146,16 +164,17 @@ def run_generation(
     *, max_new_tokens: int, sampling: Sampling, eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None, streamer: Any = None, generator: torch.Generator | None = None,
     max_length: int | None = None, max_batch: int | None = None, vocab_size: int | None = None,
-    times: GenerationTimes | None = None,
+    times: GenerationTimes | None = None, device: torch.device | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after each prompt; returns ``[batch, prompt + generated]``.
 
     Rows that reach an end token keep going with ``pad_token_id`` (the end
     token when none is given) until every row has ended, as transformers does.
-    ``max_length``, ``max_batch`` and ``vocab_size`` (when given) are the
-    graphs' limits, checked before any work.
+    ``max_length``, ``max_batch``, ``vocab_size`` and ``device`` (where the
+    graphs' weights are) are the graphs' limits when given, checked before any work.
     """
     input_ids, mask = check_prompt(input_ids, attention_mask, vocab_size)
+    check_ids_device(input_ids, device)
     if max_new_tokens < 1:
         raise BadInput(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     batch, prompt = input_ids.shape
