@@ -166,6 +166,19 @@ def test_bad_prompts_get_one_line_errors(llama_graphs, ids, mask, words):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("count", [0, -3, 2.5, True, "4", None])
+def test_a_bad_max_new_tokens_gets_a_one_line_error(llama_graphs, count):
+    _, graphs = llama_graphs
+    with pytest.raises(BadInput, match=r"max_new_tokens must be a whole number >= 1 \(got "):
+        graphs.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=count)
+
+
+def test_max_new_tokens_takes_any_integral_number(llama_graphs):
+    _, graphs = llama_graphs
+    ids = torch.ones(1, 4, dtype=torch.long)
+    assert graphs.generate(ids, max_new_tokens=torch.tensor(3)).shape == (1, 7)
+
+
 def test_ids_on_another_device_than_the_weights_get_one_line_errors(llama_graphs):
     _, graphs = llama_graphs
     assert weights_device(graphs.prefill.module) == torch.device("cpu")

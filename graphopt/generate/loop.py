@@ -8,6 +8,7 @@ same loop serves the reference run and the optimized one.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -159,6 +160,17 @@ def _stream(streamer: Any, tokens: torch.Tensor) -> None:
         streamer(tokens)
 
 
+def _token_count(max_new_tokens: Any) -> int:
+    """``max_new_tokens`` as an int >= 1 (an integral number of any kind); BadInput otherwise."""
+    try:
+        count = operator.index(max_new_tokens) if not isinstance(max_new_tokens, bool) else None
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise BadInput(f"max_new_tokens must be a whole number >= 1 (got {max_new_tokens!r})")
+    return count
+
+
 def run_generation(
     prefill: Step, decode: Step, layout: CacheLayout, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     *, max_new_tokens: int, sampling: Sampling, eos_token_id: int | Sequence[int] | None = None,
@@ -175,8 +187,7 @@ def run_generation(
     """
     input_ids, mask = check_prompt(input_ids, attention_mask, vocab_size)
     check_ids_device(input_ids, device)
-    if max_new_tokens < 1:
-        raise BadInput(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    max_new_tokens = _token_count(max_new_tokens)
     batch, prompt = input_ids.shape
     if max_batch is not None and batch > max_batch:
         raise BadInput(f"a batch of {batch} rows exceeds the {max_batch} this model was prepared for; "
