@@ -236,8 +236,7 @@ def optimize(
         report=report,
         options=dict(options), target=machine or TargetInfo(),
     )
-    pipeline = list(passes) if passes is not None else pipelines.default_pipeline(ctx)
-    check_options(pipeline, options)
+    pipeline = _checked_pipeline(passes, ctx, options)
     if verify:
         ctx.verifier = _verifier(target, captured, n_random_inputs, verify_inputs)
         report.verification_inputs = ctx.verifier.describe()
@@ -251,6 +250,16 @@ def optimize(
              report.total_seconds)
     return _result(model, gm, captured, ctx, approximate,
                    _generation_options(passes, memory_budget, error_budget, verify, options))
+
+
+def _checked_pipeline(passes: Sequence[Pass] | None, ctx: OptimizeContext, options: dict[str, Any]) -> list[Pass]:
+    """The passes to run, their options checked; a warning where an error budget is given that no pass spends."""
+    pipeline = list(passes) if passes is not None else pipelines.default_pipeline(ctx)
+    check_options(pipeline, options)
+    if ctx.error_budget is not None and not any(p.uses_error_budget for p in pipeline):
+        log.warning("error_budget %s is unused: no pass here trades accuracy for speed; give precision= "
+                    "(e.g. precision='auto') for it to apply", ctx.error_budget.rel_l2)
+    return pipeline
 
 
 def _verifier(target: torch.nn.Module, captured: Captured, n_random_inputs: int, verify_inputs: Any) -> Verifier:

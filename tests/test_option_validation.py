@@ -51,3 +51,15 @@ def test_meta_weights_are_refused_with_what_to_do():
         model = torch.nn.Linear(4, 4)
     with pytest.raises(BadInput, match="meta device.*load its weights"):
         graphopt.optimize(model, (torch.randn(2, 4, device="meta"),))
+
+
+def test_an_error_budget_no_pass_spends_is_warned_about(caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    with caplog.at_level("WARNING", logger="graphopt.optimize"):
+        graphopt.optimize(model, (torch.randn(2, 8),), error_budget=0.1)
+    assert any("error_budget 0.1 is unused" in r.getMessage() and "precision=" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="graphopt.optimize"):  # spent by reduced precision: no warning
+        graphopt.optimize(model, (torch.randn(2, 8),), error_budget=0.1, precision="bf16")
+    assert not any("is unused" in r.getMessage() for r in caplog.records)
