@@ -91,6 +91,7 @@ def _hf(spec: str) -> ModelSpec:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
+    seq_given = "seq" in opts
     batch, seq = _positive(spec, opts, "batch", 1), _positive(spec, opts, "seq", 64)
     task = str(opts.pop("task", "auto"))
     with_mask = bool(opts.pop("mask", False))
@@ -107,7 +108,7 @@ def _hf(spec: str) -> ModelSpec:
     except Exception as exc:  # transformers' strict dataclass validation (wrong value types)
         detail = " ".join(str(exc).split())
         raise SpecError(f"{spec!r}: invalid config value ({detail}); fix the value after '?'") from exc
-    _check_config(spec, config, opts, seq)
+    seq = _check_config(spec, config, opts, seq, seq_given)
     _fit_head_count(config, opts)
     if task == "auto":
         task = ("causal-lm" if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -139,8 +140,9 @@ def _positive(spec: str, opts: dict[str, Any], key: str, default: int, minimum: 
     return value
 
 
-def _check_config(spec: str, config: Any, opts: dict[str, Any], seq: int) -> None:
-    """Refuse unknown config keys (with a close match), non-positive sizes and seq beyond max positions."""
+def _check_config(spec: str, config: Any, opts: dict[str, Any], seq: int, seq_given: bool) -> int:
+    """Refuse unknown config keys (with a close match), non-positive sizes and a given seq beyond max positions;
+    the sequence length (the default one capped at the model's max positions)."""
     default = type(config)()  # a default config: the instance keeps unknown kwargs as attributes
     known = set(default.to_dict()) | set(getattr(config, "attribute_map", {})) | _init_keywords(type(config))
     for key, value in opts.items():
@@ -156,7 +158,10 @@ def _check_config(spec: str, config: Any, opts: dict[str, Any], seq: int) -> Non
     limit = next((getattr(config, k) for k in ("n_positions", "max_position_embeddings")
                   if isinstance(getattr(config, k, None), int)), None)
     if limit is not None and seq > limit:
+        if not seq_given:
+            return limit
         raise SpecError(f"{spec!r}: seq={seq} exceeds the model's max positions ({limit}); lower seq")
+    return seq
 
 
 def _init_keywords(config_class: type) -> set[str]:
