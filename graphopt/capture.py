@@ -132,6 +132,10 @@ _DATA_DEPENDENT_MARKERS = (
 _CACHE_OUTPUT = re.compile(r"\b(\w*Cache)\b[^\n]*(in output|at output)|(in output|at output)[^\n]*\b(\w*Cache)\b")
 
 
+#: torch.export's message when a dynamic axis cannot hold: ``Constraints violated (seq)! ...``
+_VIOLATED_AXES = re.compile(r"Constraints violated \(([^)]*)\)")
+
+
 def _hint(attempts: Sequence[CaptureAttempt]) -> str:
     text = " ".join(a.message + a.error_type for a in attempts)
     cache = next((m.group(1) or m.group(4) for a in attempts if (m := _CACHE_OUTPUT.search(a.message))), None)
@@ -139,6 +143,11 @@ def _hint(attempts: Sequence[CaptureAttempt]) -> str:
         return (f"the model returns a KV cache object ({cache}), which a graph cannot output; pass "
                 "use_cache=False (as a forward argument, or in its config), or call graphopt.optimize "
                 "without example inputs, which does that for transformers models")
+    violated = next((m.group(1) for a in attempts if (m := _VIOLATED_AXES.search(a.message))), None)
+    if violated:
+        return (f"the model does not run at every size of the dynamic axis {violated} (it fixes the size or "
+                f"excludes some); leave {violated} out of dynamic= (or dynamic_shapes) or give a range it allows, "
+                "or call graphopt.optimize without example inputs or dynamic=, which keeps dynamic what torch can")
     if any(m.lower() in text.lower() for m in _DATA_DEPENDENT_MARKERS):
         src = next((a.source for a in attempts if a.source), "")
         where = f" ({src})" if src else ""

@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.export import dynamic_shapes as export_shapes
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from graphopt.errors import BadInput
@@ -252,14 +254,50 @@ def dynamic_shapes_for_ranges(module: torch.nn.Module, args: tuple[Any, ...], kw
     return collection.dynamic_shapes(module, args, kwargs)
 
 
+#: what ``torch.export.Dim(name, ...)`` makes: a ``Dim`` instance in torch 2.13, a class of metaclass ``_Dim`` before
+_DIM_TYPES = tuple(t for t in (getattr(export_shapes, "_Dim", None), getattr(export_shapes, "Dim", None))
+                   if isinstance(t, type))
+
+
+def relaxed_dynamic_shapes(dynamic_shapes: Any) -> Any:
+    """``dynamic_shapes`` with each ``Dim`` as ``Dim.AUTO`` over the same range.
+
+    An explicit ``Dim`` makes ``torch.export`` fail where the model fixes the
+    axis (a Mamba's scan length) or excludes a value (GPT-Neo's local attention
+    at exactly its window); ``Dim.AUTO`` keeps the axis dynamic where the model
+    allows it and fixes or narrows it where not, which :func:`dynamic_axis_names`
+    then reads off the graph.
+    """
+    if isinstance(dynamic_shapes, dict):
+        return {k: relaxed_dynamic_shapes(v) for k, v in dynamic_shapes.items()}
+    if isinstance(dynamic_shapes, (list, tuple)):
+        return type(dynamic_shapes)(relaxed_dynamic_shapes(v) for v in dynamic_shapes)
+    if isinstance(dynamic_shapes, _DIM_TYPES):
+        return torch.export.Dim.AUTO(min=dynamic_shapes.min, max=dynamic_shapes.max)
+    return dynamic_shapes
+
+
+def dynamic_axis_names(gm: torch.fx.GraphModule, names: Sequence[str]) -> set[str]:
+    """Which of the axes ``names`` (batch, seq) some input of ``gm`` has dynamic (a symbolic size)."""
+    found: set[str] = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            found |= {name for axis, name in axes_of_input(value, names).items()
+                      if not is_concrete_int(value.shape[axis])}  # a size fixed by a guard is concrete
+    return found
+
+
 def prepare(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None,
-            dynamic: Any, dynamic_shapes: Any) -> tuple[torch.nn.Module, tuple, dict, Any]:
-    """What optimize captures: ``(model to call, args, kwargs, dynamic_shapes)``.
+            dynamic: Any, dynamic_shapes: Any) -> tuple[torch.nn.Module, tuple, dict, Any, tuple[str, ...]]:
+    """What optimize captures: ``(model to call, args, kwargs, dynamic_shapes, default axes)``.
 
     Builds the inputs when none are given (:func:`built_inputs`), binds
     ``use_cache=False`` (:func:`without_cache`), and turns ``dynamic`` into
     ``dynamic_shapes`` (widening size-1 axes to 2) unless ``dynamic_shapes``
-    is given, which wins.
+    is given, which wins. The default axes are those made dynamic by default
+    (built inputs, ``dynamic`` not given): the ones the capture may fix where
+    the model does not run at every size (:func:`relaxed_dynamic_shapes`).
     """
     built = example_inputs is None and not example_kwargs
     if built:
@@ -272,15 +310,17 @@ def prepare(model: torch.nn.Module, example_inputs: Any, example_kwargs: dict[st
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     target = without_cache(model)
     if dynamic_shapes is not None:
-        return target, args, kwargs, dynamic_shapes
+        return target, args, kwargs, dynamic_shapes, ()
     ranges = dynamic_ranges(dynamic, model, built)
     if built and (dynamic is None or dynamic is True):  # default axes no built input has (an image's seq)
         leaves = pytree.tree_leaves((args, kwargs))
         ranges = {n: r for n, r in ranges.items() if any(axes_of_input(x, (n,)) for x in leaves)}
     if not ranges:
-        return target, args, kwargs, None
+        return target, args, kwargs, None, ()
     args, kwargs = widen_for_dynamic(args, kwargs, tuple(ranges))
-    return target, args, kwargs, dynamic_shapes_for_ranges(target, args, kwargs, ranges)
+    default_axes = tuple(ranges) if built and dynamic is None else ()
+    return target, args, kwargs, dynamic_shapes_for_ranges(target, args, kwargs, ranges), default_axes
 
 
-__all__ = ["DYNAMIC_AXES", "built_inputs", "dynamic_ranges", "prepare", "task_of", "without_cache"]
+__all__ = ["DYNAMIC_AXES", "built_inputs", "dynamic_axis_names", "dynamic_ranges", "prepare", "relaxed_dynamic_shapes",
+           "task_of", "without_cache"]

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import ir
-from graphopt.capture import Captured, capture, eval_mode
+from graphopt.capture import Captured, CaptureError, capture, eval_mode
 from graphopt.errors import BadInput, OptionError
 from graphopt import fresh_inputs, model_inputs, saved
 from graphopt.pass_infra import (
@@ -218,12 +218,12 @@ def optimize(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     budget_bytes, error_budget = _checked_budgets(model, memory_budget, error_budget)  # before any work
-    target, example_inputs, example_kwargs, dynamic_shapes = model_inputs.prepare(
+    target, example_inputs, example_kwargs, dynamic_shapes, default_axes = model_inputs.prepare(
         model, example_inputs, example_kwargs, dynamic, dynamic_shapes)
     fresh_inputs.check_form(verify_inputs)  # before anything is captured
     start = time.perf_counter()
     report = Report(model=type(model).__name__)
-    captured = _capture(target, example_inputs, example_kwargs, dynamic_shapes, report)
+    captured = _capture(target, example_inputs, example_kwargs, dynamic_shapes, report, default_axes)
     gm = captured.module
 
     ctx = OptimizeContext(
@@ -314,14 +314,41 @@ def _refuse_meta_weights(model: torch.nn.Module) -> None:
 
 
 def _capture(model: torch.nn.Module, example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None,
-             dynamic_shapes: Any, report: Report) -> Captured:
-    """Capture the model, its route, time and node count written into ``report``."""
+             dynamic_shapes: Any, report: Report, default_axes: Sequence[str] = ()) -> Captured:
+    """Capture the model, its route, time and node count written into ``report``.
+
+    Where the axes made dynamic by default (``default_axes``) are more than
+    the model allows (``torch.export``: "Constraints violated"), captures again
+    with them as torch allows (:func:`graphopt.model_inputs.relaxed_dynamic_shapes`)
+    and says in ``report.capture_notes`` which became static.
+    """
     t0 = time.perf_counter()
-    captured = capture(model, tuple(example_inputs), example_kwargs, dynamic_shapes=dynamic_shapes)
+    try:
+        captured = capture(model, tuple(example_inputs), example_kwargs, dynamic_shapes=dynamic_shapes)
+    except CaptureError as exc:
+        violation = next((a.message for a in exc.attempts if "Constraints violated" in a.message), None)
+        if not default_axes or violation is None:
+            raise
+        captured = capture(model, tuple(example_inputs), example_kwargs,
+                           dynamic_shapes=model_inputs.relaxed_dynamic_shapes(dynamic_shapes))
+        report.capture_notes.append(_relaxed_note(captured, default_axes, violation))
+        log.warning("%s", report.capture_notes[-1])
     report.capture_seconds = time.perf_counter() - t0
     report.capture_route = captured.route
     report.nodes_before = len(captured.module.graph.nodes)
     return captured
+
+
+def _relaxed_note(captured: Captured, axes: Sequence[str], violation: str) -> str:
+    """What a capture with the default axes as torch allows made of them."""
+    kept = model_inputs.dynamic_axis_names(captured.module, axes)
+    fixed = [a for a in axes if a not in kept]
+    why = f"torch.export: {violation.split('!')[0]}"
+    if fixed:
+        sizes = ", ".join(fixed)
+        return (f"{sizes} static: the model does not run at every {sizes} ({why}), so the result takes only the "
+                f"example's; give example inputs of the size you run, or dynamic= with a range it allows")
+    return f"dynamic {', '.join(axes)} narrowed to the sizes the model allows ({why})"
 
 
 def _instruments(

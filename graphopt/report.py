@@ -63,6 +63,8 @@ class Report:
     model: str = ""
     capture_route: str = ""
     capture_seconds: float = 0.0
+    #: what the capture changed of what was asked (dynamic axes the model fixes), each a sentence
+    capture_notes: list[str] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)
     final_numerics: Numerics | None = None
     total_seconds: float = 0.0
@@ -83,6 +85,7 @@ class Report:
         return {
             "model": self.model,
             "capture_route": self.capture_route,
+            "capture_notes": list(self.capture_notes),
             "capture_seconds": round(self.capture_seconds, 6),
             "total_seconds": round(self.total_seconds, 6),
             "nodes_before": self.nodes_before,
@@ -121,6 +124,8 @@ class Report:
             f"capture: {self.capture_route} ({self.capture_seconds:.2f} s); nodes {self.nodes_before} -> "
             f"{self.nodes_after}; total {self.total_seconds:.2f} s", markup=False
         )
+        for note in self.capture_notes:
+            console.print(f"capture note: {note}", markup=False)
         if self.final_numerics:
             status = "ok" if self.final_numerics.ok else "FAILED"
             console.print(f"final check vs the original model: {status} ({self.final_numerics.summary()}, "

@@ -45,6 +45,7 @@ def report_to_markdown(report: Any) -> str:
     lines = [f"# graphopt report{': ' + d['model'] if d['model'] else ''}", ""]
     lines += _table(["", ""], [
         ["capture", f"{d['capture_route']} ({d['capture_seconds']:.2f} s)"],
+        *[["capture note", note] for note in d.get("capture_notes", [])],
         ["nodes", f"{d['nodes_before']} -> {d['nodes_after']}"],
         ["total time", f"{d['total_seconds']:.2f} s"],
     ])

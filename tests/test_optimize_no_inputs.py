@@ -9,6 +9,7 @@ import graphopt
 from graphopt import model_inputs
 from graphopt.capture import CaptureError
 from graphopt.errors import BadInput
+from graphopt.report_markdown import report_to_markdown
 
 transformers = pytest.importorskip("transformers")
 
@@ -217,3 +218,36 @@ def test_an_image_model_gets_a_dynamic_batch():
     with torch.no_grad():
         pixels = torch.randn(5, 3, 32, 32)
         assert rel_l2(result(pixels).logits, vit(pixels).logits) <= 1e-5
+
+
+def test_a_model_that_fixes_its_sequence_length_gets_a_static_seq_with_a_note():
+    # Mamba's scan specializes the sequence length: the default dynamic seq cannot hold, the batch can
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=VOCAB, state_size=4)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(config).eval()
+    with pytest.raises(CaptureError, match="Constraints violated") as info:  # what the user asking for seq gets
+        graphopt.optimize(model, dynamic="batch,seq")
+    assert info.value.hint.startswith("the model does not run at every size of the dynamic axis seq")
+    result = graphopt.optimize(model)
+    assert len(result.report.capture_notes) == 1
+    assert result.report.capture_notes[0].startswith("seq static: the model does not run at every seq")
+    assert "capture note" in report_to_markdown(result.report)
+    seq = result.captured.args[0].shape[1]
+    for batch in (1, 3):  # the batch stays dynamic
+        x = ids(batch, seq)
+        with torch.no_grad():
+            assert rel_l2(result.module(x).logits, model(x).logits) <= 1e-5
+
+
+def test_a_model_that_excludes_one_length_keeps_seq_dynamic_with_a_note():
+    # GPT-Neo's local attention guards seq != its max positions: the default range is narrowed, seq stays dynamic
+    config = transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=2, vocab_size=VOCAB, window_size=8,
+                                       attention_types=[[["global", "local"], 1]], max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoForCausalLM(config).eval()
+    result = graphopt.optimize(model)
+    assert [n.startswith("dynamic batch, seq narrowed") for n in result.report.capture_notes] == [True]
+    for batch, seq in SIZES:
+        x = ids(batch, seq)
+        with torch.no_grad():
+            assert rel_l2(result.module(x).logits, model(x).logits) <= 1e-5
