@@ -19,14 +19,21 @@ LayerNorm over two nearly equal features): its outputs are judged against an
 fp64 run of the model.
 Passes that trade accuracy for speed (reduced precision) are verified against
 the user's :class:`ErrorBudget` instead.
+
+A model that draws random numbers in its forward (ViT-MAE's random masking,
+a noise input made inside) would differ from itself run to run: every run of
+one input set, the model's and each candidate's, starts from the same random
+seed (:func:`same_random_numbers`), and the caller's random state is put back
+after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +65,17 @@ ABS_FLOOR = {
 
 #: reduced-precision float dtypes: outputs a rewrite may round differently from the model
 REDUCED_FLOATS = (torch.bfloat16, torch.float16)
+#: the random seed of input set ``i``'s runs is this plus ``i``
+RANDOM_SEED = 1234
+
+
+@contextlib.contextmanager
+def same_random_numbers(input_index: int) -> Iterator[None]:
+    """Run the body from input set ``input_index``'s random seed, the random state outside put back after."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(RANDOM_SEED + input_index)
+        yield
 
 #: a reduced-precision output that misses its tolerance against the model passes when its relative L2 against an
 #: fp32 run of the model is at most this multiple of the model's own (as accurate as the model, within 10%)
@@ -289,7 +307,8 @@ class Fp32Reference:
     against the wide run is right. A deep copy of the model is cast for the run
     and dropped after it (the user's model is not touched); narrower float
     inputs are cast too. ``available`` is False for anything but an
-    ``nn.Module`` whose wide copy runs and returns the same structure.
+    ``nn.Module`` whose wide copy runs and returns the same structure, and for
+    a model that draws random numbers (its outputs change with the seed).
     """
 
     def __init__(self, model: Any, input_sets: Sequence[tuple[tuple, dict]], references: Sequence[Any]) -> None:
@@ -301,12 +320,16 @@ class Fp32Reference:
         try:
             wide_model = copy.deepcopy(model).to(self.wide)
             with torch.no_grad():
-                for (a, kw), ref in zip(input_sets, references):
+                for i, ((a, kw), ref) in enumerate(zip(input_sets, references)):
                     a_w, kw_w = pytree.tree_map(self._widen, (a, kw))
-                    out = _leaves(wide_model(*a_w, **kw_w))
+                    with same_random_numbers(i):
+                        out = _leaves(wide_model(*a_w, **kw_w))
                     ref_leaves = _leaves(ref)
                     if len(out) != len(ref_leaves):
                         self.outputs, self.model_errors = [], []
+                        return
+                    if i == 0 and self._draws_random_numbers(wide_model, a_w, kw_w, out):
+                        log.info("no %s reference: the model draws random numbers, which differ by dtype", self.wide)
                         return
                     self.outputs.append([o if self._narrower(r) else None for o, r in zip(out, ref_leaves)])
                     self.model_errors.append([_rel_l2(r, o) if self._narrower(r) else None
@@ -314,6 +337,15 @@ class Fp32Reference:
         except Exception as exc:  # noqa: BLE001 - no wide reference: outputs are judged against the model alone
             log.info("no %s reference for the model: %s", self.wide, exc)
             self.outputs, self.model_errors = [], []
+
+    @staticmethod
+    def _draws_random_numbers(model: Any, args: tuple, kwargs: dict, out: list[Any]) -> bool:
+        """Whether ``model`` gives other outputs from another random seed. A model drawing random numbers
+        draws other ones in another dtype (fp64 takes more bits per number), so its wide run is no reference."""
+        with same_random_numbers(-1):
+            again = _leaves(model(*args, **kwargs))
+        return any(not (torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y)
+                   for x, y in zip(out, again))
 
     @property
     def available(self) -> bool:
@@ -420,7 +452,7 @@ class Verifier:
         # every run starts from the user's buffers and inputs (a forward may mutate them) and leaves them so
         self._state = TensorSnapshot(reference_fn, self.input_sets)
         with torch.no_grad():
-            self.references = [self._run(reference_fn, a, kw) for a, kw in self.input_sets]
+            self.references = [self._run(reference_fn, a, kw, i) for i, (a, kw) in enumerate(self.input_sets)]
         self._reference_fn = reference_fn
         self._fp32: Fp32Reference | None = None
 
@@ -440,7 +472,7 @@ class Verifier:
         try:
             with torch.no_grad():
                 for i, ((a, kw), ref) in enumerate(zip(self.input_sets, self.references)):
-                    out = self._run(candidate_fn, a, kw)
+                    out = self._run(candidate_fn, a, kw, i)
                     errors = compare_outputs(ref, out, budget)
                     if budget is None and any(not e.ok and e.dtype in _JUDGED_NAMES for e in errors) \
                             and self.fp32_reference().available:
@@ -451,10 +483,12 @@ class Verifier:
                             reason=f"candidate failed to run: {type(exc).__name__}: {exc}".splitlines()[0][:300])
         return summarize(per_input, budget)
 
-    def _run(self, fn: Any, args: tuple, kwargs: dict) -> Any:
-        """``fn(*args, **kwargs)``, then the user's buffers and the input sets put back as they were."""
+    def _run(self, fn: Any, args: tuple, kwargs: dict, input_index: int) -> Any:
+        """``fn(*args, **kwargs)`` from the input set's random seed, then the user's buffers and the input sets
+        put back as they were."""
         try:
-            return fn(*args, **kwargs)
+            with same_random_numbers(input_index):
+                return fn(*args, **kwargs)
         finally:
             self._state.restore()
 
