@@ -9,10 +9,16 @@ built from its config, the task read from the model class:
   ``input_ids``, ``attention_mask``, ``decoder_input_ids``;
 * image models (``main_input_name == "pixel_values"``): ``pixel_values`` of
   (2, num_channels, image_size, image_size);
+* text-and-image models (a ``vision_config`` and a forward taking
+  ``pixel_values``: CLIP): ``input_ids``, ``attention_mask`` and ``pixel_values``;
+* speech models (``main_input_name``): Whisper-style ``input_features``
+  (batch, num_mel_bins, 2 x max_source_positions) or raw ``input_values``
+  (batch, samples), with ``decoder_input_ids`` for an encoder-decoder;
 * everything else (masked LM, sequence classification, encoders):
-  ``input_ids`` and ``attention_mask`` (all ones).
+  ``input_ids`` and ``attention_mask`` (all ones); a model whose main input is
+  another name is refused (BadInput) rather than given token ids it cannot take.
 
-Token ids are drawn below ``config.vocab_size`` from a fixed seed. Batch and
+Token ids are drawn below ``config.vocab_size`` (``text_config``'s where the config has none) from a fixed seed. Batch and
 sequence are 2 and 16, not 1: ``torch.export`` specialises a size-1 axis.
 
 The captured forward gets ``use_cache=False`` when it takes that argument
@@ -34,6 +40,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -142,21 +149,63 @@ def built_inputs(model: torch.nn.Module) -> tuple[tuple[Any, ...], dict[str, Any
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(SEED)
     if task == "image":
-        size = getattr(config, "image_size", 224)
-        size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-        channels = int(getattr(config, "num_channels", 3))
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        pixels = torch.randn(EXAMPLE_BATCH, channels, *size, generator=gen).to(device, dtype)
-        return (pixels,), {}
-    vocab = int(getattr(config, "vocab_size", None) or 1000)
-    seq = min(EXAMPLE_SEQ, max_positions(config) or EXAMPLE_SEQ)
+        return (_pixels(config, gen).to(device, _float_dtype(model)),), {}
+    text = text_config(config)
+    vocab = int(getattr(text, "vocab_size", None) or 1000)
+    seq = min(EXAMPLE_SEQ, max_positions(text) or EXAMPLE_SEQ)
+    main = getattr(model, "main_input_name", "input_ids")
+    if main in ("input_features", "input_values"):  # speech: the audio, then the decoder's tokens where it has one
+        kwargs = {main: _audio(model, main, gen).to(device, _float_dtype(model))}
+        if task == "seq2seq":
+            kwargs["decoder_input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=gen).to(device)
+        return (), kwargs
+    if main != "input_ids":
+        raise BadInput(f"no example inputs given, and graphopt does not build them for {type(model).__name__} "
+                       f"(its main input is {main!r}): {NO_INPUTS_HINT}")
     ids = torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=gen).to(device)
     if task == "causal-lm":
         return (ids,), {}
     kwargs: dict[str, Any] = {"attention_mask": torch.ones_like(ids)}
     if task == "seq2seq":
         kwargs["decoder_input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=gen).to(device)
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and "pixel_values" in inspect.signature(model.forward).parameters:  # text and image
+        kwargs["pixel_values"] = _pixels(vision, gen).to(device, _float_dtype(model))
     return (ids,), kwargs
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _pixels(config: Any, gen: torch.Generator) -> torch.Tensor:
+    """``(EXAMPLE_BATCH, num_channels, image_size, image_size)`` pixels for an image config."""
+    size = getattr(config, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return torch.randn(EXAMPLE_BATCH, int(getattr(config, "num_channels", 3)), *size, generator=gen)
+
+
+def _audio(model: torch.nn.Module, main: str, gen: torch.Generator) -> torch.Tensor:
+    """A speech model's input: Whisper-style log-mel ``input_features`` (batch, mel bins, 2 x encoder
+    positions), or raw ``input_values`` (batch, samples) long enough for a few frames of its convolutions."""
+    config = model.config
+    if main == "input_values":
+        strides = getattr(config, "conv_stride", None) or (320,)
+        kernels = getattr(config, "conv_kernel", None) or (400,)
+        return torch.randn(EXAMPLE_BATCH, math.prod(strides) * EXAMPLE_SEQ + sum(kernels), generator=gen)
+    mels, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+    if not isinstance(mels, int) or not isinstance(frames, int):
+        raise BadInput(f"no example inputs given, and graphopt does not build input_features for "
+                       f"{type(model).__name__} (only Whisper-style num_mel_bins x max_source_positions): "
+                       f"{NO_INPUTS_HINT}")
+    return torch.randn(EXAMPLE_BATCH, mels, 2 * frames, generator=gen)
+
+
+def text_config(config: Any) -> Any:
+    """The config of the model's text part: ``config`` itself, or a text-and-image model's ``text_config``."""
+    if getattr(config, "vocab_size", None) is None and getattr(config, "text_config", None) is not None:
+        return config.text_config
+    return config
 
 
 def max_positions(config: Any) -> int | None:
@@ -200,7 +249,7 @@ def dynamic_ranges(dynamic: Any, model: torch.nn.Module, built: bool) -> dict[st
     if dynamic is False or (not isinstance(dynamic, Mapping) and not dynamic):
         return {}
     config = getattr(model, "config", None)
-    defaults = {"batch": (1, MAX_BATCH), "seq": (1, max_positions(config) if config is not None else None)}
+    defaults = {"batch": (1, MAX_BATCH), "seq": (1, max_positions(text_config(config)) if config is not None else None)}
     if isinstance(dynamic, Mapping):
         names = parse_dynamic(list(dynamic))
         ranges = {n: _range(n, dynamic[n], defaults[n]) for n in names}

@@ -134,6 +134,52 @@ def test_inputs_follow_the_task():
     assert model_inputs.built_inputs(bert)[0][0].tolist() == model_inputs.built_inputs(bert)[0][0].tolist()
 
 
+def _tiny_speech_and_vision_models() -> dict[str, torch.nn.Module]:
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    heads = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    return {
+        "whisper": transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+            **heads, num_mel_bins=16, max_source_positions=32, max_target_positions=32, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
+        "wav2vec2": transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+            **small, vocab_size=VOCAB, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)),
+        "clip": transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=dict(small, vocab_size=VOCAB), vision_config=dict(small, image_size=32, patch_size=8))),
+    }
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("whisper", {"input_features": (2, 16, 64), "decoder_input_ids": (2, 16)}),
+    ("wav2vec2", {"input_values": (2, 10 * 16 + 13)}),  # strides 5 x 2 per frame, plus the kernels
+    ("clip", {"input_ids": (2, 16), "attention_mask": (2, 16), "pixel_values": (2, 3, 32, 32)}),
+])
+def test_speech_and_text_image_models_get_their_inputs_and_optimize(name, expected):
+    model = _tiny_speech_and_vision_models()[name].eval()
+    args, kwargs = model_inputs.built_inputs(model)
+    shapes = {k: tuple(v.shape) for k, v in kwargs.items()} | ({"input_ids": tuple(args[0].shape)} if args else {})
+    assert shapes == expected
+    assert all(int(v.max()) < VOCAB for k, v in kwargs.items() if k.endswith("input_ids"))
+    result = graphopt.optimize(model)
+    assert result.report.final_numerics.ok, result.report.final_numerics.reason
+    bigger = [torch.cat([a, a[:1]]) for a in result.captured.args]  # a batch of 3 runs, as the original
+    more = {k: torch.cat([v, v[:1]]) for k, v in result.captured.kwargs.items()}
+    with torch.no_grad():
+        got, want = result.module(*bigger, **more), model(*bigger, **more)
+    pairs = zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want))
+    assert all(rel_l2(g, w) <= 1e-5 for g, w in pairs if isinstance(w, torch.Tensor) and w.is_floating_point())
+
+
+def test_a_model_whose_main_input_graphopt_does_not_build_is_refused_in_one_line():
+    model = _tiny_speech_and_vision_models()["wav2vec2"]
+    model.main_input_name = "input_embeds_of_some_kind"
+    with pytest.raises(BadInput, match="main input is 'input_embeds_of_some_kind'") as info:
+        graphopt.optimize(model)
+    assert "\n" not in str(info.value)
+
+
 def test_an_encoder_without_inputs_runs_at_other_sizes():
     torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(
