@@ -18,8 +18,9 @@ built from its config, the task read from the model class:
   ``input_ids`` and ``attention_mask`` (all ones); a model whose main input is
   another name is refused (BadInput) rather than given token ids it cannot take.
 
-Token ids are drawn below ``config.vocab_size`` (``text_config``'s where the config has none) from a fixed seed. Batch and
-sequence are 2 and 16, not 1: ``torch.export`` specialises a size-1 axis.
+Token ids are drawn below ``config.vocab_size`` (``text_config``'s where the
+config has none) from a fixed seed. Batch and sequence are 2 and 16, not 1:
+``torch.export`` specialises a size-1 axis.
 
 The captured forward gets ``use_cache=False`` when it takes that argument
 (:func:`without_cache`): the model is called through a shallow copy whose
