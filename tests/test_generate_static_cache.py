@@ -2,7 +2,9 @@
 
 GPT-Neo's local attention over transformers' StaticCache takes its window mask at the cache's allocated length:
 past the window, ``generate(cache_implementation="static")`` gives other tokens than the default dynamic cache.
-graphopt caps generation at the window and refuses a model whose static-cache logits miss its own.
+graphopt checks the step past a model's window: it caps generation at the window where the step misses there
+(GPT-Neo), generates past it where the step holds (Mistral, Gemma 3), and refuses a model whose static-cache
+logits miss its own.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def test_gpt_neo_generates_transformers_tokens_within_its_window_and_refuses_pas
     model = gpt_neo()
     graphs = graphopt.prepare_generation(model)
     assert graphs.max_length == WINDOW
+    assert any(n.startswith(f"prompt + generation capped at the {WINDOW}-token attention window") for n in graphs.notes)
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -70,3 +73,22 @@ def test_a_model_that_fails_on_its_own_gets_one_line():
     with pytest.raises(BadInput, match=r"fails on a 2-token prompt with a KV cache \(RuntimeError: The size") as info:
         read_cache_layout(model)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("config_class, extra", [("MistralConfig", {}), ("Gemma3TextConfig", {"head_dim": 16})])
+def test_a_windowed_model_whose_step_holds_past_the_window_generates_past_it(config_class, extra):
+    # the window is 12 positions: a 30-token prompt and 30 new tokens attend through it many times over
+    config = getattr(transformers, config_class)(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=VOCAB, max_position_embeddings=128, sliding_window=12, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    graphs = graphopt.prepare_generation(model, max_length=80)
+    assert graphs.max_length == 80 and not any("attention window" in n for n in graphs.notes)
+    ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids[1, :5] = 0
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    assert torch.equal(graphs.generate(ids, mask, max_new_tokens=30, eos_token_id=None, pad_token_id=0), expected)

@@ -29,7 +29,7 @@ from graphopt.capture import eval_mode
 from graphopt.errors import BadInput
 from graphopt.generate.aot import aot_compiler
 from graphopt.generate.bundle import save_generation_programs
-from graphopt.generate.cache_check import require_static_cache
+from graphopt.generate.cache_check import require_static_cache, window_cap
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.cuda_graphs import CudaGraphDecode
 from graphopt.generate.decode_attention import math_decode_attention
@@ -200,11 +200,10 @@ def embedded_ids(model: torch.nn.Module) -> int | None:
     return int(rows) if isinstance(rows, int) else None
 
 
-def model_max_length(model: torch.nn.Module, layout: CacheLayout, limit: int | None) -> int:
-    """The longest prompt + generation the graphs accept: the position table, the sliding window, ``limit``."""
+def model_max_length(model: torch.nn.Module, limit: int | None) -> int:
+    """The longest prompt + generation the graphs may accept: the position table, ``limit`` (a local-attention
+    window may cap it further: :func:`~graphopt.generate.cache_check.window_cap`)."""
     length = max_positions(model.config) or 8192
-    if layout.sliding_window is not None:
-        length = min(length, layout.sliding_window)
     return min(length, limit) if limit else length
 
 
@@ -307,7 +306,8 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
     ``optimize_options`` are :func:`graphopt.optimize`'s keyword arguments
     (``precision=``, ``error_budget=``, ``passes=``, pass options, ...), applied
     to both graphs. ``max_length`` caps prompt + generated tokens (default:
-    the model's position table or sliding window). The user's model is not
+    the model's position table; its local-attention window where the static
+    cache misses the model past it, with a note). The user's model is not
     modified.
 
     Reduced precision is planned per graph on single steps; errors then add up
@@ -342,6 +342,7 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
                                   eos_token_id=getattr(config, "eos_token_id", None),
                                   pad_token_id=getattr(config, "pad_token_id", None),
                                   dynamic_shapes={"prefill": builder.prefill_shapes, "decode": builder.decode_shapes})
+        graphs.notes += builder.notes
         say("generation: teacher-forced check")
         graphs.error_budget = pair_budget(graphs)
         graphs.check = check_steps(graphs, model)
@@ -381,7 +382,11 @@ class _Builder:
         # one machine record for every graph built and re-built here: a re-plan of the same graph reuses its timings
         self.machine = TargetInfo()
         self.layout = read_cache_layout(model)
-        self.length_cap = model_max_length(model, self.layout, max_length)
+        self.length_cap, window_note = window_cap(model, self.layout, model_max_length(model, max_length))
+        #: what the build says beyond its graphs (the window that capped the length)
+        self.notes = [window_note] if window_note else []
+        if window_note:
+            log.warning("generation: %s", window_note)
         # the step every graph is checked against must itself be the model: its logits over a static cache at the
         # lengths the checks use (or the cap) against the model's forward without a cache
         require_static_cache(model, self.layout, min(self.length_cap, CHECK_PROMPT + CHECK_STEPS))

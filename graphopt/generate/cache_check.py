@@ -14,8 +14,11 @@ wrong tokens.
 over a cache longer than what they fill (as the generation loop allocates it),
 with the model's own forward over the whole sequence without any cache: the
 logits ``model.generate`` is built on. The build refuses a model where they
-differ
-(:func:`require_static_cache`).
+differ (:func:`require_static_cache`). A model with a local-attention window
+is checked once more past its window (:func:`window_cap`): where it holds
+there (Mistral, Gemma 2/3: transformers' mask code applies the window over a
+full cache), the graphs take the whole position table; where it misses
+(GPT-Neo), generation is capped at the window.
 """
 
 from __future__ import annotations
@@ -82,3 +85,21 @@ def require_static_cache(model: torch.nn.Module, layout: CacheLayout, length: in
                        "transformers' StaticCache does not reproduce this architecture's attention, so its "
                        "generation graphs would generate other tokens; generate it with model.generate, or try a "
                        "shorter max_length")
+
+
+def window_cap(model: torch.nn.Module, layout: CacheLayout, length: int) -> tuple[int, str | None]:
+    """``(length, None)`` where the static-cache step holds past the model's local-attention window (or it has
+    none, or ``length`` is within it); ``(window, why)`` where it misses there.
+
+    The check runs a prompt past the window and :data:`CHECK_DECODE_STEPS` decode steps after it.
+    """
+    window = layout.sliding_window
+    if window is None or length <= window:
+        return length, None
+    probe = min(length, window + CHECK_DECODE_STEPS + 2)
+    error = static_cache_error(model, layout, probe)
+    if error <= exact_rel_l2(layout.dtype):
+        return length, None
+    return window, (f"prompt + generation capped at the {window}-token attention window: past it the static KV "
+                    f"cache misses {type(model).__name__}'s own logits (relative L2 {error:.2e} at {probe} "
+                    "positions), so longer generations would give other tokens")
