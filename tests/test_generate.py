@@ -208,6 +208,14 @@ def test_a_model_that_is_not_a_causal_lm_is_refused():
         prepare_generation(torch.nn.Linear(4, 4))
 
 
+def test_a_model_with_a_recurrent_state_in_its_cache_is_refused_in_one_line():
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=VOCAB, state_size=4)
+    torch.manual_seed(0)
+    with pytest.raises(BadInput, match="MambaForCausalLM keeps a LinearAttentionLayer in its cache") as info:
+        prepare_generation(transformers.MambaForCausalLM(config).eval())
+    assert "\n" not in str(info.value) and "model.generate" in str(info.value)
+
+
 def test_the_eager_step_matches_the_model_forward():
     model = build("qwen2")
     graphs_layout = read_cache_layout(model)

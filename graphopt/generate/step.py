@@ -98,6 +98,18 @@ def read_cache_layout(model: torch.nn.Module) -> CacheLayout:
                        f"{str(e).splitlines()[0] if str(e) else ''}); check that model(input_ids, use_cache=True) "
                        "runs on its config") from e
     keys, values, dtype = [], [], None
+    from transformers import cache_utils
+
+    # a recurrent state (Mamba) has no keys; a hybrid layer (Falcon-H1) has keys beside a convolution state
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
+    other = next((layer for layer in cache.layers if isinstance(layer, recurrent)
+                  or not isinstance(getattr(layer, "keys", None), torch.Tensor)
+                  or not isinstance(getattr(layer, "values", None), torch.Tensor)), None)
+    if other is not None:
+        raise BadInput(f"{type(model).__name__} keeps a {type(other).__name__} in its cache (a recurrent or "
+                       "state-space state, not only attention keys and values); graphopt's generation graphs are built "
+                       "on a KV cache only: generate it with model.generate, or optimize its forward with "
+                       "graphopt.optimize")
     for layer in cache.layers:
         k, v = layer.keys, layer.values
         keys.append((int(k.shape[1]), int(k.shape[3])))
