@@ -116,28 +116,33 @@ class OptimizeResult:
         return self.generation
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: Any = ...,
                  pad_token_id: int | None = None, streamer: Any = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, **settings: Any) -> torch.Tensor:
         """Generate tokens after ``input_ids`` with a KV cache, like transformers' ``model.generate``.
 
-        Greedy by default (token-identical to the original model's greedy
-        ``generate`` at fp32); ``do_sample=True`` samples with ``temperature``,
-        ``top_k``, ``top_p`` (pass a seeded ``generator`` to repeat a draw).
-        A left-padded batch takes its ``attention_mask``. Generation stops at
-        ``max_new_tokens`` or when every row produced an ``eos_token_id``
-        (default: the model's; ``None``: no end token, as in transformers);
-        ended rows are filled with ``pad_token_id``.
-        ``streamer`` is called with each new token column (or is a
-        transformers streamer). Returns ``[batch, prompt + generated]``.
-        The first call builds the prefill and decode graphs (:meth:`prepare_generation`).
+        The settings are transformers' and resolve as there (:mod:`graphopt.generate.settings`):
+        the call's, a ``generation_config=`` passed, the model's generation config, then
+        transformers' defaults. So a plain call is greedy (token-identical to the original
+        model's greedy ``generate`` at fp32) unless the model's config samples;
+        ``do_sample=True`` samples with ``temperature``, ``top_k`` (50 unless set; 0: none),
+        ``top_p`` (pass a seeded ``generator`` to repeat a draw). ``max_new_tokens``, or
+        ``max_length`` counting the prompt (20 new tokens where nothing sets a length).
+        Settings graphopt does not apply (``num_beams``, ``repetition_penalty``, ...) are
+        accepted at their "off" value and refused at another; ``use_cache`` is accepted.
+        A left-padded batch takes its ``attention_mask``. Generation stops at the length
+        or when every row produced an ``eos_token_id`` (default: the model's; ``None``: no
+        end token, as in transformers); ended rows are filled with ``pad_token_id``.
+        ``streamer`` is called with each new token column (or is a transformers streamer).
+        Returns ``[batch, prompt + generated]``. The first call builds the prefill and
+        decode graphs (:meth:`prepare_generation`).
         """
         eos = {} if eos_token_id is ... else {"eos_token_id": eos_token_id}
         return self.prepare_generation().generate(
             input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_token_id, streamer=streamer,
-            generator=generator, **eos)
+            generator=generator, **eos, **settings)
 
     def save(self, directory: str | os.PathLike[str], *, generation: bool = False) -> dict[str, str]:
         """Write ``model.pt2``, ``graphopt.json`` and ``report.json`` into ``directory``; returns the paths.

@@ -12,6 +12,7 @@ import torch
 import graphopt
 from graphopt.errors import BadInput
 from graphopt.generate.loop import weights_device
+from graphopt.generate.settings import generation_defaults
 from graphopt.saved import NotASavedModel
 
 transformers = pytest.importorskip("transformers")
@@ -84,10 +85,12 @@ def test_a_loaded_bundle_refuses_an_ahead_of_time_compile_with_what_to_do(saved_
         bundle.generate(ids, mask, max_new_tokens=new)
 
 
-def test_a_loaded_bundle_knows_where_its_weights_are(saved_llama):
+def test_a_loaded_bundle_knows_where_its_weights_are_and_the_models_generation_settings(saved_llama):
     # generate() checks the ids against this device; a bundle whose graph held no weights would check nothing
     bundle = graphopt.load(saved_llama[0])
     assert weights_device(bundle.prefill.graph_module) == torch.device("cpu")
+    # and what the model's generation config sets: a plain generate() call there resolves as on the graphs
+    assert bundle.generation_defaults == generation_defaults(saved_llama[3].generation_config) != {}
 
 
 def test_a_bundle_missing_its_generation_entry_is_refused(saved_llama, tmp_path):

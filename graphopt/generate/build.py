@@ -41,7 +41,13 @@ from graphopt.generate.end_to_end import (
     precision_not_applied,
 )
 from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation, weights_device
-from graphopt.generate.sampling import Sampling
+from graphopt.generate.settings import (
+    generation_defaults,
+    given_settings,
+    prompt_length,
+    resolve_request,
+    warn_not_applied,
+)
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.model_inputs import is_causal_lm, max_positions
 from graphopt.ops.kernel_calls import inline_kernel_calls
@@ -94,6 +100,9 @@ class GenerationGraphs:
     vocab_size: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    #: the model's generation-config settings, the defaults of each generate call
+    #: (:func:`~graphopt.generate.settings.generation_defaults`)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     check: StepCheck | None = None
     times: GenerationTimes = field(default_factory=GenerationTimes)
     #: what the build did beyond the plan (a decode graph re-planned, reduced precision dropped)
@@ -163,26 +172,34 @@ class GenerationGraphs:
         return self._decode_runner.fallback_reason if self._decode_runner is not None else None
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: Any = MODEL_DEFAULT, pad_token_id: int | None = None,
-                 streamer: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 streamer: Any = None, generator: torch.Generator | None = None, **settings: Any) -> torch.Tensor:
         """Generate after ``input_ids`` (left-padded batches take ``attention_mask``); see :func:`run_generation`.
 
-        ``eos_token_id``: the model's end token(s) unless given; ``None`` generates without one
-        (as in transformers).
+        The settings resolve as in transformers' ``generate``
+        (:mod:`graphopt.generate.settings`): the call's, then a ``generation_config=``
+        passed, then the model's generation config, then transformers' defaults.
+        ``eos_token_id``: the model's end token(s) unless given; ``None`` generates without one.
         """
-        eos = self.eos_token_id if eos_token_id is MODEL_DEFAULT else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        named = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                 "top_k": top_k, "top_p": top_p, "pad_token_id": pad_token_id}
+        call = given_settings(named, settings)
+        if eos_token_id is not MODEL_DEFAULT:  # None included: no end token
+            call["eos_token_id"] = eos_token_id
+        request = resolve_request(call, self.generation_defaults,
+                                  prompt_length(input_ids), self.eos_token_id, self.pad_token_id)
+        warn_not_applied(request, self.notes)
         device = weights_device(self.prefill.module)
         if device is None:
             device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
         decode = self.decode_step(device)
         return run_generation(self.runnable("prefill"), decode, self.layout, input_ids, attention_mask,
-                              max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
-                              eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
-                              max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
-                              times=self.times, device=device)
+                              max_new_tokens=request.max_new_tokens, sampling=request.sampling,
+                              eos_token_id=request.eos_token_id, pad_token_id=request.pad_token_id,
+                              streamer=streamer, generator=generator, max_length=self.max_length,
+                              max_batch=self.max_batch, vocab_size=self.vocab_size, times=self.times, device=device)
 
 
 def compile_mode_name(value: Any) -> str:
@@ -341,6 +358,7 @@ def prepare_generation(model: torch.nn.Module, *, max_batch: int = 64, max_lengt
                                   max_batch=builder.batch_cap, vocab_size=embedded_ids(model),
                                   eos_token_id=getattr(config, "eos_token_id", None),
                                   pad_token_id=getattr(config, "pad_token_id", None),
+                                  generation_defaults=generation_defaults(getattr(model, "generation_config", None)),
                                   dynamic_shapes={"prefill": builder.prefill_shapes, "decode": builder.decode_shapes})
         graphs.notes += builder.notes
         say("generation: teacher-forced check")

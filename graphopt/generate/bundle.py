@@ -32,7 +32,7 @@ import torch
 from graphopt.errors import BadInput
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.loop import GenerationTimes, run_generation, weights_device
-from graphopt.generate.sampling import Sampling
+from graphopt.generate.settings import given_settings, prompt_length, resolve_request, warn_not_applied
 from graphopt.generate.step import CacheLayout
 from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.saved import LoadedModel, NotASavedModel, load_program, load_saved_model, program_path, save_program
@@ -51,6 +51,7 @@ def save_generation_programs(graphs: Any, directory: str) -> dict[str, Any]:
     return {"programs": dict(PROGRAMS), "layout": graphs.layout.to_dict(), "max_length": graphs.max_length,
             "max_batch": graphs.max_batch, "vocab_size": graphs.vocab_size,
             "eos_token_id": graphs.eos_token_id, "pad_token_id": graphs.pad_token_id,
+            "generation_defaults": dict(graphs.generation_defaults),
             "check": graphs.check.summary() if graphs.check is not None else None, "notes": list(graphs.notes)}
 
 
@@ -67,6 +68,9 @@ class LoadedGeneration(LoadedModel):
         self.max_batch = int(config["max_batch"]) if config.get("max_batch") else None
         self.vocab_size = int(config["vocab_size"]) if config.get("vocab_size") else None
         self.eos_token_id, self.pad_token_id = config.get("eos_token_id"), config.get("pad_token_id")
+        #: the model's generation-config settings (absent from bundles written before they were recorded)
+        self.generation_defaults: dict[str, Any] = dict(config.get("generation_defaults") or {})
+        self.notes: list[str] = list(config.get("notes") or [])
         self.times = GenerationTimes()
         #: run decode through torch.compile (:class:`~graphopt.generate.compiled.CompiledDecode`; it falls back to
         #: the program, with ``compiled_note`` saying why, where it cannot compile)
@@ -92,18 +96,25 @@ class LoadedGeneration(LoadedModel):
         return self._compiled
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: Any = ...,
                  pad_token_id: int | None = None, streamer: Any = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, **settings: Any) -> torch.Tensor:
         """Generate as :meth:`graphopt.OptimizeResult.generate` does (same arguments, same tokens)."""
-        eos = self.eos_token_id if eos_token_id is ... else eos_token_id
-        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        named = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                 "top_k": top_k, "top_p": top_p, "pad_token_id": pad_token_id}
+        call = given_settings(named, settings)
+        if eos_token_id is not ...:  # None included: no end token
+            call["eos_token_id"] = eos_token_id
+        request = resolve_request(call, self.generation_defaults,
+                                  prompt_length(input_ids), self.eos_token_id, self.pad_token_id)
+        warn_not_applied(request, self.notes)
         return run_generation(self._prefill_step, self._decode_step(), self.layout, input_ids, attention_mask,
-                              max_new_tokens=max_new_tokens, sampling=Sampling(do_sample, temperature, top_k, top_p),
-                              eos_token_id=eos, pad_token_id=pad, streamer=streamer, generator=generator,
-                              max_length=self.max_length, max_batch=self.max_batch, vocab_size=self.vocab_size,
-                              times=self.times, device=weights_device(self.prefill.graph_module))
+                              max_new_tokens=request.max_new_tokens, sampling=request.sampling,
+                              eos_token_id=request.eos_token_id, pad_token_id=request.pad_token_id,
+                              streamer=streamer, generator=generator, max_length=self.max_length,
+                              max_batch=self.max_batch, vocab_size=self.vocab_size, times=self.times,
+                              device=weights_device(self.prefill.graph_module))
 
 
 def _kernel_calls(program: LoadedModel) -> LoadedModel:

@@ -27,6 +27,7 @@ class Sampling:
 
     do_sample: bool = False
     temperature: float = 1.0
+    #: None or 0: no top-k
     top_k: int | None = None
     top_p: float | None = None
 
@@ -38,8 +39,8 @@ class Sampling:
             raise BadSampling(f"temperature must be a finite number > 0 (got {self.temperature!r}); "
                               "use do_sample=False for greedy")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise BadSampling(f"top_k must be an integer >= 1 (got {self.top_k!r})")
+                                       or self.top_k < 0):
+            raise BadSampling(f"top_k must be a whole number >= 1, or 0 for no top-k (got {self.top_k!r})")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise BadSampling(f"top_p must be in (0, 1] (got {self.top_p!r})")
 
@@ -55,7 +56,7 @@ class Sampling:
         if logits.ndim != 2:
             return self.next_tokens(logits.reshape(-1, logits.shape[-1]), generator).reshape(logits.shape[:-1])
         scores = logits.float() / self.temperature
-        if self.top_k is not None:
+        if self.top_k:  # 0: no top-k, as in transformers
             k = min(self.top_k, scores.shape[-1])
             kth = torch.topk(scores, k, dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
