@@ -37,7 +37,7 @@ def test_end_and_pad_tokens_come_from_the_call_then_the_model():
     assert resolve_request({"pad_token_id": 7}, {}, 4, pad_token_id=0).pad_token_id == 7
 
 
-@pytest.mark.parametrize("call", [{"num_beams": 4}, {"repetition_penalty": 1.2}, {"min_new_tokens": 3},
+@pytest.mark.parametrize("call", [{"num_beams": 4}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 3},
                                   {"output_scores": True}, {"stop_strings": ["\n"]},
                                   {"generation_config": transformers.GenerationConfig(num_beams=2)}])
 def test_a_setting_graphopt_does_not_apply_is_refused_in_the_call(call):
@@ -103,7 +103,7 @@ def test_sampling_without_top_k_takes_transformers_top_50_and_top_k_0_turns_it_o
 def test_a_setting_the_model_config_has_but_graphopt_does_not_apply_is_noted_once(sampling_llama, caplog):
     model, graphs = sampling_llama
     kept = graphs.generation_defaults
-    graphs.generation_defaults = {**kept, "repetition_penalty": 1.3}
+    graphs.generation_defaults = {**kept, "no_repeat_ngram_size": 3}
     ids, _ = padded_prompts()
     try:
         with caplog.at_level(logging.WARNING, logger="graphopt.generate.settings"):
@@ -111,6 +111,29 @@ def test_a_setting_the_model_config_has_but_graphopt_does_not_apply_is_noted_onc
             graphs.generate(ids, max_new_tokens=2)
     finally:
         graphs.generation_defaults = kept
-    noted = [n for n in graphs.notes if "repetition_penalty=1.3" in n]
+    noted = [n for n in graphs.notes if "no_repeat_ngram_size=3" in n]
     assert len(noted) == 1 and "does not apply" in noted[0]
-    assert sum("repetition_penalty=1.3" in r.getMessage() for r in caplog.records) == 1
+    assert sum("no_repeat_ngram_size=3" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_a_repetition_penalty_gives_transformers_tokens_greedy(sampling_llama, penalty):
+    # greedy with a penalty is deterministic: the tokens must be transformers' own (padding not penalised)
+    model, graphs = sampling_llama
+    ids, mask = padded_prompts()
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0, repetition_penalty=penalty)
+    expected = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(graphs.generate(ids, mask, **kw), expected)
+    assert not torch.equal(graphs.generate(ids, mask, **{**kw, "repetition_penalty": 1.0}), expected)
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely(sampling_llama):
+    model, graphs = sampling_llama
+    ids = torch.randint(1, VOCAB, (16, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        probs = (model(ids).logits[:, -1] / 2.0).softmax(-1)
+    allowed = probs >= 0.5 * probs.amax(-1, keepdim=True)
+    for seed in range(4):
+        token = graphs.generate(ids, max_new_tokens=1, do_sample=True, temperature=2.0, top_k=0, min_p=0.5,
+                                eos_token_id=None, generator=torch.Generator().manual_seed(seed))[:, -1]
+        assert bool(allowed.gather(1, token[:, None]).all())

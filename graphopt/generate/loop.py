@@ -218,14 +218,17 @@ def run_generation(
     pad_column = torch.full((batch, 1), pad, dtype=torch.long, device=device)
     eos = eos.to(device) if eos is not None else None
     out = [input_ids]
+    seen = sampling.seen_tokens(input_ids, mask, logits.shape[-1])  # None without a repetition penalty
     with torch.no_grad():
         for i in range(max_new_tokens):
             if logits.shape[1] != 1:  # a step that returns every position's logits
                 logits = logits[:, -1:]
-            token = sampling.next_tokens(logits, generator)  # [batch, 1]
+            token = sampling.next_tokens(logits, generator, seen)  # [batch, 1]
             if eos is not None:
                 token = torch.where(unfinished, token, pad_column)
             out.append(token)
+            if seen is not None:
+                seen.scatter_(1, token, True)
             if streamer is not None:
                 _stream(streamer, token[:, 0])
             if eos is not None:

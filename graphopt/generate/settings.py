@@ -3,8 +3,8 @@
 Existing code calling ``model.generate(...)`` should change one line, so a
 graphopt generate takes the same settings with the same precedence:
 
-1. transformers' own defaults (:data:`TRANSFORMERS_DEFAULTS`: greedy, and
-   when sampling ``temperature=1``, ``top_k=50``, ``top_p=1``);
+1. transformers' own defaults (:data:`TRANSFORMERS_DEFAULTS`: greedy, no
+   repetition penalty, and when sampling ``temperature=1``, ``top_k=50``, ``top_p=1``);
 2. the model's ``generation_config`` (kept with the graphs and in a bundle:
    a checkpoint that ships ``do_sample=True, top_p=0.9`` samples so here too);
 3. a ``generation_config=`` passed to the call;
@@ -15,8 +15,10 @@ the call, its ``generation_config``, then the model's; where none sets one,
 :data:`DEFAULT_NEW_TOKENS` new tokens (transformers' own fallback is a total
 ``max_length`` of 20, which it warns about).
 
-transformers' settings that graphopt does not apply (beam search, repetition
-penalties, minimum lengths, score outputs: :data:`NOT_APPLIED`) are accepted
+Applied: sampling or greedy, ``temperature``, ``top_k``, ``top_p``, ``min_p``
+and ``repetition_penalty`` (:class:`~graphopt.generate.sampling.Sampling`).
+transformers' settings that graphopt does not apply (beam search, n-gram and
+encoder penalties, minimum lengths, score outputs: :data:`NOT_APPLIED`) are accepted
 at the value that turns them off. Given another value in the call they are
 refused (:class:`UnsupportedSetting`); set so in the model's generation
 config they are not applied and :attr:`GenerationRequest.not_applied` says
@@ -46,13 +48,14 @@ __all__ = ["DEFAULT_NEW_TOKENS", "GenerationRequest", "NOT_APPLIED", "TRANSFORME
 #: new tokens where neither the call nor a generation config sets a length
 DEFAULT_NEW_TOKENS = 20
 #: transformers' ``GenerationConfig`` defaults for the settings graphopt applies
-TRANSFORMERS_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+TRANSFORMERS_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                         "repetition_penalty": 1.0}
 #: transformers' settings graphopt does not apply, each with the value(s) that turn it off
 NOT_APPLIED: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "penalty_alpha": (0.0,),
-    "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,), "no_repeat_ngram_size": (0,),
+    "encoder_repetition_penalty": (1.0,), "no_repeat_ngram_size": (0,),
     "diversity_penalty": (0.0,), "min_length": (0,), "min_new_tokens": (0,), "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "min_p": (0.0,), "top_h": (), "bad_words_ids": (),
+    "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "bad_words_ids": (),
     "suppress_tokens": (), "begin_suppress_tokens": (), "sequence_bias": (), "forced_bos_token_id": (),
     "forced_eos_token_id": (), "force_words_ids": (), "constraints": (), "exponential_decay_length_penalty": (),
     "output_scores": (False,), "output_logits": (False,), "output_attentions": (False,),
@@ -65,8 +68,8 @@ NOT_APPLIED: dict[str, tuple[Any, ...]] = {
 WITHOUT_EFFECT = frozenset({"use_cache", "cache_implementation", "cache_config", "early_stopping", "length_penalty",
                             "synced_gpus", "low_memory", "bos_token_id", "decoder_start_token_id",
                             "max_time", "compile_config", "disable_compile", "tokenizer"})
-_APPLIED = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length", "eos_token_id",
-            "pad_token_id")
+_APPLIED = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
+            "max_length", "eos_token_id", "pad_token_id")
 
 
 class UnsupportedSetting(BadInput, ValueError):
@@ -125,7 +128,8 @@ def resolve_request(call: dict[str, Any], model_defaults: Mapping[str, Any], pro
         bad = next((k for k, v in source.items() if k in NOT_APPLIED and not _is_off(k, v)), None)
         if bad is not None:
             raise UnsupportedSetting(f"{bad}={source[bad]!r} is not applied by graphopt's generate (greedy and "
-                                     "sampling with temperature / top_k / top_p only); leave it out, or use the "
+                                     "sampling with temperature, top_k, top_p, min_p and repetition_penalty "
+                                     "only); leave it out, or use the "
                                      "original model's generate for it")
     not_applied = tuple(f"{k}={v!r}" for k, v in model_defaults.items() if k in NOT_APPLIED and not _is_off(k, v))
     layers = [TRANSFORMERS_DEFAULTS, model_defaults, passed, {k: v for k, v in call.items() if v is not None}]
@@ -134,7 +138,8 @@ def resolve_request(call: dict[str, Any], model_defaults: Mapping[str, Any], pro
         return next((layer[name] for layer in reversed(layers) if layer.get(name) is not None), None)
 
     sampling = Sampling(bool(setting("do_sample")), setting("temperature"), setting("top_k"),
-                        None if setting("top_p") == 1.0 else setting("top_p"))
+                        None if setting("top_p") == 1.0 else setting("top_p"), setting("repetition_penalty"),
+                        setting("min_p"))
     eos = call["eos_token_id"] if "eos_token_id" in call else passed.get("eos_token_id", eos_token_id)
     pad = next((v for v in (call.get("pad_token_id"), passed.get("pad_token_id")) if v is not None), pad_token_id)
     return GenerationRequest(_new_tokens(layers[1:], prompt_length), sampling, eos, pad, not_applied)
