@@ -41,13 +41,7 @@ from graphopt.generate.end_to_end import (
     precision_not_applied,
 )
 from graphopt.generate.loop import GenerationTimes, prefill_view, prompt_positions, run_generation, weights_device
-from graphopt.generate.settings import (
-    generation_defaults,
-    given_settings,
-    prompt_length,
-    resolve_request,
-    warn_not_applied,
-)
+from graphopt.generate.settings import generation_defaults, request_for
 from graphopt.generate.step import CacheLayout, CausalLMStep, read_cache_layout
 from graphopt.model_inputs import is_causal_lm, max_positions
 from graphopt.ops.kernel_calls import inline_kernel_calls
@@ -185,12 +179,7 @@ class GenerationGraphs:
         """
         named = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                  "top_k": top_k, "top_p": top_p, "pad_token_id": pad_token_id}
-        call = given_settings(named, settings)
-        if eos_token_id is not MODEL_DEFAULT:  # None included: no end token
-            call["eos_token_id"] = eos_token_id
-        request = resolve_request(call, self.generation_defaults,
-                                  prompt_length(input_ids), self.eos_token_id, self.pad_token_id)
-        warn_not_applied(request, self.notes)
+        request = request_for(self, input_ids, named, settings, eos_token_id, eos_unset=MODEL_DEFAULT)
         device = weights_device(self.prefill.module)
         if device is None:
             device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")

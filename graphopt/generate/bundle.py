@@ -32,7 +32,7 @@ import torch
 from graphopt.errors import BadInput
 from graphopt.generate.compiled import CompiledDecode
 from graphopt.generate.loop import GenerationTimes, run_generation, weights_device
-from graphopt.generate.settings import given_settings, prompt_length, resolve_request, warn_not_applied
+from graphopt.generate.settings import request_for
 from graphopt.generate.step import CacheLayout
 from graphopt.ops.kernel_calls import inline_kernel_calls
 from graphopt.saved import LoadedModel, NotASavedModel, load_program, load_saved_model, program_path, save_program
@@ -103,12 +103,7 @@ class LoadedGeneration(LoadedModel):
         """Generate as :meth:`graphopt.OptimizeResult.generate` does (same arguments, same tokens)."""
         named = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                  "top_k": top_k, "top_p": top_p, "pad_token_id": pad_token_id}
-        call = given_settings(named, settings)
-        if eos_token_id is not ...:  # None included: no end token
-            call["eos_token_id"] = eos_token_id
-        request = resolve_request(call, self.generation_defaults,
-                                  prompt_length(input_ids), self.eos_token_id, self.pad_token_id)
-        warn_not_applied(request, self.notes)
+        request = request_for(self, input_ids, named, settings, eos_token_id, eos_unset=...)
         return run_generation(self._prefill_step, self._decode_step(), self.layout, input_ids, attention_mask,
                               max_new_tokens=request.max_new_tokens, sampling=request.sampling,
                               eos_token_id=request.eos_token_id, pad_token_id=request.pad_token_id,

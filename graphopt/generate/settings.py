@@ -43,7 +43,8 @@ from graphopt.generate.sampling import Sampling
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_NEW_TOKENS", "GenerationRequest", "NOT_APPLIED", "TRANSFORMERS_DEFAULTS", "UnsupportedSetting",
-           "generation_defaults", "given_settings", "prompt_length", "resolve_request", "warn_not_applied"]
+           "generation_defaults", "given_settings", "prompt_length", "request_for", "resolve_request",
+           "warn_not_applied"]
 
 #: new tokens where neither the call nor a generation config sets a length
 DEFAULT_NEW_TOKENS = 20
@@ -176,3 +177,19 @@ def warn_not_applied(request: GenerationRequest, notes: list[str]) -> None:
     if note not in notes:
         notes.append(note)
         log.warning("%s", note)
+
+
+def request_for(owner: Any, input_ids: Any, named: Mapping[str, Any], settings: Mapping[str, Any],
+                eos_token_id: Any, eos_unset: Any) -> GenerationRequest:
+    """The :class:`GenerationRequest` of one ``owner.generate(...)`` call (the graphs, or a loaded bundle: their
+    ``generation_defaults``, ``eos_token_id``, ``pad_token_id`` and ``notes``), its unapplied settings noted.
+
+    ``named``: the call's named settings (None: not set); ``eos_token_id`` is set unless it is ``eos_unset``
+    (None included: no end token)."""
+    call = given_settings(named, settings)
+    if eos_token_id is not eos_unset:
+        call["eos_token_id"] = eos_token_id
+    request = resolve_request(call, owner.generation_defaults, prompt_length(input_ids), owner.eos_token_id,
+                              owner.pad_token_id)
+    warn_not_applied(request, owner.notes)
+    return request
