@@ -127,10 +127,11 @@ class OptimizeResult:
         transformers' defaults. So a plain call is greedy (token-identical to the original
         model's greedy ``generate`` at fp32) unless the model's config samples;
         ``do_sample=True`` samples with ``temperature``, ``top_k`` (50 unless set; 0: none),
-        ``top_p`` (pass a seeded ``generator`` to repeat a draw). ``max_new_tokens``, or
-        ``max_length`` counting the prompt (20 new tokens where nothing sets a length).
-        Settings graphopt does not apply (``num_beams``, ``repetition_penalty``, ...) are
-        accepted at their "off" value and refused at another; ``use_cache`` is accepted.
+        ``top_p``, ``min_p`` (pass a seeded ``generator`` to repeat a draw); ``repetition_penalty``
+        applies greedy or sampled. ``max_new_tokens``, or ``max_length`` counting the prompt
+        (20 new tokens where nothing sets a length). Settings graphopt does not apply
+        (``num_beams``, ``no_repeat_ngram_size``, ...) are accepted at their "off" value and
+        refused at another; ``use_cache`` is accepted.
         A left-padded batch takes its ``attention_mask``. Generation stops at the length
         or when every row produced an ``eos_token_id`` (default: the model's; ``None``: no
         end token, as in transformers); ended rows are filled with ``pad_token_id``.

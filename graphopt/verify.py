@@ -77,6 +77,7 @@ def same_random_numbers(input_index: int) -> Iterator[None]:
         torch.manual_seed(RANDOM_SEED + input_index)
         yield
 
+
 #: a reduced-precision output that misses its tolerance against the model passes when its relative L2 against an
 #: fp32 run of the model is at most this multiple of the model's own (as accurate as the model, within 10%)
 FP32_MATCH_MARGIN = 1.1

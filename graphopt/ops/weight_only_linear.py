@@ -24,7 +24,12 @@ Storage (what the graph holds, device-independent, what :func:`quantize_int8_wei
     layout CUDA's ``torch._convert_weight_to_int4pack`` takes);
     ``scales_and_zeros`` ``[K / G, N, 2]`` bf16 (torch's layout:
     ``scale = (max - min) / 15`` and ``zero = min + 8 * scale`` per group of
-    ``G`` input channels of one output channel, asymmetric).
+    ``G`` input channels of one output channel, asymmetric; ``min`` and
+    ``max`` are the group's, each pulled in by the factor of
+    :data:`INT4_CLIP_FACTORS` that gives the group the least squared rounding
+    error: a lone large weight would otherwise spread the 16 levels over
+    values the rest never take -- the fitted clipping AWQ and llama.cpp apply,
+    here without activations).
 
 Kernels: CPU: ``torch._weight_int8pack_mm`` (int8) and
 ``torch._weight_int4pack_mm_for_cpu`` on the weight converted once by
@@ -64,6 +69,8 @@ __all__ = ["GROUP_SIZES", "int4_group_size", "int4_kernel", "int4_weight_only_re
 
 #: int4 group sizes, largest first: the quantizer takes the largest that divides ``in_features``
 GROUP_SIZES = (128, 64, 32)
+#: the factors each int4 group's range is tried at (1: its min and max), the one with the least squared error kept
+INT4_CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(13))
 #: the CPU int4 packing wants the output channels in multiples of this
 _CPU_N_MULTIPLE = 16
 _TINY = 1e-12
@@ -100,15 +107,39 @@ def quantize_int4(weight: torch.Tensor, group_size: int | None = None) -> tuple[
         raise ValueError(f"in_features {k} is not divisible by any int4 group size {GROUP_SIZES}"
                          if g is None else f"in_features {k} is not divisible by the group size {g}")
     groups = w.reshape(n, k // g, g)
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).clamp_min(_TINY).to(torch.bfloat16)
-    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
+    scale, zero = _int4_scales(groups)
     # quantize against the stored (bf16) scale and zero, so the weights the kernels see are these numbers
-    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp_(0, 15)
+    q = _int4_levels(groups, scale.float(), zero.float())
     q = q.reshape(n, k).to(torch.uint8)
     packed = (q[:, 0::2] << 4) | q[:, 1::2]
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
     return packed.contiguous(), scales_and_zeros, g
+
+
+def _int4_levels(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The 4-bit values ``q`` (0..15, float) of ``groups`` ``[N, K/G, G]`` at each group's ``scale`` and ``zero``."""
+    return torch.round((groups - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15)
+
+
+def _int4_scales(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's bf16 ``(scale, zero)``: from its min and max scaled by the :data:`INT4_CLIP_FACTORS` factor
+    whose stored (bf16) scale and zero round the group with the least squared error (weights beyond the range
+    clamp to its ends); factor 1 is among them, so no group rounds worse than at its own min and max."""
+    lo0, hi0 = groups.amin(dim=-1), groups.amax(dim=-1)
+    best_scale = best_zero = best = None
+    for factor in INT4_CLIP_FACTORS:
+        lo, hi = lo0 * factor, hi0 * factor
+        scale = ((hi - lo) / 15.0).clamp_min(_TINY).to(torch.bfloat16)
+        zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
+        s, z = scale.float(), zero.float()
+        err = ((_int4_levels(groups, s, z) - 8.0) * s[..., None] + z[..., None] - groups).square_().sum(dim=-1)
+        if best is None:
+            best_scale, best_zero, best = scale, zero, err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def unpack_int4(packed_weight: torch.Tensor) -> torch.Tensor:
