@@ -97,7 +97,7 @@ def test_int4_fitted_clipping_rounds_each_group_no_worse_than_its_min_and_max(mo
     packed, sz, g = wo.quantize_int4(w)
     min_max = (wo.dequantize_int4(packed, sz, g) - w).square().reshape(64, -1, g).sum(-1)
     assert bool((fitted <= min_max).all())  # per group: factor 1 (its min and max) is among those tried
-    assert float(fitted.sum()) < 0.95 * float(min_max.sum())  # 8-11% less squared error, measured
+    assert float(fitted.sum()) < 0.95 * float(min_max.sum())  # measured: 10% less (Gaussian), 7.5% (outliers)
 
 
 @pytest.mark.parametrize("n, rows", [(48, (2, 5)), (40, (1,)), (37, (3, 1))])  # 40, 37: the CPU packing pads N

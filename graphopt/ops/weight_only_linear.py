@@ -69,8 +69,10 @@ __all__ = ["GROUP_SIZES", "int4_group_size", "int4_kernel", "int4_weight_only_re
 
 #: int4 group sizes, largest first: the quantizer takes the largest that divides ``in_features``
 GROUP_SIZES = (128, 64, 32)
-#: the factors each int4 group's range is tried at (1: its min and max), the one with the least squared error kept
-INT4_CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(13))
+#: the factors each int4 group's range is tried at (1: its min and max), the one with the least squared error kept.
+#: Five: 13 (1 down to 0.7 by 0.025) lowered Gaussian weights' squared error by 11.1% against these 10.3%, at twice
+#: the time (a 32000 x 512 weight: about 2.1 s against 0.25 s for min-max alone, 2 threads)
+INT4_CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8)
 #: the CPU int4 packing wants the output channels in multiples of this
 _CPU_N_MULTIPLE = 16
 _TINY = 1e-12
