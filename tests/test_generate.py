@@ -302,6 +302,19 @@ def test_replan_scale_follows_the_miss():
         0.9 * 0.05 / 0.052)
 
 
+def test_the_pair_clears_a_top1_budget_by_one_standard_error_of_its_positions():
+    from graphopt.generate.end_to_end import StepCheck, replan_scale
+    from graphopt.verify import ErrorBudget
+
+    budget = ErrorBudget(rel_l2=5e-2, top1=0.9)
+    check = StepCheck(1e-2, 0.905, steps=128, rows=8)  # over 8 x 129 positions: the floor is 0.9 + 0.0093
+    assert check.top1_floor(0.9) == pytest.approx(0.9 + (0.9 * 0.1 / 1032) ** 0.5)
+    assert not check.ok(budget) and StepCheck(1e-2, 0.91, steps=128, rows=8).ok(budget)
+    assert StepCheck(1e-2, 0.9, steps=8).ok(budget)  # positions unknown: the budget itself
+    # a plan on the budget but under the floor is re-planned tighter, not at the same budget
+    assert replan_scale(check, budget) == pytest.approx(0.9 * (1 - check.top1_floor(0.9)) / 0.095)
+
+
 def test_reduced_precision_over_budget_end_to_end_is_replanned_then_dropped(monkeypatch):
     """Plans are made on single steps; when the pair misses the budget over many, the build re-plans at a budget
     tightened by the miss (a far miss: half), then at half that, then builds exact."""

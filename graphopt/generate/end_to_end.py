@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: how many standard errors of its own top-1 share the pair's check must clear a budget's top-1 by
+TOP1_STANDARD_ERRORS = 1.0
+
+
 @dataclass
 class StepCheck:
     """Teacher-forced logits of the optimized pair against the eager model, prompt plus decode steps."""
@@ -42,10 +47,21 @@ class StepCheck:
     prompt: int = 0
 
     def ok(self, budget: ErrorBudget | None) -> bool:
-        """Within ``budget`` (reduced precision), or as exact as the model's dtype allows (``None``:
-        :func:`~graphopt.generate.cache_check.exact_rel_l2`)."""
+        """Within ``budget`` (reduced precision; its top-1 cleared by :meth:`top1_floor`), or as exact as the
+        model's dtype allows (``None``: :func:`~graphopt.generate.cache_check.exact_rel_l2`)."""
         limit = budget.rel_l2 if budget is not None else exact_rel_l2(self.dtype)
-        return self.rel_l2 <= limit and (budget is None or budget.top1 is None or self.top1 >= budget.top1)
+        return self.rel_l2 <= limit and (budget is None or budget.top1 is None
+                                         or self.top1 >= self.top1_floor(budget.top1))
+
+    def top1_floor(self, top1: float) -> float:
+        """The top-1 agreement this check must reach for a budget's ``top1`` to hold on positions it did not
+        measure too: ``top1`` plus :data:`TOP1_STANDARD_ERRORS` standard errors of an agreement share at ``top1``
+        over the check's ``rows x (steps + 1)`` positions (about 0.0094 at 0.9 over 1,032). A plan whose check
+        lands exactly on the budget agrees on fresh positions with only even odds."""
+        positions = self.rows * (self.steps + 1)
+        if positions <= 0:
+            return top1
+        return min(1.0, top1 + TOP1_STANDARD_ERRORS * math.sqrt(top1 * (1.0 - top1) / positions))
 
     def summary(self) -> str:
         rows = f"{self.rows} rows x " if self.rows else ""
@@ -114,7 +130,7 @@ def replan_scale(check: StepCheck, budget: ErrorBudget, planned: Sequence[Numeri
     ratios = [scale(check.rel_l2, budget.rel_l2, max((n.rel_l2 for n in planned), default=None))]
     if budget.top1 is not None:
         flips = [1.0 - n.top1 for n in planned if n.top1 is not None]
-        ratios.append(scale(1.0 - check.top1, 1.0 - budget.top1, max(flips, default=None)))
+        ratios.append(scale(1.0 - check.top1, 1.0 - check.top1_floor(budget.top1), max(flips, default=None)))
     return max(REPLAN_MIN_SCALE, min(REPLAN_MAX_SCALE, min(ratios)))
 
 
