@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from graphopt.errors import BadInput
 from graphopt.generate import prepare_generation
 from graphopt.generate.settings import DEFAULT_NEW_TOKENS, UnsupportedSetting, generation_defaults, resolve_request
 from tests.support.generation_models import VOCAB, padded_prompts, tiny_llama
@@ -52,6 +53,12 @@ def test_off_values_and_settings_without_effect_are_accepted_and_unknown_names_a
     assert request.not_applied == ()
     with pytest.raises(TypeError, match="unexpected keyword argument 'num_beam'"):
         resolve_request({"num_beam": 1}, {}, prompt_length=4)
+
+
+@pytest.mark.parametrize("config", ["do_sample=True", 3, object()])
+def test_a_generation_config_that_is_not_one_is_refused_in_one_line(config):
+    with pytest.raises(BadInput, match="generation_config must be a transformers GenerationConfig or a dict"):
+        resolve_request({"generation_config": config}, {}, prompt_length=4)
 
 
 def test_generation_defaults_keep_what_a_config_sets():

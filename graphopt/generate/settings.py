@@ -98,8 +98,13 @@ def generation_defaults(config: Any) -> dict[str, Any]:
     """The settings a model's ``generation_config`` (or a dict of one) sets: its non-None plain values."""
     if config is None:
         return {}
-    items = config.items() if isinstance(config, Mapping) else (
-        config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items())
+    if isinstance(config, Mapping):
+        items = config.items()
+    elif callable(getattr(config, "to_dict", None)):
+        items = config.to_dict().items()
+    else:
+        raise BadInput(f"generation_config must be a transformers GenerationConfig or a dict of its settings "
+                       f"(got {type(config).__name__})")
     plain = (bool, int, float, str, list, tuple)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in items
             if v is not None and isinstance(v, plain) and not k.startswith("_") and k != "transformers_version"}
