@@ -31,6 +31,19 @@ def gpt_neo(window: int = WINDOW) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def assert_generates_transformers_tokens(model: torch.nn.Module, graphs, prompt: int, padding: int, new: int,
+                                         seed: int) -> torch.Tensor:
+    """Greedy tokens of two rows (the second left-padded by ``padding``) equal transformers'; returns the ids."""
+    ids = torch.randint(1, VOCAB, (2, prompt), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :padding] = 0
+    ids[1, :padding] = 0
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    assert torch.equal(graphs.generate(ids, mask, max_new_tokens=new, eos_token_id=None, pad_token_id=0), expected)
+    return ids
+
+
 def test_the_check_sees_gpt_neo_past_its_window_and_passes_within_it():
     model = gpt_neo()
     layout = read_cache_layout(model)
@@ -44,14 +57,7 @@ def test_gpt_neo_generates_transformers_tokens_within_its_window_and_refuses_pas
     graphs = graphopt.prepare_generation(model)
     assert graphs.max_length == WINDOW
     assert any(n.startswith(f"prompt + generation capped at the {WINDOW}-token attention window") for n in graphs.notes)
-    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    ids[1, :4] = 0
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
-    assert torch.equal(graphs.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None,
-                                       pad_token_id=0), expected)
+    ids = assert_generates_transformers_tokens(model, graphs, prompt=9, padding=4, new=12, seed=3)
     with pytest.raises(BadInput, match="exceeds the 24"):
         graphs.generate(ids, max_new_tokens=WINDOW)
 
@@ -85,10 +91,4 @@ def test_a_windowed_model_whose_step_holds_past_the_window_generates_past_it(con
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     graphs = graphopt.prepare_generation(model, max_length=80)
     assert graphs.max_length == 80 and not any("attention window" in n for n in graphs.notes)
-    ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    ids[1, :5] = 0
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
-    assert torch.equal(graphs.generate(ids, mask, max_new_tokens=30, eos_token_id=None, pad_token_id=0), expected)
+    assert_generates_transformers_tokens(model, graphs, prompt=30, padding=5, new=30, seed=4)
