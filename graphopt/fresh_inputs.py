@@ -52,6 +52,19 @@ EMBEDDING_BAGS = {aten.embedding_bag.default, aten.embedding_bag.padding_idx, at
 InputSet = tuple[tuple[Any, ...], dict[str, Any]]
 
 
+class InputChain(list):
+    """Input sets that are consecutive steps over shared state, given as ``verify_inputs=``.
+
+    A decode step's sets all hold the same KV cache, which each step writes in
+    place and the next reads. Verification runs a chain in order and puts the
+    state back only after its last set, so a candidate reads what it wrote
+    itself: the keys and values its own projections computed. Checked on
+    independent snapshots of an exact cache instead, the error a linear leaves
+    in the cache never shows (an int4 key/value projection measured 1.8e-2 there
+    and 4.4e-2 over 128 real decode steps, docs/generation.md).
+    """
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How to draw fresh values for one flattened input.
@@ -277,7 +290,8 @@ def user_input_sets(verify_inputs: Sequence[Any] | Callable[[int], Any], n_sets:
     sizes ``gm``, the captured graph, fixed).
 
     ``verify_inputs`` is a list of ``(args, kwargs)`` pairs, or a callable
-    ``f(seed)`` returning one such pair, called with seeds ``1..n_sets``.
+    ``f(seed)`` returning one such pair, called with seeds ``1..n_sets``; an
+    :class:`InputChain` stays one.
     Raises :class:`~graphopt.errors.VerifyInputsError` (one line) for anything else.
     """
     check_form(verify_inputs)
@@ -298,4 +312,4 @@ def user_input_sets(verify_inputs: Sequence[Any] | Callable[[int], Any], n_sets:
         sets.append(_one_set(value, name, example))
         if gm is not None:
             _check_shapes(sets[-1], name, gm)
-    return sets
+    return InputChain(sets) if isinstance(verify_inputs, InputChain) else sets

@@ -17,6 +17,8 @@ def describe_inputs(verification_inputs: dict[str, Any]) -> str:
     """One line: how many sets of each source, then the rule each rule-drawn input followed."""
     sets = verification_inputs.get("sets", [])
     counts = ", ".join(f"{sets.count(s)} {s}" for s in dict.fromkeys(sets))
+    if verification_inputs.get("chained"):
+        counts += " (the user-given ones one chain of steps over shared state)"
     rules = verification_inputs.get("rules", {})
     return counts + ("; rules: " + "; ".join(f"{k}: {v}" for k, v in rules.items()) if rules else "")
 

@@ -41,8 +41,9 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from graphopt.error_norms import finite_errors
 from graphopt.errors import OptionError
-from graphopt.fresh_inputs import describe_rules, input_specs, random_inputs
+from graphopt.fresh_inputs import InputChain, describe_rules, input_specs, random_inputs
 from graphopt.user_state import TensorSnapshot
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def compare_outputs(
             errors.append(OutputError(i, str(r.dtype), 0.0 if equal else math.inf, 0.0 if equal else math.inf,
                                       ok=equal, reason="" if equal else f"integer output {i} differs"))
             continue
-        measured = _finite_errors(r, c)
+        measured = finite_errors(r, c)
         if measured is None:
             errors.append(OutputError(i, str(r.dtype), math.inf, math.inf, ok=False,
                                       reason=f"output {i} has NaN/inf where the reference is finite"))
@@ -200,64 +201,6 @@ def compare_outputs(
         reason = "" if ok else f"output {i} relative L2 {rel:.2e} > {tol:.0e}"
         errors.append(OutputError(i, str(r.dtype), max_abs, rel, top1, ok, reason, positions))
     return errors
-
-
-_NORM_ROW = 4096
-
-
-def _norm_fp32_rows(t: torch.Tensor) -> float:
-    """L2 norm of a float32 tensor, accurate to ~1e-8 relative: float32 norms of rows of 4096
-    elements, combined in float64.
-
-    One float32 norm over millions of elements is off by ~1e-4 relative
-    (float32 accumulation); ``torch.linalg.vector_norm(t, dtype=torch.float64)``
-    is exact but 15x slower here (it widens every element). Rows of 4096
-    measured 1e-8 relative error on LM logits. Returns inf when a row's float32
-    sum of squares overflows (values above ~1e19): the caller then takes an
-    exact float64 path.
-    """
-    flat = t.reshape(-1)
-    n = flat.numel()
-    m = n // _NORM_ROW
-    total = 0.0
-    if m:
-        rows = torch.linalg.vector_norm(flat[: m * _NORM_ROW].view(m, _NORM_ROW), dim=1).double()
-        total += float(rows.square().sum())
-    if n > m * _NORM_ROW:
-        total += float(flat[m * _NORM_ROW:].double().square().sum())
-    return math.sqrt(total)
-
-
-def _finite_errors(r: torch.Tensor, c: torch.Tensor) -> tuple[float, float, float] | None:
-    """``(max |r - c|, ||r - c||, ||r||)`` over the elements where ``r`` is finite; None where ``c`` is
-    not finite but ``r`` is.
-
-    Common case first: real, at most 32-bit, both finite (which the norms
-    show). The difference is taken in float32 (exact for close values,
-    relative error 2^-24 otherwise) and the norms by :func:`_norm_fp32_rows`
-    without a float64 copy: about 5x faster than the general path on LM
-    logits (4 x 128 x 50257 elements, 2 threads), which matters because the
-    precision search compares dozens of candidates.
-    """
-    c = c.detach().to(r.device)
-    r = r.detach()
-    if not r.dtype.is_complex and not c.dtype.is_complex and r.element_size() <= 4 and c.element_size() <= 4:
-        rf, cf = r.float(), c.float()
-        if rf.numel() == 0:
-            return 0.0, 0.0, 0.0
-        diff = rf - cf
-        diff_norm, ref_norm = _norm_fp32_rows(diff), _norm_fp32_rows(rf)
-        # finite norms mean finite tensors; a non-finite one (or a float32 row norm that overflowed
-        # on huge finite values) takes the exact float64 path below
-        if math.isfinite(diff_norm) and math.isfinite(ref_norm):
-            return float(torch.maximum(diff.amax(), diff.amin().neg())), diff_norm, ref_norm
-    rf, cf = r.double(), c.double()
-    finite_ref = torch.isfinite(rf)
-    if bool((finite_ref & ~torch.isfinite(cf)).any()):
-        return None
-    diff = torch.where(finite_ref, rf - cf, torch.zeros_like(rf))
-    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-    return max_abs, float(diff.norm()), float(torch.where(finite_ref, rf, torch.zeros_like(rf)).norm())
 
 
 def pooled_top1(per_input: Sequence[list[OutputError]]) -> dict[int, tuple[float, int]]:
@@ -312,8 +255,19 @@ class Fp32Reference:
     a model that draws random numbers (its outputs change with the seed).
     """
 
-    def __init__(self, model: Any, input_sets: Sequence[tuple[tuple, dict]], references: Sequence[Any]) -> None:
+    def __init__(self, model: Any, input_sets: Sequence[tuple[tuple, dict]], references: Sequence[Any],
+                 chained: bool = False) -> None:
         self.outputs: list[list[torch.Tensor | None]] = []
+        # a chain's sets share their state: each tensor is widened once, so the wide run writes and reads it too
+        widened: dict[int, Any] = {}
+
+        def widen(x: Any) -> Any:
+            if not chained:
+                return self._widen(x)
+            if id(x) not in widened:
+                widened[id(x)] = self._widen(x)
+            return widened[id(x)]
+
         self.model_errors: list[list[float | None]] = []
         self.wide = _wide_dtype(model)
         if self.wide is None:
@@ -322,7 +276,7 @@ class Fp32Reference:
             wide_model = copy.deepcopy(model).to(self.wide)
             with torch.no_grad():
                 for i, ((a, kw), ref) in enumerate(zip(input_sets, references)):
-                    a_w, kw_w = pytree.tree_map(self._widen, (a, kw))
+                    a_w, kw_w = pytree.tree_map(widen, (a, kw))
                     with same_random_numbers(i):
                         out = _leaves(wide_model(*a_w, **kw_w))
                     ref_leaves = _leaves(ref)
@@ -399,7 +353,7 @@ def _wide_dtype(model: Any) -> torch.dtype | None:
 
 
 def _rel_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
-    measured = _finite_errors(reference, candidate)
+    measured = finite_errors(reference, candidate)
     if measured is None:
         return math.inf
     _, diff_norm, ref_norm = measured
@@ -439,6 +393,8 @@ class Verifier:
         self.sources: list[str] = ["example"]
         #: the structural rule each rule-drawn input followed, by input name (see graphopt.fresh_inputs)
         self.rules: dict[str, str] = {}
+        #: the caller's sets are an :class:`~graphopt.fresh_inputs.InputChain`: steps over shared state
+        self.chained = isinstance(input_sets, InputChain)
         if input_sets is not None:  # the caller's own inputs replace the random ones
             self.input_sets += [(tuple(a), dict(kw or {})) for a, kw in input_sets]
             self.sources += ["user-given"] * (len(self.input_sets) - 1)
@@ -458,13 +414,14 @@ class Verifier:
         self._fp32: Fp32Reference | None = None
 
     def describe(self) -> dict[str, Any]:
-        """Which input sets verification uses: ``{"sets": [source, ...], "rules": {input: rule}}``."""
-        return {"sets": list(self.sources), "rules": dict(self.rules)}
+        """Which input sets verification uses: ``{"sets": [source, ...], "rules": {input: rule}}`` (and
+        ``"chained": True`` for an :class:`~graphopt.fresh_inputs.InputChain`)."""
+        return {"sets": list(self.sources), "rules": dict(self.rules), **({"chained": True} if self.chained else {})}
 
     def fp32_reference(self) -> Fp32Reference:
         """The wider run of the model (fp32 for bf16/fp16, fp64 for fp32; empty where none), made once."""
         if self._fp32 is None:
-            self._fp32 = Fp32Reference(self._reference_fn, self.input_sets, self.references)
+            self._fp32 = Fp32Reference(self._reference_fn, self.input_sets, self.references, self.chained)
             self._state.restore()  # its fp32 runs share the float32 input tensors
         return self._fp32
 
@@ -482,16 +439,19 @@ class Verifier:
         except Exception as exc:  # a rewritten graph that does not even run
             return Numerics(ok=False, max_abs=math.inf, rel_l2=math.inf, inputs_checked=len(per_input),
                             reason=f"candidate failed to run: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+        finally:
+            self._state.restore()  # a chain that stopped part way
         return summarize(per_input, budget)
 
     def _run(self, fn: Any, args: tuple, kwargs: dict, input_index: int) -> Any:
         """``fn(*args, **kwargs)`` from the input set's random seed, then the user's buffers and the input sets
-        put back as they were."""
+        put back as they were (in a chain, after its last set only)."""
         try:
             with same_random_numbers(input_index):
                 return fn(*args, **kwargs)
         finally:
-            self._state.restore()
+            if not (self.chained and 0 < input_index < len(self.input_sets) - 1):
+                self._state.restore()
 
 
 _JUDGED_NAMES = {str(d) for d in REDUCED_FLOATS + (torch.float32,)}

@@ -9,6 +9,8 @@ import graphopt
 from graphopt.errors import BadInput
 from graphopt.generate import CausalLMStep, Sampling, prepare_generation, read_cache_layout
 from graphopt.generate.loop import check_ids_device, run_generation, weights_device
+from graphopt.generate.build import DECODE_ROWS
+from graphopt.report_markdown import describe_inputs
 from tests.support.helpers import assert_state_unchanged, snapshot_state
 
 transformers = pytest.importorskip("transformers")
@@ -192,10 +194,15 @@ def test_ids_on_another_device_than_the_weights_get_one_line_errors(llama_graphs
 
 
 def test_a_small_max_batch_still_verifies_every_pass_on_its_decode_states():
-    # the decode graph is verified on 16-row states: the graphs take at least that many rows, whatever max_batch says
+    # the decode graph is verified on DECODE_ROWS-row states: the graphs take at least that many rows, whatever
+    # max_batch says
     model = build("llama")
     graphs = prepare_generation(model, max_batch=2)
-    assert graphs.max_batch == 16
+    assert graphs.max_batch == DECODE_ROWS > 2
+    # decode is verified on one chain of steps over a shared cache; prefill's prompts are independent
+    assert graphs.decode.report.verification_inputs["chained"]
+    assert "chained" not in graphs.prefill.report.verification_inputs
+    assert "one chain of steps" in describe_inputs(graphs.decode.report.verification_inputs)
     for result in (graphs.prefill, graphs.decode):
         assert result.report.rolled_back == [], [(r.name, r.notes) for r in result.report.rolled_back]
     ids = torch.randint(1, VOCAB, (5, 6), generator=torch.Generator().manual_seed(8))
