@@ -77,3 +77,28 @@ def test_a_chain_stopped_by_a_failing_candidate_is_put_back():
     numerics = verifier.check(Breaks())
     assert not numerics.ok and "failed to run" in numerics.reason
     assert torch.equal(cache, before)
+
+
+def test_optimize_takes_an_input_chain_as_verify_inputs_and_leaves_the_shared_state_as_it_was():
+    import graphopt
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x, pos, keep, cache):
+            cache.index_copy_(0, pos, self.lin(x)[None])
+            return (cache * keep[:, None, None]).sum(0)
+
+    torch.manual_seed(0)
+    steps, cache = 5, torch.zeros(5, 4, 3)
+    chain = InputChain(((torch.rand(4, 3), torch.tensor([i]), (torch.arange(steps) <= i).float(), cache), {})
+                       for i in range(steps))
+    before = cache.clone()
+    example = (torch.rand(4, 3), torch.tensor([0]), (torch.arange(steps) <= 0).float(), torch.zeros(steps, 4, 3))
+    result = graphopt.optimize(Step().eval(), example, verify_inputs=chain)
+    assert result.report.verification_inputs["chained"]
+    assert result.report.verification_inputs["sets"] == ["example"] + ["user-given"] * steps
+    assert result.report.final_numerics.ok
+    assert torch.equal(cache, before)
