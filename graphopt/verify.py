@@ -258,6 +258,10 @@ class Fp32Reference:
     def __init__(self, model: Any, input_sets: Sequence[tuple[tuple, dict]], references: Sequence[Any],
                  chained: bool = False) -> None:
         self.outputs: list[list[torch.Tensor | None]] = []
+        self.model_errors: list[list[float | None]] = []
+        self.wide = _wide_dtype(model)
+        if self.wide is None:
+            return
         # a chain's sets share their state: each tensor is widened once, so the wide run writes and reads it too
         widened: dict[int, Any] = {}
 
@@ -268,10 +272,6 @@ class Fp32Reference:
                 widened[id(x)] = self._widen(x)
             return widened[id(x)]
 
-        self.model_errors: list[list[float | None]] = []
-        self.wide = _wide_dtype(model)
-        if self.wide is None:
-            return
         try:
             wide_model = copy.deepcopy(model).to(self.wide)
             with torch.no_grad():
